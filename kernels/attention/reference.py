@@ -1,0 +1,95 @@
+"""Plain-PyTorch causal / sliding-window / document-masked attention with GQA: the semantics of the op.
+
+Shapes: q (batch, seq, q_heads, head_dim); k, v (batch, seq, kv_heads, head_dim); q_heads % kv_heads == 0.
+A query at position i sees key j when j <= i (causal), i - j < window (sliding window, if given) and both
+lie in the same document (if cu_seqlens is given). Without causality the window is two-sided.
+
+Exact and still efficient: global causal attention is one fused SDPA call; a sliding window is computed
+over query blocks, each against only the keys its window can reach, so memory grows with seq * window
+rather than seq ** 2.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Query rows per block on the sliding-window path; keys per block are this plus the window.
+QUERY_BLOCK = 256
+
+
+def document_ids(cu_seqlens: torch.Tensor, batch: int, seq: int) -> torch.Tensor:
+    """(batch, seq) document index of every token, from cumulative lengths over the flattened batch*seq tokens."""
+    total = batch * seq
+    if cu_seqlens.dim() != 1 or int(cu_seqlens[0]) != 0 or int(cu_seqlens[-1]) != total:
+        raise ValueError(f"cu_seqlens must be 1-D, start at 0 and end at batch*seq={total}; got {cu_seqlens.tolist()}")
+    positions = torch.arange(total, device=cu_seqlens.device)
+    ids = torch.searchsorted(cu_seqlens.to(torch.int64), positions, right=True) - 1
+    return ids.view(batch, seq)
+
+
+def visibility_mask(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, *, window: int | None, causal: bool
+) -> torch.Tensor:
+    """Boolean (len(q_pos), len(k_pos)) mask: True where the query may attend to the key."""
+    delta = q_pos[:, None] - k_pos[None, :]
+    visible = torch.ones_like(delta, dtype=torch.bool)
+    if causal:
+        visible &= delta >= 0
+    if window is not None:
+        visible &= delta < window
+        if not causal:
+            visible &= delta > -window
+    return visible
+
+
+def attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    window: int | None = None,
+    causal: bool = True,
+    scale: float | None = None,
+    cu_seqlens: torch.Tensor | None = None,
+) -> torch.Tensor:
+    batch, seq, q_heads, head_dim = q.shape
+    kv_heads = k.shape[2]
+    if q_heads % kv_heads:
+        raise ValueError(f"q heads ({q_heads}) must be a multiple of kv heads ({kv_heads})")
+    if window is not None and window <= 0:
+        raise ValueError(f"window must be positive, got {window}")
+    if window is not None and window >= seq and causal:
+        window = None  # the window covers everything causal attention can see
+    scale = head_dim**-0.5 if scale is None else scale
+    gqa = q_heads != kv_heads
+    # SDPA wants (batch, heads, seq, head_dim).
+    qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+    doc = None if cu_seqlens is None else document_ids(cu_seqlens, batch, seq)
+
+    if window is None and doc is None:
+        out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale, enable_gqa=gqa)
+        return out.transpose(1, 2)
+
+    positions = torch.arange(seq, device=q.device)
+    reach = seq if window is None else window - 1  # how far back (and, non-causal, ahead) a query can see
+    blocks = []
+    for start in range(0, seq, QUERY_BLOCK):
+        stop = min(start + QUERY_BLOCK, seq)
+        k_start = max(0, start - reach)
+        k_stop = stop if causal else min(seq, stop + reach)
+        mask = visibility_mask(positions[start:stop], positions[k_start:k_stop], window=window, causal=causal)
+        mask = mask.expand(batch, 1, -1, -1)
+        if doc is not None:
+            mask = mask & (doc[:, None, start:stop, None] == doc[:, None, None, k_start:k_stop])
+        blocks.append(
+            F.scaled_dot_product_attention(
+                qt[:, :, start:stop],
+                kt[:, :, k_start:k_stop],
+                vt[:, :, k_start:k_stop],
+                attn_mask=mask,
+                scale=scale,
+                enable_gqa=gqa,
+            )
+        )
+    return torch.cat(blocks, dim=2).transpose(1, 2)

@@ -1,0 +1,96 @@
+"""The `kmodel` command: argument parsing only; every command calls one function of a room."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from kmodel.config import ConfigError
+
+
+def _add_init(sub) -> None:
+    p = sub.add_parser(
+        "init",
+        help="write a freshly initialised checkpoint (no training)",
+        description="Build the recipe's model with weights drawn deterministically from the seed and save it "
+        "as a checkpoint directory (model.safetensors + resolved config.yaml).",
+    )
+    p.add_argument("recipe", help="YAML recipe (e.g. recipes/tiny-ko-moe.yaml)")
+    p.add_argument("--out", required=True, help="checkpoint directory to create (must not exist)")
+    p.add_argument("--seed", type=int, help="initialisation seed; sets the recipe's top-level `seed`")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a recipe key, e.g. --set model.num_experts=16 (repeatable)")
+    p.set_defaults(func=_run_init)
+
+
+def _run_init(args) -> int:
+    from kmodel.config import load_config
+    from kmodel.checkpoint import save_checkpoint
+    from kmodel.model import build_model
+
+    overrides = list(args.overrides) + ([f"seed={args.seed}"] if args.seed is not None else [])
+    cfg = load_config(args.recipe, overrides)
+    save_checkpoint(args.out, build_model(cfg), cfg)
+    print(f"wrote initial checkpoint {args.out} (seed {cfg.seed})")
+    return 0
+
+
+def _add_export(sub) -> None:
+    p = sub.add_parser("export", help="export a checkpoint to another format",
+                       description="Export a kmodel checkpoint for other tools.")
+    formats = p.add_subparsers(dest="format", required=True)
+    hf = formats.add_parser(
+        "hf",
+        help="Hugging Face transformers directory",
+        description="Write config.json + model.safetensors (+ tokenizer) that "
+        "transformers.AutoModelForCausalLM.from_pretrained loads with its built-in class for this architecture "
+        "(exaone_moe, exaone4, solar_open, ...). Configs no transformers class can express are refused, naming the feature.",
+    )
+    hf.add_argument("checkpoint", help="checkpoint directory, or a run directory (its latest checkpoint)")
+    hf.add_argument("out_dir", help="output directory (must not exist or be empty)")
+    hf.add_argument("--family", help="force a transformers model_type instead of choosing one from the config")
+    hf.set_defaults(func=_run_export_hf)
+
+
+def _run_export_hf(args) -> int:
+    from kmodel.export.hf import export_hf
+
+    family = export_hf(args.checkpoint, args.out_dir, family=args.family)
+    print(f"exported {args.checkpoint} to {args.out_dir} as transformers model_type {family!r}")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="kmodel", description="Train, evaluate, export and verify Korean MoE foundation models."
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    _add_init(sub)
+    _add_export(sub)
+    for room in _rooms():
+        room.add_commands(sub)
+    return parser
+
+
+def _rooms():
+    """Rooms that bring their own sub-commands."""
+    import importlib
+
+    names = ["kmodel.train.cli", "kmodel.tokenizer.cli", "kmodel.parallel.cli", "kmodel.provenance.cli", "kmodel.bench"]
+    return [importlib.import_module(n) for n in names if importlib.util.find_spec(n) is not None]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ConfigError, FileNotFoundError, ValueError) as error:
+        print(f"kmodel {args.command}: error: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:
+        print(f"kmodel {args.command}: error: {error}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""The recipe: one validated config object, the single source of truth for a run.
+
+A recipe is a YAML file with a top-level `seed` and the sections `model`, `data`, `train`, `kernels`,
+`parallel`, `provenance`. Model keys follow Hugging Face's names wherever one exists. `load_config` reads
+the file, applies `--set section.key=value` overrides and validates; every error names the key at fault
+(unknown keys come with the closest valid name). The resolved config (derived fields such as
+`layer_types` filled in) is what runs and checkpoints save, so reloading it gives the same model.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+LayerType = Literal["sliding_attention", "full_attention"]
+MlpType = Literal["dense", "sparse"]
+
+
+class ConfigError(ValueError):
+    """A recipe that cannot run; the message names the file and key."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ModelConfig(Section):
+    # --- Hugging Face names -------------------------------------------------------------------
+    vocab_size: int = Field(gt=0)
+    hidden_size: int = Field(gt=0)
+    intermediate_size: int = Field(gt=0, description="dense SwiGLU width")
+    num_hidden_layers: int = Field(gt=0)
+    num_attention_heads: int = Field(gt=0)
+    num_key_value_heads: int = Field(gt=0)
+    head_dim: int | None = Field(None, gt=0, description="default hidden_size // num_attention_heads")
+    rms_norm_eps: float = Field(1e-5, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    max_position_embeddings: int = Field(4096, gt=0)
+    sliding_window: int | None = Field(None, description="keys a sliding layer sees, itself included")
+    sliding_window_pattern: str | int | None = Field(
+        None, description="'LLLG' (repeats; L = sliding, G = full) or N (every N-th layer full); last layer full"
+    )
+    layer_types: list[LayerType] | None = None
+    num_experts: int = Field(0, ge=0, description="routed experts; 0 makes every layer dense")
+    num_experts_per_tok: int = Field(1, gt=0)
+    num_shared_experts: int = Field(0, ge=0)
+    moe_intermediate_size: int | None = Field(None, gt=0)
+    first_k_dense_replace: int = Field(0, ge=0)
+    mlp_layer_types: list[MlpType] | None = None
+    routed_scaling_factor: float = Field(1.0, gt=0)
+    norm_topk_prob: bool = True
+    n_group: int = Field(1, gt=0)
+    topk_group: int = Field(1, gt=0)
+    tie_word_embeddings: bool = False
+    initializer_range: float = Field(0.02, gt=0)
+    # --- what transformers has no name for ----------------------------------------------------
+    rope_layers: Literal["all", "sliding"] = Field(
+        "all", description="'sliding': RoPE on sliding layers only, NoPE on full-attention layers"
+    )
+    norm_placement: Literal["pre", "post", "sandwich"] = Field(
+        "pre", description="pre: x + f(norm(x)); post (EXAONE 4.0): x + norm(f(x)); sandwich: x + norm(f(norm(x)))"
+    )
+    qk_norm: bool = True
+    router: Literal["sigmoid", "softmax"] = Field("sigmoid", description="router score function")
+    router_bias_update_rate: float = Field(
+        1e-3, ge=0, description="aux-loss-free balancing: correction-bias step per update (0 disables)"
+    )
+    aux_loss_coef: float = Field(0.0, ge=0, description="load-balancing loss weight (0 disables)")
+    aux_loss_kind: Literal["sequence", "batch"] = "sequence"
+    router_z_loss_coef: float = Field(0.0, ge=0)
+    num_nextn_predict_layers: int = Field(0, ge=0, le=1, description="multi-token prediction layers (0 or 1)")
+    mtp_loss_coef: float = Field(0.3, ge=0)
+    logits_z_loss_coef: float = Field(0.0, ge=0, description="z-loss on the output logits")
+
+    @model_validator(mode="after")
+    def _resolve_and_check(self) -> "ModelConfig":
+        n = self.num_hidden_layers
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
+                f"num_key_value_heads ({self.num_key_value_heads})"
+            )
+        if self.head_dim is None:
+            if self.hidden_size % self.num_attention_heads:
+                raise ValueError(
+                    f"hidden_size ({self.hidden_size}) is not divisible by num_attention_heads "
+                    f"({self.num_attention_heads}); set head_dim explicitly"
+                )
+            object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
+
+        derived = _layer_types_from_pattern(self.sliding_window_pattern, n)
+        if self.layer_types is None:
+            layer_types = derived or ["full_attention"] * n
+        else:
+            layer_types = list(self.layer_types)
+            if derived is not None and derived != layer_types:
+                raise ValueError("layer_types and sliding_window_pattern disagree; give one of them")
+        if len(layer_types) != n:
+            raise ValueError(f"layer_types has {len(layer_types)} entries for num_hidden_layers={n}")
+        if "sliding_attention" in layer_types and self.sliding_window is None:
+            raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
+        object.__setattr__(self, "layer_types", layer_types)
+
+        if self.num_experts == 0:
+            mlp_types = ["dense"] * n
+            if self.mlp_layer_types is not None and "sparse" in self.mlp_layer_types:
+                raise ValueError("mlp_layer_types has sparse layers but num_experts is 0")
+        elif self.mlp_layer_types is not None:
+            mlp_types = list(self.mlp_layer_types)
+        else:
+            if self.first_k_dense_replace > n:
+                raise ValueError(f"first_k_dense_replace ({self.first_k_dense_replace}) exceeds num_hidden_layers ({n})")
+            mlp_types = ["dense" if i < self.first_k_dense_replace else "sparse" for i in range(n)]
+        if len(mlp_types) != n:
+            raise ValueError(f"mlp_layer_types has {len(mlp_types)} entries for num_hidden_layers={n}")
+        object.__setattr__(self, "mlp_layer_types", mlp_types)
+
+        if self.num_experts:
+            if self.moe_intermediate_size is None:
+                raise ValueError("moe_intermediate_size is required when num_experts > 0")
+            if self.num_experts_per_tok > self.num_experts:
+                raise ValueError(
+                    f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds num_experts ({self.num_experts})"
+                )
+            if self.num_experts % self.n_group:
+                raise ValueError(f"n_group ({self.n_group}) does not divide num_experts ({self.num_experts})")
+            if self.topk_group > self.n_group:
+                raise ValueError(f"topk_group ({self.topk_group}) exceeds n_group ({self.n_group})")
+            if self.num_experts_per_tok > self.topk_group * (self.num_experts // self.n_group):
+                raise ValueError(
+                    f"num_experts_per_tok ({self.num_experts_per_tok}) exceeds the experts in topk_group "
+                    f"({self.topk_group}) groups of {self.num_experts // self.n_group}"
+                )
+        return self
+
+    @property
+    def q_heads_per_kv(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+
+def _layer_types_from_pattern(pattern: str | int | None, n: int) -> list[str] | None:
+    if pattern is None:
+        return None
+    if isinstance(pattern, int):
+        if pattern <= 0:
+            raise ValueError(f"sliding_window_pattern must be positive, got {pattern}")
+        pattern = "L" * (pattern - 1) + "G"
+    if not pattern or set(pattern) - {"L", "G"}:
+        raise ValueError(f"sliding_window_pattern {pattern!r} must be a string of 'L' and 'G' or an integer")
+    types = ["sliding_attention" if pattern[i % len(pattern)] == "L" else "full_attention" for i in range(n)]
+    types[-1] = "full_attention"
+    return types
+
+
+class DataSource(Section):
+    path: str = Field(description="local file or glob (.jsonl, .json, .parquet, .txt), or a Hub dataset name")
+    weight: float = Field(1.0, gt=0, description="share of training tokens drawn from this source")
+    name: str | None = None
+    text_key: str = "text"
+
+
+class DataConfig(Section):
+    sources: list[DataSource] = Field(min_length=1)
+    heldout: list[str] = Field(default_factory=list, description="files for the held-out evaluation")
+    tokenizer: str = Field("shipped", description="tokenizer directory, or 'shipped' for kmodel's Korean tokenizer")
+    seq_len: int = Field(256, gt=1)
+    document_masking: bool = Field(False, description="packed documents never attend across each other")
+
+
+class WandbConfig(Section):
+    enabled: bool = False
+    project: str = "kmodel"
+    mode: Literal["offline", "online", "disabled"] = "offline"
+
+
+class TrainConfig(Section):
+    micro_batch_size: int = Field(8, gt=0)
+    grad_accum_steps: int = Field(1, gt=0)
+    max_steps: int = Field(100, gt=0)
+    lr: float = Field(3e-3, gt=0)
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    warmup_steps: int = Field(10, ge=0)
+    schedule: Literal["cosine", "wsd", "constant"] = "cosine"
+    decay_fraction: float = Field(0.2, gt=0, le=1, description="wsd: share of steps spent decaying")
+    weight_decay: float = Field(0.1, ge=0)
+    decay_embeddings: bool = Field(False, description="apply weight decay to embeddings and the LM head")
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    adam_eps: float = Field(1e-8, gt=0)
+    grad_clip: float = Field(1.0, ge=0, description="max global grad norm (0 disables)")
+    dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    activation_checkpointing: bool = False
+    checkpoint_every: int = Field(10, gt=0)
+    keep_checkpoints: int = Field(3, gt=0)
+    log_every: int = Field(1, gt=0)
+    eval_every: int = Field(0, ge=0, description="held-out eval every N steps (0: only at the end)")
+    eval_batches: int = Field(8, gt=0)
+    max_bad_steps: int = Field(5, gt=0, description="consecutive non-finite steps before the run stops")
+    wandb: WandbConfig = Field(default_factory=WandbConfig)
+
+
+class KernelsConfig(Section):
+    attention: Literal["torch", "triton", "auto"] = "auto"
+    moe: Literal["torch", "triton", "auto"] = "auto"
+    norm: Literal["torch", "triton", "auto"] = "auto"
+    loss: Literal["torch", "triton", "auto"] = "auto"
+
+
+class ParallelConfig(Section):
+    backend: Literal["none", "deepspeed"] = "none"
+    world_size: int = Field(1, gt=0)
+    expert_parallel_size: int = Field(1, gt=0)
+    zero_stage: Literal[0, 1, 2, 3] = 0
+    offload_optimizer: bool = False
+    offload_params: bool = False
+
+
+class ProvenanceConfig(Section):
+    ledger: bool = Field(True, description="write the hash-chained ledger.jsonl")
+    deterministic: bool = Field(True, description="torch deterministic algorithms (bit-exact CPU replay)")
+
+
+class Config(Section):
+    name: str = "run"
+    seed: int = 0
+    model: ModelConfig
+    data: DataConfig | None = None
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    kernels: KernelsConfig = Field(default_factory=KernelsConfig)
+    parallel: ParallelConfig = Field(default_factory=ParallelConfig)
+    provenance: ProvenanceConfig = Field(default_factory=ProvenanceConfig)
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False, allow_unicode=True)
+
+    def fingerprint(self) -> str:
+        """sha256 of the resolved config (canonical JSON)."""
+        return hashlib.sha256(json.dumps(self.to_dict(), sort_keys=True).encode()).hexdigest()
+
+
+# --- loading --------------------------------------------------------------------------------------
+
+
+def apply_override(tree: dict[str, Any], assignment: str) -> None:
+    """Apply `a.b.c=value` to a nested dict; the value is parsed as YAML (so 3, 1e-3, true, [1,2] work)."""
+    if "=" not in assignment:
+        raise ConfigError(f"--set {assignment!r}: expected section.key=value")
+    dotted, raw = assignment.split("=", 1)
+    keys = dotted.strip().split(".")
+    node = tree
+    for key in keys[:-1]:
+        child = node.setdefault(key, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment!r}: {key!r} is not a section")
+        node = child
+    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+
+
+def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
+    """Valid keys at the location of an error, for suggestions."""
+    for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
+        field = model.model_fields.get(part)
+        if field is None:
+            return []
+        annotation = field.annotation
+        candidates = [a for a in getattr(annotation, "__args__", (annotation,)) if isinstance(a, type)]
+        nested = [a for a in candidates if issubclass(a, BaseModel)]
+        if not nested:
+            # lists of sections, e.g. data.sources
+            inner = [t for a in getattr(annotation, "__args__", ()) for t in getattr(a, "__args__", (a,))]
+            nested = [t for t in inner if isinstance(t, type) and issubclass(t, BaseModel)]
+        if not nested:
+            return []
+        model = nested[0]
+    return list(model.model_fields)
+
+
+def _explain(error: ValidationError, source: str) -> ConfigError:
+    lines = []
+    for item in error.errors():
+        loc = tuple(item["loc"])
+        key = ".".join(str(p) for p in loc) or "(top level)"
+        if item["type"] == "extra_forbidden":
+            close = difflib.get_close_matches(str(loc[-1]), _field_names(Config, loc), n=1)
+            hint = f"; did you mean {close[0]!r}?" if close else ""
+            lines.append(f"unknown key {key!r}{hint}")
+        else:
+            message = item["msg"].removeprefix("Value error, ")
+            lines.append(f"{key}: {message}")
+    return ConfigError(f"invalid recipe {source}:\n  " + "\n  ".join(lines))
+
+
+def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> Config:
+    try:
+        return Config.model_validate(tree)
+    except ValidationError as error:
+        raise _explain(error, source) from None
+
+
+def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
+    """Read a YAML recipe, apply `section.key=value` overrides, validate and resolve."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"recipe {path} does not exist")
+    try:
+        tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as error:
+        raise ConfigError(f"recipe {path} is not valid YAML: {error}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"recipe {path} must be a mapping of sections, got {type(tree).__name__}")
+    for assignment in overrides or []:
+        apply_override(tree, assignment)
+    return config_from_dict(tree, str(path))

@@ -1,0 +1,94 @@
+"""Grouped-query self-attention with per-layer sliding window, optional QK-norm and RoPE/NoPE."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kmodel.config import ModelConfig
+from kmodel.kernels.attention import reference
+from kmodel.model.norm import RMSNorm
+from kmodel.model.rope import apply_rope
+
+
+@dataclass
+class LayerCache:
+    """Keys and values kept for generation. Sliding layers keep only the last `window - 1` positions,
+    all a future query can still see; full layers keep everything."""
+
+    keys: torch.Tensor | None = None  # (batch, kept, kv_heads, head_dim)
+    values: torch.Tensor | None = None
+    positions: torch.Tensor | None = None  # (kept,) absolute positions of the kept keys
+
+    def extend(self, keys: torch.Tensor, values: torch.Tensor, positions: torch.Tensor):
+        if self.keys is not None:
+            keys = torch.cat((self.keys, keys), dim=1)
+            values = torch.cat((self.values, values), dim=1)
+            positions = torch.cat((self.positions, positions))
+        self.keys, self.values, self.positions = keys, values, positions
+        return keys, values, positions
+
+    def trim(self, window: int | None) -> None:
+        if window is not None:
+            start = max(0, self.keys.shape[1] - (window - 1))
+            self.keys, self.values, self.positions = self.keys[:, start:], self.values[:, start:], self.positions[start:]
+
+
+class Attention(nn.Module):
+    def __init__(self, cfg: ModelConfig, layer_idx: int):
+        super().__init__()
+        self.num_heads = cfg.num_attention_heads
+        self.num_kv_heads = cfg.num_key_value_heads
+        self.head_dim = cfg.head_dim
+        sliding = cfg.layer_types[layer_idx] == "sliding_attention"
+        self.window = cfg.sliding_window if sliding else None
+        self.use_rope = cfg.rope_layers == "all" or sliding
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        if cfg.qk_norm:
+            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = None
+        self.kernel = reference  # replaced by Model.use_kernels
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor],
+        positions: torch.Tensor,
+        cu_seqlens: torch.Tensor | None = None,
+        cache: LayerCache | None = None,
+    ) -> torch.Tensor:
+        batch, seq, _ = x.shape
+        q = self.q_proj(x).view(batch, seq, self.num_heads, self.head_dim)
+        k = self.k_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).view(batch, seq, self.num_kv_heads, self.head_dim)
+        if self.q_norm is not None:
+            q, k = self.q_norm(q), self.k_norm(k)
+        if self.use_rope:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+
+        if cache is None or cache.keys is None:
+            out = self.kernel.attention(q, k, v, window=self.window, cu_seqlens=cu_seqlens)
+            if cache is not None:
+                cache.extend(k, v, positions)
+        else:
+            # Few new queries against the cache: an explicit (new, kept + new) mask is small here.
+            keys, values, key_positions = cache.extend(k, v, positions)
+            mask = reference.visibility_mask(positions, key_positions, window=self.window, causal=True)
+            out = F.scaled_dot_product_attention(
+                q.transpose(1, 2),
+                keys.transpose(1, 2),
+                values.transpose(1, 2),
+                attn_mask=mask,
+                enable_gqa=self.num_heads != self.num_kv_heads,
+            ).transpose(1, 2)
+        if cache is not None:
+            cache.trim(self.window)
+        return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))

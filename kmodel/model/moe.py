@@ -1,0 +1,116 @@
+"""Feed-forward blocks: the dense SwiGLU MLP and the fine-grained mixture of experts.
+
+The MoE layer routes each token to `num_experts_per_tok` of `num_experts` experts (sigmoid scores with
+an aux-loss-free correction bias, or softmax), optionally limited to the best `topk_group` of `n_group`
+expert groups, runs the experts dropless through the kernels package, and adds the always-on shared
+experts. Balancing: the correction bias is nudged toward uniform load from the tokens each expert
+received since the last update (outside the gradient), and/or an auxiliary loss and router z-loss.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from kmodel.config import ModelConfig
+from kmodel.kernels.moe import reference
+
+
+class MLP(nn.Module):
+    """SwiGLU: down(silu(gate(x)) * up(x))."""
+
+    def __init__(self, hidden_size: int, intermediate_size: int):
+        super().__init__()
+        self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Router(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        # Aux-loss-free balancing bias: used for selection only, updated outside the gradient.
+        self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x.float(), self.weight.float())
+
+
+class Experts(nn.Module):
+    """All routed experts' weights as two stacked tensors, indexed by global expert id."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.empty(e, h, i))
+
+
+class MoE(nn.Module):
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.gate = Router(cfg)
+        self.experts = Experts(cfg)
+        self.shared_experts = (
+            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts) if cfg.num_shared_experts else None
+        )
+        # Assignments per expert since the trainer last read them (router statistics, bias update).
+        self.register_buffer("load", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
+        self.kernel = reference  # replaced by Model.use_kernels
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (output, auxiliary loss already weighted by its coefficients)."""
+        cfg = self.cfg
+        batch, seq, hidden = x.shape
+        tokens = x.reshape(-1, hidden)
+        logits = self.gate(tokens)
+        use_bias = cfg.router == "sigmoid" and cfg.router_bias_update_rate > 0
+        routing = self.kernel.route(
+            logits,
+            self.gate.e_score_correction_bias if use_bias else None,
+            top_k=cfg.num_experts_per_tok,
+            score_func=cfg.router,
+            n_group=cfg.n_group,
+            topk_group=cfg.topk_group,
+            norm_topk_prob=cfg.norm_topk_prob,
+            routed_scaling_factor=cfg.routed_scaling_factor,
+        )
+        if self.training:
+            self.load += routing.tokens_per_expert.detach().float()
+        out = self.kernel.moe_experts(
+            tokens, routing.experts, routing.weights, self.experts.gate_up_proj, self.experts.down_proj
+        )
+        if self.shared_experts is not None:
+            out = out + self.shared_experts(tokens)
+        return out.view(batch, seq, hidden), self.aux_loss(logits, routing, batch)
+
+    def aux_loss(self, logits: torch.Tensor, routing: reference.Routing, batch: int) -> torch.Tensor:
+        cfg = self.cfg
+        loss = logits.new_zeros(())
+        if not self.training:
+            return loss
+        if cfg.aux_loss_coef > 0:
+            # Switch/DeepSeek balance loss: E/k * sum_i f_i * P_i per sequence (or over the whole batch).
+            groups = batch if cfg.aux_loss_kind == "sequence" else 1
+            e, k = cfg.num_experts, cfg.num_experts_per_tok
+            probs = routing.scores / routing.scores.sum(dim=-1, keepdim=True)
+            probs = probs.view(groups, -1, e)
+            chosen = F.one_hot(routing.experts, e).sum(dim=1).float().view(groups, -1, e)
+            frac = chosen.mean(dim=1) * (e / k)
+            loss = loss + cfg.aux_loss_coef * (frac * probs.mean(dim=1)).sum(dim=-1).mean()
+        if cfg.router_z_loss_coef > 0:
+            loss = loss + cfg.router_z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
+        return loss
+
+    @torch.no_grad()
+    def update_bias(self) -> None:
+        """Aux-loss-free step: raise the bias of under-loaded experts, lower it for over-loaded ones."""
+        if self.cfg.router == "sigmoid" and self.cfg.router_bias_update_rate > 0 and self.load.sum() > 0:
+            error = self.load.mean() - self.load
+            self.gate.e_score_correction_bias += self.cfg.router_bias_update_rate * error.sign()
