@@ -24,7 +24,7 @@ from typing import Any
 
 import torch
 import yaml
-from safetensors import SafetensorsError
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from kmodel.config import Config, ConfigError, config_from_dict
@@ -152,7 +152,7 @@ def read_weights(path: str | Path) -> dict[str, torch.Tensor]:
     ckpt = resolve_checkpoint(path)
     try:
         return load_file(ckpt / MODEL_FILE)
-    except (SafetensorsError, OSError) as error:
+    except (SafetensorError, OSError) as error:
         raise CheckpointError(f"checkpoint {ckpt}: cannot read {MODEL_FILE}: {error}") from None
 
 

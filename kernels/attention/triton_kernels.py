@@ -1,0 +1,592 @@
+"""Triton kernels behind `triton_impl`: flash attention forward, backward (delta, dK/dV, dQ) and decode.
+
+Layout: q, o, dq (batch, seq, q_heads, head_dim) and k, v, dk, dv (batch, seq, kv_heads, head_dim), any
+strides with a unit last stride; the log-sum-exp and delta (batch, q_heads, seq) in fp32. Query head h reads
+key/value head h // group, so GQA never copies K/V.
+
+Visibility of key j from query i: j <= i (causal), |i - j| < window (sliding window; one-sided when causal),
+and, with packed documents, doc_start[i] <= j < doc_end[i], where doc_start/doc_end (batch, seq) hold the
+bounds of each token's document inside its row. The relation is symmetric in documents, so the same arrays
+serve the key side of the dK/dV kernel.
+
+Every program walks only the partner blocks its window / causal limit / document can reach, in three runs:
+masked edge blocks below, unmasked interior blocks whose every pair is visible, masked edge blocks above.
+
+This module is imported lazily, and reloaded if TRITON_INTERPRET changed, because `triton.jit` picks
+compiled or interpreted kernels when it decorates (see `triton_impl._kernels`).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+# How triton.jit built the kernels below: interpreted (CPU testing) or compiled.
+INTERPRETED = triton.knobs.runtime.interpret
+
+LOG2E: tl.constexpr = 1.4426950408889634
+LN2: tl.constexpr = 0.6931471805599453
+# A finite start for the running row max: a tile where a row sees nothing then gives exp2(-inf - start) = 0
+# rather than exp2(-inf + inf) = NaN.
+ROW_MAX_START: tl.constexpr = -1.0e38
+
+
+@triton.jit
+def _load_rows(base, rows, cols, row_stride, seq_len, head_dim, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
+    """A (len(rows), len(cols)) tile of a (seq, head_dim) slice; rows past seq_len and padded columns read 0."""
+    ptrs = base + rows[:, None] * row_stride + cols[None, :]
+    if CHECK_ROWS:
+        if EVEN_D:
+            tile = tl.load(ptrs, mask=rows[:, None] < seq_len, other=0.0)
+        else:
+            tile = tl.load(ptrs, mask=(rows[:, None] < seq_len) & (cols[None, :] < head_dim), other=0.0)
+    else:
+        if EVEN_D:
+            tile = tl.load(ptrs)
+        else:
+            tile = tl.load(ptrs, mask=cols[None, :] < head_dim, other=0.0)
+    return tile
+
+
+@triton.jit
+def _store_rows(base, tile, rows, cols, row_stride, seq_len, head_dim, EVEN_D: tl.constexpr):
+    ptrs = base + rows[:, None] * row_stride + cols[None, :]
+    if EVEN_D:
+        tl.store(ptrs, tile.to(base.dtype.element_ty), mask=rows[:, None] < seq_len)
+    else:
+        tl.store(ptrs, tile.to(base.dtype.element_ty), mask=(rows[:, None] < seq_len) & (cols[None, :] < head_dim))
+
+
+@triton.jit
+def _load_row_stat(base, rows, seq_len, CHECK_ROWS: tl.constexpr):
+    """Per-row fp32 statistic (log-sum-exp or delta); rows past seq_len read 0."""
+    if CHECK_ROWS:
+        stat = tl.load(base + rows, mask=rows < seq_len, other=0.0)
+    else:
+        stat = tl.load(base + rows)
+    return stat
+
+
+@triton.jit
+def _visible_range(
+    first,
+    last,
+    seq_len,
+    window,
+    DocStart,
+    DocEnd,
+    SEES_BEFORE: tl.constexpr,
+    SEES_AFTER: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+):
+    """Partners (keys of a query block, or queries of a key block) of positions first..last.
+
+    [lo, hi) holds every partner some position sees; [full_lo, full_hi) only partners every position sees.
+    SEES_BEFORE / SEES_AFTER: whether a partner may precede / follow (causal queries see before only).
+    """
+    if SEES_BEFORE:
+        if HAS_WINDOW:
+            lo = tl.maximum(first - window + 1, 0)
+            full_lo = tl.maximum(last - window + 1, 0)
+        else:
+            lo = 0
+            full_lo = 0
+    else:
+        lo = first
+        full_lo = last
+    if SEES_AFTER:
+        if HAS_WINDOW:
+            hi = tl.minimum(last + window, seq_len)
+            full_hi = tl.minimum(first + window, seq_len)
+        else:
+            hi = seq_len
+            full_hi = seq_len
+    else:
+        hi = last + 1
+        full_hi = first + 1
+    if HAS_DOCS:
+        # Document bounds never decrease along a row, so the block's ends bound the whole block.
+        lo = tl.maximum(lo, tl.load(DocStart + first))
+        hi = tl.minimum(hi, tl.load(DocEnd + last))
+        full_lo = tl.maximum(full_lo, tl.load(DocStart + last))
+        full_hi = tl.minimum(full_hi, tl.load(DocEnd + first))
+    return lo, hi, full_lo, full_hi
+
+
+@triton.jit
+def _split_blocks(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
+    """Block indices: [first, full_first) and [full_last, last) need masks, [full_first, full_last) do not.
+
+    An unmasked block lies wholly inside [full_lo, full_hi), which ends at or before seq_len, so its loads
+    need no bounds check either. All inputs are >= 0 (integer division truncates on the GPU).
+    """
+    first = lo // BLOCK
+    last = tl.cdiv(hi, BLOCK)
+    full_first = tl.minimum(tl.maximum(tl.cdiv(full_lo, BLOCK), first), last)
+    full_last = tl.maximum(tl.minimum(full_hi // BLOCK, last), full_first)
+    return first, full_first, full_last, last
+
+
+@triton.jit
+def _tile_visible(
+    q_pos,
+    k_pos,
+    partner_pos,
+    doc_lo,
+    doc_hi,
+    seq_len,
+    window,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+):
+    """Mask of an edge tile. q_pos and k_pos broadcast to the tile; partner_pos is whichever of them the
+    loop streams, which must lie before seq_len and, with documents, in [doc_lo, doc_hi) of the fixed side."""
+    visible = partner_pos < seq_len
+    if CAUSAL:
+        visible = visible & (k_pos <= q_pos)
+    if HAS_WINDOW:
+        visible = visible & (q_pos - k_pos < window)
+        if not CAUSAL:
+            visible = visible & (k_pos - q_pos < window)
+    if HAS_DOCS:
+        visible = visible & (partner_pos >= doc_lo) & (partner_pos < doc_hi)
+    return visible
+
+
+@triton.jit
+def _fwd_blocks(
+    acc,
+    row_sum,
+    row_max,
+    q,
+    q_pos,
+    doc_lo,
+    doc_hi,
+    K,
+    V,
+    stride_ks,
+    stride_vs,
+    cols,
+    seq_len,
+    head_dim,
+    window,
+    qk_scale,
+    block_first,
+    block_last,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Online-softmax accumulation of key blocks block_first..block_last-1 into (acc, row_sum, row_max)."""
+    for block in range(block_first, block_last):
+        k_pos = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = _load_rows(K, k_pos, cols, stride_ks, seq_len, head_dim, MASKED, EVEN_D)
+        v = _load_rows(V, k_pos, cols, stride_vs, seq_len, head_dim, MASKED, EVEN_D)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            visible = _tile_visible(
+                q_pos[:, None], k_pos[None, :], k_pos[None, :], doc_lo[:, None], doc_hi[:, None],
+                seq_len, window, CAUSAL, HAS_WINDOW, HAS_DOCS,
+            )  # fmt: skip
+            scores = tl.where(visible, scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        p = tl.exp2(scores - new_max[:, None])
+        correction = tl.exp2(row_max - new_max)
+        row_sum = row_sum * correction + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=DOT_PRECISION)
+        row_max = new_max
+    return acc, row_sum, row_max
+
+
+@triton.jit
+def attention_fwd_kernel(
+    Q,
+    K,
+    V,
+    Out,
+    Lse,
+    DocStart,
+    DocEnd,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    seq_len,
+    head_dim,
+    q_heads,
+    group,
+    window,
+    qk_scale,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    # Latest query blocks first: under a causal mask they have the most keys, so they should not trail.
+    q_block = tl.num_programs(0) - 1 - tl.program_id(0)
+    batch_head = tl.program_id(1)
+    b = (batch_head // q_heads).to(tl.int64)
+    h = batch_head % q_heads
+    Q += b * stride_qb + h * stride_qh
+    K += b * stride_kb + (h // group) * stride_kh
+    V += b * stride_vb + (h // group) * stride_vh
+    Out += b * stride_ob + h * stride_oh
+    Lse += batch_head.to(tl.int64) * seq_len
+
+    first_q = q_block * BLOCK_M
+    last_q = tl.minimum(first_q + BLOCK_M, seq_len) - 1
+    q_pos = first_q + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, HEAD_DIM)
+    if HAS_DOCS:
+        DocStart += b * seq_len
+        DocEnd += b * seq_len
+        doc_lo = tl.load(DocStart + q_pos, mask=q_pos < seq_len, other=0)
+        doc_hi = tl.load(DocEnd + q_pos, mask=q_pos < seq_len, other=0)
+    else:
+        doc_lo = q_pos
+        doc_hi = q_pos
+
+    q = _load_rows(Q, q_pos, cols, stride_qs, seq_len, head_dim, True, EVEN_D)
+    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], ROW_MAX_START, dtype=tl.float32)
+
+    lo, hi, full_lo, full_hi = _visible_range(
+        first_q, last_q, seq_len, window, DocStart, DocEnd, True, not CAUSAL, HAS_WINDOW, HAS_DOCS
+    )
+    first, full_first, full_last, last = _split_blocks(lo, hi, full_lo, full_hi, BLOCK_N)
+    args = (q, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, seq_len, head_dim, window, qk_scale)
+    flags = (CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, DOT_PRECISION, BLOCK_N)
+    acc, row_sum, row_max = _fwd_blocks(acc, row_sum, row_max, *args, first, full_first, True, *flags)
+    acc, row_sum, row_max = _fwd_blocks(acc, row_sum, row_max, *args, full_first, full_last, False, *flags)
+    acc, row_sum, row_max = _fwd_blocks(acc, row_sum, row_max, *args, full_last, last, True, *flags)
+
+    # A row that sees no key (only padding rows can) gets a zero output and lse = +inf, which gives it zero
+    # weight in the backward instead of NaN.
+    seen = row_sum > 0
+    out = acc / tl.where(seen, row_sum, 1.0)[:, None]
+    lse = tl.where(seen, (row_max + tl.log2(row_sum)) * LN2, float("inf"))
+    _store_rows(Out, out, q_pos, cols, stride_os, seq_len, head_dim, EVEN_D)
+    tl.store(Lse + q_pos, lse, mask=q_pos < seq_len)
+
+
+@triton.jit
+def attention_bwd_delta_kernel(
+    Out,
+    GradOut,
+    Delta,
+    stride_ob,
+    stride_os,
+    stride_oh,
+    stride_gb,
+    stride_gs,
+    stride_gh,
+    seq_len,
+    head_dim,
+    q_heads,
+    HEAD_DIM: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """delta = rowsum(dO * O), the softmax-gradient correction shared by the dK/dV and dQ kernels."""
+    batch_head = tl.program_id(1)
+    b = (batch_head // q_heads).to(tl.int64)
+    h = batch_head % q_heads
+    q_pos = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, HEAD_DIM)
+    out = _load_rows(Out + b * stride_ob + h * stride_oh, q_pos, cols, stride_os, seq_len, head_dim, True, EVEN_D)
+    grad = _load_rows(GradOut + b * stride_gb + h * stride_gh, q_pos, cols, stride_gs, seq_len, head_dim, True, EVEN_D)
+    delta = tl.sum(out.to(tl.float32) * grad.to(tl.float32), 1)
+    tl.store(Delta + batch_head.to(tl.int64) * seq_len + q_pos, delta, mask=q_pos < seq_len)
+
+
+@triton.jit
+def _dkdv_blocks(
+    dk,
+    dv,
+    k,
+    v,
+    k_pos,
+    doc_lo,
+    doc_hi,
+    Q,
+    GradOut,
+    Lse,
+    Delta,
+    stride_qs,
+    stride_gs,
+    cols,
+    seq_len,
+    head_dim,
+    window,
+    qk_scale,
+    block_first,
+    block_last,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """Accumulate into one key block's (dk, dv) the query blocks block_first..block_last-1 of one head.
+    Tiles are key-major (keys x queries), so p and ds come out already transposed for dv and dk."""
+    for block in range(block_first, block_last):
+        q_pos = block * BLOCK_M + tl.arange(0, BLOCK_M)
+        q = _load_rows(Q, q_pos, cols, stride_qs, seq_len, head_dim, MASKED, EVEN_D)
+        grad_out = _load_rows(GradOut, q_pos, cols, stride_gs, seq_len, head_dim, MASKED, EVEN_D)
+        lse = _load_row_stat(Lse, q_pos, seq_len, MASKED) * LOG2E
+        delta = _load_row_stat(Delta, q_pos, seq_len, MASKED)
+        scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            visible = _tile_visible(
+                q_pos[None, :], k_pos[:, None], q_pos[None, :], doc_lo[:, None], doc_hi[:, None],
+                seq_len, window, CAUSAL, HAS_WINDOW, HAS_DOCS,
+            )  # fmt: skip
+            scores_t = tl.where(visible, scores_t, float("-inf"))
+        p_t = tl.exp2(scores_t - lse[None, :])
+        dv = tl.dot(p_t.to(grad_out.dtype), grad_out, dv, input_precision=DOT_PRECISION)
+        dp_t = tl.dot(v, tl.trans(grad_out), input_precision=DOT_PRECISION)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def attention_bwd_dkdv_kernel(
+    Q,
+    K,
+    V,
+    GradOut,
+    Lse,
+    Delta,
+    GradK,
+    GradV,
+    DocStart,
+    DocEnd,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_gb,
+    stride_gs,
+    stride_gh,
+    stride_dkb,
+    stride_dks,
+    stride_dkh,
+    stride_dvb,
+    stride_dvs,
+    stride_dvh,
+    seq_len,
+    head_dim,
+    kv_heads,
+    group,
+    window,
+    qk_scale,
+    sm_scale,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dK, dV of one key block of one key/value head, summed over the `group` query heads that share it."""
+    k_block = tl.program_id(0)
+    batch_head = tl.program_id(1)
+    b = (batch_head // kv_heads).to(tl.int64)
+    kv_head = batch_head % kv_heads
+    q_heads = kv_heads * group
+
+    first_k = k_block * BLOCK_N
+    last_k = tl.minimum(first_k + BLOCK_N, seq_len) - 1
+    k_pos = first_k + tl.arange(0, BLOCK_N)
+    cols = tl.arange(0, HEAD_DIM)
+    if HAS_DOCS:
+        DocStart += b * seq_len
+        DocEnd += b * seq_len
+        doc_lo = tl.load(DocStart + k_pos, mask=k_pos < seq_len, other=0)
+        doc_hi = tl.load(DocEnd + k_pos, mask=k_pos < seq_len, other=0)
+    else:
+        doc_lo = k_pos
+        doc_hi = k_pos
+    k = _load_rows(K + b * stride_kb + kv_head * stride_kh, k_pos, cols, stride_ks, seq_len, head_dim, True, EVEN_D)
+    v = _load_rows(V + b * stride_vb + kv_head * stride_vh, k_pos, cols, stride_vs, seq_len, head_dim, True, EVEN_D)
+    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+
+    lo, hi, full_lo, full_hi = _visible_range(
+        first_k, last_k, seq_len, window, DocStart, DocEnd, not CAUSAL, True, HAS_WINDOW, HAS_DOCS
+    )
+    first, full_first, full_last, last = _split_blocks(lo, hi, full_lo, full_hi, BLOCK_M)
+    flags = (CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, DOT_PRECISION, BLOCK_M)
+    for member in range(group):
+        h = kv_head * group + member
+        stats_offset = (b * q_heads + h) * seq_len
+        args = (
+            Q + b * stride_qb + h * stride_qh,
+            GradOut + b * stride_gb + h * stride_gh,
+            Lse + stats_offset,
+            Delta + stats_offset,
+            stride_qs, stride_gs, cols, seq_len, head_dim, window, qk_scale,
+        )  # fmt: skip
+        dk, dv = _dkdv_blocks(dk, dv, k, v, k_pos, doc_lo, doc_hi, *args, first, full_first, True, *flags)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, k_pos, doc_lo, doc_hi, *args, full_first, full_last, False, *flags)
+        dk, dv = _dkdv_blocks(dk, dv, k, v, k_pos, doc_lo, doc_hi, *args, full_last, last, True, *flags)
+
+    _store_rows(GradK + b * stride_dkb + kv_head * stride_dkh, dk * sm_scale, k_pos, cols, stride_dks, seq_len, head_dim, EVEN_D)
+    _store_rows(GradV + b * stride_dvb + kv_head * stride_dvh, dv, k_pos, cols, stride_dvs, seq_len, head_dim, EVEN_D)
+
+
+@triton.jit
+def _dq_blocks(
+    dq,
+    q,
+    grad_out,
+    lse,
+    delta,
+    q_pos,
+    doc_lo,
+    doc_hi,
+    K,
+    V,
+    stride_ks,
+    stride_vs,
+    cols,
+    seq_len,
+    head_dim,
+    window,
+    qk_scale,
+    block_first,
+    block_last,
+    MASKED: tl.constexpr,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """Accumulate into one query block's dq the key blocks block_first..block_last-1."""
+    for block in range(block_first, block_last):
+        k_pos = block * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = _load_rows(K, k_pos, cols, stride_ks, seq_len, head_dim, MASKED, EVEN_D)
+        v = _load_rows(V, k_pos, cols, stride_vs, seq_len, head_dim, MASKED, EVEN_D)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        if MASKED:
+            visible = _tile_visible(
+                q_pos[:, None], k_pos[None, :], k_pos[None, :], doc_lo[:, None], doc_hi[:, None],
+                seq_len, window, CAUSAL, HAS_WINDOW, HAS_DOCS,
+            )  # fmt: skip
+            scores = tl.where(visible, scores, float("-inf"))
+        p = tl.exp2(scores - lse[:, None])
+        dp = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+    return dq
+
+
+@triton.jit
+def attention_bwd_dq_kernel(
+    Q,
+    K,
+    V,
+    GradOut,
+    Lse,
+    Delta,
+    GradQ,
+    DocStart,
+    DocEnd,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    stride_gb,
+    stride_gs,
+    stride_gh,
+    stride_dqb,
+    stride_dqs,
+    stride_dqh,
+    seq_len,
+    head_dim,
+    q_heads,
+    group,
+    window,
+    qk_scale,
+    sm_scale,
+    CAUSAL: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_DOCS: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    q_block = tl.num_programs(0) - 1 - tl.program_id(0)
+    batch_head = tl.program_id(1)
+    b = (batch_head // q_heads).to(tl.int64)
+    h = batch_head % q_heads
+    K += b * stride_kb + (h // group) * stride_kh
+    V += b * stride_vb + (h // group) * stride_vh
+
+    first_q = q_block * BLOCK_M
+    last_q = tl.minimum(first_q + BLOCK_M, seq_len) - 1
+    q_pos = first_q + tl.arange(0, BLOCK_M)
+    cols = tl.arange(0, HEAD_DIM)
+    if HAS_DOCS:
+        DocStart += b * seq_len
+        DocEnd += b * seq_len
+        doc_lo = tl.load(DocStart + q_pos, mask=q_pos < seq_len, other=0)
+        doc_hi = tl.load(DocEnd + q_pos, mask=q_pos < seq_len, other=0)
+    else:
+        doc_lo = q_pos
+        doc_hi = q_pos
+    q = _load_rows(Q + b * stride_qb + h * stride_qh, q_pos, cols, stride_qs, seq_len, head_dim, True, EVEN_D)
+    grad_out = _load_rows(GradOut + b * stride_gb + h * stride_gh, q_pos, cols, stride_gs, seq_len, head_dim, True, EVEN_D)
+    stats_offset = batch_head.to(tl.int64) * seq_len
+    lse = _load_row_stat(Lse + stats_offset, q_pos, seq_len, True) * LOG2E
+    delta = _load_row_stat(Delta + stats_offset, q_pos, seq_len, True)
+    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+
+    lo, hi, full_lo, full_hi = _visible_range(
+        first_q, last_q, seq_len, window, DocStart, DocEnd, True, not CAUSAL, HAS_WINDOW, HAS_DOCS
+    )
+    first, full_first, full_last, last = _split_blocks(lo, hi, full_lo, full_hi, BLOCK_N)
+    args = (q, grad_out, lse, delta, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, seq_len, head_dim, window, qk_scale)
+    flags = (CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, DOT_PRECISION, BLOCK_N)
+    dq = _dq_blocks(dq, *args, first, full_first, True, *flags)
+    dq = _dq_blocks(dq, *args, full_first, full_last, False, *flags)
+    dq = _dq_blocks(dq, *args, full_last, last, True, *flags)
+    _store_rows(GradQ + b * stride_dqb + h * stride_dqh, dq * sm_scale, q_pos, cols, stride_dqs, seq_len, head_dim, EVEN_D)

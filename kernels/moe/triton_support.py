@@ -1,0 +1,108 @@
+"""Shared plumbing for the Triton kernels: lazy compilation, device and dtype checks.
+
+Kernels are compiled at first launch, so TRITON_INTERPRET is read when a kernel runs, not at import.
+
+`triton.jit` decides between the GPU compiler and the CPU interpreter when it decorates a function. A kernel
+module imported before a test sets TRITON_INTERPRET=1 would otherwise be stuck with the GPU compiler, so kernel
+bodies stay plain functions here and are wrapped on first launch in the mode the environment asks for then.
+On GPU a kernel may be autotuned over `configs`; under the interpreter it runs one fixed small config
+(autotuning there would only repeat slow runs). Kernel bodies must not call other @triton.jit functions, since
+those would be bound to the mode of their own import.
+
+Used by the moe, norm and loss Triton modules.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+
+
+def interpreting() -> bool:
+    """True when Triton runs kernels on the CPU interpreter (TRITON_INTERPRET=1), read now."""
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def check_device(*tensors: torch.Tensor) -> None:
+    """Triton kernels need CUDA tensors, or CPU tensors with the interpreter on."""
+    for tensor in tensors:
+        if tensor.device.type != "cuda" and not interpreting():
+            raise RuntimeError(
+                f"Triton kernels need CUDA tensors, got a tensor on {tensor.device}; "
+                "set TRITON_INTERPRET=1 to run them on the CPU interpreter (slow, for tests)"
+            )
+
+
+def matmul_dtype(op: str, *tensors: torch.Tensor) -> torch.dtype:
+    """The dtype an op's matmuls run in: autocast's when it is on (as torch.matmul would), else the inputs' own.
+
+    Callers cast their inputs to it before entering their autograd Function, so autograd carries the
+    gradients back through the cast to fp32 master weights.
+    """
+    device_type = tensors[0].device.type
+    if torch.is_autocast_enabled(device_type):
+        return torch.get_autocast_dtype(device_type)
+    dtypes = {tensor.dtype for tensor in tensors}
+    if len(dtypes) != 1:
+        raise TypeError(f"{op}: inputs must share one dtype (or run under autocast), got {sorted(map(str, dtypes))}")
+    return dtypes.pop()
+
+
+def dot_precision(dtype: torch.dtype) -> str:
+    """tl.dot input precision matching torch.matmul: fp32 uses TF32 only when torch allows it."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
+
+
+class LazyKernel:
+    """A Triton kernel body plus how to launch it: `kernel[grid](*args, **kwargs)` as with triton.jit.
+
+    configs/key: autotuning space and key (argument names) on GPU; None launches without autotuning.
+    interpret_config: meta-parameters passed under the interpreter in place of autotuning (the grid function
+    sees them too, as it would see an autotuned config).
+    """
+
+    def __init__(
+        self,
+        body: Callable,
+        configs: Sequence[Any] | None = None,
+        key: Sequence[str] = (),
+        interpret_config: dict[str, Any] | None = None,
+    ):
+        self.body = body
+        self.configs = configs
+        self.key = list(key)
+        self.interpret_config = dict(interpret_config or {})
+        self._compiled: dict[bool, Any] = {}
+
+    def _kernel(self, interpret: bool):
+        if interpret not in self._compiled:
+            import triton
+
+            # knobs read TRITON_INTERPRET when jit wraps the body, which is now.
+            kernel = triton.jit(self.body)
+            if self.configs is not None and not interpret:
+                kernel = triton.autotune(configs=list(self.configs), key=self.key)(kernel)
+            self._compiled[interpret] = kernel
+        return self._compiled[interpret]
+
+    def __getitem__(self, grid):
+        interpret = interpreting()
+        kernel = self._kernel(interpret)[grid]
+        if not (interpret or self.configs is None):
+            return kernel
+        fixed = self.interpret_config if interpret else {}
+        return lambda *args, **kwargs: kernel(*args, **kwargs, **fixed)
+
+
+def lazy_kernel(
+    configs: Sequence[Any] | None = None,
+    key: Sequence[str] = (),
+    interpret_config: dict[str, Any] | None = None,
+) -> Callable[[Callable], LazyKernel]:
+    """Decorator form of LazyKernel."""
+    return lambda body: LazyKernel(body, configs, key, interpret_config)
