@@ -77,6 +77,23 @@ class ModelConfig(Section):
     num_nextn_predict_layers: int = Field(0, ge=0, le=1, description="multi-token prediction layers (0 or 1)")
     mtp_loss_coef: float = Field(0.3, ge=0)
     logits_z_loss_coef: float = Field(0.0, ge=0, description="z-loss on the output logits")
+    # --- multi-head latent attention (DeepSeek-V3 / A.X K1; HF names) -----------------------------
+    attention_kind: Literal["gqa", "mla"] = Field(
+        "gqa", description="gqa: grouped-query attention; mla: multi-head latent attention"
+    )
+    q_lora_rank: int | None = Field(None, gt=0, description="mla: query compression rank (None: full-rank query)")
+    kv_lora_rank: int | None = Field(None, gt=0, description="mla: key/value latent rank (what the KV cache stores)")
+    qk_nope_head_dim: int | None = Field(None, gt=0, description="mla: per-head query/key dims without RoPE")
+    qk_rope_head_dim: int | None = Field(None, gt=0, description="mla: per-head query dims with RoPE (key part shared)")
+    v_head_dim: int | None = Field(None, gt=0, description="mla: per-head value dims")
+    post_mlp_norm: bool = Field(False, description="RMSNorm on the MoE output before the residual add (A.X K1)")
+    # --- muP-style multipliers (HyperCLOVA X; HF names) -------------------------------------------
+    embedding_multiplier: float = Field(1.0, gt=0, description="token embeddings are scaled by this")
+    residual_multiplier: float = Field(1.0, gt=0, description="each sublayer's output is scaled by this before the add")
+    attention_multiplier: float | None = Field(
+        None, gt=0, description="softmax scale of the attention logits (default: query/key head dim ** -0.5)"
+    )
+    logits_scaling: float = Field(1.0, gt=0, description="output logits are multiplied by this")
 
     @model_validator(mode="after")
     def _resolve_and_check(self) -> "ModelConfig":
@@ -86,6 +103,7 @@ class ModelConfig(Section):
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
+        self._check_attention_kind()
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(
@@ -93,7 +111,7 @@ class ModelConfig(Section):
                     f"({self.num_attention_heads}); set head_dim explicitly"
                 )
             object.__setattr__(self, "head_dim", self.hidden_size // self.num_attention_heads)
-        if self.head_dim % 2:
+        if self.attention_kind == "gqa" and self.head_dim % 2:
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
@@ -143,9 +161,49 @@ class ModelConfig(Section):
                 )
         return self
 
+    def _check_attention_kind(self) -> None:
+        mla_keys = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
+        if self.attention_kind == "gqa":
+            stray = [key for key in mla_keys if getattr(self, key) is not None]
+            if stray:
+                raise ValueError(f"{', '.join(stray)} only apply to attention_kind 'mla' (attention_kind is 'gqa')")
+            return
+        missing = [key for key in mla_keys[1:] if getattr(self, key) is None]
+        if missing:
+            raise ValueError(f"attention_kind 'mla' requires {', '.join(missing)}")
+        if self.qk_rope_head_dim % 2:
+            raise ValueError(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even for rotary embeddings")
+        if self.num_key_value_heads != self.num_attention_heads:
+            raise ValueError(
+                f"attention_kind 'mla' expands its latent to one key/value per query head: num_key_value_heads "
+                f"({self.num_key_value_heads}) must equal num_attention_heads ({self.num_attention_heads})"
+            )
+        if self.qk_norm:
+            raise ValueError("qk_norm: MLA normalises its compressed latents instead; set qk_norm: false")
+        qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
+        if self.head_dim is not None and self.head_dim != qk_head_dim:
+            raise ValueError(
+                f"head_dim ({self.head_dim}) must equal qk_nope_head_dim + qk_rope_head_dim ({qk_head_dim}) "
+                "for attention_kind 'mla'; leave it unset"
+            )
+        object.__setattr__(self, "head_dim", qk_head_dim)
+
     @property
     def q_heads_per_kv(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
+
+    @property
+    def rope_dim(self) -> int:
+        """Dims per head that RoPE rotates: all of head_dim for GQA, the decoupled RoPE part for MLA."""
+        return self.qk_rope_head_dim if self.attention_kind == "mla" else self.head_dim
+
+    @property
+    def kv_cache_values_per_position(self) -> int:
+        """Numbers one layer's generation cache keeps per kept position: the compressed latent plus the
+        shared RoPE key for MLA, full keys and values for GQA."""
+        if self.attention_kind == "mla":
+            return self.kv_lora_rank + self.qk_rope_head_dim
+        return 2 * self.num_key_value_heads * self.head_dim
 
 
 def _layer_types_from_pattern(pattern: str | int | None, n: int) -> list[str] | None:
@@ -218,12 +276,41 @@ class KernelsConfig(Section):
 
 
 class ParallelConfig(Section):
-    backend: Literal["none", "deepspeed"] = "none"
-    world_size: int = Field(1, gt=0)
-    expert_parallel_size: int = Field(1, gt=0)
-    zero_stage: Literal[0, 1, 2, 3] = 0
-    offload_optimizer: bool = False
-    offload_params: bool = False
+    """How a run is spread over processes. Every process is one data-parallel rank; expert-parallel groups
+    of `expert_parallel_size` consecutive ranks each hold all experts once (world / EP replicas)."""
+
+    backend: Literal["none", "deepspeed"] = Field("none", description="none: one process; deepspeed: ZeRO engine")
+    world_size: int = Field(1, gt=0, description="processes (GPUs) in the run")
+    expert_parallel_size: int = Field(1, gt=0, description="ranks the routed experts are sharded over")
+    zero_stage: Literal[0, 1, 2, 3] = Field(0, description="1: optimizer states, 2: + gradients, 3: + weights sharded")
+    offload_optimizer: bool = Field(False, description="optimizer states in CPU memory (ZeRO-Offload, stage >= 1)")
+    offload_params: bool = Field(False, description="weights in CPU memory (ZeRO-Infinity, stage 3 only)")
+    global_batch_size: int | None = Field(
+        None, gt=0, description="sequences per optimizer step; must equal micro_batch_size x grad_accum_steps x world_size"
+    )
+
+    @model_validator(mode="after")
+    def _check(self) -> "ParallelConfig":
+        distributed = self.world_size > 1 or self.expert_parallel_size > 1 or self.zero_stage > 0
+        if distributed and self.backend == "none":
+            raise ValueError(
+                f"world_size={self.world_size}, expert_parallel_size={self.expert_parallel_size}, "
+                f"zero_stage={self.zero_stage} need backend: deepspeed (backend none is one process)"
+            )
+        if self.world_size % self.expert_parallel_size:
+            raise ValueError(
+                f"expert_parallel_size ({self.expert_parallel_size}) does not divide world_size ({self.world_size})"
+            )
+        if self.offload_params and self.zero_stage != 3:
+            raise ValueError(f"offload_params needs zero_stage 3 (DeepSpeed offloads weights only in ZeRO-3), got {self.zero_stage}")
+        if self.offload_optimizer and self.zero_stage == 0:
+            raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        if self.zero_stage == 3 and self.expert_parallel_size > 1:
+            raise ValueError(
+                "zero_stage 3 with expert_parallel_size > 1 is refused: ZeRO-3 would partition the expert shards "
+                "across ranks that hold different experts; use zero_stage 1 or 2 with expert parallelism"
+            )
+        return self
 
 
 class ProvenanceConfig(Section):
@@ -240,6 +327,28 @@ class Config(Section):
     kernels: KernelsConfig = Field(default_factory=KernelsConfig)
     parallel: ParallelConfig = Field(default_factory=ParallelConfig)
     provenance: ProvenanceConfig = Field(default_factory=ProvenanceConfig)
+
+    @model_validator(mode="after")
+    def _check_parallel_against_model(self) -> "Config":
+        p, ep = self.parallel, self.parallel.expert_parallel_size
+        if ep > 1 and self.model.num_experts % ep:
+            raise ValueError(
+                f"parallel.expert_parallel_size ({ep}) does not divide model.num_experts ({self.model.num_experts})"
+            )
+        per_rank = self.train.micro_batch_size * self.train.grad_accum_steps
+        if p.global_batch_size is not None and p.global_batch_size != per_rank * p.world_size:
+            unit = self.train.micro_batch_size * p.world_size
+            fix = (
+                f"set train.grad_accum_steps to {p.global_batch_size // unit}"
+                if p.global_batch_size % unit == 0
+                else f"it is not divisible by micro_batch_size x world_size = {unit}"
+            )
+            raise ValueError(
+                f"parallel.global_batch_size ({p.global_batch_size}) != train.micro_batch_size "
+                f"({self.train.micro_batch_size}) x train.grad_accum_steps ({self.train.grad_accum_steps}) x "
+                f"parallel.world_size ({p.world_size}); {fix}"
+            )
+        return self
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

@@ -37,7 +37,7 @@ class CorpusFile:
     path: Path
     sha256: str
     documents: list[Document]
-    skipped_lines: list[str] = field(default_factory=list)  # "file:line: reason", only with skip_invalid_lines
+    skipped_lines: list[dict] = field(default_factory=list)  # {"line", "reason"}, only with skip_invalid_lines
 
     def describe(self) -> dict:
         """The provenance record stored in tokenizer metadata."""
@@ -80,7 +80,7 @@ def read_corpus_file(path: str | Path, *, skip_invalid_lines: bool = False) -> C
         return CorpusFile(path, digest, documents)
 
     documents: list[Document] = []
-    skipped: list[str] = []
+    skipped: list[dict] = []
     # Split on b"\n" only: a JSON line cannot hold a raw newline, while universal-newline reading would also
     # split on the \r, \x85 or \u2028 that a document may legitimately contain.
     for line_number, line in enumerate(raw.split(b"\n"), start=1):
@@ -92,7 +92,7 @@ def read_corpus_file(path: str | Path, *, skip_invalid_lines: bool = False) -> C
         except TokenizerError as error:
             if not skip_invalid_lines:
                 raise
-            skipped.append(str(error))
+            skipped.append({"line": line_number, "reason": str(error).removeprefix(f"{origin}: ")})
             print(f"warning: skipping {error}", file=sys.stderr)
     return CorpusFile(path, digest, documents, skipped)
 
@@ -108,7 +108,7 @@ def _parse_jsonl_record(line: bytes, origin: str) -> Document:
     try:
         record = json.loads(_decode_utf8(line, origin))
     except json.JSONDecodeError as error:
-        raise TokenizerError(f"{origin}: not valid JSON ({error.msg} at column {error.colno})") from None
+        raise TokenizerError(f"{origin}: not valid JSON: {error.msg} (column {error.colno})") from None
     if not isinstance(record, dict):
         raise TokenizerError(f"{origin}: expected a JSON object with 'text' and 'lang', got {type(record).__name__}")
     for key in ("text", "lang"):

@@ -24,11 +24,11 @@ import triton.language as tl
 # How triton.jit built the kernels below: interpreted (CPU testing) or compiled.
 INTERPRETED = triton.knobs.runtime.interpret
 
-LOG2E: tl.constexpr = 1.4426950408889634
-LN2: tl.constexpr = 0.6931471805599453
+LOG2E = tl.constexpr(1.4426950408889634)
+LN2 = tl.constexpr(0.6931471805599453)
 # A finite start for the running row max: a tile where a row sees nothing then gives exp2(-inf - start) = 0
 # rather than exp2(-inf + inf) = NaN.
-ROW_MAX_START: tl.constexpr = -1.0e38
+ROW_MAX_START = tl.constexpr(-1.0e38)
 
 
 @triton.jit
@@ -273,17 +273,25 @@ def attention_fwd_kernel(
         first_q, last_q, seq_len, window, DocStart, DocEnd, True, not CAUSAL, HAS_WINDOW, HAS_DOCS
     )
     first, full_first, full_last, last = _split_blocks(lo, hi, full_lo, full_hi, BLOCK_N)
-    args = (q, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, seq_len, head_dim, window, qk_scale)
-    flags = (CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, DOT_PRECISION, BLOCK_N)
-    acc, row_sum, row_max = _fwd_blocks(acc, row_sum, row_max, *args, first, full_first, True, *flags)
-    acc, row_sum, row_max = _fwd_blocks(acc, row_sum, row_max, *args, full_first, full_last, False, *flags)
-    acc, row_sum, row_max = _fwd_blocks(acc, row_sum, row_max, *args, full_last, last, True, *flags)
+    acc, row_sum, row_max = _fwd_blocks(
+        acc, row_sum, row_max, q, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, seq_len, head_dim,
+        window, qk_scale, first, full_first, True, CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, DOT_PRECISION, BLOCK_N,
+    )  # fmt: skip
+    acc, row_sum, row_max = _fwd_blocks(
+        acc, row_sum, row_max, q, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, seq_len, head_dim,
+        window, qk_scale, full_first, full_last, False, CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, DOT_PRECISION, BLOCK_N,
+    )  # fmt: skip
+    acc, row_sum, row_max = _fwd_blocks(
+        acc, row_sum, row_max, q, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, seq_len, head_dim,
+        window, qk_scale, full_last, last, True, CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, DOT_PRECISION, BLOCK_N,
+    )  # fmt: skip
 
     # A row that sees no key (only padding rows can) gets a zero output and lse = +inf, which gives it zero
     # weight in the backward instead of NaN.
     seen = row_sum > 0
-    out = acc / tl.where(seen, row_sum, 1.0)[:, None]
-    lse = tl.where(seen, (row_max + tl.log2(row_sum)) * LN2, float("inf"))
+    safe_sum = tl.where(seen, row_sum, 1.0)
+    out = acc / safe_sum[:, None]
+    lse = tl.where(seen, (row_max + tl.log2(safe_sum)) * LN2, float("inf"))
     _store_rows(Out, out, q_pos, cols, stride_os, seq_len, head_dim, EVEN_D)
     tl.store(Lse + q_pos, lse, mask=q_pos < seq_len)
 
@@ -445,20 +453,27 @@ def attention_bwd_dkdv_kernel(
         first_k, last_k, seq_len, window, DocStart, DocEnd, not CAUSAL, True, HAS_WINDOW, HAS_DOCS
     )
     first, full_first, full_last, last = _split_blocks(lo, hi, full_lo, full_hi, BLOCK_M)
-    flags = (CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, DOT_PRECISION, BLOCK_M)
     for member in range(group):
         h = kv_head * group + member
-        stats_offset = (b * q_heads + h) * seq_len
-        args = (
-            Q + b * stride_qb + h * stride_qh,
-            GradOut + b * stride_gb + h * stride_gh,
-            Lse + stats_offset,
-            Delta + stats_offset,
-            stride_qs, stride_gs, cols, seq_len, head_dim, window, qk_scale,
+        Q_head = Q + b * stride_qb + h * stride_qh
+        GradOut_head = GradOut + b * stride_gb + h * stride_gh
+        Lse_head = Lse + (b * q_heads + h) * seq_len
+        Delta_head = Delta + (b * q_heads + h) * seq_len
+        dk, dv = _dkdv_blocks(
+            dk, dv, k, v, k_pos, doc_lo, doc_hi, Q_head, GradOut_head, Lse_head, Delta_head, stride_qs, stride_gs,
+            cols, seq_len, head_dim, window, qk_scale, first, full_first,
+            True, CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, DOT_PRECISION, BLOCK_M,
         )  # fmt: skip
-        dk, dv = _dkdv_blocks(dk, dv, k, v, k_pos, doc_lo, doc_hi, *args, first, full_first, True, *flags)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, k_pos, doc_lo, doc_hi, *args, full_first, full_last, False, *flags)
-        dk, dv = _dkdv_blocks(dk, dv, k, v, k_pos, doc_lo, doc_hi, *args, full_last, last, True, *flags)
+        dk, dv = _dkdv_blocks(
+            dk, dv, k, v, k_pos, doc_lo, doc_hi, Q_head, GradOut_head, Lse_head, Delta_head, stride_qs, stride_gs,
+            cols, seq_len, head_dim, window, qk_scale, full_first, full_last,
+            False, CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, DOT_PRECISION, BLOCK_M,
+        )  # fmt: skip
+        dk, dv = _dkdv_blocks(
+            dk, dv, k, v, k_pos, doc_lo, doc_hi, Q_head, GradOut_head, Lse_head, Delta_head, stride_qs, stride_gs,
+            cols, seq_len, head_dim, window, qk_scale, full_last, last,
+            True, CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, DOT_PRECISION, BLOCK_M,
+        )  # fmt: skip
 
     _store_rows(GradK + b * stride_dkb + kv_head * stride_dkh, dk * sm_scale, k_pos, cols, stride_dks, seq_len, head_dim, EVEN_D)
     _store_rows(GradV + b * stride_dvb + kv_head * stride_dvh, dv, k_pos, cols, stride_dvs, seq_len, head_dim, EVEN_D)
@@ -584,9 +599,16 @@ def attention_bwd_dq_kernel(
         first_q, last_q, seq_len, window, DocStart, DocEnd, True, not CAUSAL, HAS_WINDOW, HAS_DOCS
     )
     first, full_first, full_last, last = _split_blocks(lo, hi, full_lo, full_hi, BLOCK_N)
-    args = (q, grad_out, lse, delta, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, seq_len, head_dim, window, qk_scale)
-    flags = (CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, DOT_PRECISION, BLOCK_N)
-    dq = _dq_blocks(dq, *args, first, full_first, True, *flags)
-    dq = _dq_blocks(dq, *args, full_first, full_last, False, *flags)
-    dq = _dq_blocks(dq, *args, full_last, last, True, *flags)
+    dq = _dq_blocks(
+        dq, q, grad_out, lse, delta, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, seq_len, head_dim,
+        window, qk_scale, first, full_first, True, CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, DOT_PRECISION, BLOCK_N,
+    )  # fmt: skip
+    dq = _dq_blocks(
+        dq, q, grad_out, lse, delta, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, seq_len, head_dim,
+        window, qk_scale, full_first, full_last, False, CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, DOT_PRECISION, BLOCK_N,
+    )  # fmt: skip
+    dq = _dq_blocks(
+        dq, q, grad_out, lse, delta, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, seq_len, head_dim,
+        window, qk_scale, full_last, last, True, CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, DOT_PRECISION, BLOCK_N,
+    )  # fmt: skip
     _store_rows(GradQ + b * stride_dqb + h * stride_dqh, dq * sm_scale, q_pos, cols, stride_dqs, seq_len, head_dim, EVEN_D)

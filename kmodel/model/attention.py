@@ -17,7 +17,9 @@ from kmodel.model.rope import apply_rope
 @dataclass
 class LayerCache:
     """Keys and values kept for generation. Sliding layers keep only the last `window - 1` positions,
-    all a future query can still see; full layers keep everything."""
+    all a future query can still see; full layers keep everything. Latent-attention layers (mla.py) keep
+    their compressed form instead: `keys` holds the normalised KV latent (batch, kept, kv_lora_rank) and
+    `values` the shared rotated key (batch, kept, qk_rope_head_dim)."""
 
     keys: torch.Tensor | None = None  # (batch, kept, kv_heads, head_dim)
     values: torch.Tensor | None = None
@@ -43,6 +45,7 @@ class Attention(nn.Module):
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
+        self.scale = cfg.attention_multiplier  # None: head_dim ** -0.5
         sliding = cfg.layer_types[layer_idx] == "sliding_attention"
         self.window = cfg.sliding_window if sliding else None
         self.use_rope = cfg.rope_layers == "all" or sliding
@@ -75,7 +78,7 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
         if cache is None or cache.keys is None:
-            out = self.kernel.attention(q, k, v, window=self.window, cu_seqlens=cu_seqlens)
+            out = self.kernel.attention(q, k, v, window=self.window, scale=self.scale, cu_seqlens=cu_seqlens)
             if cache is not None:
                 cache.extend(k, v, positions)
         else:
@@ -87,6 +90,7 @@ class Attention(nn.Module):
                 keys.transpose(1, 2),
                 values.transpose(1, 2),
                 attn_mask=mask,
+                scale=self.scale,
                 enable_gqa=self.num_heads != self.num_kv_heads,
             ).transpose(1, 2)
         if cache is not None:

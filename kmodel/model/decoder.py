@@ -18,6 +18,7 @@ from kmodel.config import Config, KernelsConfig, ModelConfig
 from kmodel.kernels.loss import reference as loss_reference
 from kmodel.model.attention import Attention, LayerCache
 from kmodel.model.init import init_parameters
+from kmodel.model.mla import LatentAttention
 from kmodel.model.moe import MLP, MoE
 from kmodel.model.norm import RMSNorm
 from kmodel.model.rope import rope_cos_sin
@@ -36,7 +37,8 @@ class ModelOutput:
 class DecoderLayer(nn.Module):
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
-        self.self_attn = Attention(cfg, layer_idx)
+        self.self_attn = LatentAttention(cfg, layer_idx) if cfg.attention_kind == "mla" else Attention(cfg, layer_idx)
+        self.residual_multiplier = cfg.residual_multiplier
         sparse = cfg.mlp_layer_types[layer_idx] == "sparse"
         self.mlp = MoE(cfg) if sparse else MLP(cfg.hidden_size, cfg.intermediate_size)
         placement = cfg.norm_placement
@@ -55,13 +57,13 @@ class DecoderLayer(nn.Module):
 
     def forward(self, x, rope, positions, cu_seqlens=None, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
         h = self.self_attn(self._maybe(self.attn_in_norm, x), rope, positions, cu_seqlens, cache)
-        x = x + self._maybe(self.attn_out_norm, h)
+        x = x + self.residual_multiplier * self._maybe(self.attn_out_norm, h)
         h = self._maybe(self.mlp_in_norm, x)
         if isinstance(self.mlp, MoE):
             h, aux = self.mlp(h)
         else:
             h, aux = self.mlp(h), x.new_zeros(())
-        return x + self._maybe(self.mlp_out_norm, h), aux
+        return x + self.residual_multiplier * self._maybe(self.mlp_out_norm, h), aux
 
 
 class MultiTokenPrediction(nn.Module):
@@ -109,7 +111,7 @@ class Model(nn.Module):
         """Point every module at the implementation the recipe's `kernels:` section picks."""
         pick = {op: kernels.load(op, kernels.resolve(getattr(choice, op), device)) for op in kernels.OPS}
         for module in self.modules():
-            if isinstance(module, Attention):
+            if isinstance(module, (Attention, LatentAttention)):
                 module.kernel = pick["attention"]
             elif isinstance(module, MoE):
                 module.kernel = pick["moe"]
@@ -139,17 +141,18 @@ class Model(nn.Module):
         batch, seq = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device)
-        rope = rope_cos_sin(position_ids, cfg.head_dim, cfg.rope_theta)
+        rope = rope_cos_sin(position_ids, cfg.rope_dim, cfg.rope_theta)
         cu_seqlens = None if segment_ids is None else cu_seqlens_from_segments(segment_ids)
 
-        embeds = self.embed_tokens(input_ids)
+        embeds = self.embed_tokens(input_ids) * cfg.embedding_multiplier
         x = embeds
         aux = x.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self.layers):
             x, layer_aux = layer(x, rope, position_ids, cu_seqlens, None if cache is None else cache[i])
             aux = aux + layer_aux
         hidden = x
-        x = self.norm(x)
+        # Scaling the final hidden state scales the logits (muP output multiplier) and reaches the fused loss too.
+        x = self.norm(x) * cfg.logits_scaling
 
         want_logits = labels is None if return_logits is None else return_logits
         logits = (x @ self.head_weight.t()).float() if want_logits else None
@@ -186,25 +189,24 @@ class Model(nn.Module):
     def moe_layers(self) -> dict[str, MoE]:
         return {name: m for name, m in self.named_modules() if isinstance(m, MoE)}
 
+    def end_step(self) -> None:
+        """Call once after every optimizer step: MoE bias updates and the step's router statistics."""
+        for moe in self.moe_layers().values():
+            moe.end_step()
+
     @torch.no_grad()
-    def router_stats(self, reset: bool = True) -> dict[str, dict[str, float | list[float]]]:
-        """Per MoE layer: assignments per expert since the last call, max/mean load, dead experts."""
+    def router_stats(self) -> dict[str, dict[str, float | list[float]]]:
+        """Per MoE layer, for the last finished step: assignments per expert, max/mean load, dead experts."""
         stats = {}
         for name, moe in self.moe_layers().items():
-            load = moe.load.clone()
+            load = moe.last_load
             mean = load.mean().item()
             stats[name] = {
                 "load": load.tolist(),
                 "max_over_mean": load.max().item() / mean if mean > 0 else 0.0,
                 "dead_experts": int((load == 0).sum().item()) if mean > 0 else 0,
             }
-            if reset:
-                moe.load.zero_()
         return stats
-
-    def update_router_bias(self) -> None:
-        for moe in self.moe_layers().values():
-            moe.update_bias()
 
     def new_cache(self) -> list[LayerCache]:
         return [LayerCache() for _ in self.layers]

@@ -15,6 +15,7 @@ from torch import nn
 
 from kmodel.config import ModelConfig
 from kmodel.kernels.moe import reference
+from kmodel.model.norm import RMSNorm
 
 
 class MLP(nn.Module):
@@ -60,8 +61,10 @@ class MoE(nn.Module):
         self.shared_experts = (
             MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts) if cfg.num_shared_experts else None
         )
-        # Assignments per expert since the trainer last read them (router statistics, bias update).
+        self.post_mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if cfg.post_mlp_norm else None
+        # Assignments per expert in the current optimizer step, and in the last finished one (statistics).
         self.register_buffer("load", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
+        self.register_buffer("last_load", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
         self.kernel = reference  # replaced by Model.use_kernels
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,6 +91,8 @@ class MoE(nn.Module):
         )
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
+        if self.post_mlp_norm is not None:
+            out = self.post_mlp_norm(out)
         return out.view(batch, seq, hidden), self.aux_loss(logits, routing, batch)
 
     def aux_loss(self, logits: torch.Tensor, routing: reference.Routing, batch: int) -> torch.Tensor:
@@ -109,8 +114,12 @@ class MoE(nn.Module):
         return loss
 
     @torch.no_grad()
-    def update_bias(self) -> None:
-        """Aux-loss-free step: raise the bias of under-loaded experts, lower it for over-loaded ones."""
+    def end_step(self) -> None:
+        """Close an optimizer step: the aux-loss-free bias step (raise the bias of under-loaded experts,
+        lower it for over-loaded ones), then keep the step's load for statistics and start counting anew.
+        Under data parallelism `load` must be all-reduced before this so every rank keeps the same bias."""
         if self.cfg.router == "sigmoid" and self.cfg.router_bias_update_rate > 0 and self.load.sum() > 0:
             error = self.load.mean() - self.load
             self.gate.e_score_correction_bias += self.cfg.router_bias_update_rate * error.sign()
+        self.last_load.copy_(self.load)
+        self.load.zero_()

@@ -1,0 +1,544 @@
+"""Triton mixture-of-experts: router, device-side dispatch, grouped SwiGLU GEMMs and gather combine.
+
+Same functions and semantics as `reference.py` (route, permute, grouped_swiglu, combine, moe_experts), each
+differentiable where the reference is. Nothing here reads a device value on the host: token counts, prefix
+sums and tile tables stay on the GPU, and grids are sized by host-known upper bounds whose surplus programs
+exit at once.
+
+Router (`route`): one launch scores a block of tokens (sigmoid or softmax), adds the correction bias for
+selection only, keeps the best `topk_group` groups, picks top-k by repeated arg-max (ties to the lower index,
+as the reference's stable sort), renormalises and scales the weights, and writes per-block expert counts that
+one torch sum turns into tokens_per_expert. The backward is one launch too.
+
+Dispatch: a histogram kernel counts each block of (token, slot) assignments per expert; cumulative sums give
+every block its first row in each expert's segment; a second kernel ranks each assignment among the
+same-expert ones before it in its block (stable) and writes order / row_assignment. A one-program kernel then
+cuts each expert's segment into BLOCK_M-row tiles (segments padded to the block size in the tile grid, not
+in memory) and writes the (expert, first row, end row) of every tile.
+
+Expert MLP, per tile of one expert's rows and one slice of output columns:
+    gate_up = x[rows] @ gate_up_proj[e].T, h = silu(gate) * up        (gather of x fused into the loads)
+    y       = h @ down_proj[e].T
+The forward keeps gate_up (needed by the SwiGLU backward) and never h, which the backward recomputes from
+gate_up where it needs it. Backward:
+    d_h -> d_gate_up  = swiglu'(d_out[rows] @ down_proj[e])          (SwiGLU backward in the epilogue)
+    dx_sorted         = d_gate_up @ gate_up_proj[e]
+    d gate_up_proj[e] = d_gate_up[rows].T @ x[rows]                    (grouped along tokens, no atomics)
+    d down_proj[e]    = d_y[rows].T @ h[rows]                          (h recomputed from gate_up in the loads)
+In `moe_experts` the combine weights never touch y: the down GEMM's backward reads d_out per token and scales
+by the routing weight in its epilogue, which also yields d weight = (d_out @ down_proj[e]) . h, so y_sorted is
+neither kept for the backward nor is a d_y_sorted tensor ever formed.
+
+Combine: each token gathers its k rows and sums them with its weights (no atomics); its backward, and the
+backward of permute, are the same kind of gather.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+from kmodel.kernels.moe.reference import Routing
+from kmodel.kernels.moe.triton_support import check_device, dot_precision, interpreting, lazy_kernel, matmul_dtype
+
+__all__ = ["Routing", "route", "permute", "grouped_swiglu", "combine", "moe_experts"]
+
+_MAX_EXPERTS = 1024  # the router holds a token's scores for all experts in one block
+
+# Epilogues of the grouped GEMM.
+_PLAIN = 0  # out = acc
+_SWIGLU_FORWARD = 1  # acc = gate, second accumulator = up: store gate_up and silu(gate) * up
+_SWIGLU_BACKWARD = 2  # acc = d h: store d gate_up from the saved gate_up
+
+# Where the weight-gradient kernel takes its input rows from.
+_INPUT_ROWS = 0  # input[row]
+_INPUT_TOKENS = 1  # input[token of row] (the gather from x)
+_INPUT_SWIGLU = 2  # silu(gate) * up recomputed from gate_up[row]
+
+
+# --------------------------------------------------------------------------------------------------- router
+
+
+@lazy_kernel()
+def _route_kernel(
+    logits_ptr, bias_ptr, scores_ptr, weights_ptr, experts_ptr, block_counts_ptr,
+    num_tokens, num_experts, routed_scaling_factor, stride_logits,
+    TOP_K: tl.constexpr, N_GROUP: tl.constexpr, TOPK_GROUP: tl.constexpr, GROUP_SIZE: tl.constexpr,
+    SOFTMAX: tl.constexpr, HAS_BIAS: tl.constexpr, NORMALIZE: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_G: tl.constexpr,
+):
+    block = tl.program_id(0)
+    tokens = block * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_ok = tokens < num_tokens
+    tokens64 = tokens.to(tl.int64)
+    cols = tl.arange(0, BLOCK_E)
+    col_ok = cols < num_experts
+    tile_ok = token_ok[:, None] & col_ok[None, :]
+
+    logits = tl.load(logits_ptr + tokens64[:, None] * stride_logits + cols[None, :], mask=tile_ok, other=0.0)
+    logits = logits.to(tl.float32)
+    if SOFTMAX:
+        logits = tl.where(col_ok[None, :], logits, float("-inf"))
+        shifted = tl.exp(logits - tl.max(logits, axis=1)[:, None])
+        scores = shifted / tl.sum(shifted, axis=1)[:, None]
+    else:
+        scores = tl.sigmoid(logits)
+    tl.store(scores_ptr + tokens64[:, None] * num_experts + cols[None, :], scores, mask=tile_ok)
+
+    # The correction bias steers the choice only; the weights below come from the unbiased scores.
+    choice = scores
+    if HAS_BIAS:
+        choice += tl.load(bias_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+    selectable = tl.broadcast_to(col_ok[None, :], (BLOCK_T, BLOCK_E))
+
+    if N_GROUP > 1:
+        # Group score = sum of the group's best two biased scores; keep the TOPK_GROUP best groups.
+        group_of_col = cols // GROUP_SIZE
+        groups = tl.arange(0, BLOCK_G)
+        group_score = tl.full((BLOCK_T, BLOCK_G), float("-inf"), tl.float32)
+        for group in range(N_GROUP):
+            in_group = selectable & (group_of_col == group)[None, :]
+            member = tl.where(in_group, choice, float("-inf"))
+            best = tl.max(member, axis=1)
+            if GROUP_SIZE > 1:
+                first = tl.min(tl.where(in_group & (member == best[:, None]), cols[None, :], BLOCK_E), axis=1)
+                best += tl.max(tl.where(cols[None, :] == first[:, None], float("-inf"), member), axis=1)
+            group_score = tl.where(groups[None, :] == group, best[:, None], group_score)
+        group_open = tl.broadcast_to((groups < N_GROUP)[None, :], (BLOCK_T, BLOCK_G))
+        kept = tl.zeros((BLOCK_T, BLOCK_E), tl.int32)
+        for _ in range(TOPK_GROUP):
+            open_score = tl.where(group_open, group_score, float("-inf"))
+            top = tl.max(open_score, axis=1)
+            pick = tl.min(tl.where(group_open & (open_score == top[:, None]), groups[None, :], BLOCK_G), axis=1)
+            group_open = group_open & (groups[None, :] != pick[:, None])
+            kept = tl.where(group_of_col[None, :] == pick[:, None], 1, kept)
+        selectable = selectable & (kept == 1)
+
+    # Top-k by repeated arg-max; among equal choices the lowest expert index wins.
+    slots = tl.arange(0, BLOCK_K)
+    taken = tl.zeros((BLOCK_T, BLOCK_E), tl.int32)
+    picked = tl.zeros((BLOCK_T, BLOCK_K), tl.int64)
+    picked_score = tl.zeros((BLOCK_T, BLOCK_K), tl.float32)
+    for slot in range(TOP_K):
+        is_open = selectable & (taken == 0)
+        open_choice = tl.where(is_open, choice, float("-inf"))
+        top = tl.max(open_choice, axis=1)
+        pick = tl.min(tl.where(is_open & (open_choice == top[:, None]), cols[None, :], BLOCK_E), axis=1)
+        hit = cols[None, :] == pick[:, None]
+        taken = tl.where(hit, 1, taken)
+        in_slot = slots[None, :] == slot
+        picked = tl.where(in_slot, pick.to(tl.int64)[:, None], picked)
+        picked_score = tl.where(in_slot, tl.sum(tl.where(hit, scores, 0.0), axis=1)[:, None], picked_score)
+    if NORMALIZE:
+        picked_score = picked_score / (tl.sum(picked_score, axis=1)[:, None] + 1e-20)
+    slot_ok = token_ok[:, None] & (slots < TOP_K)[None, :]
+    slot_offsets = tokens64[:, None] * TOP_K + slots[None, :]
+    tl.store(weights_ptr + slot_offsets, picked_score * routed_scaling_factor, mask=slot_ok)
+    tl.store(experts_ptr + slot_offsets, picked, mask=slot_ok)
+    block_counts = tl.sum(tl.where(token_ok[:, None], taken, 0), axis=0)
+    tl.store(block_counts_ptr + block * num_experts + cols, block_counts, mask=col_ok)
+
+
+@lazy_kernel()
+def _route_backward_kernel(
+    scores_ptr, experts_ptr, grad_weights_ptr, grad_scores_ptr, grad_logits_ptr,
+    num_tokens, num_experts, routed_scaling_factor,
+    TOP_K: tl.constexpr, SOFTMAX: tl.constexpr, NORMALIZE: tl.constexpr,
+    HAS_GRAD_WEIGHTS: tl.constexpr, HAS_GRAD_SCORES: tl.constexpr,
+    BLOCK_T: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    tokens = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    token_ok = tokens < num_tokens
+    tokens64 = tokens.to(tl.int64)
+    cols = tl.arange(0, BLOCK_E)
+    tile_ok = token_ok[:, None] & (cols < num_experts)[None, :]
+    tile_offsets = tokens64[:, None] * num_experts + cols[None, :]
+    scores = tl.load(scores_ptr + tile_offsets, mask=tile_ok, other=0.0)
+    if HAS_GRAD_SCORES:
+        grad_scores = tl.load(grad_scores_ptr + tile_offsets, mask=tile_ok, other=0.0).to(tl.float32)
+    else:
+        grad_scores = tl.zeros((BLOCK_T, BLOCK_E), tl.float32)
+    if HAS_GRAD_WEIGHTS:
+        slots = tl.arange(0, BLOCK_K)
+        slot_ok = token_ok[:, None] & (slots < TOP_K)[None, :]
+        slot_offsets = tokens64[:, None] * TOP_K + slots[None, :]
+        picked = tl.load(experts_ptr + slot_offsets, mask=slot_ok, other=0)
+        grad_weights = tl.load(grad_weights_ptr + slot_offsets, mask=slot_ok, other=0.0).to(tl.float32)
+        picked_score = tl.load(scores_ptr + tokens64[:, None] * num_experts + picked, mask=slot_ok, other=0.0)
+        if NORMALIZE:
+            # w_j = c s_j / S with S = sum_i s_i + 1e-20:  d/ds_j = (c g_j - sum_i g_i w_i) / S
+            total = tl.sum(picked_score, axis=1) + 1e-20
+            weights = routed_scaling_factor * picked_score / total[:, None]
+            grad_picked = (routed_scaling_factor * grad_weights - tl.sum(grad_weights * weights, axis=1)[:, None])
+            grad_picked = grad_picked / total[:, None]
+        else:
+            grad_picked = routed_scaling_factor * grad_weights
+        # A token's k experts are distinct, so adding slot by slot never merges two slots into one column.
+        for slot in range(TOP_K):
+            in_slot = slots[None, :] == slot
+            expert = tl.sum(tl.where(in_slot, picked, 0), axis=1)
+            grad = tl.sum(tl.where(in_slot, grad_picked, 0.0), axis=1)
+            grad_scores += tl.where(cols[None, :] == expert[:, None], grad[:, None], 0.0)
+    if SOFTMAX:
+        grad_logits = scores * (grad_scores - tl.sum(grad_scores * scores, axis=1)[:, None])
+    else:
+        grad_logits = grad_scores * scores * (1.0 - scores)
+    tl.store(grad_logits_ptr + tile_offsets, grad_logits.to(grad_logits_ptr.dtype.element_ty), mask=tile_ok)
+
+
+def _route_block_t(num_experts: int) -> int:
+    return 16 if interpreting() else max(1, min(64, 4096 // triton.next_power_of_2(num_experts)))
+
+
+class _Route(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits, bias, top_k, softmax, n_group, topk_group, normalize, scaling):
+        num_tokens, num_experts = logits.shape
+        device = logits.device
+        block_t = _route_block_t(num_experts)
+        num_blocks = triton.cdiv(num_tokens, block_t)
+        scores = torch.empty(num_tokens, num_experts, dtype=torch.float32, device=device)
+        weights = torch.empty(num_tokens, top_k, dtype=torch.float32, device=device)
+        experts = torch.empty(num_tokens, top_k, dtype=torch.int64, device=device)
+        block_counts = torch.zeros(num_blocks, num_experts, dtype=torch.int32, device=device)
+        if num_tokens > 0:
+            _route_kernel[(num_blocks,)](
+                logits, bias if bias is not None else scores, scores, weights, experts, block_counts,
+                num_tokens, num_experts, scaling, logits.stride(0),
+                TOP_K=top_k, N_GROUP=n_group, TOPK_GROUP=topk_group, GROUP_SIZE=num_experts // n_group,
+                SOFTMAX=softmax, HAS_BIAS=bias is not None, NORMALIZE=normalize,
+                BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(num_experts),
+                BLOCK_K=triton.next_power_of_2(top_k), BLOCK_G=triton.next_power_of_2(n_group),
+            )
+        tokens_per_expert = block_counts.sum(0, dtype=torch.int64)
+        ctx.save_for_backward(scores, experts)
+        ctx.options = (top_k, softmax, normalize, scaling, logits.dtype)
+        ctx.mark_non_differentiable(experts, tokens_per_expert)
+        ctx.set_materialize_grads(False)
+        return weights, experts, scores, tokens_per_expert
+
+    @staticmethod
+    def backward(ctx, grad_weights, _grad_experts, grad_scores, _grad_counts):
+        scores, experts = ctx.saved_tensors
+        top_k, softmax, normalize, scaling, logits_dtype = ctx.options
+        num_tokens, num_experts = scores.shape
+        grad_logits = torch.empty(num_tokens, num_experts, dtype=logits_dtype, device=scores.device)
+        if grad_weights is None and grad_scores is None:
+            return grad_logits.zero_(), None, None, None, None, None, None, None
+        block_t = _route_block_t(num_experts)
+        if num_tokens > 0:
+            _route_backward_kernel[(triton.cdiv(num_tokens, block_t),)](
+                scores, experts,
+                grad_weights.contiguous() if grad_weights is not None else scores,
+                grad_scores.contiguous() if grad_scores is not None else scores,
+                grad_logits, num_tokens, num_experts, scaling,
+                TOP_K=top_k, SOFTMAX=softmax, NORMALIZE=normalize,
+                HAS_GRAD_WEIGHTS=grad_weights is not None, HAS_GRAD_SCORES=grad_scores is not None,
+                BLOCK_T=block_t, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_K=triton.next_power_of_2(top_k),
+            )
+        return grad_logits, None, None, None, None, None, None, None
+
+
+def route(
+    logits: torch.Tensor,
+    bias: torch.Tensor | None,
+    *,
+    top_k: int,
+    score_func: str = "sigmoid",
+    n_group: int = 1,
+    topk_group: int = 1,
+    norm_topk_prob: bool = True,
+    routed_scaling_factor: float = 1.0,
+) -> Routing:
+    """Pick top_k experts per token from router logits (N, E) in one launch; see reference.route."""
+    if logits.dim() != 2:
+        raise ValueError(f"route: logits must be (tokens, experts), got shape {tuple(logits.shape)}")
+    num_experts = logits.shape[1]
+    if score_func not in ("sigmoid", "softmax"):
+        raise ValueError(f"unknown router score function {score_func!r}")
+    if not 1 <= num_experts <= _MAX_EXPERTS:
+        raise ValueError(f"route: {num_experts} experts; the Triton router supports 1..{_MAX_EXPERTS}")
+    if n_group < 1 or num_experts % n_group:
+        raise ValueError(f"route: n_group={n_group} must be >= 1 and divide the {num_experts} experts")
+    if not 1 <= topk_group <= n_group:
+        raise ValueError(f"route: topk_group={topk_group} must be in [1, n_group={n_group}]")
+    kept_experts = num_experts if n_group == 1 else topk_group * (num_experts // n_group)
+    if not 1 <= top_k <= kept_experts:
+        raise ValueError(
+            f"route: top_k={top_k} must be in [1, {kept_experts}] (the experts in the topk_group={topk_group} "
+            f"kept groups of {num_experts // n_group})"
+        )
+    if bias is not None and bias.shape != (num_experts,):
+        raise ValueError(f"route: bias shape {tuple(bias.shape)} does not match the {num_experts} experts")
+    check_device(logits)
+    weights, experts, scores, tokens_per_expert = _Route.apply(
+        logits if logits.stride(-1) == 1 else logits.contiguous(),
+        bias.detach().contiguous() if bias is not None else None,
+        top_k, score_func == "softmax", n_group, topk_group, norm_topk_prob, float(routed_scaling_factor),
+    )
+    return Routing(weights, experts, scores, tokens_per_expert)
+
+
+# ------------------------------------------------------------------------------------------------- dispatch
+
+
+@lazy_kernel()
+def _dispatch_histogram_kernel(
+    experts_ptr, block_counts_ptr, num_assignments, num_experts,
+    BLOCK_A: tl.constexpr, BLOCK_E: tl.constexpr,
+):
+    block = tl.program_id(0)
+    ids = block * BLOCK_A + tl.arange(0, BLOCK_A)
+    expert = tl.load(experts_ptr + ids, mask=ids < num_assignments, other=-1)
+    cols = tl.arange(0, BLOCK_E)
+    counts = tl.sum(tl.where(expert[:, None] == cols[None, :], 1, 0), axis=0)
+    tl.store(block_counts_ptr + block * num_experts + cols, counts, mask=cols < num_experts)
+
+
+@lazy_kernel()
+def _dispatch_positions_kernel(
+    experts_ptr, block_first_row_ptr, order_ptr, row_assignment_ptr, num_assignments, num_experts,
+    BLOCK_A: tl.constexpr,
+):
+    block = tl.program_id(0)
+    lanes = tl.arange(0, BLOCK_A)
+    ids = block * BLOCK_A + lanes
+    valid = ids < num_assignments
+    expert = tl.load(experts_ptr + ids, mask=valid, other=-1)
+    # Rank among the same-expert assignments before this one in the block: keeps assignment-id order (stable).
+    earlier_same = (expert[:, None] == expert[None, :]) & (lanes[None, :] < lanes[:, None])
+    rank = tl.sum(earlier_same.to(tl.int32), axis=1)
+    row = tl.load(block_first_row_ptr + block * num_experts + expert, mask=valid, other=0) + rank
+    tl.store(order_ptr + ids, row, mask=valid)
+    tl.store(row_assignment_ptr + row, ids, mask=valid)
+
+
+@lazy_kernel()
+def _tile_table_kernel(
+    counts_ptr, segments_ptr, tiles_ptr, num_experts, num_rows, max_tiles,
+    BLOCK_M: tl.constexpr, BLOCK_E: tl.constexpr, BLOCK_TILES: tl.constexpr,
+):
+    experts = tl.arange(0, BLOCK_E)
+    expert_ok = experts < num_experts
+    counts = tl.load(counts_ptr + experts, mask=expert_ok, other=0).to(tl.int32)
+    # Clamped to the rows that exist, so inconsistent counts can never send a kernel out of bounds.
+    seg_end = tl.minimum(tl.cumsum(counts, axis=0), num_rows)
+    seg_start = tl.minimum(seg_end - counts, seg_end)
+    seg_start = tl.maximum(seg_start, 0)
+    tl.store(segments_ptr + experts, seg_start, mask=expert_ok)
+    tl.store(segments_ptr + num_experts + experts, seg_end, mask=expert_ok)
+    num_tiles = tl.where(expert_ok, (seg_end - seg_start + BLOCK_M - 1) // BLOCK_M, 0)
+    tile_end = tl.cumsum(num_tiles, axis=0)
+    tile_begin = tile_end - num_tiles
+    for first in range(0, max_tiles, BLOCK_TILES):
+        tiles = first + tl.arange(0, BLOCK_TILES)
+        # A tile's expert is the number of experts whose tiles all end at or before it (empty ones included).
+        expert = tl.sum(tl.where((tile_end[None, :] <= tiles[:, None]) & expert_ok[None, :], 1, 0), axis=1)
+        mine = experts[None, :] == expert[:, None]  # no column when the tile is past the last expert's
+        row_start = tl.sum(tl.where(mine, seg_start + (tiles[:, None] - tile_begin[None, :]) * BLOCK_M, 0), axis=1)
+        row_end = tl.sum(tl.where(mine, seg_end[None, :], 0), axis=1)
+        tile_ok = tiles < max_tiles
+        tl.store(tiles_ptr + tiles, expert, mask=tile_ok)
+        tl.store(tiles_ptr + max_tiles + tiles, row_start, mask=tile_ok)
+        tl.store(tiles_ptr + 2 * max_tiles + tiles, row_end, mask=tile_ok)
+
+
+class _Layout(NamedTuple):
+    """Where each expert's rows lie in the expert-sorted order and how the grouped GEMMs tile them."""
+
+    num_rows: int  # M: sorted rows (token, slot assignments)
+    block_m: int  # rows per GEMM tile; each tile holds rows of one expert only
+    segments: torch.Tensor  # (2, E) int32: first and end row of each expert
+    tiles: torch.Tensor  # (3, max_tiles) int32: expert, first row, end row of each tile (empty past the last)
+    row_assignment: torch.Tensor | None  # (M,) int32 assignment id of each row (token = id // top_k); None:
+    order: torch.Tensor | None  # (M,) int32 row of each assignment          the rows are given, not gathered
+    top_k: int
+
+
+def _block_m(num_rows: int, num_experts: int) -> int:
+    if interpreting():
+        return 16
+    return 64 if num_rows <= 64 * num_experts else 128
+
+
+def _tile_layout(counts: torch.Tensor, num_rows: int, top_k: int, row_assignment=None, order=None) -> _Layout:
+    num_experts = counts.shape[0]
+    block_m = _block_m(num_rows, num_experts)
+    max_tiles = triton.cdiv(num_rows, block_m) + num_experts  # each expert adds at most one partial tile
+    segments = torch.empty(2, num_experts, dtype=torch.int32, device=counts.device)
+    tiles = torch.empty(3, max_tiles, dtype=torch.int32, device=counts.device)
+    _tile_table_kernel[(1,)](
+        counts, segments, tiles, num_experts, num_rows, max_tiles,
+        BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_TILES=16 if interpreting() else 128,
+    )
+    return _Layout(num_rows, block_m, segments, tiles, row_assignment, order, top_k)
+
+
+def _dispatch(experts: torch.Tensor, num_experts: int) -> tuple[_Layout, torch.Tensor]:
+    """Expert-sorted layout of the (token, slot) assignments in `experts` (N, k), and tokens per expert."""
+    top_k = experts.shape[1]
+    flat = experts.reshape(-1)
+    num_rows = flat.numel()
+    device = experts.device
+    block_a = 32 if interpreting() else 128
+    num_blocks = max(triton.cdiv(num_rows, block_a), 1)
+    block_counts = torch.zeros(num_blocks, num_experts, dtype=torch.int32, device=device)
+    order = torch.empty(num_rows, dtype=torch.int32, device=device)
+    row_assignment = torch.empty(num_rows, dtype=torch.int32, device=device)
+    if num_rows > 0:
+        _dispatch_histogram_kernel[(num_blocks,)](
+            flat, block_counts, num_rows, num_experts, BLOCK_A=block_a, BLOCK_E=triton.next_power_of_2(num_experts)
+        )
+    counts = block_counts.sum(0, dtype=torch.int64)
+    expert_first_row = counts.cumsum(0) - counts
+    block_first_row = (block_counts.cumsum(0) - block_counts + expert_first_row).to(torch.int32)
+    if num_rows > 0:
+        _dispatch_positions_kernel[(num_blocks,)](
+            flat, block_first_row, order, row_assignment, num_rows, num_experts, BLOCK_A=block_a
+        )
+    return _tile_layout(counts, num_rows, top_k, row_assignment, order), counts
+
+
+# --------------------------------------------------------------------------------------------- grouped GEMMs
+
+
+def _mm_configs():
+    shapes = [(128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 4, 4), (64, 64, 8, 3)]
+    return [
+        triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
+        for n, k, warps, stages in shapes
+    ]
+
+
+@lazy_kernel(
+    configs=_mm_configs(),
+    key=["N", "K", "EPILOGUE", "GATHER_A", "SCALE_ROWS", "BLOCK_M"],
+    interpret_config={"BLOCK_N": 16, "BLOCK_K": 16},
+)
+def _grouped_mm_kernel(
+    a_ptr, b_ptr, out_ptr, gate_up_ptr, weight_grad_ptr,
+    tiles_ptr, max_tiles, row_assignment_ptr, routing_weights_ptr, top_k,
+    N, K,
+    stride_a, stride_be, stride_bk, stride_bn, stride_out, stride_gate_up,
+    EPILOGUE: tl.constexpr, GATHER_A: tl.constexpr, SCALE_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """One tile of one expert's rows times B[expert] (K, N), one BLOCK_N slice of columns, then the epilogue."""
+    tile = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    expert = tl.load(tiles_ptr + tile)
+    row_start = tl.load(tiles_ptr + max_tiles + tile)
+    row_end = tl.load(tiles_ptr + 2 * max_tiles + tile)
+    if row_start >= row_end:
+        return  # past the last expert's tiles: the grid is sized by an upper bound
+    rows = row_start + tl.arange(0, BLOCK_M)
+    row_ok = rows < row_end
+    rows64 = rows.to(tl.int64)
+    if GATHER_A or SCALE_ROWS:
+        assignment = tl.load(row_assignment_ptr + rows, mask=row_ok, other=0)
+    if GATHER_A:
+        a_rows = (assignment // top_k).to(tl.int64)
+    else:
+        a_rows = rows64
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_ok = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    a_ptrs = a_ptr + a_rows[:, None] * stride_a + ks[None, :]
+    b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
+
+    acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if EPILOGUE == 1:  # _SWIGLU_FORWARD: the up rows of B start N columns after the gate rows
+        acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    for k_start in range(0, K, BLOCK_K):
+        k_ok = k_start + ks < K
+        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b_mask = k_ok[:, None] & col_ok[None, :]
+        acc = tl.dot(a, tl.load(b_ptrs, mask=b_mask, other=0.0), acc, input_precision=DOT_PRECISION)
+        if EPILOGUE == 1:
+            b_up = tl.load(b_ptrs + N * stride_bn, mask=b_mask, other=0.0)
+            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+        a_ptrs += BLOCK_K
+        b_ptrs += BLOCK_K * stride_bk
+
+    mask = row_ok[:, None] & col_ok[None, :]
+    out_ptrs = out_ptr + rows64[:, None] * stride_out + cols[None, :]
+    if EPILOGUE == 0:  # _PLAIN
+        tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
+    elif EPILOGUE == 1:  # _SWIGLU_FORWARD: keep gate_up for the backward, pass h on
+        gate_up_ptrs = gate_up_ptr + rows64[:, None] * stride_gate_up + cols[None, :]
+        tl.store(gate_up_ptrs, acc.to(gate_up_ptr.dtype.element_ty), mask=mask)
+        tl.store(gate_up_ptrs + N, acc_up.to(gate_up_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptrs, (acc * tl.sigmoid(acc) * acc_up).to(out_ptr.dtype.element_ty), mask=mask)
+    else:  # _SWIGLU_BACKWARD: acc = d h (before the routing weight when SCALE_ROWS); out = d gate_up
+        gate_up_ptrs = gate_up_ptr + rows64[:, None] * stride_gate_up + cols[None, :]
+        gate = tl.load(gate_up_ptrs, mask=mask, other=0.0).to(tl.float32)
+        up = tl.load(gate_up_ptrs + N, mask=mask, other=0.0).to(tl.float32)
+        sig = tl.sigmoid(gate)
+        silu = gate * sig
+        if SCALE_ROWS:
+            # d loss / d routing weight = d_out . y = (d_out @ down) . h, summed here over this column slice.
+            partial = tl.sum(acc * silu * up, axis=1)
+            tl.store(weight_grad_ptr + rows64 * tl.num_programs(1) + pid_n, partial, mask=row_ok)
+            acc = acc * tl.load(routing_weights_ptr + assignment, mask=row_ok, other=0.0)[:, None]
+        d_gate = acc * up * sig * (1.0 + gate * (1.0 - sig))
+        tl.store(out_ptrs, d_gate.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptrs + N, (acc * silu).to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _grouped_mm(
+    a: torch.Tensor,
+    weight: torch.Tensor,
+    layout: _Layout,
+    *,
+    transpose: bool,
+    epilogue: int = _PLAIN,
+    gate_up: torch.Tensor | None = None,
+    routing_weights: torch.Tensor | None = None,
+):
+    """Per expert e, rows of `a` (gathered by token when layout has row_assignment and a is per token)
+    times weight[e].T (transpose) or weight[e], with an epilogue. Returns the output, plus for the scaled
+    SwiGLU backward the per-row routing-weight gradient.
+
+    epilogue _SWIGLU_FORWARD: weight is gate_up_proj (E, 2I, H); returns (h, gate_up).
+    epilogue _SWIGLU_BACKWARD: weight is down_proj (E, H, I), a is d y (or d out per token, scaled by
+    routing_weights); returns (d gate_up, d routing weight per row or None).
+    """
+    num_experts, rows_b, cols_b = weight.shape
+    k_dim, n_dim = (cols_b, rows_b) if transpose else (rows_b, cols_b)
+    stride_bk, stride_bn = (1, cols_b) if transpose else (cols_b, 1)
+    gather = layout.row_assignment is not None and a.shape[0] != layout.num_rows or (
+        layout.row_assignment is not None and epilogue != _PLAIN and a.shape[0] != layout.num_rows
+    )
+    scale_rows = routing_weights is not None
+    if epilogue == _SWIGLU_FORWARD:
+        n_dim //= 2
+    out_cols = 2 * n_dim if epilogue == _SWIGLU_BACKWARD else n_dim
+    out = torch.empty(layout.num_rows, out_cols, dtype=a.dtype, device=a.device)
+    if epilogue == _SWIGLU_FORWARD:
+        gate_up = torch.empty(layout.num_rows, 2 * n_dim, dtype=a.dtype, device=a.device)
+    max_tiles = layout.tiles.shape[1]
+    grid = lambda meta: (max_tiles, triton.cdiv(n_dim, meta["BLOCK_N"]))  # noqa: E731
+    # Per-row partials of the routing-weight gradient, one column per BLOCK_N slice (at most n_dim / 16).
+    weight_grad = None
+    if scale_rows:
+        weight_grad = torch.zeros(layout.num_rows, triton.cdiv(n_dim, 16), dtype=torch.float32, device=a.device)
+    if layout.num_rows > 0:
+        _grouped_mm_kernel[grid](
+            a, weight, out, gate_up if gate_up is not None else out, weight_grad if scale_rows else out,
+            layout.tiles, max_tiles,
+            layout.row_assignment if layout.row_assignment is not None else layout.tiles,
+            routing_weights if scale_rows else out, layout.top_k,
+            n_dim, k_dim,
+            a.stride(0), weight.stride(0), stride_bk, stride_bn, out.stride(0),
+            gate_up.stride(0) if gate_up is not None else 0,
+            EPILOGUE=epilogue, GATHER_A=gather, SCALE_ROWS=scale_rows, DOT_PRECISION=dot_precision(a.dtype),
+            BLOCK_M=layout.block_m,
+        )
+    if epilogue == _SWIGLU_FORWARD:
+        return out, gate_up
+    if epilogue == _SWIGLU_BACKWARD:
+        return out, weight_grad.sum(1) if scale_rows else None
+    return out

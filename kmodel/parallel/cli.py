@@ -1,0 +1,155 @@
+"""`kmodel launch` and `kmodel plan`: argument parsing; the work is in kmodel.parallel.launch and kmodel.plan."""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+from pathlib import Path
+
+
+def add_commands(sub) -> None:
+    _add_launch(sub)
+    _add_plan(sub)
+
+
+def _add_overrides(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a recipe key, e.g. --set parallel.zero_stage=3 (repeatable)")
+
+
+def _add_launch(sub) -> None:
+    p = sub.add_parser(
+        "launch",
+        help="start (or with --dry-run, print) a multi-process / multi-node training run",
+        description="Build the command that starts parallel.world_size training processes for RECIPE: locally "
+        "(deepspeed --num_gpus N, or torchrun), on several machines through a DeepSpeed hostfile (--hosts or "
+        "--hostfile), or as a SLURM batch job (--slurm, rendered from launch/slurm.sbatch). Every rank runs "
+        "`python -m kmodel.parallel.entry RECIPE --out RUN_DIR --resume`, so a relaunch continues the run.",
+    )
+    p.add_argument("recipe", help="YAML recipe whose parallel: section sets the world size")
+    p.add_argument("--out", required=True, help="run directory (checkpoints, logs, the rendered sbatch script)")
+    p.add_argument("--nodes", type=int, default=1, help="machines to use (default 1)")
+    p.add_argument("--gpus-per-node", type=int,
+                   help="processes per machine (default parallel.world_size / --nodes); nodes x this must equal world_size")
+    p.add_argument("--launcher", choices=("deepspeed", "torchrun"), default="deepspeed",
+                   help="single-machine launcher (default deepspeed)")
+    p.add_argument("--hosts", help="comma-separated host names: writes RUN_DIR/hostfile with `host slots=N` lines")
+    p.add_argument("--hostfile", help="an existing DeepSpeed hostfile (one `host slots=N` line per machine)")
+    p.add_argument("--master-addr", help="rendezvous host for --hosts/--hostfile (default: the first host)")
+    p.add_argument("--master-port", type=int, default=29500, help="rendezvous port (default 29500)")
+    p.add_argument("--slurm", action="store_true", help="write RUN_DIR/launch.sbatch and submit it with sbatch")
+    p.add_argument("--time", default="48:00:00", help="SLURM time limit per allocation (default 48:00:00; requeued after)")
+    p.add_argument("--partition", help="SLURM partition (default: the cluster's default)")
+    p.add_argument("--cpus-per-task", type=int, default=12, help="SLURM CPU cores per rank (default 12)")
+    p.add_argument("--ib-hca", default="mlx5", help="NCCL_IB_HCA: InfiniBand adapters NCCL may use (default mlx5)")
+    p.add_argument("--socket-ifname", default="^lo,docker", help="NCCL_SOCKET_IFNAME for bootstrap (default ^lo,docker)")
+    p.add_argument("--local-staging", default="/local_scratch/kmodel",
+                   help="node-local directory where checkpoints are staged before the copy to RUN_DIR")
+    p.add_argument("--dry-run", action="store_true", help="print what would run (and the sbatch script) without running it")
+    _add_overrides(p)
+    p.set_defaults(func=_run_launch)
+
+
+def _run_launch(args) -> int:
+    from kmodel.config import load_config
+    from kmodel.parallel import launch
+
+    cfg = load_config(args.recipe, args.overrides)
+    nodes, per_node = launch.layout(cfg, args.nodes, args.gpus_per_node)
+    plan = launch.LaunchPlan(nodes, per_node, args.recipe, args.out, list(args.overrides), args.master_port)
+    run_dir = Path(args.out)
+    files: dict[Path, str] = {}
+    if args.slurm:
+        script = launch.slurm_script(plan, cfg, time_limit=args.time, partition=args.partition, ib_hca=args.ib_hca,
+                                     socket_ifname=args.socket_ifname, local_staging=args.local_staging,
+                                     cpus_per_task=args.cpus_per_task)
+        files[run_dir / "launch.sbatch"] = script
+        command = ["sbatch", str(run_dir / "launch.sbatch")]
+    elif args.hosts or args.hostfile:
+        if args.hosts and args.hostfile:
+            raise ValueError("give --hosts or --hostfile, not both")
+        if args.hosts:
+            hosts = [h.strip() for h in args.hosts.split(",")]
+            if len(hosts) != nodes:
+                raise ValueError(f"--hosts names {len(hosts)} machines but --nodes is {nodes}")
+            hostfile = run_dir / "hostfile"
+            files[hostfile] = launch.hostfile_text(hosts, per_node)
+        else:
+            hostfile = Path(args.hostfile)
+            if not hostfile.is_file():
+                raise FileNotFoundError(f"--hostfile {hostfile} does not exist")
+            hosts = [line.split()[0] for line in hostfile.read_text().splitlines() if line.strip() and not line.startswith("#")]
+        command = launch.hostfile_command(plan, str(hostfile), args.master_addr or hosts[0])
+    else:
+        if nodes != 1:
+            raise ValueError(f"--nodes {nodes} needs --hosts, --hostfile or --slurm")
+        command = launch.local_command(plan, args.launcher)
+
+    if args.dry_run:
+        for path, text in files.items():
+            print(f"# would write {path}:\n{text}")
+        print(" ".join(_quote(c) for c in command))
+        return 0
+    run_dir.mkdir(parents=True, exist_ok=True)
+    for path, text in files.items():
+        path.write_text(text, encoding="utf-8")
+    return subprocess.call(command)
+
+
+def _quote(arg: str) -> str:
+    import shlex
+
+    return shlex.quote(arg)
+
+
+def _add_plan(sub) -> None:
+    from kmodel.plan import GPUS
+
+    p = sub.add_parser(
+        "plan",
+        help="say whether a recipe fits a cluster: memory, communication, step time, MFU, days",
+        description="Print, per GPU, parameter / gradient / optimizer-state / activation memory, ZeRO and EP "
+        "all-to-all traffic per step, estimated step time and MFU, tokens per day and days to the token budget, "
+        "for RECIPE on NODES x GPUS_PER_NODE GPUs (the recipe's parallel.world_size is replaced by that product). "
+        "Exits with an error naming what does not fit, and changes that would, when the plan does not fit. "
+        "Formulas and assumptions: docs/parallel.md.",
+    )
+    p.add_argument("recipe", help="YAML recipe")
+    p.add_argument("--nodes", type=int, required=True, help="machines")
+    p.add_argument("--gpus-per-node", type=int, default=8, help="GPUs per machine (default 8)")
+    p.add_argument("--gpu", choices=sorted(GPUS), default="h100-80gb", help="GPU model (default h100-80gb)")
+    p.add_argument("--tokens", type=float,
+                   help="token budget for the days estimate (default train.max_steps x tokens per step)")
+    p.add_argument("--efficiency", type=float, default=0.45,
+                   help="achieved share of peak FLOP/s in the model's kernels (default 0.45)")
+    p.add_argument("--zero-overlap", type=float, default=0.5,
+                   help="share of ZeRO communication hidden behind compute (default 0.5)")
+    p.add_argument("--memory-headroom", type=float, default=0.9,
+                   help="usable share of GPU memory after CUDA context and fragmentation (default 0.9)")
+    _add_overrides(p)
+    p.set_defaults(func=_run_plan)
+
+
+def _run_plan(args) -> int:
+    from kmodel.config import load_config
+    from kmodel.plan import GPUS, Assumptions, Cluster, check_fits, format_plan, make_plan, with_parallel
+
+    for name in ("nodes", "gpus_per_node"):
+        if getattr(args, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    for name in ("efficiency", "zero_overlap", "memory_headroom"):
+        value = getattr(args, name)
+        if not 0 < value <= 1 and not (name == "zero_overlap" and value == 0):
+            raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1], got {value}")
+    cfg = load_config(args.recipe, args.overrides)
+    cluster = Cluster(args.nodes, args.gpus_per_node, GPUS[args.gpu])
+    cfg = with_parallel(cfg, cluster.world_size)
+    assume = Assumptions.for_dtype(
+        "fp32" if cfg.train.dtype == "fp32" else "bf16",
+        kernel_efficiency=args.efficiency, zero_overlap=args.zero_overlap, memory_headroom=args.memory_headroom,
+    )
+    plan = make_plan(cfg, cluster, assume, args.tokens)
+    print(format_plan(plan, cfg))
+    check_fits(plan, cfg)
+    print("fits: yes")
+    return 0

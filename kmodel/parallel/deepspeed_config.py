@@ -1,0 +1,48 @@
+"""The DeepSpeed config a recipe implies: every number comes from the recipe's `train:` and `parallel:`.
+
+DeepSpeed checks train_batch_size == micro x accumulation x data-parallel ranks itself; the recipe
+validator (`kmodel.config.Config`) already refused inconsistent numbers with the key at fault, so the
+dict built here is consistent by construction. Expert parallelism is kmodel's own (kmodel.parallel.
+expert_parallel), so no DeepSpeed MoE section is generated; ZeRO sees expert weights as a separate
+optimizer group reduced over the expert-data-parallel group.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from kmodel.config import Config
+
+
+def uses_bf16(cfg: Config, device_type: str) -> bool:
+    """train.dtype 'auto' means bf16 on CUDA and fp32 elsewhere, as in single-process training."""
+    return cfg.train.dtype == "bf16" or (cfg.train.dtype == "auto" and device_type == "cuda")
+
+
+def deepspeed_config(cfg: Config, device_type: str = "cuda") -> dict[str, Any]:
+    """The `config` argument of deepspeed.initialize for this recipe."""
+    t, p = cfg.train, cfg.parallel
+    zero: dict[str, Any] = {
+        "stage": p.zero_stage,
+        "overlap_comm": device_type == "cuda",
+        "contiguous_gradients": True,
+        "reduce_scatter": True,
+    }
+    if p.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
+    if p.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": device_type == "cuda"}
+    if p.zero_stage == 3:
+        # Gather the whole model's weights into one file at save time: checkpoints stay full tensors.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
+    return {
+        "train_batch_size": t.micro_batch_size * t.grad_accum_steps * p.world_size,
+        "train_micro_batch_size_per_gpu": t.micro_batch_size,
+        "gradient_accumulation_steps": t.grad_accum_steps,
+        "gradient_clipping": t.grad_clip,
+        "bf16": {"enabled": uses_bf16(cfg, device_type)},
+        "zero_optimization": zero,
+        "zero_allow_untested_optimizer": True,  # kmodel builds its own AdamW with dense/expert groups
+        "steps_per_print": 10**9,  # kmodel's trainer logs; DeepSpeed stays quiet
+        "wall_clock_breakdown": False,
+    }

@@ -1,0 +1,110 @@
+"""Launch commands for a recipe: local multi-process, multi-node with a DeepSpeed hostfile, or SLURM.
+
+Every rank runs `python -m kmodel.parallel.entry RECIPE --out RUN_DIR --resume`; the launchers only
+differ in how they start those processes. The recipe's `parallel.world_size` is the number of ranks, so
+nodes x GPUs per node must equal it. The SLURM script is rendered from the readable template
+launch/slurm.sbatch ({{name}} placeholders).
+"""
+
+from __future__ import annotations
+
+import re
+import shlex
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from kmodel.config import Config
+
+TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "launch"
+ENTRY_MODULE = "kmodel.parallel.entry"
+
+
+@dataclass
+class LaunchPlan:
+    nodes: int
+    gpus_per_node: int
+    recipe: str
+    run_dir: str
+    overrides: list[str] = field(default_factory=list)
+    master_port: int = 29500
+
+    def entry_args(self) -> list[str]:
+        args = [self.recipe, "--out", self.run_dir, "--resume"]
+        for assignment in self.overrides:
+            args += ["--set", assignment]
+        return args
+
+
+def layout(cfg: Config, nodes: int, gpus_per_node: int | None) -> tuple[int, int]:
+    """(nodes, GPUs per node) that multiply to the recipe's parallel.world_size."""
+    world = cfg.parallel.world_size
+    if nodes <= 0:
+        raise ValueError(f"--nodes must be positive, got {nodes}")
+    if gpus_per_node is None:
+        if world % nodes:
+            raise ValueError(f"parallel.world_size ({world}) is not divisible by --nodes {nodes}")
+        gpus_per_node = world // nodes
+    if nodes * gpus_per_node != world:
+        raise ValueError(
+            f"--nodes {nodes} x --gpus-per-node {gpus_per_node} = {nodes * gpus_per_node} processes, but the recipe's "
+            f"parallel.world_size is {world}; change one (e.g. --set parallel.world_size={nodes * gpus_per_node})"
+        )
+    if world > 1 and cfg.parallel.backend != "deepspeed":
+        raise ValueError("parallel.backend must be 'deepspeed' to launch more than one process")
+    return nodes, gpus_per_node
+
+
+def local_command(plan: LaunchPlan, launcher: str) -> list[str]:
+    """One machine, `gpus_per_node` processes."""
+    if launcher == "deepspeed":
+        return ["deepspeed", "--num_gpus", str(plan.gpus_per_node), "--master_port", str(plan.master_port),
+                "--module", ENTRY_MODULE, *plan.entry_args()]
+    if launcher == "torchrun":
+        return ["torchrun", "--standalone", "--nproc_per_node", str(plan.gpus_per_node),
+                "-m", ENTRY_MODULE, *plan.entry_args()]
+    raise ValueError(f"unknown launcher {launcher!r}; use deepspeed or torchrun")
+
+
+def hostfile_text(hosts: list[str], slots: int) -> str:
+    for host in hosts:
+        if not host or not re.fullmatch(r"[A-Za-z0-9_.\-]+", host):
+            raise ValueError(f"host name {host!r} is not a valid host name")
+    return "".join(f"{host} slots={slots}\n" for host in hosts)
+
+
+def hostfile_command(plan: LaunchPlan, hostfile: str, master_addr: str) -> list[str]:
+    """Several machines through DeepSpeed's pdsh/ssh runner and a hostfile (`host slots=N` per line)."""
+    return ["deepspeed", "--hostfile", hostfile, "--num_nodes", str(plan.nodes), "--num_gpus", str(plan.gpus_per_node),
+            "--master_addr", master_addr, "--master_port", str(plan.master_port),
+            "--module", ENTRY_MODULE, *plan.entry_args()]
+
+
+def render(template: str, values: dict[str, str]) -> str:
+    """Fill {{name}} placeholders; a placeholder without a value, or a value without a placeholder, is an error."""
+    names = set(re.findall(r"\{\{(\w+)\}\}", template))
+    missing, unused = names - set(values), set(values) - names
+    if missing or unused:
+        raise ValueError(f"template placeholders missing values {sorted(missing)}, values without placeholder {sorted(unused)}")
+    return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], template)
+
+
+def slurm_script(plan: LaunchPlan, cfg: Config, *, time_limit: str, partition: str | None, ib_hca: str,
+                 socket_ifname: str, local_staging: str, cpus_per_task: int) -> str:
+    template = (TEMPLATE_DIR / "slurm.sbatch").read_text(encoding="utf-8")
+    return render(template, {
+        "job_name": cfg.name,
+        "nodes": str(plan.nodes),
+        "gpus_per_node": str(plan.gpus_per_node),
+        "cpus_per_task": str(cpus_per_task),
+        "time_limit": time_limit,
+        "partition_line": f"#SBATCH --partition={partition}" if partition else "",
+        "run_dir": plan.run_dir,
+        "master_port": str(plan.master_port),
+        "ib_hca": ib_hca,
+        "socket_ifname": socket_ifname,
+        "local_staging": local_staging,
+        "python": shlex.quote(sys.executable),
+        "recipe": shlex.quote(plan.recipe),
+        "overrides": " ".join(f"--set {shlex.quote(a)}" for a in plan.overrides),
+    })

@@ -1,0 +1,504 @@
+"""The planner: will a recipe fit on a cluster, and how fast will it train? Config only, no torch.
+
+Everything here is arithmetic on the recipe, written out so it can be checked by hand (docs/parallel.md
+derives each formula). Units: parameters and elements are counts, memory is bytes, time is seconds.
+
+    counts = parameter_counts(cfg.model)                  # dense / routed-expert / active parameters
+    plan = make_plan(cfg, Cluster(nodes=32, gpus_per_node=8, gpu=GPUS["h100-80gb"]))
+    print(format_plan(plan))                               # raises PlanError when it does not fit
+
+Assumptions (each one a field of `Assumptions`, printed with every plan): bf16 weights and gradients with
+fp32 Adam master weights and moments (12 bytes per parameter) under DeepSpeed's mixed precision; fp32
+training keeps 4-byte weights and gradients and 8 bytes of moments. Routing is balanced (every expert
+gets k/E of the tokens). Attention is a fused kernel that stores no score matrix; sliding layers see at
+most `sliding_window` keys, which is counted in the attention FLOPs and in the inference KV cache.
+Communication uses ring collectives on NVLink inside a node and InfiniBand across nodes.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field, replace
+
+from kmodel.config import Config, ModelConfig
+
+GiB = 1024**3
+
+
+class PlanError(ValueError):
+    """A plan that cannot run; the message says what does not fit and what would."""
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    memory_bytes: int
+    peak_tflops: float  # dense bf16 tensor-core peak
+    nvlink_gbps: float  # GB/s one direction per GPU inside a node
+    network_gbps: float  # GB/s per GPU across nodes (one NIC per GPU)
+
+
+GPUS = {
+    "h100-80gb": GPU("h100-80gb", 80 * GiB, 989.0, 450.0, 50.0),  # SXM5, NVLink 4, 8x 400 Gb/s NDR
+    "h200-141gb": GPU("h200-141gb", 141 * GiB, 989.0, 450.0, 50.0),
+    "a100-80gb": GPU("a100-80gb", 80 * GiB, 312.0, 300.0, 25.0),  # SXM4, NVLink 3, 8x 200 Gb/s HDR
+}
+
+
+@dataclass(frozen=True)
+class Cluster:
+    nodes: int
+    gpus_per_node: int = 8
+    gpu: GPU = GPUS["h100-80gb"]
+
+    @property
+    def world_size(self) -> int:
+        return self.nodes * self.gpus_per_node
+
+
+@dataclass(frozen=True)
+class Assumptions:
+    kernel_efficiency: float = 0.45  # achieved share of peak FLOP/s in matmuls and attention
+    zero_overlap: float = 0.5  # share of ZeRO communication hidden behind compute
+    memory_headroom: float = 0.90  # usable share of GPU memory (context, allocator fragmentation)
+    param_bytes: int = 2
+    grad_bytes: int = 2
+    optimizer_bytes: int = 12  # fp32 master + Adam m and v
+
+    @classmethod
+    def for_dtype(cls, dtype: str, **overrides) -> "Assumptions":
+        """Bytes per parameter for the recipe's train.dtype ('fp32' keeps no separate master copy)."""
+        if dtype == "fp32":
+            return cls(param_bytes=4, grad_bytes=4, optimizer_bytes=8, **overrides)
+        return cls(**overrides)
+
+
+# --- parameters -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ParameterCounts:
+    embedding: int  # input embedding (a lookup: no matmul FLOPs unless tied to the head)
+    dense: int  # every parameter that is not a routed expert, embedding included
+    expert: int  # all routed experts of all MoE layers (and the MTP block's)
+    active_expert: int  # routed-expert parameters one token uses: k/E of `expert`
+    matmul_active: int  # parameters one token multiplies with (FLOPs = 2 x this per token, forward)
+
+    @property
+    def total(self) -> int:
+        return self.dense + self.expert
+
+    @property
+    def active(self) -> int:
+        return self.dense + self.active_expert
+
+
+def _norms_per_layer(cfg: ModelConfig) -> int:
+    return {"pre": 2, "post": 2, "sandwich": 4}[cfg.norm_placement]
+
+
+def _attention_params(cfg: ModelConfig) -> int:
+    h, d = cfg.hidden_size, cfg.head_dim
+    q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
+    return h * q + 2 * h * kv + q * h + (2 * d if cfg.qk_norm else 0)
+
+
+def _layer_params(cfg: ModelConfig, sparse: bool) -> tuple[int, int, int]:
+    """(dense, routed expert, active routed expert) parameters of one decoder layer."""
+    h = cfg.hidden_size
+    dense = _attention_params(cfg) + _norms_per_layer(cfg) * h
+    if not sparse:
+        return dense + 3 * h * cfg.intermediate_size, 0, 0
+    im = cfg.moe_intermediate_size
+    dense += cfg.num_experts * h + 3 * h * im * cfg.num_shared_experts  # router + shared experts
+    per_expert = 3 * h * im
+    return dense, cfg.num_experts * per_expert, cfg.num_experts_per_tok * per_expert
+
+
+def parameter_counts(cfg: ModelConfig) -> ParameterCounts:
+    """Exact parameter counts of `kmodel.model.Model(cfg)`."""
+    h, v = cfg.hidden_size, cfg.vocab_size
+    layers = [t == "sparse" for t in cfg.mlp_layer_types]
+    if cfg.num_nextn_predict_layers:
+        layers.append(layers[-1])  # the MTP block copies the last layer's shape
+    dense = expert = active_expert = 0
+    for sparse in layers:
+        d, e, a = _layer_params(cfg, sparse)
+        dense, expert, active_expert = dense + d, expert + e, active_expert + a
+    embedding = v * h
+    head = 0 if cfg.tie_word_embeddings else v * h
+    dense += embedding + head + h  # + final norm
+    if cfg.num_nextn_predict_layers:
+        dense += 2 * h * h + 3 * h  # eh_proj, enorm, hnorm, its final norm
+    matmul = dense - embedding + active_expert
+    if cfg.tie_word_embeddings:
+        matmul += embedding  # the shared matrix is used as the head
+    if cfg.num_nextn_predict_layers:
+        matmul += v * h  # the head runs a second time for the MTP prediction
+    # Norm weights and the router are elementwise or tiny; counting them as matmul changes nothing visible.
+    return ParameterCounts(embedding, dense, expert, active_expert, matmul)
+
+
+def seq_len_of(cfg: Config) -> int:
+    """Training sequence length: data.seq_len, or max_position_embeddings for recipes without data."""
+    return cfg.data.seq_len if cfg.data is not None else cfg.model.max_position_embeddings
+
+
+# --- compute ----------------------------------------------------------------------------------------
+
+
+def mean_keys_seen(seq_len: int, window: int | None) -> float:
+    """Average keys a causal query attends to over positions 0..seq_len-1 (itself included)."""
+    if window is None or window >= seq_len:
+        return (seq_len + 1) / 2
+    # positions < window see i+1 keys, the rest see `window`
+    return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
+
+
+def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Forward FLOPs of QK^T and PV per token, summed over the layers (and the MTP block)."""
+    per_key = 4 * cfg.num_attention_heads * cfg.head_dim  # 2 for QK^T + 2 for PV
+    types = list(cfg.layer_types) + ([cfg.layer_types[-1]] if cfg.num_nextn_predict_layers else [])
+    return sum(
+        per_key * mean_keys_seen(seq_len, cfg.sliding_window if t == "sliding_attention" else None) for t in types
+    )
+
+
+def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
+    """Training FLOPs per token without recomputation: 3 x forward (forward + backward at twice the cost)."""
+    return 3 * (2 * parameter_counts(cfg).matmul_active + attention_flops_per_token(cfg, seq_len))
+
+
+# --- memory -----------------------------------------------------------------------------------------
+
+
+def activation_elements_per_token(cfg: ModelConfig, sparse: bool) -> dict[str, float]:
+    """Elements one decoder layer keeps for backward per token, by part (see docs/parallel.md)."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d
+    attention = 2 * h + qkv * (2 if cfg.qk_norm else 1) + cfg.num_attention_heads * d
+    if not sparse:
+        return {"attention": attention, "mlp": 2 * h + 3 * cfg.intermediate_size}
+    k, im = cfg.num_experts_per_tok, cfg.moe_intermediate_size
+    routed = k * (2 * h + 3 * im)  # permuted copy in, gate/up out, product, expert out
+    shared = 3 * im * cfg.num_shared_experts
+    router = 2 * cfg.num_experts * 2  # fp32 logits and scores, counted in 2-byte units
+    return {"attention": attention, "mlp": 2 * h + routed + shared + router}
+
+
+@dataclass(frozen=True)
+class Memory:
+    """Bytes per GPU."""
+
+    params: float
+    grads: float
+    optimizer: float
+    activations: float
+    cpu_offloaded: float  # bytes moved to host memory by the offload options
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.optimizer + self.activations
+
+
+def activation_bytes(cfg: Config, *, element_bytes: int, fused_loss: bool) -> float:
+    """Activation memory of one micro-batch on one GPU at the peak of backward."""
+    m = cfg.model
+    tokens = cfg.train.micro_batch_size * seq_len_of(cfg)
+    layers = [t == "sparse" for t in m.mlp_layer_types]
+    if m.num_nextn_predict_layers:
+        layers.append(layers[-1])
+    per_layer = [sum(activation_elements_per_token(m, s).values()) for s in layers]
+    if cfg.train.activation_checkpointing:
+        # each layer keeps its input; one layer at a time is recomputed with all its activations
+        kept = len(layers) * m.hidden_size + max(per_layer)
+    else:
+        kept = sum(per_layer)
+    kept += 2 * m.hidden_size  # final norm input and output
+    if m.num_nextn_predict_layers:
+        kept += 5 * m.hidden_size  # hnorm/enorm inputs and outputs, concatenation
+    loss = 0.0 if fused_loss else tokens * m.vocab_size * 4 * (1 + m.num_nextn_predict_layers)  # fp32 logits
+    return tokens * kept * element_bytes + loss
+
+
+def memory_per_gpu(cfg: Config, world: int, assume: Assumptions, *, fused_loss: bool) -> Memory:
+    """ZeRO stage s shards optimizer states (s>=1), gradients (s>=2) and weights (s=3) over the
+    data-parallel group: all ranks for dense parameters, world/EP ranks for each expert shard."""
+    p = cfg.parallel
+    counts = parameter_counts(cfg.model)
+    ep = p.expert_parallel_size
+    dense, expert = counts.dense, counts.expert / ep  # parameters this rank is responsible for
+    edp = world // ep
+
+    def sharded(stage_from: int) -> float:
+        return dense / world + expert / edp if p.zero_stage >= stage_from else dense + expert
+
+    params = sharded(3) * assume.param_bytes
+    grads = sharded(2) * assume.grad_bytes
+    optimizer = sharded(1) * assume.optimizer_bytes
+    offloaded = 0.0
+    if p.offload_optimizer:
+        offloaded += optimizer
+        optimizer = 0.0
+    if p.offload_params:
+        offloaded += params
+        params = 0.0
+    acts = activation_bytes(cfg, element_bytes=assume.param_bytes, fused_loss=fused_loss)
+    return Memory(params, grads, optimizer, acts, offloaded)
+
+
+# --- communication and time -------------------------------------------------------------------------
+
+
+def ring_bytes(payload: float, group: int) -> float:
+    """Bytes each rank sends in a ring reduce-scatter or all-gather of `payload` bytes over `group` ranks."""
+    return payload * (group - 1) / group if group > 1 else 0.0
+
+
+def zero_bytes_per_step(params: float, group: int, stage: int, accum: int, element_bytes: int) -> float:
+    """Bytes each rank sends per optimizer step to keep `params` parameters data-parallel.
+
+    stage 0/1: one all-reduce of the gradients (reduce-scatter + all-gather) per step;
+    stage 2: a reduce-scatter of the gradients every micro-batch, an all-gather of the weights per step;
+    stage 3: weights all-gathered in forward and again in backward, gradients reduce-scattered, every micro-batch.
+    """
+    one = ring_bytes(params * element_bytes, group)
+    if stage <= 1:
+        return 2 * one
+    if stage == 2:
+        return accum * one + one
+    return 3 * accum * one
+
+
+def all_to_all_bytes_per_step(cfg: Config, element_bytes: int) -> float:
+    """Bytes each rank sends in EP all-to-alls per step: per MoE layer and micro-batch, dispatch and combine
+    in forward and again in backward (x 1.5 with activation recomputation), k copies of each token."""
+    m, p = cfg.model, cfg.parallel
+    ep = p.expert_parallel_size
+    if ep == 1:
+        return 0.0
+    moe_layers = m.mlp_layer_types.count("sparse") + (
+        1 if m.num_nextn_predict_layers and m.mlp_layer_types[-1] == "sparse" else 0
+    )
+    tokens = cfg.train.micro_batch_size * seq_len_of(cfg)
+    per_exchange = tokens * m.num_experts_per_tok * m.hidden_size * element_bytes * (ep - 1) / ep
+    exchanges = 4 * (1.5 if cfg.train.activation_checkpointing else 1)
+    return per_exchange * exchanges * moe_layers * cfg.train.grad_accum_steps
+
+
+@dataclass(frozen=True)
+class Plan:
+    cluster: Cluster
+    assumptions: Assumptions
+    counts: ParameterCounts
+    memory: Memory
+    usable_bytes: float
+    zero_dense_bytes: float
+    zero_expert_bytes: float
+    all_to_all_bytes: float
+    global_batch: int
+    tokens_per_step: int
+    compute_s: float
+    comm_s: float
+    step_s: float
+    mfu: float
+    tokens_per_day: float
+    token_budget: float
+    kv_cache_bytes_per_seq: float
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.memory.total <= self.usable_bytes
+
+    @property
+    def days(self) -> float:
+        return self.token_budget / self.tokens_per_day
+
+
+def kv_cache_bytes(cfg: ModelConfig, context: int, element_bytes: int = 2) -> float:
+    """Inference KV cache of one sequence of `context` tokens: sliding layers keep `sliding_window` keys."""
+    per_position = 2 * cfg.num_key_value_heads * cfg.head_dim * element_bytes
+    kept = [
+        min(context, cfg.sliding_window) if t == "sliding_attention" else context for t in cfg.layer_types
+    ]
+    return per_position * sum(kept)
+
+
+def _bandwidth(group: int, contiguous: bool, cluster: Cluster) -> float:
+    """Bytes/s per GPU for a collective over `group` ranks: NVLink if the group stays inside one node.
+    Expert-parallel groups are consecutive ranks; data-parallel groups stride across them."""
+    inside = group <= cluster.gpus_per_node if contiguous else cluster.world_size <= cluster.gpus_per_node
+    return (cluster.gpu.nvlink_gbps if inside else cluster.gpu.network_gbps) * 1e9
+
+
+def make_plan(cfg: Config, cluster: Cluster, assume: Assumptions | None = None, token_budget: float | None = None) -> Plan:
+    """The per-GPU memory, communication and time of running `cfg` on `cluster` (does not raise on misfit;
+    `check_fits` does)."""
+    p, t, m = cfg.parallel, cfg.train, cfg.model
+    world = cluster.world_size
+    _check_layout(cfg, world)
+    if assume is None:
+        assume = Assumptions.for_dtype("fp32" if t.dtype == "fp32" else "bf16")
+    counts = parameter_counts(m)
+    fused_loss = cfg.kernels.loss != "torch"
+    memory = memory_per_gpu(cfg, world, assume, fused_loss=fused_loss)
+    ep = p.expert_parallel_size
+    seq = seq_len_of(cfg)
+    tokens_per_gpu = t.micro_batch_size * t.grad_accum_steps * seq
+    tokens_per_step = tokens_per_gpu * world
+
+    flops = model_flops_per_token(m, seq)
+    hardware_flops = flops * (4 / 3 if t.activation_checkpointing else 1)  # recompute = one more forward
+    compute_s = tokens_per_gpu * hardware_flops / (cluster.gpu.peak_tflops * 1e12 * assume.kernel_efficiency)
+
+    dense_bytes = zero_bytes_per_step(counts.dense, world, p.zero_stage, t.grad_accum_steps, assume.grad_bytes)
+    expert_bytes = zero_bytes_per_step(
+        counts.expert / ep, world // ep, p.zero_stage, t.grad_accum_steps, assume.grad_bytes
+    )
+    a2a_bytes = all_to_all_bytes_per_step(cfg, assume.param_bytes)
+    zero_s = dense_bytes / _bandwidth(world, False, cluster) + expert_bytes / _bandwidth(world // ep, False, cluster)
+    a2a_s = a2a_bytes / _bandwidth(ep, True, cluster)
+    comm_s = zero_s * (1 - assume.zero_overlap) + a2a_s  # all-to-all sits on the critical path
+    step_s = compute_s + comm_s
+    mfu = tokens_per_gpu * flops / step_s / (cluster.gpu.peak_tflops * 1e12)
+    tokens_per_day = tokens_per_step / step_s * 86400
+    budget = token_budget if token_budget is not None else float(t.max_steps * tokens_per_step)
+    return Plan(
+        cluster=cluster,
+        assumptions=assume,
+        counts=counts,
+        memory=memory,
+        usable_bytes=cluster.gpu.memory_bytes * assume.memory_headroom,
+        zero_dense_bytes=dense_bytes,
+        zero_expert_bytes=expert_bytes,
+        all_to_all_bytes=a2a_bytes,
+        global_batch=t.micro_batch_size * t.grad_accum_steps * world,
+        tokens_per_step=tokens_per_step,
+        compute_s=compute_s,
+        comm_s=comm_s,
+        step_s=step_s,
+        mfu=mfu,
+        tokens_per_day=tokens_per_day,
+        token_budget=budget,
+        kv_cache_bytes_per_seq=kv_cache_bytes(m, m.max_position_embeddings),
+    )
+
+
+def _check_layout(cfg: Config, world: int) -> None:
+    ep = cfg.parallel.expert_parallel_size
+    if world % ep:
+        raise PlanError(f"parallel.expert_parallel_size ({ep}) does not divide the {world} GPUs")
+    if cfg.model.num_experts and cfg.model.num_experts % ep:
+        raise PlanError(f"parallel.expert_parallel_size ({ep}) does not divide model.num_experts ({cfg.model.num_experts})")
+
+
+def with_parallel(cfg: Config, world: int, **changes) -> Config:
+    """A copy of `cfg` for `world` GPUs with some `parallel:` / `train:` keys changed (for what-if plans)."""
+    parallel_keys = type(cfg.parallel).model_fields
+    parallel = cfg.parallel.model_copy(
+        update={"world_size": world, **{k: v for k, v in changes.items() if k in parallel_keys}}
+    )
+    train = cfg.train.model_copy(update={k: v for k, v in changes.items() if k not in parallel_keys})
+    return cfg.model_copy(update={"parallel": parallel, "train": train})
+
+
+def _ep_choices(num_experts: int, world: int) -> list[int]:
+    """Expert-parallel sizes that divide both the experts and the GPUs."""
+    return [ep for ep in range(2, world + 1) if num_experts and num_experts % ep == 0 and world % ep == 0]
+
+
+def suggestions(cfg: Config, cluster: Cluster, assume: Assumptions | None) -> list[str]:
+    """Changes that make a misfitting plan fit, each verified by planning it."""
+    world, p, m = cluster.world_size, cfg.parallel, cfg.model
+    tries: list[tuple[str, dict, Cluster]] = []
+    if p.zero_stage < 3 and p.expert_parallel_size == 1:
+        tries.append(("parallel.zero_stage=3", {"zero_stage": 3}, cluster))
+    elif p.zero_stage < 2:
+        tries.append(("parallel.zero_stage=2", {"zero_stage": 2}, cluster))
+    for ep in _ep_choices(m.num_experts, world):
+        if ep > p.expert_parallel_size:
+            tries.append((f"parallel.expert_parallel_size={ep}", {"expert_parallel_size": ep, "zero_stage": min(p.zero_stage, 2)}, cluster))
+    if not cfg.train.activation_checkpointing:
+        tries.append(("train.activation_checkpointing=true", {"activation_checkpointing": True}, cluster))
+    if cfg.train.micro_batch_size > 1:
+        tries.append(("train.micro_batch_size=1", {"micro_batch_size": 1}, cluster))
+    if not p.offload_optimizer and p.zero_stage >= 1:
+        tries.append(("parallel.offload_optimizer=true", {"offload_optimizer": True}, cluster))
+    found = []
+    for label, change, target in tries:
+        try:
+            if make_plan(with_parallel(cfg, target.world_size, **change), target, assume).fits:
+                found.append(label)
+        except PlanError:
+            continue
+    nodes = cluster.nodes
+    while nodes < 4096 and not found:
+        nodes *= 2
+        bigger = replace(cluster, nodes=nodes)
+        for ep in [p.expert_parallel_size] + [e for e in _ep_choices(m.num_experts, bigger.world_size) if e > p.expert_parallel_size]:
+            change = {"expert_parallel_size": ep, "zero_stage": p.zero_stage if ep == p.expert_parallel_size else min(p.zero_stage, 2)}
+            try:
+                if make_plan(with_parallel(cfg, bigger.world_size, **change), bigger, assume).fits:
+                    found.append(f"--nodes {nodes} with parallel.expert_parallel_size={ep}")
+                    break
+            except PlanError:
+                continue
+    return found
+
+
+def check_fits(plan: Plan, cfg: Config) -> None:
+    if plan.fits:
+        return
+    mem, gib = plan.memory, GiB
+    parts = {"parameters": mem.params, "gradients": mem.grads, "optimizer states": mem.optimizer, "activations": mem.activations}
+    largest = max(parts, key=parts.get)
+    fixes = suggestions(cfg, plan.cluster, plan.assumptions)
+    hint = ("; these changes would fit: " + ", ".join(fixes)) if fixes else "; no single change fits: add nodes and raise EP together"
+    raise PlanError(
+        f"{cfg.name} does not fit on {plan.cluster.nodes} node(s) x {plan.cluster.gpus_per_node} {plan.cluster.gpu.name}: "
+        f"{mem.total / gib:.1f} GiB per GPU needed, {plan.usable_bytes / gib:.1f} GiB usable "
+        f"(largest: {largest} {parts[largest] / gib:.1f} GiB){hint}"
+    )
+
+
+def _count(n: float) -> str:
+    return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
+
+
+def format_plan(plan: Plan, cfg: Config) -> str:
+    c, mem, a, g = plan.counts, plan.memory, plan.assumptions, GiB
+    p = cfg.parallel
+    lines = [
+        f"plan: {cfg.name} on {plan.cluster.nodes} node(s) x {plan.cluster.gpus_per_node} {plan.cluster.gpu.name} "
+        f"= {plan.cluster.world_size} GPUs; ZeRO-{p.zero_stage}, EP {p.expert_parallel_size}, "
+        f"data-parallel {plan.cluster.world_size}, expert-data-parallel {plan.cluster.world_size // p.expert_parallel_size}",
+        f"parameters: total {_count(c.total)} (dense {_count(c.dense)}, routed experts {_count(c.expert)}), "
+        f"active per token {_count(c.active)}",
+        f"global batch {plan.global_batch} sequences = {plan.tokens_per_step:,} tokens per step",
+        "memory per GPU:",
+        f"  parameters        {mem.params / g:9.2f} GiB",
+        f"  gradients         {mem.grads / g:9.2f} GiB",
+        f"  optimizer states  {mem.optimizer / g:9.2f} GiB",
+        f"  activations       {mem.activations / g:9.2f} GiB"
+        f"  (micro-batch {cfg.train.micro_batch_size} x {seq_len_of(cfg)}, checkpointing "
+        f"{'on' if cfg.train.activation_checkpointing else 'off'})",
+        f"  total             {mem.total / g:9.2f} GiB of {plan.usable_bytes / g:.2f} usable"
+        + (f"; {mem.cpu_offloaded / g:.2f} GiB offloaded to CPU" if mem.cpu_offloaded else ""),
+        f"  inference KV cache per {cfg.model.max_position_embeddings}-token sequence: "
+        f"{plan.kv_cache_bytes_per_seq / g:.3f} GiB (sliding layers keep {cfg.model.sliding_window} keys)",
+        "communication per GPU per step:",
+        f"  ZeRO dense        {plan.zero_dense_bytes / g:9.2f} GiB",
+        f"  ZeRO experts      {plan.zero_expert_bytes / g:9.2f} GiB",
+        f"  EP all-to-all     {plan.all_to_all_bytes / g:9.2f} GiB",
+        f"time: compute {plan.compute_s:.3f} s + exposed communication {plan.comm_s:.3f} s = step {plan.step_s:.3f} s; "
+        f"MFU {plan.mfu * 100:.1f}%",
+        f"throughput: {plan.tokens_per_day / 1e9:.2f} B tokens/day; {plan.token_budget / 1e12:.3f} T tokens in "
+        f"{plan.days:.1f} days",
+        f"assumptions: peak {plan.cluster.gpu.peak_tflops:.0f} TFLOP/s bf16, kernel efficiency {a.kernel_efficiency:.2f}, "
+        f"NVLink {plan.cluster.gpu.nvlink_gbps:.0f} GB/s, network {plan.cluster.gpu.network_gbps:.0f} GB/s per GPU, "
+        f"{a.zero_overlap:.0%} of ZeRO traffic overlapped, all-to-all not overlapped, balanced routing, "
+        f"{a.param_bytes}/{a.grad_bytes}/{a.optimizer_bytes} bytes per parameter for weights/grads/optimizer, "
+        f"{a.memory_headroom:.0%} of GPU memory usable",
+    ]
+    return "\n".join(lines)

@@ -1,0 +1,530 @@
+"""The run ledger: an append-only, hash-chained record of how a model was trained.
+
+`DIR/ledger.jsonl` holds one JSON record per line. Every record carries `prev_hash`, the hash of the
+record before it (64 zeros for the first), and its own `hash`: the sha256 of the record's canonical JSON
+(sorted keys, no spaces, UTF-8) without the `hash` field. Editing, removing, reordering or inserting any
+record therefore breaks the chain at that point.
+
+    genesis      code commit + hash of uncommitted changes, resolved config (and its hash), environment,
+                 tokenizer fingerprint, data manifest, seed, hash of the seed-derived initial weights
+    checkpoint   step, digest of every micro-batch's token ids since the previous record, loss, lr,
+                 grad norm, sha256 of the checkpoint's model / state / manifest files, and separate hashes
+                 of the optimizer and RNG state read back from state.pt
+    resume       a training run picked the ledger up again (code and environment at that moment)
+
+Each record is flushed and fsynced before the call returns. The head can be signed with an ed25519 key
+(`sign_ledger`), offline; the signature lives next to the ledger in `ledger.sig.json`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import importlib.metadata
+import json
+import math
+import os
+import platform
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kmodel.checkpoint import MANIFEST_FILE, MODEL_FILE, STATE_FILE, CheckpointError, read_state, sha256_file
+
+LEDGER_FILE = "ledger.jsonl"
+SIGNATURE_FILE = "ledger.sig.json"
+GENESIS_PREV_HASH = "0" * 64
+RECORD_KINDS = ("genesis", "checkpoint", "resume")
+# Source folders whose uncommitted changes alter what a run executes (kmodel, kmodel.kernels, kmodel.tokenizer).
+SOURCE_DIRS = ("kmodel", "kernels", "tokenizer")
+# Prefixes that wrappers (DDP, torch.compile) put in front of parameter names.
+WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+class LedgerError(RuntimeError):
+    """A ledger that is missing, malformed, or whose hash chain is broken."""
+
+
+# --- hashing ------------------------------------------------------------------------------------------
+
+
+def canonical_json(record: dict[str, Any]) -> bytes:
+    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
+
+
+def record_hash(record: dict[str, Any]) -> str:
+    """sha256 of a record's canonical JSON, its own `hash` field left out."""
+    return hashlib.sha256(canonical_json({k: v for k, v in record.items() if k != "hash"})).hexdigest()
+
+
+def _tensor_bytes(tensor: torch.Tensor) -> bytes:
+    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+    return flat.view(torch.uint8).numpy().tobytes()
+
+
+def _update_with_tensor(digest, tensor: torch.Tensor) -> None:
+    digest.update(f"tensor:{tensor.dtype}:{tuple(tensor.shape)}:".encode())
+    digest.update(_tensor_bytes(tensor))
+
+
+def _strip_wrapper_prefix(name: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in WRAPPER_PREFIXES:
+            if name.startswith(prefix):
+                name, changed = name[len(prefix):], True
+    return name
+
+
+def weights_sha256(model_or_state: torch.nn.Module | dict[str, torch.Tensor]) -> str:
+    """Hash of a model's state (names, dtypes, shapes, raw bytes, in name order), independent of the device
+    it lives on and of DDP / torch.compile name prefixes."""
+    state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
+    named = sorted((_strip_wrapper_prefix(name), tensor) for name, tensor in state.items())
+    digest = hashlib.sha256()
+    for name, tensor in named:
+        digest.update(name.encode() + b"\0")
+        _update_with_tensor(digest, tensor)
+    return digest.hexdigest()
+
+
+def object_sha256(value: Any) -> str:
+    """Hash of a nested structure of dicts, lists, tensors and scalars (what state.pt holds)."""
+    digest = hashlib.sha256()
+    _update_with_object(digest, value, "")
+    return digest.hexdigest()
+
+
+def _update_with_object(digest, value: Any, where: str) -> None:
+    if isinstance(value, torch.Tensor):
+        _update_with_tensor(digest, value)
+    elif isinstance(value, dict):
+        digest.update(f"dict:{len(value)}:".encode())
+        for key in sorted(value, key=repr):
+            digest.update(f"key:{key!r}:".encode())
+            _update_with_object(digest, value[key], f"{where}.{key}")
+    elif isinstance(value, (list, tuple)):
+        digest.update(f"{type(value).__name__}:{len(value)}:".encode())
+        for i, item in enumerate(value):
+            _update_with_object(digest, item, f"{where}[{i}]")
+    elif value is None or isinstance(value, (bool, int, float, str, bytes)):
+        digest.update(f"{type(value).__name__}:{value!r}:".encode())
+    else:
+        raise LedgerError(f"cannot hash {type(value).__name__} at state{where}; state.pt must hold tensors and plain containers")
+
+
+def _finite_or_text(value: Any) -> float | str | None:
+    """A JSON-safe number: NaN and infinities (a diverged step) are written as text."""
+    if value is None:
+        return None
+    number = float(value.item() if isinstance(value, torch.Tensor) else value)
+    return number if math.isfinite(number) else repr(number)
+
+
+# --- code and environment -----------------------------------------------------------------------------
+
+
+def source_root() -> Path:
+    """The directory holding the kmodel source tree (a git checkout when installed editable)."""
+    import kmodel
+
+    return Path(kmodel.__file__).resolve().parent.parent
+
+
+def _git(root: Path, *args: str) -> bytes | None:
+    try:
+        result = subprocess.run(["git", "-C", str(root), *args], capture_output=True, timeout=60, check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return result.stdout if result.returncode == 0 else None
+
+
+def code_state(root: Path | None = None) -> dict[str, Any]:
+    """The commit the source tree is at, and a hash of everything that differs from it: the tracked diff
+    against HEAD plus untracked files in the source folders."""
+    root = source_root() if root is None else root
+    commit = _git(root, "rev-parse", "HEAD")
+    if commit is None:
+        return {"commit": None, "dirty": None, "diff_sha256": None, "reason": f"{root} is not a git checkout"}
+    diff = _git(root, "diff", "HEAD", "--binary", "--", *SOURCE_DIRS) or b""
+    untracked_list = _git(root, "ls-files", "--others", "--exclude-standard", "-z", "--", *SOURCE_DIRS) or b""
+    untracked = sorted(p for p in untracked_list.decode().split("\0") if p)
+    digest = hashlib.sha256(diff)
+    for rel in untracked:
+        digest.update(b"\0untracked:" + rel.encode() + b"\0")
+        digest.update(sha256_file(root / rel).encode())
+    dirty = bool(diff) or bool(untracked)
+    return {
+        "commit": commit.decode().strip(),
+        "dirty": dirty,
+        "diff_sha256": digest.hexdigest() if dirty else None,
+        "untracked_files": len(untracked),
+    }
+
+
+def _package_version(name: str) -> str | None:
+    try:
+        return importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def environment(device: torch.device | str | None = None) -> dict[str, Any]:
+    """Versions, device and the switches that decide whether training is bit-reproducible."""
+    device = torch.device(device) if device is not None else None
+    if device is not None and device.type == "cuda":
+        device_name = torch.cuda.get_device_name(device)
+    else:
+        device_name = platform.processor() or platform.machine()
+    return {
+        "python": sys.version.split()[0],
+        "platform": platform.platform(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _package_version("triton"),
+        "deepspeed": _package_version("deepspeed"),
+        "numpy": _package_version("numpy"),
+        "kmodel": _package_version("kmodel"),
+        "device": None if device is None else str(device),
+        "device_name": device_name,
+        "torch_threads": torch.get_num_threads(),
+        "deterministic_algorithms": torch.are_deterministic_algorithms_enabled(),
+        "cudnn_deterministic": torch.backends.cudnn.deterministic,
+        "cudnn_benchmark": torch.backends.cudnn.benchmark,
+        "cublas_workspace_config": os.environ.get("CUBLAS_WORKSPACE_CONFIG"),
+    }
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+# --- checkpoint hashes ----------------------------------------------------------------------------------
+
+
+def checkpoint_hashes(checkpoint_dir: Path) -> dict[str, Any]:
+    """What a checkpoint record pins: file hashes from manifest.json, and per-part hashes of state.pt
+    (optimizer, rng, scheduler, data position ... each top-level entry separately)."""
+    manifest_path = checkpoint_dir / MANIFEST_FILE
+    if not manifest_path.is_file():
+        raise LedgerError(f"checkpoint {checkpoint_dir} has no {MANIFEST_FILE}; write the checkpoint before recording it")
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    if MODEL_FILE not in manifest:
+        raise LedgerError(f"checkpoint {checkpoint_dir}: {MANIFEST_FILE} does not list {MODEL_FILE}")
+    state_parts: dict[str, str] = {}
+    if STATE_FILE in manifest:
+        try:
+            state = read_state(checkpoint_dir)
+        except CheckpointError as error:
+            raise LedgerError(str(error)) from None
+        if isinstance(state, dict):
+            state_parts = {str(key): object_sha256(value) for key, value in state.items()}
+        else:
+            state_parts = {"state": object_sha256(state)}
+    return {
+        "model_sha256": manifest[MODEL_FILE],
+        "state_sha256": manifest.get(STATE_FILE),
+        "manifest_sha256": sha256_file(manifest_path),
+        "optimizer_sha256": state_parts.get("optimizer"),
+        "rng_sha256": state_parts.get("rng"),
+        "state_parts": state_parts,
+    }
+
+
+# --- reading and checking -------------------------------------------------------------------------------
+
+
+def read_records(path: str | Path) -> tuple[list[dict[str, Any]], int]:
+    """Records of a ledger file and the number of bytes of a torn final line (a crash mid-write), which
+    are not part of any record. Anything else that is not a JSON object per line is an error."""
+    path = Path(path)
+    if path.is_dir():
+        path = path / LEDGER_FILE
+    if not path.is_file():
+        raise LedgerError(f"no ledger at {path}")
+    data = path.read_bytes()
+    lines = data.split(b"\n")
+    torn = 0
+    if lines and lines[-1] == b"":
+        lines.pop()
+    elif lines:
+        # the last line has no newline: the write of that record never completed
+        try:
+            json.loads(lines[-1])
+        except ValueError:
+            torn = len(lines.pop())
+    records = []
+    for number, line in enumerate(lines, start=1):
+        try:
+            record = json.loads(line)
+        except ValueError as error:
+            raise LedgerError(f"{path}: line {number} is not valid JSON ({error})") from None
+        if not isinstance(record, dict):
+            raise LedgerError(f"{path}: line {number} is not a JSON object")
+        records.append(record)
+    return records, torn
+
+
+def chain_problems(records: list[dict[str, Any]]) -> list[str]:
+    """Every way the records fail to form one unbroken chain, each naming the record at fault."""
+    problems = []
+    if not records:
+        return ["the ledger has no records"]
+    if records[0].get("kind") != "genesis":
+        problems.append(f"record 0 is {records[0].get('kind')!r}, not the genesis record")
+    previous_hash, previous_step = GENESIS_PREV_HASH, -1
+    for position, record in enumerate(records):
+        label = f"record {position} ({record.get('kind')}, step {record.get('step')})"
+        if record.get("index") != position:
+            problems.append(f"{label}: index is {record.get('index')}, expected {position} (records removed or reordered)")
+        if record.get("kind") not in RECORD_KINDS:
+            problems.append(f"{label}: unknown kind {record.get('kind')!r}")
+        if position > 0 and record.get("kind") == "genesis":
+            problems.append(f"{label}: a second genesis record")
+        if record.get("prev_hash") != previous_hash:
+            problems.append(f"{label}: prev_hash does not match the hash of the record before it")
+        actual = record_hash(record)
+        if record.get("hash") != actual:
+            problems.append(f"{label}: its content does not match its hash (the record was edited)")
+        if record.get("kind") == "checkpoint":
+            step = record.get("step")
+            if not isinstance(step, int) or step <= previous_step:
+                problems.append(f"{label}: step {step} does not increase over the previous checkpoint ({previous_step})")
+            else:
+                previous_step = step
+        # chain on the hash the record claims, so one edit is reported once, not at every later record
+        previous_hash = record.get("hash")
+    return problems
+
+
+def load_chain(run_dir: str | Path) -> list[dict[str, Any]]:
+    """The records of `run_dir/ledger.jsonl`, after checking that the chain is intact."""
+    records, torn = read_records(Path(run_dir) / LEDGER_FILE)
+    problems = chain_problems(records)
+    if problems:
+        raise LedgerError(f"ledger {Path(run_dir) / LEDGER_FILE} is broken: " + "; ".join(problems))
+    return records
+
+
+def checkpoint_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [r for r in records if r.get("kind") == "checkpoint"]
+
+
+# --- the ledger a training run writes ----------------------------------------------------------------
+
+
+class Ledger:
+    """Writer side of `run_dir/ledger.jsonl`; `create` starts a run, `open` resumes one."""
+
+    def __init__(self, run_dir: Path, head: dict[str, Any]):
+        self.run_dir = run_dir
+        self.path = run_dir / LEDGER_FILE
+        self.head = head
+        self._reset_batch_digest()
+
+    @classmethod
+    def create(cls, run_dir: str | Path, cfg, model: torch.nn.Module, tokenizer: Any | None, data_manifest: Any) -> "Ledger":
+        """Start the ledger of a fresh run; `model` must still hold its seed-derived initial weights."""
+        run_dir = Path(run_dir)
+        path = run_dir / LEDGER_FILE
+        if path.exists():
+            raise LedgerError(f"{path} already exists; a resumed run uses Ledger.open, a fresh run needs an empty run directory")
+        run_dir.mkdir(parents=True, exist_ok=True)
+        device = next(iter(model.parameters())).device if any(True for _ in model.parameters()) else None
+        genesis = {
+            "kind": "genesis",
+            "index": 0,
+            "prev_hash": GENESIS_PREV_HASH,
+            "time": _now(),
+            "run": cfg.name,
+            "code": code_state(),
+            "config_sha256": cfg.fingerprint(),
+            "config": cfg.to_dict(),
+            "environment": environment(device),
+            "tokenizer_sha256": tokenizer.fingerprint() if tokenizer is not None else None,
+            "data_manifest": data_manifest,
+            "seed": cfg.seed,
+            "init_weights_sha256": weights_sha256(model),
+        }
+        genesis["hash"] = record_hash(genesis)
+        _append_line(path, genesis)
+        return cls(run_dir, genesis)
+
+    @classmethod
+    def open(cls, run_dir: str | Path) -> "Ledger":
+        """Resume appending to an existing ledger: the chain is checked first, a torn final line left by a
+        crash is cut off, and a `resume` record notes the code and environment now running."""
+        run_dir = Path(run_dir)
+        path = run_dir / LEDGER_FILE
+        records, torn = read_records(path)
+        problems = chain_problems(records)
+        if problems:
+            raise LedgerError(f"cannot resume: ledger {path} is broken: " + "; ".join(problems))
+        if torn:
+            with open(path, "r+b") as f:
+                f.truncate(path.stat().st_size - torn)
+                os.fsync(f.fileno())
+        ledger = cls(run_dir, records[-1])
+        last = checkpoint_records(records)
+        ledger._append({
+            "kind": "resume",
+            "time": _now(),
+            "last_recorded_step": last[-1]["step"] if last else None,
+            "discarded_torn_bytes": torn,
+            "code": code_state(),
+            "environment": environment(),
+        })
+        return ledger
+
+    def _reset_batch_digest(self) -> None:
+        self._batch_digest = hashlib.sha256()
+        self._batches = 0
+        self._tokens = 0
+
+    def observe_batch(self, input_ids: torch.Tensor) -> None:
+        """Fold one micro-batch's token ids (any integer tensor or array) into the running batch digest."""
+        ids = torch.as_tensor(input_ids).detach().to("cpu", torch.int64).contiguous()
+        self._batch_digest.update(batch_header(ids))
+        self._batch_digest.update(ids.reshape(-1).numpy().tobytes())
+        self._batches += 1
+        self._tokens += ids.numel()
+
+    def record_checkpoint(self, *, step: int, loss: Any, lr: Any, grad_norm: Any, checkpoint_dir: str | Path) -> dict[str, Any]:
+        """Append the record of a checkpoint just written, and start a new batch digest."""
+        checkpoint_dir = Path(checkpoint_dir)
+        try:
+            location = str(checkpoint_dir.resolve().relative_to(self.run_dir.resolve()))
+        except ValueError:
+            location = str(checkpoint_dir.resolve())
+        record = {
+            "kind": "checkpoint",
+            "time": _now(),
+            "step": int(step),
+            "batches": self._batches,
+            "tokens": self._tokens,
+            "batch_digest": self._batch_digest.hexdigest(),
+            "loss": _finite_or_text(loss),
+            "lr": _finite_or_text(lr),
+            "grad_norm": _finite_or_text(grad_norm),
+            "checkpoint": location,
+            **checkpoint_hashes(checkpoint_dir),
+        }
+        self._append(record)
+        self._reset_batch_digest()
+        return self.head
+
+    def _append(self, fields: dict[str, Any]) -> None:
+        record = {"index": self.head["index"] + 1, "prev_hash": self.head["hash"], **fields}
+        record["hash"] = record_hash(record)
+        _append_line(self.path, record)
+        self.head = record
+
+
+def batch_header(ids: torch.Tensor) -> bytes:
+    """Shape prefix of a micro-batch in the batch digest, so (2, 8) and (4, 4) batches of the same ids differ."""
+    return f"batch:{tuple(ids.shape)}:".encode()
+
+
+def batch_digest(batches) -> str:
+    """The digest `Ledger.observe_batch` builds, for a sequence of micro-batches (replay uses it)."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        ids = torch.as_tensor(batch).detach().to("cpu", torch.int64).contiguous()
+        digest.update(batch_header(ids))
+        digest.update(ids.reshape(-1).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    line = canonical_json(record) + b"\n"
+    with open(path, "ab") as f:
+        f.write(line)
+        f.flush()
+        os.fsync(f.fileno())
+
+
+# --- signing the head ---------------------------------------------------------------------------------
+
+
+def _signing_message(head_hash: str, index: int) -> bytes:
+    return f"kmodel-ledger-head:{index}:{head_hash}".encode()
+
+
+def _ed25519():
+    try:
+        from cryptography.hazmat.primitives import serialization
+        from cryptography.hazmat.primitives.asymmetric import ed25519
+    except ImportError:
+        raise LedgerError("ledger signing needs the `cryptography` package (pip install cryptography)") from None
+    return ed25519, serialization
+
+
+def generate_key(path: str | Path) -> str:
+    """Write a new ed25519 private key (PEM, owner-readable only); returns the public key as hex."""
+    ed25519, serialization = _ed25519()
+    path = Path(path)
+    if path.exists():
+        raise LedgerError(f"key file {path} already exists; refusing to overwrite a key")
+    key = ed25519.Ed25519PrivateKey.generate()
+    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(pem)
+    return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
+
+
+def sign_ledger(run_dir: str | Path, key_path: str | Path) -> dict[str, Any]:
+    """Sign the current head of the ledger with an ed25519 private key (PEM) and write ledger.sig.json."""
+    ed25519, serialization = _ed25519()
+    run_dir = Path(run_dir)
+    head = load_chain(run_dir)[-1]
+    try:
+        key = serialization.load_pem_private_key(Path(key_path).read_bytes(), password=None)
+    except (OSError, ValueError, TypeError) as error:
+        raise LedgerError(f"cannot read the signing key {key_path}: {error}") from None
+    if not isinstance(key, ed25519.Ed25519PrivateKey):
+        raise LedgerError(f"signing key {key_path} is not an ed25519 private key")
+    signature = {
+        "algorithm": "ed25519",
+        "index": head["index"],
+        "head_hash": head["hash"],
+        "public_key": key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex(),
+        "signature": key.sign(_signing_message(head["hash"], head["index"])).hex(),
+        "time": _now(),
+    }
+    path = run_dir / SIGNATURE_FILE
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(signature, indent=1), encoding="utf-8")
+    os.replace(tmp, path)
+    return signature
+
+
+def check_signature(run_dir: str | Path, records: list[dict[str, Any]], public_key: str | None = None) -> tuple[bool, str]:
+    """Whether ledger.sig.json is a valid signature of one record of this chain (the head when it was
+    signed). `public_key` (hex) pins whose key must have signed; without it the embedded key is used."""
+    ed25519, _ = _ed25519()
+    path = Path(run_dir) / SIGNATURE_FILE
+    try:
+        signature = json.loads(path.read_text(encoding="utf-8"))
+        index, head_hash = int(signature["index"]), signature["head_hash"]
+        key_hex = public_key or signature["public_key"]
+        key = ed25519.Ed25519PublicKey.from_public_bytes(bytes.fromhex(key_hex))
+        raw = bytes.fromhex(signature["signature"])
+    except (OSError, ValueError, KeyError, TypeError) as error:
+        return False, f"{SIGNATURE_FILE} is unreadable: {error}"
+    if public_key is not None and signature.get("public_key") != public_key:
+        return False, f"signed by key {signature.get('public_key')}, not the expected {public_key}"
+    if not 0 <= index < len(records) or records[index].get("hash") != head_hash:
+        return False, f"the signed head (record {index}, {head_hash[:12]}...) is not a record of this ledger"
+    from cryptography.exceptions import InvalidSignature
+
+    try:
+        key.verify(raw, _signing_message(head_hash, index))
+    except InvalidSignature:
+        return False, "the signature does not verify with the public key"
+    covered = "all records" if index == len(records) - 1 else f"records 0..{index} of {len(records)}"
+    return True, f"ed25519 signature by {key_hex[:16]}... covers {covered}"
