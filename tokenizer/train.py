@@ -41,7 +41,7 @@ from .tokenizer import HF_TOKENIZER_FILE, METADATA_FILE, METADATA_FORMAT, MODEL_
 MODEL_TYPES = ("bpe", "unigram")
 DEFAULT_VOCAB_SIZE = 8192
 DEFAULT_MODEL_TYPE = "bpe"
-DEFAULT_CHARACTER_COVERAGE = 0.9995
+DEFAULT_CHARACTER_COVERAGE = 0.9999
 MAX_VOCAB_SIZE = 262144
 # The unknown piece, the special tokens and the 256 byte pieces come before any learned piece.
 RESERVED_PIECES = len(special_tokens.ALL) + 256

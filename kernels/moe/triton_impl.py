@@ -338,7 +338,7 @@ def _tile_table_kernel(
         # A tile's expert is the number of experts whose tiles all end at or before it (empty ones included).
         expert = tl.sum(tl.where((tile_end[None, :] <= tiles[:, None]) & expert_ok[None, :], 1, 0), axis=1)
         mine = experts[None, :] == expert[:, None]  # no column when the tile is past the last expert's
-        row_start = tl.sum(tl.where(mine, seg_start + (tiles[:, None] - tile_begin[None, :]) * BLOCK_M, 0), axis=1)
+        row_start = tl.sum(tl.where(mine, seg_start[None, :] + (tiles[:, None] - tile_begin[None, :]) * BLOCK_M, 0), axis=1)
         row_end = tl.sum(tl.where(mine, seg_end[None, :], 0), axis=1)
         tile_ok = tiles < max_tiles
         tl.store(tiles_ptr + tiles, expert, mask=tile_ok)
@@ -416,13 +416,13 @@ def _mm_configs():
 @lazy_kernel(
     configs=_mm_configs(),
     key=["N", "K", "EPILOGUE", "GATHER_A", "SCALE_ROWS", "BLOCK_M"],
-    interpret_config={"BLOCK_N": 16, "BLOCK_K": 16},
+    interpret_config={"BLOCK_N": 32, "BLOCK_K": 32},
 )
 def _grouped_mm_kernel(
     a_ptr, b_ptr, out_ptr, gate_up_ptr, weight_grad_ptr,
     tiles_ptr, max_tiles, row_assignment_ptr, routing_weights_ptr, top_k,
     N, K,
-    stride_a, stride_be, stride_bk, stride_bn, stride_out, stride_gate_up,
+    stride_a, stride_be, stride_bk, stride_bn, stride_out, stride_gate_up, stride_weight_grad,
     EPILOGUE: tl.constexpr, GATHER_A: tl.constexpr, SCALE_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
@@ -481,7 +481,7 @@ def _grouped_mm_kernel(
         if SCALE_ROWS:
             # d loss / d routing weight = d_out . y = (d_out @ down) . h, summed here over this column slice.
             partial = tl.sum(acc * silu * up, axis=1)
-            tl.store(weight_grad_ptr + rows64 * tl.num_programs(1) + pid_n, partial, mask=row_ok)
+            tl.store(weight_grad_ptr + rows64 * stride_weight_grad + pid_n, partial, mask=row_ok)
             acc = acc * tl.load(routing_weights_ptr + assignment, mask=row_ok, other=0.0)[:, None]
         d_gate = acc * up * sig * (1.0 + gate * (1.0 - sig))
         tl.store(out_ptrs, d_gate.to(out_ptr.dtype.element_ty), mask=mask)
@@ -495,45 +495,44 @@ def _grouped_mm(
     *,
     transpose: bool,
     epilogue: int = _PLAIN,
+    gather: bool = False,
     gate_up: torch.Tensor | None = None,
     routing_weights: torch.Tensor | None = None,
 ):
-    """Per expert e, rows of `a` (gathered by token when layout has row_assignment and a is per token)
-    times weight[e].T (transpose) or weight[e], with an epilogue. Returns the output, plus for the scaled
-    SwiGLU backward the per-row routing-weight gradient.
+    """For each expert e: its rows of `a` times weight[e].T (transpose) or weight[e], then the epilogue.
 
-    epilogue _SWIGLU_FORWARD: weight is gate_up_proj (E, 2I, H); returns (h, gate_up).
-    epilogue _SWIGLU_BACKWARD: weight is down_proj (E, H, I), a is d y (or d out per token, scaled by
-    routing_weights); returns (d gate_up, d routing weight per row or None).
+    gather: `a` holds one row per token, and sorted row r reads token row_assignment[r] // top_k.
+    _PLAIN returns out. _SWIGLU_FORWARD (weight = gate_up_proj (E, 2I, H)) returns (h, gate_up).
+    _SWIGLU_BACKWARD (weight = down_proj (E, H, I), `a` = d y, gate_up saved by the forward) returns
+    (d gate_up, d routing weight per sorted row); with routing_weights, d y = weight * d out[token].
     """
     num_experts, rows_b, cols_b = weight.shape
     k_dim, n_dim = (cols_b, rows_b) if transpose else (rows_b, cols_b)
     stride_bk, stride_bn = (1, cols_b) if transpose else (cols_b, 1)
-    gather = layout.row_assignment is not None and a.shape[0] != layout.num_rows or (
-        layout.row_assignment is not None and epilogue != _PLAIN and a.shape[0] != layout.num_rows
-    )
-    scale_rows = routing_weights is not None
     if epilogue == _SWIGLU_FORWARD:
         n_dim //= 2
+        gate_up = torch.empty(layout.num_rows, 2 * n_dim, dtype=a.dtype, device=a.device)
     out_cols = 2 * n_dim if epilogue == _SWIGLU_BACKWARD else n_dim
     out = torch.empty(layout.num_rows, out_cols, dtype=a.dtype, device=a.device)
-    if epilogue == _SWIGLU_FORWARD:
-        gate_up = torch.empty(layout.num_rows, 2 * n_dim, dtype=a.dtype, device=a.device)
+    scale_rows = routing_weights is not None
+    # Routing-weight gradient partials: one column per BLOCK_N slice (BLOCK_N >= 16); unused columns stay 0.
+    weight_grad = (
+        torch.zeros(layout.num_rows, triton.cdiv(n_dim, 16), dtype=torch.float32, device=a.device)
+        if scale_rows else None
+    )
     max_tiles = layout.tiles.shape[1]
-    grid = lambda meta: (max_tiles, triton.cdiv(n_dim, meta["BLOCK_N"]))  # noqa: E731
-    # Per-row partials of the routing-weight gradient, one column per BLOCK_N slice (at most n_dim / 16).
-    weight_grad = None
-    if scale_rows:
-        weight_grad = torch.zeros(layout.num_rows, triton.cdiv(n_dim, 16), dtype=torch.float32, device=a.device)
     if layout.num_rows > 0:
-        _grouped_mm_kernel[grid](
-            a, weight, out, gate_up if gate_up is not None else out, weight_grad if scale_rows else out,
+        _grouped_mm_kernel[lambda meta: (max_tiles, triton.cdiv(n_dim, meta["BLOCK_N"]))](
+            a, weight, out,
+            gate_up if gate_up is not None else out,
+            weight_grad if scale_rows else out,
             layout.tiles, max_tiles,
             layout.row_assignment if layout.row_assignment is not None else layout.tiles,
-            routing_weights if scale_rows else out, layout.top_k,
-            n_dim, k_dim,
+            routing_weights if scale_rows else out,
+            layout.top_k, n_dim, k_dim,
             a.stride(0), weight.stride(0), stride_bk, stride_bn, out.stride(0),
             gate_up.stride(0) if gate_up is not None else 0,
+            weight_grad.stride(0) if scale_rows else 0,
             EPILOGUE=epilogue, GATHER_A=gather, SCALE_ROWS=scale_rows, DOT_PRECISION=dot_precision(a.dtype),
             BLOCK_M=layout.block_m,
         )
@@ -542,3 +541,364 @@ def _grouped_mm(
     if epilogue == _SWIGLU_BACKWARD:
         return out, weight_grad.sum(1) if scale_rows else None
     return out
+
+
+def _weight_grad_configs():
+    shapes = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (64, 64, 64, 4, 3), (128, 128, 64, 8, 3)]
+    return [
+        triton.Config({"BLOCK_P": p, "BLOCK_Q": q, "BLOCK_R": r}, num_warps=warps, num_stages=stages)
+        for p, q, r, warps, stages in shapes
+    ]
+
+
+@lazy_kernel(
+    configs=_weight_grad_configs(),
+    key=["P", "Q", "GATHER_GRAD", "INPUT_MODE"],
+    interpret_config={"BLOCK_P": 32, "BLOCK_Q": 32, "BLOCK_R": 16},
+)
+def _grouped_weight_grad_kernel(
+    grad_ptr, input_ptr, out_ptr, segments_ptr, num_experts, row_assignment_ptr, routing_weights_ptr, top_k,
+    P, Q, stride_grad, stride_input,
+    GATHER_GRAD: tl.constexpr, INPUT_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    """out[e] (P, Q) = grad[rows of e].T @ input[rows of e] for one (P, Q) tile: reduces along tokens.
+
+    GATHER_GRAD: grad holds one row per token and is scaled by each row's routing weight (d y = w d out).
+    """
+    pid = tl.program_id(0)
+    expert = tl.program_id(1)
+    num_q_tiles = tl.cdiv(Q, BLOCK_Q)
+    ps = (pid // num_q_tiles) * BLOCK_P + tl.arange(0, BLOCK_P)
+    qs = (pid % num_q_tiles) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    p_ok = ps < P
+    q_ok = qs < Q
+    row_start = tl.load(segments_ptr + expert)
+    row_end = tl.load(segments_ptr + num_experts + expert)
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), tl.float32)
+    for first in range(row_start, row_end, BLOCK_R):
+        rows = first + tl.arange(0, BLOCK_R)
+        row_ok = rows < row_end
+        rows64 = rows.to(tl.int64)
+        if GATHER_GRAD or INPUT_MODE == 1:
+            assignment = tl.load(row_assignment_ptr + rows, mask=row_ok, other=0)
+            token = (assignment // top_k).to(tl.int64)
+        if GATHER_GRAD:
+            grad_rows = token
+        else:
+            grad_rows = rows64
+        # Loaded transposed, (P, R), so the token dimension is the dot's reduction dimension.
+        grad = tl.load(grad_ptr + grad_rows[None, :] * stride_grad + ps[:, None], mask=p_ok[:, None] & row_ok[None, :], other=0.0)
+        if GATHER_GRAD:
+            routing_weight = tl.load(routing_weights_ptr + assignment, mask=row_ok, other=0.0)
+            grad = (grad.to(tl.float32) * routing_weight[None, :]).to(grad_ptr.dtype.element_ty)
+        in_mask = row_ok[:, None] & q_ok[None, :]
+        if INPUT_MODE == 2:  # _INPUT_SWIGLU: h = silu(gate) * up from the saved gate_up (Q = I)
+            gate_ptrs = input_ptr + rows64[:, None] * stride_input + qs[None, :]
+            gate = tl.load(gate_ptrs, mask=in_mask, other=0.0).to(tl.float32)
+            up = tl.load(gate_ptrs + Q, mask=in_mask, other=0.0).to(tl.float32)
+            inputs = (gate * tl.sigmoid(gate) * up).to(input_ptr.dtype.element_ty)
+        else:
+            if INPUT_MODE == 1:  # _INPUT_TOKENS
+                input_rows = token
+            else:
+                input_rows = rows64
+            inputs = tl.load(input_ptr + input_rows[:, None] * stride_input + qs[None, :], mask=in_mask, other=0.0)
+        acc = tl.dot(grad, inputs, acc, input_precision=DOT_PRECISION)
+    out_ptrs = out_ptr + expert.to(tl.int64) * P * Q + ps[:, None] * Q + qs[None, :]
+    tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
+
+
+def _grouped_weight_grad(
+    grad: torch.Tensor,
+    inputs: torch.Tensor,
+    layout: _Layout,
+    out_shape: tuple[int, int, int],
+    *,
+    input_mode: int,
+    routing_weights: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """(E, P, Q) weight gradient, expert e = grad[its rows].T @ input[its rows]; routing_weights: grad is
+    d out per token, gathered and scaled per row."""
+    num_experts, p_dim, q_dim = out_shape
+    out = torch.empty(out_shape, dtype=grad.dtype, device=grad.device)
+    gather_grad = routing_weights is not None
+    _grouped_weight_grad_kernel[
+        lambda meta: (triton.cdiv(p_dim, meta["BLOCK_P"]) * triton.cdiv(q_dim, meta["BLOCK_Q"]), num_experts)
+    ](
+        grad, inputs, out, layout.segments, num_experts,
+        layout.row_assignment if layout.row_assignment is not None else layout.segments,
+        routing_weights if gather_grad else grad, layout.top_k,
+        p_dim, q_dim, grad.stride(0), inputs.stride(0),
+        GATHER_GRAD=gather_grad, INPUT_MODE=input_mode, DOT_PRECISION=dot_precision(grad.dtype),
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------------- gather and combine
+
+
+@lazy_kernel()
+def _gather_sum_kernel(
+    rows_ptr, order_ptr, weights_ptr, out_ptr, hidden, stride_rows, stride_out,
+    TOP_K: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """out[token] = sum_j (weights[token, j] *) rows[order[token, j]]: a token's k expert rows, by gather."""
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    col_ok = cols < hidden
+    acc = tl.zeros((BLOCK_H,), tl.float32)
+    for slot in range(TOP_K):
+        row = tl.load(order_ptr + token * TOP_K + slot).to(tl.int64)
+        values = tl.load(rows_ptr + row * stride_rows + cols, mask=col_ok, other=0.0).to(tl.float32)
+        if WEIGHTED:
+            values *= tl.load(weights_ptr + token * TOP_K + slot)
+        acc += values
+    tl.store(out_ptr + token * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+
+
+def _gather_sum(rows: torch.Tensor, order: torch.Tensor, top_k: int, weights: torch.Tensor | None = None):
+    num_tokens = order.shape[0] // top_k
+    hidden = rows.shape[1]
+    out = torch.empty(num_tokens, hidden, dtype=rows.dtype, device=rows.device)
+    block_h = min(triton.next_power_of_2(hidden), 64 if interpreting() else 1024)
+    if num_tokens > 0:
+        _gather_sum_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
+            rows, order, weights if weights is not None else rows, out, hidden, rows.stride(0), out.stride(0),
+            TOP_K=top_k, WEIGHTED=weights is not None, BLOCK_H=block_h,
+        )
+    return out
+
+
+@lazy_kernel()
+def _combine_backward_kernel(
+    grad_out_ptr, rows_ptr, order_ptr, weights_ptr, grad_rows_ptr, grad_weights_ptr,
+    hidden, stride_grad_out, stride_rows, stride_grad_rows,
+    TOP_K: tl.constexpr, BLOCK_H: tl.constexpr,
+):
+    """For each of a token's k rows: d row = weight * d out, d weight = d out . row."""
+    token = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_H)
+    for slot in range(TOP_K):
+        row = tl.load(order_ptr + token * TOP_K + slot).to(tl.int64)
+        weight = tl.load(weights_ptr + token * TOP_K + slot)
+        dot = tl.zeros((BLOCK_H,), tl.float32)
+        for start in range(0, hidden, BLOCK_H):
+            col = start + cols
+            col_ok = col < hidden
+            grad = tl.load(grad_out_ptr + token * stride_grad_out + col, mask=col_ok, other=0.0).to(tl.float32)
+            values = tl.load(rows_ptr + row * stride_rows + col, mask=col_ok, other=0.0).to(tl.float32)
+            dot += grad * values
+            tl.store(grad_rows_ptr + row * stride_grad_rows + col, (grad * weight).to(grad_rows_ptr.dtype.element_ty), mask=col_ok)
+        tl.store(grad_weights_ptr + token * TOP_K + slot, tl.sum(dot, axis=0))
+
+
+# ------------------------------------------------------------------------------------ autograd Functions
+
+
+def _expert_mlp_forward(x, layout: _Layout, gate_up_proj, down_proj, *, gather: bool):
+    """(y_sorted, gate_up): the grouped SwiGLU MLP of each sorted row; gather: x holds one row per token."""
+    hidden, gate_up = _grouped_mm(x, gate_up_proj, layout, transpose=True, epilogue=_SWIGLU_FORWARD, gather=gather)
+    return _grouped_mm(hidden, down_proj, layout, transpose=True), gate_up
+
+
+def _expert_mlp_backward(grad, x, layout: _Layout, gate_up, gate_up_proj, down_proj, needs, routing_weights=None):
+    """Gradients of the expert MLP: (d x_sorted, d routing weight per row, d gate_up_proj, d down_proj).
+
+    With routing_weights (the fused moe_experts path) grad and x hold one row per token and each sorted row's
+    d y is its routing weight times its token's grad; otherwise grad is d y_sorted and x is x_sorted.
+    needs: (x, gate_up_proj, down_proj) gradient flags.
+    """
+    fused = routing_weights is not None
+    need_x, need_gate_up_proj, need_down_proj = needs
+    d_gate_up, d_row_weight = _grouped_mm(
+        grad, down_proj, layout, transpose=False, epilogue=_SWIGLU_BACKWARD, gather=fused,
+        gate_up=gate_up, routing_weights=routing_weights,
+    )
+    d_x_sorted = _grouped_mm(d_gate_up, gate_up_proj, layout, transpose=False) if need_x else None
+    d_gate_up_proj = d_down_proj = None
+    if need_gate_up_proj:
+        d_gate_up_proj = _grouped_weight_grad(
+            d_gate_up, x, layout, gate_up_proj.shape, input_mode=_INPUT_TOKENS if fused else _INPUT_ROWS
+        )
+    if need_down_proj:
+        d_down_proj = _grouped_weight_grad(
+            grad, gate_up, layout, down_proj.shape, input_mode=_INPUT_SWIGLU, routing_weights=routing_weights
+        )
+    return d_x_sorted, d_row_weight, d_gate_up_proj, d_down_proj
+
+
+class _Permute(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, experts, num_experts):
+        layout, counts = _dispatch(experts, num_experts)
+        x_sorted = x.index_select(0, layout.row_assignment // experts.shape[1])
+        ctx.save_for_backward(layout.order)
+        ctx.top_k = experts.shape[1]
+        order = layout.order.to(torch.int64)
+        ctx.mark_non_differentiable(order, counts)
+        return x_sorted, order, counts
+
+    @staticmethod
+    def backward(ctx, grad_x_sorted, _grad_order, _grad_counts):
+        (order,) = ctx.saved_tensors
+        return _gather_sum(grad_x_sorted.contiguous(), order, ctx.top_k), None, None
+
+
+class _GroupedSwiGLU(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_sorted, tokens_per_expert, gate_up_proj, down_proj):
+        layout = _tile_layout(tokens_per_expert, x_sorted.shape[0], top_k=1)
+        y_sorted, gate_up = _expert_mlp_forward(x_sorted, layout, gate_up_proj, down_proj, gather=False)
+        ctx.save_for_backward(x_sorted, gate_up, gate_up_proj, down_proj, *layout[2:4])
+        ctx.layout_sizes = (layout.num_rows, layout.block_m)
+        return y_sorted
+
+    @staticmethod
+    def backward(ctx, grad_y_sorted):
+        x_sorted, gate_up, gate_up_proj, down_proj, segments, tiles = ctx.saved_tensors
+        layout = _Layout(*ctx.layout_sizes, segments, tiles, None, None, 1)
+        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:4])
+        d_x_sorted, _, d_gate_up_proj, d_down_proj = _expert_mlp_backward(
+            grad_y_sorted.contiguous(), x_sorted, layout, gate_up, gate_up_proj, down_proj, needs
+        )
+        return d_x_sorted, None, d_gate_up_proj, d_down_proj
+
+
+class _Combine(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y_sorted, order, weights):
+        ctx.save_for_backward(y_sorted, order, weights)
+        return _gather_sum(y_sorted, order, weights.shape[1], weights)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        y_sorted, order, weights = ctx.saved_tensors
+        num_tokens, top_k = weights.shape
+        grad_out = grad_out.contiguous()
+        # Every row of y_sorted belongs to exactly one (token, slot), so each is written once.
+        grad_y_sorted = torch.empty_like(y_sorted)
+        grad_weights = torch.empty_like(weights)
+        if num_tokens > 0:
+            hidden = y_sorted.shape[1]
+            _combine_backward_kernel[(num_tokens,)](
+                grad_out, y_sorted, order, weights, grad_y_sorted, grad_weights,
+                hidden, grad_out.stride(0), y_sorted.stride(0), grad_y_sorted.stride(0),
+                TOP_K=top_k, BLOCK_H=min(triton.next_power_of_2(hidden), 64 if interpreting() else 1024),
+            )
+        return grad_y_sorted, None, grad_weights
+
+
+class _MoEExperts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, experts, weights, gate_up_proj, down_proj):
+        layout, _ = _dispatch(experts, gate_up_proj.shape[0])
+        y_sorted, gate_up = _expert_mlp_forward(x, layout, gate_up_proj, down_proj, gather=True)
+        out = _gather_sum(y_sorted, layout.order, layout.top_k, weights)
+        # y_sorted is not kept: the backward gets d weight from d out, down_proj and h (see the module doc).
+        ctx.save_for_backward(x, weights, gate_up, gate_up_proj, down_proj, *layout[2:6])
+        ctx.layout_sizes = (layout.num_rows, layout.block_m)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        x, weights, gate_up, gate_up_proj, down_proj, segments, tiles, row_assignment, order = ctx.saved_tensors
+        num_tokens, top_k = weights.shape
+        layout = _Layout(*ctx.layout_sizes, segments, tiles, row_assignment, order, top_k)
+        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:5])
+        d_x_sorted, d_row_weight, d_gate_up_proj, d_down_proj = _expert_mlp_backward(
+            grad_out.contiguous(), x, layout, gate_up, gate_up_proj, down_proj, needs, routing_weights=weights
+        )
+        d_x = _gather_sum(d_x_sorted, order, top_k) if d_x_sorted is not None else None
+        d_weights = d_row_weight[order].view(num_tokens, top_k) if ctx.needs_input_grad[2] else None
+        return d_x, None, d_weights, d_gate_up_proj, d_down_proj
+
+
+# ---------------------------------------------------------------------------------------- public functions
+
+
+def _check_expert_weights(op: str, hidden: int, gate_up_proj: torch.Tensor, down_proj: torch.Tensor) -> None:
+    if gate_up_proj.dim() != 3 or down_proj.dim() != 3:
+        raise ValueError(
+            f"{op}: gate_up_proj must be (E, 2I, H) and down_proj (E, H, I), got "
+            f"{tuple(gate_up_proj.shape)} and {tuple(down_proj.shape)}"
+        )
+    num_experts, inter = down_proj.shape[0], down_proj.shape[2]
+    if gate_up_proj.shape != (num_experts, 2 * inter, hidden) or down_proj.shape != (num_experts, hidden, inter):
+        raise ValueError(
+            f"{op}: expert weights {tuple(gate_up_proj.shape)} / {tuple(down_proj.shape)} do not match "
+            f"(E, 2I, H) / (E, H, I) with hidden size H={hidden}"
+        )
+
+
+def _check_experts_index(op: str, experts: torch.Tensor, num_tokens: int, num_experts: int) -> None:
+    if experts.dim() != 2 or experts.shape[0] != num_tokens or experts.shape[1] < 1:
+        raise ValueError(f"{op}: experts must be (tokens={num_tokens}, top_k), got {tuple(experts.shape)}")
+    if experts.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"{op}: experts must be int32 or int64, got {experts.dtype}")
+    # Checked on the device (no host sync): an out-of-range id would otherwise write outside the outputs.
+    torch._assert_async(
+        ((experts >= 0) & (experts < num_experts)).all(), f"{op}: an expert id is outside [0, {num_experts})"
+    )
+
+
+def permute(x: torch.Tensor, experts: torch.Tensor, num_experts: int):
+    """x_sorted (N*k, H), order (N*k,), tokens_per_expert (E,): see reference.permute. Metadata on device."""
+    if x.dim() != 2:
+        raise ValueError(f"permute: x must be (tokens, hidden), got shape {tuple(x.shape)}")
+    _check_experts_index("permute", experts, x.shape[0], num_experts)
+    check_device(x, experts)
+    return _Permute.apply(x, experts.contiguous(), num_experts)
+
+
+def grouped_swiglu(
+    x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
+) -> torch.Tensor:
+    """down(silu(gate(x)) * up(x)) per expert segment of x_sorted, as grouped GEMMs; see the reference."""
+    if x_sorted.dim() != 2:
+        raise ValueError(f"grouped_swiglu: x_sorted must be (rows, hidden), got shape {tuple(x_sorted.shape)}")
+    _check_expert_weights("grouped_swiglu", x_sorted.shape[1], gate_up_proj, down_proj)
+    if tokens_per_expert.shape != (gate_up_proj.shape[0],):
+        raise ValueError(
+            f"grouped_swiglu: tokens_per_expert shape {tuple(tokens_per_expert.shape)} does not match the "
+            f"{gate_up_proj.shape[0]} experts"
+        )
+    check_device(x_sorted, tokens_per_expert, gate_up_proj, down_proj)
+    torch._assert_async(
+        tokens_per_expert.sum() == x_sorted.shape[0],
+        f"grouped_swiglu: tokens_per_expert does not add up to the {x_sorted.shape[0]} rows of x_sorted",
+    )
+    dtype = matmul_dtype("grouped_swiglu", x_sorted, gate_up_proj, down_proj)
+    return _GroupedSwiGLU.apply(
+        x_sorted.to(dtype).contiguous(), tokens_per_expert.contiguous(),
+        gate_up_proj.to(dtype).contiguous(), down_proj.to(dtype).contiguous(),
+    )
+
+
+def combine(y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted sum of each token's k expert rows, by gather; see reference.combine."""
+    if weights.dim() != 2 or y_sorted.dim() != 2 or order.shape != (weights.numel(),):
+        raise ValueError(
+            f"combine: expected y_sorted (N*k, H), order (N*k,), weights (N, k), got {tuple(y_sorted.shape)}, "
+            f"{tuple(order.shape)}, {tuple(weights.shape)}"
+        )
+    check_device(y_sorted, order, weights)
+    return _Combine.apply(y_sorted.contiguous(), order.contiguous(), weights.contiguous())
+
+
+def moe_experts(
+    x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
+) -> torch.Tensor:
+    """The routed-expert output for tokens x (N, H): fused dispatch, grouped SwiGLU and combine."""
+    if x.dim() != 2:
+        raise ValueError(f"moe_experts: x must be (tokens, hidden), got shape {tuple(x.shape)}")
+    _check_expert_weights("moe_experts", x.shape[1], gate_up_proj, down_proj)
+    _check_experts_index("moe_experts", experts, x.shape[0], gate_up_proj.shape[0])
+    if weights.shape != experts.shape:
+        raise ValueError(f"moe_experts: weights shape {tuple(weights.shape)} != experts shape {tuple(experts.shape)}")
+    check_device(x, experts, weights, gate_up_proj, down_proj)
+    dtype = matmul_dtype("moe_experts", x, gate_up_proj, down_proj)
+    return _MoEExperts.apply(
+        x.to(dtype).contiguous(), experts.contiguous(), weights.float().contiguous(),
+        gate_up_proj.to(dtype).contiguous(), down_proj.to(dtype).contiguous(),
+    )

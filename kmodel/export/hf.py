@@ -53,15 +53,16 @@ NORM_NAMES = {
 }
 
 
-def llama_style_rename(name: str, cfg: ModelConfig) -> str | None:
-    """kmodel names are HF's already, except the norms (named by position) and the `model.` prefix."""
+def llama_style_rename(name: str, cfg: ModelConfig, norm_names: dict = NORM_NAMES) -> str | None:
+    """kmodel names are HF's already, except the norms (named by position) and the `model.` prefix.
+    `norm_names` maps (placement, kmodel norm) to the family's norm name."""
     if name.startswith("mtp."):
         return None  # transformers' classes have no MTP head; the export is the main model
     if name == "lm_head.weight":
         return name
     match = re.fullmatch(r"layers\.(\d+)\.(\w+_norm)\.weight", name)
     if match and match.group(2) in {"attn_in_norm", "attn_out_norm", "mlp_in_norm", "mlp_out_norm"}:
-        hf = NORM_NAMES.get((cfg.norm_placement, match.group(2)))
+        hf = norm_names.get((cfg.norm_placement, match.group(2)))
         if hf is None:
             raise ExportError(f"norm placement {cfg.norm_placement!r} has no Hugging Face name for {name}")
         return f"model.layers.{match.group(1)}.{hf}.weight"
@@ -104,6 +105,24 @@ def hybrid_attention_problems(m: ModelConfig) -> list[str]:
     return []
 
 
+def extras_problems(m: ModelConfig, *, allow: tuple[str, ...] = ()) -> list[str]:
+    """Features only some families have (MLA, A.X K1's post-MoE norm, muP multipliers), named where set
+    but not in `allow`."""
+    present = {
+        "attention_kind": m.attention_kind != "gqa",
+        "post_mlp_norm": m.post_mlp_norm,
+        "embedding_multiplier": m.embedding_multiplier != 1.0,
+        "residual_multiplier": m.residual_multiplier != 1.0,
+        "attention_multiplier": m.attention_multiplier is not None,
+        "logits_scaling": m.logits_scaling != 1.0,
+    }
+    return [
+        f"{key} {getattr(m, key)!r} (this class has no such feature)"
+        for key, is_set in present.items()
+        if is_set and key not in allow
+    ]
+
+
 def router_problems(m: ModelConfig) -> list[str]:
     problems = []
     if m.router != "sigmoid":
@@ -124,7 +143,7 @@ def _exaone_moe_problems(m: ModelConfig) -> list[str]:
         problems.append("qk_norm off")
     if m.norm_placement != "pre":
         problems.append(f"norm_placement {m.norm_placement!r} (the class is pre-norm)")
-    return problems + router_problems(m) + hybrid_attention_problems(m)
+    return problems + router_problems(m) + hybrid_attention_problems(m) + extras_problems(m)
 
 
 def _exaone_moe_config(cfg: Config) -> dict:
@@ -154,7 +173,7 @@ def _exaone4_problems(m: ModelConfig) -> list[str]:
         problems.append("qk_norm off")
     if m.norm_placement != "post":
         problems.append(f"norm_placement {m.norm_placement!r} (EXAONE 4.0 normalises sublayer outputs: 'post')")
-    return problems + hybrid_attention_problems(m)
+    return problems + hybrid_attention_problems(m) + extras_problems(m)
 
 
 def _exaone4_config(cfg: Config) -> dict:
@@ -175,7 +194,7 @@ def _solar_open_problems(m: ModelConfig) -> list[str]:
         problems.append(f"norm_placement {m.norm_placement!r} (Solar Open is pre-norm)")
     if "sliding_attention" in m.layer_types or m.rope_layers != "all":
         problems.append("sliding-window layers or NoPE layers (Solar Open is global attention with RoPE)")
-    return problems + router_problems(m)
+    return problems + router_problems(m) + extras_problems(m)
 
 
 def _solar_open_config(cfg: Config) -> dict:
@@ -260,3 +279,7 @@ def export_hf(checkpoint: str | Path, out_dir: str | Path, *, family: str | None
 
         export_hf_tokenizer(tokenizer, out)
     return chosen.model_type
+
+
+# The families beyond the model-core three live in their own module; importing it registers them.
+from kmodel.export import families  # noqa: E402, F401

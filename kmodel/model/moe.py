@@ -39,7 +39,8 @@ class Router(nn.Module):
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x.float(), self.weight.float())
+        dtype = torch.promote_types(x.dtype, torch.float32)  # router math in fp32 at least
+        return F.linear(x.to(dtype), self.weight.to(dtype))
 
 
 class Experts(nn.Module):
@@ -66,6 +67,7 @@ class MoE(nn.Module):
         self.register_buffer("load", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
         self.register_buffer("last_load", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
         self.kernel = reference  # replaced by Model.use_kernels
+        self.expert_parallel = None  # set by kmodel.parallel.expert_parallel.shard_experts
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (output, auxiliary loss already weighted by its coefficients)."""
@@ -86,9 +88,14 @@ class MoE(nn.Module):
         )
         if self.training:
             self.load += routing.tokens_per_expert.detach().float()
-        out = self.kernel.moe_experts(
-            tokens, routing.experts, routing.weights, self.experts.gate_up_proj, self.experts.down_proj
-        )
+        if self.expert_parallel is None:
+            out = self.kernel.moe_experts(
+                tokens, routing.experts, routing.weights, self.experts.gate_up_proj, self.experts.down_proj
+            )
+        else:  # experts sharded over ranks: kmodel.parallel.expert_parallel exchanges the tokens
+            out = self.expert_parallel.moe_experts(
+                tokens, routing.experts, routing.weights, self.experts.gate_up_proj, self.experts.down_proj, self.kernel
+            )
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
         if self.post_mlp_norm is not None:

@@ -1,0 +1,374 @@
+"""Calibration of the derivation test on tiny kmodel models (CPU): null pairs and derived pairs.
+
+    python -m kmodel.provenance.calibrate --null-pairs 100 --out bench/results/provenance_calibration
+
+Null pairs: two models with different seeds, each trained for real (AdamW, a few dozen steps on the
+bundled corpus, each with its own data order). Derived pairs start from a trained model A and apply what
+a copier would: continued training, fine-tuning on other data with a large learning rate, function-
+preserving permutations of MLP units / heads / experts / residual dimensions with sign flips and
+rescaling, a copied embedding or a single copied layer (the rest trained from another seed), an extended
+vocabulary. The permutation and rescaling transforms are checked to leave the model's outputs unchanged.
+The tests in tests/provenance use the same builders with fewer pairs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import time
+from functools import lru_cache
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from kmodel.config import Config, load_config
+from kmodel.model import build_model
+from kmodel.provenance.compare import DEFAULT_ALPHA, compare_views
+from kmodel.provenance.views import ModelView, view_from_state
+
+RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "tiny-ko-moe.yaml"
+CORPUS = Path(__file__).resolve().parents[2] / "data" / "corpus" / "train"
+# Smaller than the README's tiny model so that a few hundred models train in minutes on 2 cores.
+TINY_OVERRIDES = [
+    "model.hidden_size=64",
+    "model.intermediate_size=192",
+    "model.moe_intermediate_size=48",
+    "model.num_attention_heads=4",
+    "model.num_key_value_heads=2",
+    "model.head_dim=16",
+    "model.num_hidden_layers=4",
+    "model.num_experts=8",
+    "model.sliding_window=32",
+]
+SEQ_LEN = 64
+BATCH = 8
+
+
+def tiny_config(seed: int, extra: list[str] | None = None) -> Config:
+    return load_config(RECIPE, TINY_OVERRIDES + [f"seed={seed}"] + list(extra or []))
+
+
+@lru_cache(maxsize=4)
+def corpus_tokens(source: str, limit: int = 200_000) -> torch.Tensor:
+    """Token ids of one bundled corpus file (ko_libreoffice_help, en_python_docs, code_python_stdlib)."""
+    from kmodel.tokenizer import SHIPPED_TOKENIZER, Tokenizer
+
+    tokenizer = Tokenizer.load(SHIPPED_TOKENIZER)
+    ids: list[int] = []
+    with open(CORPUS / f"{source}.jsonl", encoding="utf-8") as f:
+        for line in f:
+            ids.extend(tokenizer.encode(json.loads(line)["text"], add_eos=True))
+            if len(ids) >= limit:
+                break
+    return torch.tensor(ids[:limit], dtype=torch.long)
+
+
+def train_briefly(model, tokens: torch.Tensor, steps: int, lr: float, seed: int) -> list[float]:
+    """Real AdamW steps on random windows of `tokens`; returns the losses."""
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        starts = torch.randint(0, len(tokens) - SEQ_LEN - 1, (BATCH,), generator=generator)
+        window = torch.stack([tokens[s : s + SEQ_LEN + 1] for s in starts.tolist()])
+        out = model(window[:, :-1], labels=window[:, 1:])
+        optimizer.zero_grad(set_to_none=True)
+        out.loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        model.end_step()
+        losses.append(float(out.loss))
+    model.eval()
+    return losses
+
+
+def trained_model(seed: int, steps: int, source: str = "ko_libreoffice_help", lr: float = 3e-3):
+    cfg = tiny_config(seed)
+    model = build_model(cfg)
+    train_briefly(model, corpus_tokens(source), steps, lr, seed=seed + 10_000)
+    return cfg, model
+
+
+def view_of(model, cfg: Config, label: str) -> ModelView:
+    state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+    return view_from_state(label, "kmodel", cfg.model.model_dump(), state, None)
+
+
+# --- function-preserving transforms (kmodel parameter names, in place on a state dict) --------------
+
+
+def _hidden_axes(name: str, tensor: torch.Tensor, hidden: int) -> list[int]:
+    """Axes of `tensor` that index the residual stream (hidden_size), by what the parameter does."""
+    if name.endswith("norm.weight"):
+        return [0] if tensor.shape[0] == hidden else []  # q_norm / k_norm act on head_dim
+    if name.endswith(("o_proj.weight", "down_proj.weight")) and tensor.dim() == 2:
+        return [0]
+    if name.endswith("experts.down_proj"):
+        return [1]
+    if name.endswith("experts.gate_up_proj"):
+        return [2]
+    if name.endswith("eh_proj.weight"):
+        return [0, 1]
+    if name.endswith(("embed_tokens.weight", "lm_head.weight", "_proj.weight", "gate.weight")):
+        return [1]
+    return []
+
+
+def permute_residual(state: dict[str, torch.Tensor], hidden: int, generator: torch.Generator) -> None:
+    """Permute the residual stream and flip the sign of some of its dimensions. Norms are sign-blind
+    (RMSNorm keeps the sign of its input), so norm weights are permuted but never negated."""
+    order = torch.randperm(hidden, generator=generator)
+    signs = torch.where(torch.rand(hidden, generator=generator) < 0.5, -1.0, 1.0)
+    for name, tensor in state.items():
+        for axis in _hidden_axes(name, tensor, hidden):
+            if tensor.shape[axis] == 2 * hidden:  # eh_proj reads [hidden state, embedding]
+                full_order = torch.cat((order, order + hidden))
+                full_signs = torch.cat((signs, signs))
+            else:
+                full_order, full_signs = order, signs
+            shape = [1] * tensor.dim()
+            shape[axis] = -1
+            tensor = tensor.index_select(axis, full_order)
+            if not name.endswith("norm.weight"):
+                tensor = tensor * full_signs.view(shape)
+        state[name] = tensor
+
+
+def permute_mlp_units(state: dict[str, torch.Tensor], generator: torch.Generator, scale: bool = True) -> None:
+    """Permute the hidden units of every dense MLP, shared expert and routed expert; with `scale`, also
+    multiply each unit's up row by c and divide its down column by c (SwiGLU is linear in `up`)."""
+    for name in [n for n in state if n.endswith("mlp.gate_proj.weight") or n.endswith("shared_experts.gate_proj.weight")]:
+        prefix = name[: -len("gate_proj.weight")]
+        units = state[name].shape[0]
+        order = torch.randperm(units, generator=generator)
+        c = torch.exp(torch.randn(units, generator=generator)) if scale else torch.ones(units)
+        state[prefix + "gate_proj.weight"] = state[prefix + "gate_proj.weight"][order]
+        state[prefix + "up_proj.weight"] = state[prefix + "up_proj.weight"][order] * c[:, None]
+        state[prefix + "down_proj.weight"] = state[prefix + "down_proj.weight"][:, order] / c[None, :]
+    for name in [n for n in state if n.endswith("experts.gate_up_proj")]:
+        prefix = name[: -len("gate_up_proj")]
+        gate_up, down = state[name].clone(), state[prefix + "down_proj"].clone()
+        experts, units = down.shape[0], down.shape[2]
+        for e in range(experts):
+            order = torch.randperm(units, generator=generator)
+            c = torch.exp(torch.randn(units, generator=generator)) if scale else torch.ones(units)
+            gate_up[e, :units] = state[name][e, :units][order]
+            gate_up[e, units:] = state[name][e, units:][order] * c[:, None]
+            down[e] = state[prefix + "down_proj"][e][:, order] / c[None, :]
+        state[name], state[prefix + "down_proj"] = gate_up, down
+
+
+def permute_experts(state: dict[str, torch.Tensor], generator: torch.Generator) -> None:
+    for name in [n for n in state if n.endswith("mlp.gate.weight")]:
+        prefix = name[: -len("gate.weight")]
+        order = torch.randperm(state[name].shape[0], generator=generator)
+        for part in ("gate.weight", "gate.e_score_correction_bias", "experts.gate_up_proj", "experts.down_proj"):
+            if prefix + part in state:
+                state[prefix + part] = state[prefix + part][order]
+
+
+def permute_heads(state: dict[str, torch.Tensor], cfg: Config, generator: torch.Generator) -> None:
+    """Permute key-value heads together with their query groups, and query heads within each group."""
+    heads, kv_heads, head_dim = cfg.model.num_attention_heads, cfg.model.num_key_value_heads, cfg.model.head_dim
+    group = heads // kv_heads
+    for name in [n for n in state if n.endswith("self_attn.q_proj.weight")]:
+        prefix = name[: -len("q_proj.weight")]
+        kv_order = torch.randperm(kv_heads, generator=generator)
+        q_order = torch.cat([g * group + torch.randperm(group, generator=generator) for g in kv_order.tolist()])
+
+        def rows(weight, order):
+            return weight.view(-1, head_dim, weight.shape[1])[order].reshape(weight.shape)
+
+        state[prefix + "q_proj.weight"] = rows(state[prefix + "q_proj.weight"], q_order)
+        state[prefix + "k_proj.weight"] = rows(state[prefix + "k_proj.weight"], kv_order)
+        state[prefix + "v_proj.weight"] = rows(state[prefix + "v_proj.weight"], kv_order)
+        o = state[prefix + "o_proj.weight"]
+        state[prefix + "o_proj.weight"] = o.view(o.shape[0], heads, head_dim)[:, q_order].reshape(o.shape)
+
+
+def disguise(model, cfg: Config, seed: int) -> None:
+    """Apply every function-preserving transform above to `model` in place."""
+    generator = torch.Generator().manual_seed(seed)
+    state = {n: t.detach().clone() for n, t in model.state_dict().items()}
+    permute_residual(state, cfg.model.hidden_size, generator)
+    permute_mlp_units(state, generator)
+    permute_experts(state, generator)
+    permute_heads(state, cfg, generator)
+    model.load_state_dict(state)
+
+
+# --- the calibration run ---------------------------------------------------------------------------
+
+
+DERIVED_CASES: dict[str, str] = {
+    "continued_training": "A trained 60 more steps on the same data",
+    "finetune_other_data": "A fine-tuned 60 steps on code with lr 1e-2",
+    "disguised": "A with permuted residual stream (+ sign flips), MLP units (+ rescaling), heads, experts",
+    "disguised_then_finetuned": "disguised, then fine-tuned 60 steps on English docs",
+    "copied_embedding": "a seed-B model whose embedding is A's, then trained 30 steps",
+    "copied_layer": "a seed-B model whose layer 2 is A's, then trained 30 steps",
+    "copied_router": "a seed-B model whose layer-2 router is A's, then trained 30 steps",
+    "extended_vocab": "A's embedding and head grown by 512 new tokens, then trained 30 steps",
+}
+
+
+def derived_model(case: str, cfg_a: Config, model_a, seed: int):
+    """A model derived from `model_a` by `case` (see DERIVED_CASES); returns (cfg, model)."""
+    state_a = {n: t.detach().clone() for n, t in model_a.state_dict().items()}
+
+    def copy_of_a(cfg: Config = cfg_a):
+        model = build_model(cfg)
+        model.load_state_dict(state_a)
+        return model
+
+    if case == "continued_training":
+        model = copy_of_a()
+        train_briefly(model, corpus_tokens("ko_libreoffice_help"), 60, 3e-3, seed)
+        return cfg_a, model
+    if case == "finetune_other_data":
+        model = copy_of_a()
+        train_briefly(model, corpus_tokens("code_python_stdlib"), 60, 1e-2, seed)
+        return cfg_a, model
+    if case in ("disguised", "disguised_then_finetuned"):
+        model = copy_of_a()
+        disguise(model, cfg_a, seed)
+        if case == "disguised_then_finetuned":
+            train_briefly(model, corpus_tokens("en_python_docs"), 60, 3e-3, seed)
+        return cfg_a, model
+    if case in ("copied_embedding", "copied_layer", "copied_router"):
+        cfg_b = tiny_config(seed)
+        model = build_model(cfg_b)
+        own = model.state_dict()
+        wanted = {
+            "copied_embedding": lambda n: n == "embed_tokens.weight",
+            "copied_layer": lambda n: n.startswith("layers.2."),
+            "copied_router": lambda n: n == "layers.2.mlp.gate.weight",
+        }[case]
+        own.update({n: t for n, t in state_a.items() if wanted(n)})
+        model.load_state_dict(own)
+        train_briefly(model, corpus_tokens("ko_libreoffice_help"), 30, 3e-3, seed)
+        return cfg_b, model
+    if case == "extended_vocab":
+        extra = 512
+        cfg_b = tiny_config(cfg_a.seed, [f"model.vocab_size={cfg_a.model.vocab_size + extra}"])
+        model = build_model(cfg_b)
+        state = model.state_dict()
+        for name, tensor in state_a.items():
+            if name in ("embed_tokens.weight", "lm_head.weight"):
+                state[name] = torch.cat((tensor, state[name][tensor.shape[0]:]))
+            else:
+                state[name] = tensor
+        model.load_state_dict(state)
+        train_briefly(model, corpus_tokens("ko_libreoffice_help"), 30, 3e-3, seed)
+        return cfg_b, model
+    raise ValueError(f"unknown derived case {case!r}; known: {sorted(DERIVED_CASES)}")
+
+
+def null_pair_report(seed: int, steps: int, **compare_options) -> dict:
+    cfg_a, model_a = trained_model(2 * seed + 1, steps)
+    cfg_b, model_b = trained_model(2 * seed + 2, steps)
+    return compare_views(view_of(model_a, cfg_a, "A"), view_of(model_b, cfg_b, "B"), **compare_options)
+
+
+def run(null_pairs: int, derived_repeats: int, steps: int, alpha: float, log: Callable[[str], None] = print) -> dict:
+    started = time.time()
+    null = []
+    for seed in range(null_pairs):
+        report = null_pair_report(seed, steps, alpha=alpha)
+        module_p = [m["log10_p"] for m in report["modules"]]
+        null.append({"seed": seed, "log10_p": report["log10_p"], "derived": report["derived"],
+                     "module_log10_p": module_p, "kinds": [m["kind"] for m in report["modules"]]})
+        log(f"null pair {seed}: overall log10 p = {report['log10_p']:.2f}")
+    derived = []
+    for repeat in range(derived_repeats):
+        cfg_a, model_a = trained_model(900 + repeat, steps)
+        view_a = view_of(model_a, cfg_a, "A")
+        for case in DERIVED_CASES:
+            cfg_b, model_b = derived_model(case, cfg_a, model_a, seed=500 + repeat)
+            report = compare_views(view_a, view_of(model_b, cfg_b, "B"), alpha=alpha)
+            derived.append({"case": case, "repeat": repeat, "derived": report["derived"], "log10_p": report["log10_p"],
+                            "shared_modules": report["shared_modules"]})
+            log(f"{case} #{repeat}: derived={report['derived']} log10 p = {report['log10_p']:.1f} "
+                f"shared={report['shared_modules'][:4]}")
+    return summarize(null, derived, alpha, steps, time.time() - started)
+
+
+def summarize(null: list[dict], derived: list[dict], alpha: float, steps: int, seconds: float) -> dict:
+    overall = [10 ** n["log10_p"] for n in null]
+    modules = [10 ** p for n in null for p in n["module_log10_p"]]
+
+    def fraction_below(values, level):
+        return sum(v < level for v in values) / len(values) if values else None
+
+    return {
+        "alpha": alpha,
+        "train_steps": steps,
+        "seconds": round(seconds, 1),
+        "null_pairs": len(null),
+        "false_positives": sum(n["derived"] for n in null),
+        "false_positive_rate": fraction_below(overall, alpha),
+        "null_overall_p_below": {str(level): fraction_below(overall, level) for level in (0.01, 0.05, 0.1, 0.5)},
+        "null_module_tests": len(modules),
+        "null_module_p_below": {str(level): fraction_below(modules, level) for level in (0.001, 0.01, 0.05, 0.1, 0.5)},
+        "null_min_log10_p": min(n["log10_p"] for n in null) if null else None,
+        "derived_detected": {case: f"{sum(d['derived'] for d in derived if d['case'] == case)}/"
+                             f"{sum(d['case'] == case for d in derived)}" for case in DERIVED_CASES},
+        "derived_max_log10_p": {case: max((d["log10_p"] for d in derived if d["case"] == case), default=None)
+                                for case in DERIVED_CASES},
+        "null": null,
+        "derived": derived,
+    }
+
+
+def write_results(summary: dict, out: Path) -> None:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(summary, indent=1), encoding="utf-8")
+    lines = [
+        "# Provenance derivation test: calibration on tiny models (CPU)",
+        "",
+        f"Generated by `python -m kmodel.provenance.calibrate` in {summary['seconds']} s. Every model is trained for real "
+        f"({summary['train_steps']} AdamW steps on the bundled corpus, batch {BATCH} x {SEQ_LEN} tokens), then compared.",
+        "",
+        "## Independent pairs (null hypothesis true)",
+        "",
+        f"- pairs: {summary['null_pairs']} (different init seeds and data orders)",
+        f"- flagged at alpha = {summary['alpha']:g}: {summary['false_positives']} "
+        f"(false-positive rate {summary['false_positive_rate']:.3f})",
+        f"- smallest overall p-value seen: 10^{summary['null_min_log10_p']:.2f}",
+        "- fraction of overall p-values below level (a calibrated test gives at most the level): "
+        + ", ".join(f"{k}: {v:.3f}" for k, v in summary["null_overall_p_below"].items()),
+        f"- per-module p-values ({summary['null_module_tests']} module tests): fraction below level: "
+        + ", ".join(f"{k}: {v:.3f}" for k, v in summary["null_module_p_below"].items()),
+        "",
+        "## Derived pairs (must be flagged)",
+        "",
+        "| case | what B is | detected | weakest evidence (log10 p) |",
+        "|---|---|---|---|",
+    ]
+    for case, what in DERIVED_CASES.items():
+        weakest = summary["derived_max_log10_p"][case]
+        lines.append(f"| {case} | {what} | {summary['derived_detected'][case]} | "
+                     f"{'n/a' if weakest is None else f'{weakest:.1f}'} |")
+    out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Calibrate `kmodel provenance compare` on tiny trained models.")
+    parser.add_argument("--null-pairs", type=int, default=100, help="independent pairs to measure false positives on")
+    parser.add_argument("--derived-repeats", type=int, default=3, help="repetitions of every derived case")
+    parser.add_argument("--steps", type=int, default=40, help="training steps of every model")
+    parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="significance level of the verdict")
+    parser.add_argument("--out", default="bench/results/provenance_calibration", help="output path without suffix")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+    summary = run(args.null_pairs, args.derived_repeats, args.steps, args.alpha)
+    write_results(summary, Path(args.out))
+    print(f"false positives {summary['false_positives']}/{summary['null_pairs']}; derived detected {summary['derived_detected']}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

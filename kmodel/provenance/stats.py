@@ -1,0 +1,167 @@
+"""Statistics for the derivation test: matching units across models and p-values for the matches.
+
+The central idea ("match on one tensor, test on another"): the hidden units of a layer can be permuted
+without changing what the model computes, so units are first paired across the two models using one
+tensor (say the gate projection rows), and the pairing is then scored on *other* tensors of the same
+units (the up and down projections). For independently initialised models the pairing found on the gate
+carries no information about the up projection, so the score of the found pairing is an ordinary draw
+from the scores of random pairings, whose mean and variance are known in closed form (Hoeffding's
+combinatorial central limit theorem). For a derived model the pairing recovers the true correspondence
+and the score is far out in the tail.
+
+All p-values are carried as natural logarithms so that overwhelming evidence (p = 1e-300 and beyond)
+neither underflows nor stops ranking.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+
+import numpy as np
+import torch
+
+# Exact enumeration of all pairings is used up to this many units (8! = 40320 permutations).
+EXACT_MAX_UNITS = 8
+
+
+def _scipy():
+    try:
+        import scipy.optimize
+        import scipy.special
+    except ImportError:
+        raise RuntimeError("kmodel provenance compare needs scipy (pip install scipy)") from None
+    return scipy
+
+
+# --- normalisation and similarity ----------------------------------------------------------------
+
+
+def unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """Rows scaled to unit length (an all-zero row stays zero)."""
+    return x / x.norm(dim=-1, keepdim=True).clamp_min(1e-30)
+
+
+def standardize(x: torch.Tensor) -> torch.Tensor:
+    """Columns (the residual dimensions) scaled to unit length, then rows to unit length. Makes row
+    similarities blind to per-unit rescaling and to norm weights folded into the residual columns."""
+    return unit_rows(x / x.norm(dim=0, keepdim=True).clamp_min(1e-30))
+
+
+def abs_cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """|cos| between every row of `a` and every row of `b`; absolute because flipping a unit's sign in
+    the up and down projections together leaves a SwiGLU MLP unchanged."""
+    return (standardize(a) @ standardize(b).t()).abs()
+
+
+def offdiagonal_gram_similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Similarity of every block of `a` (n, rows, hidden) to every block of `b` (m, rows, hidden) that is
+    blind to how rows are ordered or rotated within a block: the cosine between the off-diagonal parts of
+    the blocks' hidden x hidden Gram matrices. Computed through rows x rows products, never forming the
+    Gram matrices. The diagonal is left out because it is nearly the same for any two random blocks."""
+    a = unit_rows(a)
+    b = unit_rows(b)
+    cross = torch.einsum("nrh,msh->nmrs", a, b).pow(2).sum(dim=(2, 3))
+    diag_a, diag_b = a.pow(2).sum(dim=1), b.pow(2).sum(dim=1)  # (n, hidden), (m, hidden)
+    cross = cross - diag_a @ diag_b.t()
+    self_a = torch.einsum("nrh,nsh->nrs", a, a).pow(2).sum(dim=(1, 2)) - diag_a.pow(2).sum(dim=1)
+    self_b = torch.einsum("nrh,nsh->nrs", b, b).pow(2).sum(dim=(1, 2)) - diag_b.pow(2).sum(dim=1)
+    return cross / (self_a.clamp_min(1e-30).sqrt()[:, None] * self_b.clamp_min(1e-30).sqrt()[None, :])
+
+
+# --- matching -------------------------------------------------------------------------------------
+
+
+def match_units(similarity: torch.Tensor) -> np.ndarray:
+    """The pairing of rows to columns with the largest total similarity (Hungarian algorithm):
+    `pairs[i]` is the column matched to row i. Rows must not outnumber columns."""
+    scipy = _scipy()
+    rows, cols = scipy.optimize.linear_sum_assignment(similarity.double().numpy(), maximize=True)
+    pairs = np.empty(similarity.shape[0], dtype=np.int64)
+    pairs[rows] = cols
+    return pairs
+
+
+# --- p-values (natural log) -----------------------------------------------------------------------
+
+
+def log_normal_sf(z: float) -> float:
+    return float(_scipy().special.log_ndtr(-z))
+
+
+def pairing_log_p(scores: torch.Tensor, pairs: np.ndarray) -> tuple[float, float]:
+    """(z, ln p) of the total score of `pairs` among the scores of random pairings.
+
+    `scores` (n, m), n <= m: score of row i paired with column j. Null hypothesis: the pairing is a
+    uniformly random injection, independent of the scores. Square and small (n <= 8): exact p from all n!
+    pairings. Square: Hoeffding's combinatorial CLT (exact mean and variance, normal tail). Rectangular:
+    rows treated as independent draws (mean and variance of each row)."""
+    c = scores.double()
+    n, m = c.shape
+    observed = float(c[torch.arange(n), torch.as_tensor(pairs)].sum())
+    if n == m and n <= EXACT_MAX_UNITS:
+        every = torch.tensor(list(itertools.permutations(range(n))), dtype=torch.long)
+        totals = c[torch.arange(n)[None, :], every].sum(dim=1)
+        at_least = int((totals >= observed - 1e-12 * max(1.0, abs(observed))).sum())
+        spread = float(totals.std()) or 1.0
+        return (observed - float(totals.mean())) / spread, math.log(at_least / len(every))
+    if n == m:
+        mean = float(c.sum()) / n
+        centred = c - c.mean(dim=1, keepdim=True) - c.mean(dim=0, keepdim=True) + c.mean()
+        variance = float(centred.pow(2).sum()) / (n - 1)
+    else:
+        mean = float(c.mean(dim=1).sum())
+        variance = float(c.var(dim=1, unbiased=False).sum())
+    z = (observed - mean) / math.sqrt(max(variance, 1e-300))
+    return z, log_normal_sf(z)
+
+
+def fisher_log_p(log_ps: list[float]) -> float:
+    """Fisher's method in log space: X = -2 sum ln p_i ~ chi2(2k); its tail has a closed form for even
+    degrees of freedom: P(X > x) = exp(-x/2) * sum_{j<k} (x/2)^j / j!."""
+    if not log_ps:
+        raise ValueError("fisher_log_p needs at least one p-value")
+    half = -sum(log_ps)
+    if half <= 0:
+        return 0.0
+    terms = [j * math.log(half) - math.lgamma(j + 1) for j in range(len(log_ps))]
+    top = max(terms)
+    return min(0.0, -half + top + math.log(sum(math.exp(t - top) for t in terms)))
+
+
+def bonferroni_log_p(log_p: float, tests: int) -> float:
+    return min(0.0, log_p + math.log(tests))
+
+
+def log10(log_p: float) -> float:
+    return log_p / math.log(10)
+
+
+# --- Gram-matrix test -----------------------------------------------------------------------------
+
+
+def gram_test(a: torch.Tensor, b: torch.Tensor, draws: int = 200, seed: int = 0) -> tuple[float, float, float]:
+    """(r, z, ln p): do `a` and `b` (units x hidden, units in any order) induce the same geometry on the
+    hidden dimensions? r is the correlation of the off-diagonal entries of their hidden x hidden Gram
+    matrices (rows standardised), which no permutation, sign flip, rotation or rescaling of the units
+    changes. The null distribution comes from shuffling the hidden dimensions of `b` (`draws` times):
+    independently initialised models have no reason to agree on which hidden dimension is which."""
+    ga = standardize(a).t() @ standardize(a)
+    gb = standardize(b).t() @ standardize(b)
+    hidden = ga.shape[0]
+    upper = torch.triu_indices(hidden, hidden, offset=1)
+    va = _zscore(ga[upper[0], upper[1]])
+    r = float((va * _zscore(gb[upper[0], upper[1]])).mean())
+    generator = torch.Generator().manual_seed(seed)
+    null = torch.empty(draws, dtype=torch.float64)
+    for i in range(draws):
+        order = torch.randperm(hidden, generator=generator)
+        shuffled = gb[order][:, order]
+        null[i] = (va * _zscore(shuffled[upper[0], upper[1]])).mean()
+    z = (r - float(null.mean())) / max(float(null.std()), 1e-12)
+    return r, z, log_normal_sf(z)
+
+
+def _zscore(x: torch.Tensor) -> torch.Tensor:
+    x = x.double()
+    return (x - x.mean()) / x.std(unbiased=False).clamp_min(1e-30)

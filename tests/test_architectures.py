@@ -1,0 +1,272 @@
+"""Every national model's architecture against transformers' own implementation.
+
+Random small configs of each family -> kmodel checkpoint -> `export_hf` -> transformers' class: logits must
+agree within 1e-4 relative (fp32) and gradients on parameters of every kind. All norm weights are
+randomised first so that a norm exported under the wrong name (or applied in the wrong place) shows.
+Also: MLA's compressed generation cache reproduces the uncached forward, and config errors name the key.
+"""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from kmodel.checkpoint import save_checkpoint
+from kmodel.config import ConfigError, config_from_dict
+from kmodel.export.hf import FAMILIES, ExportError, choose_family, export_hf
+from kmodel.model import build_model
+
+transformers = pytest.importorskip("transformers")
+
+
+def base_model(rng: random.Random, **overrides) -> dict:
+    heads = rng.choice([2, 4])
+    model = {
+        "vocab_size": 97,
+        "hidden_size": 32,
+        "intermediate_size": 48,
+        "num_hidden_layers": rng.choice([2, 3]),
+        "num_attention_heads": heads,
+        "num_key_value_heads": rng.choice([h for h in (1, 2, 4) if heads % h == 0]),
+        "rope_theta": rng.choice([10000.0, 500000.0]),
+        "rms_norm_eps": 1e-6,
+        "max_position_embeddings": 128,
+        "initializer_range": 0.2,  # large weights so mistakes show in the logits
+    }
+    model.update(overrides)
+    return model
+
+
+def routed_experts(rng: random.Random, *, grouped: bool) -> dict:
+    experts = rng.choice([4, 8])
+    n_group = rng.choice([2, 4] if grouped and experts == 8 else [2] if grouped else [1])
+    topk_group = rng.choice(range(1, n_group + 1))
+    return {
+        "num_experts": experts,
+        "num_experts_per_tok": rng.choice(range(1, topk_group * (experts // n_group) + 1)),
+        "moe_intermediate_size": 24,
+        "n_group": n_group,
+        "topk_group": topk_group,
+        "norm_topk_prob": rng.choice([True, False]),
+    }
+
+
+def latent_attention(rng: random.Random, *, low_rank_query: bool) -> dict:
+    heads = rng.choice([2, 4])
+    return {
+        "attention_kind": "mla",
+        "num_attention_heads": heads,
+        "num_key_value_heads": heads,
+        "qk_norm": False,
+        "q_lora_rank": rng.choice([12, 24]) if low_rank_query else None,
+        "kv_lora_rank": rng.choice([8, 16]),
+        "qk_nope_head_dim": rng.choice([6, 8]),
+        "qk_rope_head_dim": rng.choice([4, 8]),
+        "v_head_dim": rng.choice([6, 12]),
+    }
+
+
+def qwen3_moe(rng: random.Random) -> dict:
+    layers = rng.choice([2, 3])
+    dense = sorted(rng.sample(range(layers), rng.choice([0, 1])))
+    return base_model(
+        rng,
+        num_hidden_layers=layers,
+        head_dim=rng.choice([8, 16]),
+        qk_norm=True,
+        router="softmax",
+        num_shared_experts=0,
+        mlp_layer_types=["dense" if i in dense else "sparse" for i in range(layers)],
+        **routed_experts(rng, grouped=False),
+    )
+
+
+def deepseek_v3(rng: random.Random, *, low_rank_query: bool = True) -> dict:
+    layers = rng.choice([2, 3])
+    return base_model(
+        rng,
+        num_hidden_layers=layers,
+        first_k_dense_replace=rng.choice([0, 1]),
+        num_shared_experts=rng.choice([1, 2]),
+        routed_scaling_factor=rng.choice([1.0, 2.5]),
+        num_nextn_predict_layers=rng.choice([0, 1]),
+        **routed_experts(rng, grouped=True),
+        **latent_attention(rng, low_rank_query=low_rank_query),
+    )
+
+
+def deepseek_v3_full_rank_query(rng: random.Random) -> dict:
+    return deepseek_v3(rng, low_rank_query=False)
+
+
+def axk1(rng: random.Random) -> dict:
+    layers = rng.choice([2, 3])
+    return base_model(
+        rng,
+        num_hidden_layers=layers,
+        mlp_layer_types=[rng.choice(["dense", "sparse"]) for _ in range(layers - 1)] + ["sparse"],
+        num_shared_experts=1,
+        routed_scaling_factor=2.5,
+        post_mlp_norm=True,
+        **routed_experts(rng, grouped=True),
+        **latent_attention(rng, low_rank_query=True),
+    )
+
+
+def hyperclovax(rng: random.Random) -> dict:
+    return base_model(
+        rng,
+        qk_norm=False,
+        norm_placement="sandwich",
+        embedding_multiplier=rng.choice([2.0, 3.0]),
+        residual_multiplier=rng.choice([0.5, 0.7]),
+        attention_multiplier=rng.choice([None, 0.0625]),
+        logits_scaling=rng.choice([0.25, 0.5]),
+    )
+
+
+FAMILY_CASES = {
+    # case: (family, config maker, transformers class, gradient-checked kmodel parameters)
+    "qwen3_moe": ("qwen3_moe", qwen3_moe, "Qwen3MoeForCausalLM",
+                  ["embed_tokens.weight", "layers.0.self_attn.k_norm.weight", "layers.1.mlp_in_norm.weight"]),
+    "deepseek_v3": ("deepseek_v3", deepseek_v3, "DeepseekV3ForCausalLM",
+                    ["embed_tokens.weight", "layers.0.self_attn.kv_b_proj.weight", "layers.0.self_attn.q_b_proj.weight",
+                     "layers.1.self_attn.kv_a_layernorm.weight", "layers.1.mlp.gate.weight"]),
+    "deepseek_v3-full-rank-query": ("deepseek_v3", deepseek_v3_full_rank_query, "DeepseekV3ForCausalLM",
+                                    ["layers.0.self_attn.q_proj.weight", "layers.1.self_attn.o_proj.weight"]),
+    "axk1": ("axk1", axk1, "AXK1ForCausalLM",
+             ["layers.0.self_attn.q_a_layernorm.weight", "layers.0.self_attn.kv_a_proj_with_mqa.weight",
+              "layers.1.mlp.post_mlp_norm.weight", "layers.1.mlp.experts.down_proj"]),
+    "hyperclovax": ("hyperclovax", hyperclovax, "HyperCLOVAXForCausalLM",
+                    ["embed_tokens.weight", "layers.0.attn_out_norm.weight", "layers.1.mlp_out_norm.weight",
+                     "layers.1.self_attn.v_proj.weight"]),
+}
+
+
+def build(model_section: dict, seed: int):
+    cfg = config_from_dict({"seed": seed, "model": model_section, "kernels": {"attention": "torch"}})
+    model = build_model(cfg)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("norm.weight"):
+                param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=generator))
+        # Non-zero router biases so a wrong bias convention would change the selection.
+        for moe in model.moe_layers().values():
+            moe.gate.e_score_correction_bias.normal_(0.0, 0.05, generator=generator)
+    return cfg, model
+
+
+@pytest.mark.parametrize("case", sorted(FAMILY_CASES))
+@pytest.mark.parametrize("seed", [0, 1])
+def test_logits_and_gradients_match_transformers(case, seed, tmp_path):
+    family, make, class_name, checked = FAMILY_CASES[case]
+    cfg, model = build(make(random.Random(f"{case}-{seed}")), seed)
+    save_checkpoint(tmp_path / "ckpt", model, cfg)
+    assert export_hf(tmp_path / "ckpt", tmp_path / "hf", family=family) == family
+    reference = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path / "hf", dtype=torch.float32, attn_implementation="eager"
+    )
+    assert type(reference).__name__ == class_name
+
+    # Every exported tensor arrived unchanged, and transformers has no weight the export left out.
+    theirs = reference.state_dict()
+    rename = FAMILIES[family].rename
+    exported = {}
+    for name, tensor in model.state_dict().items():
+        hf_name = rename(name, cfg.model)
+        if hf_name is not None:
+            assert torch.equal(theirs[hf_name], tensor), name
+            exported[name] = hf_name
+    assert {n for n, _ in reference.named_parameters()} <= set(exported.values())
+
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 19), generator=torch.Generator().manual_seed(seed))
+    model.eval()
+    ours, ref = model(ids).logits, reference(ids).logits
+    rel = (ours - ref).abs().max() / ref.abs().max()
+    assert rel < 1e-4, f"{family}: max relative logit error {rel:.2e}"
+
+    labels = torch.roll(ids, -1, dims=1)
+    torch.nn.functional.cross_entropy(model(ids).logits.flatten(0, 1), labels.flatten()).backward()
+    torch.nn.functional.cross_entropy(reference(ids).logits.flatten(0, 1), labels.flatten()).backward()
+    for name in checked:
+        g_ours = model.get_parameter(name).grad
+        g_ref = reference.get_parameter(exported[name]).grad
+        assert g_ours is not None and g_ours.abs().max() > 0, name
+        assert (g_ours - g_ref).abs().max() <= 1e-4 * g_ref.abs().max() + 1e-7, name
+
+
+@pytest.mark.parametrize("window", [None, 3])
+@pytest.mark.parametrize("low_rank_query", [True, False])
+def test_mla_latent_cache_generation_matches_uncached_forward(window, low_rank_query):
+    rng = random.Random(f"mla-cache-{window}-{low_rank_query}")
+    section = base_model(rng, num_hidden_layers=2, **latent_attention(rng, low_rank_query=low_rank_query))
+    if window is not None:  # a sliding layer then a global one, as VAETKI interleaves them
+        section.update(sliding_window=window, layer_types=["sliding_attention", "full_attention"])
+    cfg, model = build(section, 7)
+    model.eval()
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        full = model(ids).logits
+        cache = model.new_cache()
+        prefix = 5
+        steps = [model(ids[:, :prefix], cache=cache).logits]
+        for t in range(prefix, ids.shape[1]):
+            steps.append(model(ids[:, t : t + 1], cache=cache, position_ids=torch.tensor([t])).logits)
+    cached = torch.cat(steps, dim=1)
+    assert (cached - full).abs().max() <= 1e-5 * full.abs().max()
+    # The cache holds the compressed latent and the shared RoPE key, not per-head keys and values.
+    m = cfg.model
+    for layer_cache, layer_type in zip(cache, m.layer_types):
+        kept = window - 1 if layer_type == "sliding_attention" else ids.shape[1]
+        assert layer_cache.keys.shape == (2, kept, m.kv_lora_rank)
+        assert layer_cache.values.shape == (2, kept, m.qk_rope_head_dim)
+    assert m.kv_cache_values_per_position == m.kv_lora_rank + m.qk_rope_head_dim
+
+
+def test_post_mlp_norm_and_mup_multipliers_change_the_output():
+    """The extras are live in kmodel itself (the parity tests alone would pass if both sides ignored them)."""
+    rng = random.Random("extras")
+    section = base_model(rng, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24)
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(0))
+    _, plain = build(section, 0)
+    baseline = plain.eval()(ids).logits
+    for key, value in [("post_mlp_norm", True), ("embedding_multiplier", 2.0), ("residual_multiplier", 0.5),
+                       ("attention_multiplier", 0.01), ("logits_scaling", 0.5)]:
+        _, changed = build({**section, key: value}, 0)
+        assert not torch.allclose(changed.eval()(ids).logits, baseline), key
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"attention_kind": "mla", "kv_lora_rank": 8}, "requires qk_nope_head_dim, qk_rope_head_dim, v_head_dim"),
+        ({"kv_lora_rank": 8}, "kv_lora_rank only apply to attention_kind 'mla'"),
+        ({"attention_kind": "mla", "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8,
+          "qk_norm": True, "num_key_value_heads": 4}, "qk_norm"),
+        ({"attention_kind": "mla", "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8,
+          "qk_norm": False, "num_key_value_heads": 2}, "num_key_value_heads (2) must equal num_attention_heads (4)"),
+        ({"attention_kind": "mla", "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 3, "v_head_dim": 8,
+          "qk_norm": False, "num_key_value_heads": 4}, "qk_rope_head_dim (3) must be even"),
+    ],
+)
+def test_bad_latent_attention_config_names_the_key(overrides, message):
+    section = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+               "num_attention_heads": 4, "num_key_value_heads": 4, **overrides}
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        config_from_dict({"model": section})
+
+
+def test_families_refuse_what_they_cannot_express():
+    rng = random.Random("refuse")
+    ds = config_from_dict({"model": deepseek_v3(rng)}).model
+    with pytest.raises(ExportError, match="attention_kind 'mla'"):
+        choose_family(ds, "exaone_moe")
+    with pytest.raises(ExportError, match="post_mlp_norm off"):
+        choose_family(ds, "axk1")
+    hcx = config_from_dict({"model": hyperclovax(rng) | {"logits_scaling": 2.0}}).model
+    with pytest.raises(ExportError, match="logits_scaling"):
+        choose_family(hcx, "exaone4")
+    assert choose_family(hcx).model_type == "hyperclovax"
