@@ -18,7 +18,7 @@ Communication uses ring collectives on NVLink inside a node and InfiniBand acros
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 
 from kmodel.config import Config, ModelConfig
 
@@ -217,7 +217,8 @@ def activation_bytes(cfg: Config, *, element_bytes: int, fused_loss: bool) -> fl
     kept += 2 * m.hidden_size  # final norm input and output
     if m.num_nextn_predict_layers:
         kept += 5 * m.hidden_size  # hnorm/enorm inputs and outputs, concatenation
-    loss = 0.0 if fused_loss else tokens * m.vocab_size * 4 * (1 + m.num_nextn_predict_layers)  # fp32 logits
+    # an unfused loss keeps the fp32 logits and their log-softmax for each head (main + MTP)
+    loss = 0.0 if fused_loss else tokens * m.vocab_size * 4 * 2 * (1 + m.num_nextn_predict_layers)
     return tokens * kept * element_bytes + loss
 
 
@@ -305,7 +306,6 @@ class Plan:
     tokens_per_day: float
     token_budget: float
     kv_cache_bytes_per_seq: float
-    notes: list[str] = field(default_factory=list)
 
     @property
     def fits(self) -> bool:

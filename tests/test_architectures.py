@@ -9,12 +9,13 @@ Also: MLA's compressed generation cache reproduces the uncached forward, and con
 from __future__ import annotations
 
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
 from kmodel.checkpoint import save_checkpoint
-from kmodel.config import ConfigError, config_from_dict
+from kmodel.config import ConfigError, config_from_dict, load_config
 from kmodel.export.hf import FAMILIES, ExportError, choose_family, export_hf
 from kmodel.model import build_model
 
@@ -270,3 +271,24 @@ def test_families_refuse_what_they_cannot_express():
     with pytest.raises(ExportError, match="logits_scaling"):
         choose_family(hcx, "exaone4")
     assert choose_family(hcx).model_type == "hyperclovax"
+
+
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+
+
+@pytest.mark.parametrize(
+    "recipe, family",
+    [("deepseek-v3-671b-a37b.yaml", "deepseek_v3"), ("ax-k1-519b-a33b.yaml", "axk1"),
+     ("qwen3-30b-a3b.yaml", "qwen3_moe"), ("tiny/deepseek-v3.yaml", "deepseek_v3"), ("tiny/ax-k1.yaml", "axk1"),
+     ("tiny/qwen3-moe.yaml", "qwen3_moe"), ("tiny/hyperclova-x.yaml", "hyperclovax")],
+)
+def test_recipes_resolve_to_their_transformers_family(recipe, family):
+    cfg = load_config(RECIPES / recipe)
+    assert choose_family(cfg.model).model_type == family
+    if recipe.startswith("tiny/"):  # small enough to build and train a step here
+        model = build_model(cfg)
+        ids = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
+        out = model(ids, labels=torch.roll(ids, -1, dims=1))
+        out.loss.backward()
+        assert torch.isfinite(out.loss)
+        assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("mtp."))

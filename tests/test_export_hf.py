@@ -137,3 +137,19 @@ def test_logits_and_gradients_match_transformers(make, family, seed, tmp_path):
         g_ours = model.get_parameter(ours_name).grad
         g_ref = reference.get_parameter(hf_name).grad
         assert (g_ours - g_ref).abs().max() <= 1e-4 * g_ref.abs().max() + 1e-7, ours_name
+
+
+def test_unexpressible_config_is_refused_naming_the_feature(tmp_path):
+    rng = random.Random(0)
+    section = k_exaone(rng)
+    section["norm_placement"] = "sandwich"
+    cfg = config_from_dict({"seed": 0, "model": section})
+    save_checkpoint(tmp_path / "ckpt", build_model(cfg), cfg)
+    with pytest.raises(ExportError) as info:
+        export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    message = str(info.value)
+    assert "exaone_moe: norm_placement 'sandwich'" in message
+    assert "exaone4: routed experts" in message
+    assert not (tmp_path / "hf").exists()  # nothing half-written
+    with pytest.raises(ExportError, match="solar_open cannot express this config: .*qk_norm on"):
+        export_hf(tmp_path / "ckpt", tmp_path / "hf2", family="solar_open")

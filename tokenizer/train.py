@@ -213,9 +213,9 @@ def _run_sentencepiece(
             ) from None
         if match := _TOO_SMALL.search(message):
             raise TokenizerError(
-                f"--vocab-size {vocab_size} is too small: character coverage {character_coverage} keeps "
-                f"{match.group(2)} characters plus special pieces, which alone need that many ids. Use a larger "
-                f"vocabulary or a lower --character-coverage"
+                f"--vocab-size {vocab_size} is too small: at character coverage {character_coverage} the alphabet "
+                f"and the special pieces alone need {match.group(2)} ids. Use a larger vocabulary or a lower "
+                f"--character-coverage"
             ) from None
         raise TokenizerError(f"SentencePiece training failed on {corpus_description}: {message}") from None
     return model.getvalue()

@@ -32,58 +32,64 @@ LOGITS_CHUNK_ELEMENTS = 1 << 26
 @lazy_kernel()
 def _lse_chunk_kernel(
     logits_ptr, targets_ptr, row_max_ptr, row_sum_ptr, target_logit_ptr,
-    chunk_start, chunk_width, stride_logits,
-    BLOCK_V: tl.constexpr,
+    num_rows, chunk_start, chunk_width, stride_logits,
+    BLOCK_ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Fold one vocabulary chunk of a row's logits into its running max / sum of exp / target logit."""
-    row = tl.program_id(0).to(tl.int64)
-    logits_ptr += row * stride_logits
+    """Fold one vocabulary chunk of a block of rows into their running max / sum of exp / target logit."""
+    rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+    row_ok = rows < num_rows
+    row_ptrs = logits_ptr + rows[:, None] * stride_logits
     cols = tl.arange(0, BLOCK_V)
     # Per-lane running max and sum; merged across lanes once at the end.
-    lane_max = tl.full([BLOCK_V], float("-inf"), tl.float32)
-    lane_sum = tl.zeros([BLOCK_V], tl.float32)
+    lane_max = tl.full([BLOCK_ROWS, BLOCK_V], float("-inf"), tl.float32)
+    lane_sum = tl.zeros([BLOCK_ROWS, BLOCK_V], tl.float32)
     for start in range(0, chunk_width, BLOCK_V):
-        in_chunk = start + cols < chunk_width
-        logit = tl.load(logits_ptr + start + cols, mask=in_chunk, other=float("-inf")).to(tl.float32)
+        mask = row_ok[:, None] & (start + cols < chunk_width)[None, :]
+        logit = tl.load(row_ptrs + start + cols[None, :], mask=mask, other=float("-inf")).to(tl.float32)
         new_max = tl.maximum(lane_max, logit)
-        # Lanes still at -inf (nothing seen yet) contribute 0; guard exp(-inf - -inf).
+        # Lanes still at -inf (nothing seen yet) add 0; the guard avoids exp(-inf - -inf) = nan.
         safe_max = tl.where(new_max == float("-inf"), 0.0, new_max)
         lane_sum = lane_sum * tl.exp(lane_max - safe_max) + tl.exp(logit - safe_max)
         lane_max = new_max
-    chunk_max = tl.max(lane_max, axis=0)
-    chunk_sum = tl.sum(lane_sum * tl.exp(lane_max - chunk_max), axis=0)
+    chunk_max = tl.max(lane_max, axis=1)
+    safe_chunk_max = tl.where(chunk_max == float("-inf"), 0.0, chunk_max)
+    chunk_sum = tl.sum(lane_sum * tl.exp(lane_max - safe_chunk_max[:, None]), axis=1)
 
-    old_max = tl.load(row_max_ptr + row)
-    old_sum = tl.load(row_sum_ptr + row)
+    old_max = tl.load(row_max_ptr + rows, mask=row_ok, other=0.0)
+    old_sum = tl.load(row_sum_ptr + rows, mask=row_ok, other=0.0)
     new_max = tl.maximum(old_max, chunk_max)
-    tl.store(row_max_ptr + row, new_max)
-    tl.store(row_sum_ptr + row, old_sum * tl.exp(old_max - new_max) + chunk_sum * tl.exp(chunk_max - new_max))
+    safe_new_max = tl.where(new_max == float("-inf"), 0.0, new_max)
+    new_sum = old_sum * tl.exp(old_max - safe_new_max) + chunk_sum * tl.exp(chunk_max - safe_new_max)
+    tl.store(row_max_ptr + rows, new_max, mask=row_ok)
+    tl.store(row_sum_ptr + rows, new_sum, mask=row_ok)
 
-    target = tl.load(targets_ptr + row) - chunk_start
-    if (target >= 0) & (target < chunk_width):
-        tl.store(target_logit_ptr + row, tl.load(logits_ptr + target).to(tl.float32))
+    target = tl.load(targets_ptr + rows, mask=row_ok, other=-1) - chunk_start
+    here = row_ok & (target >= 0) & (target < chunk_width)
+    target_logit = tl.load(logits_ptr + rows * stride_logits + target, mask=here, other=0.0).to(tl.float32)
+    tl.store(target_logit_ptr + rows, target_logit, mask=here)
 
 
 @lazy_kernel()
 def _logits_grad_kernel(
     logits_ptr, targets_ptr, lse_ptr, coef_softmax_ptr, coef_target_ptr,
-    chunk_start, chunk_width, stride_logits,
-    BLOCK_V: tl.constexpr,
+    num_rows, chunk_start, chunk_width, stride_logits,
+    BLOCK_ROWS: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    """Overwrite one row of a logits chunk with d loss / d logit."""
-    row = tl.program_id(0).to(tl.int64)
-    logits_ptr += row * stride_logits
-    lse = tl.load(lse_ptr + row)
-    coef_softmax = tl.load(coef_softmax_ptr + row)
-    coef_target = tl.load(coef_target_ptr + row)
-    target = tl.load(targets_ptr + row) - chunk_start
+    """Overwrite a block of rows of a logits chunk with d loss / d logit."""
+    rows = (tl.program_id(0) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)).to(tl.int64)
+    row_ok = rows < num_rows
+    row_ptrs = logits_ptr + rows[:, None] * stride_logits
+    lse = tl.load(lse_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    coef_softmax = tl.load(coef_softmax_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    coef_target = tl.load(coef_target_ptr + rows, mask=row_ok, other=0.0)[:, None]
+    target = (tl.load(targets_ptr + rows, mask=row_ok, other=-1) - chunk_start)[:, None]
     cols = tl.arange(0, BLOCK_V)
     for start in range(0, chunk_width, BLOCK_V):
-        col = start + cols
-        in_chunk = col < chunk_width
-        logit = tl.load(logits_ptr + col, mask=in_chunk, other=0.0).to(tl.float32)
+        col = start + cols[None, :]
+        mask = row_ok[:, None] & (col < chunk_width)
+        logit = tl.load(row_ptrs + col, mask=mask, other=0.0).to(tl.float32)
         grad = coef_softmax * tl.exp(logit - lse) - tl.where(col == target, coef_target, 0.0)
-        tl.store(logits_ptr + col, grad.to(logits_ptr.dtype.element_ty), mask=in_chunk)
+        tl.store(row_ptrs + col, grad.to(logits_ptr.dtype.element_ty), mask=mask)
 
 
 def _chunk_width(num_rows: int, vocab: int) -> int:
@@ -92,8 +98,12 @@ def _chunk_width(num_rows: int, vocab: int) -> int:
     return min(width, vocab)
 
 
-def _block_v(width: int) -> int:
-    return min(triton.next_power_of_2(width), 64 if interpreting() else 4096)
+def _launch_shape(num_rows: int, width: int) -> tuple[int, int]:
+    """(rows per program, BLOCK_V): one row per program on GPU; under the interpreter, whose cost is per
+    program and per instruction, big 2D blocks."""
+    if interpreting():
+        return min(triton.next_power_of_2(max(num_rows, 1)), 32), min(triton.next_power_of_2(width), 1024)
+    return 1, min(triton.next_power_of_2(width), 4096)
 
 
 def _chunks(vocab: int, width: int):
@@ -114,9 +124,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         if num_rows > 0:
             for start, end in _chunks(vocab, width):
                 logits = hidden @ weight[start:end].t()
-                _lse_chunk_kernel[(num_rows,)](
-                    logits, targets, row_max, row_sum, target_logit, start, end - start, logits.stride(0),
-                    BLOCK_V=_block_v(end - start), num_warps=8,
+                block_rows, block_v = _launch_shape(num_rows, end - start)
+                _lse_chunk_kernel[(triton.cdiv(num_rows, block_rows),)](
+                    logits, targets, row_max, row_sum, target_logit, num_rows, start, end - start,
+                    logits.stride(0), BLOCK_ROWS=block_rows, BLOCK_V=block_v, num_warps=8,
                 )
         lse = row_max + row_sum.log()
         kept_lse = torch.where(keep, lse, 0.0)
@@ -140,9 +151,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
         for start, end in _chunks(vocab, width):
             grad_logits = hidden @ weight[start:end].t()
             if num_rows > 0:
-                _logits_grad_kernel[(num_rows,)](
-                    grad_logits, targets, lse, coef_softmax, coef_target, start, end - start,
-                    grad_logits.stride(0), BLOCK_V=_block_v(end - start), num_warps=8,
+                block_rows, block_v = _launch_shape(num_rows, end - start)
+                _logits_grad_kernel[(triton.cdiv(num_rows, block_rows),)](
+                    grad_logits, targets, lse, coef_softmax, coef_target, num_rows, start, end - start,
+                    grad_logits.stride(0), BLOCK_ROWS=block_rows, BLOCK_V=block_v, num_warps=8,
                 )
             if need_weight:
                 torch.mm(grad_logits.t(), hidden, out=grad_weight[start:end])

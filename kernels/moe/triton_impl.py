@@ -360,7 +360,7 @@ class _Layout(NamedTuple):
 
 def _block_m(num_rows: int, num_experts: int) -> int:
     if interpreting():
-        return 16
+        return 32
     return 64 if num_rows <= 64 * num_experts else 128
 
 
@@ -416,7 +416,7 @@ def _mm_configs():
 @lazy_kernel(
     configs=_mm_configs(),
     key=["N", "K", "EPILOGUE", "GATHER_A", "SCALE_ROWS", "BLOCK_M"],
-    interpret_config={"BLOCK_N": 32, "BLOCK_K": 32},
+    interpret_config={"BLOCK_N": 128, "BLOCK_K": 128},
 )
 def _grouped_mm_kernel(
     a_ptr, b_ptr, out_ptr, gate_up_ptr, weight_grad_ptr,
@@ -554,7 +554,7 @@ def _weight_grad_configs():
 @lazy_kernel(
     configs=_weight_grad_configs(),
     key=["P", "Q", "GATHER_GRAD", "INPUT_MODE"],
-    interpret_config={"BLOCK_P": 32, "BLOCK_Q": 32, "BLOCK_R": 16},
+    interpret_config={"BLOCK_P": 128, "BLOCK_Q": 128, "BLOCK_R": 32},
 )
 def _grouped_weight_grad_kernel(
     grad_ptr, input_ptr, out_ptr, segments_ptr, num_experts, row_assignment_ptr, routing_weights_ptr, top_k,
@@ -640,32 +640,42 @@ def _grouped_weight_grad(
 
 @lazy_kernel()
 def _gather_sum_kernel(
-    rows_ptr, order_ptr, weights_ptr, out_ptr, hidden, stride_rows, stride_out,
-    TOP_K: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_H: tl.constexpr,
+    rows_ptr, order_ptr, weights_ptr, out_ptr, num_tokens, hidden, stride_rows, stride_out,
+    TOP_K: tl.constexpr, WEIGHTED: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """out[token] = sum_j (weights[token, j] *) rows[order[token, j]]: a token's k expert rows, by gather."""
-    token = tl.program_id(0).to(tl.int64)
+    tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    token_ok = tokens < num_tokens
     cols = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
-    col_ok = cols < hidden
-    acc = tl.zeros((BLOCK_H,), tl.float32)
+    mask = token_ok[:, None] & (cols < hidden)[None, :]
+    acc = tl.zeros((BLOCK_T, BLOCK_H), tl.float32)
     for slot in range(TOP_K):
-        row = tl.load(order_ptr + token * TOP_K + slot).to(tl.int64)
-        values = tl.load(rows_ptr + row * stride_rows + cols, mask=col_ok, other=0.0).to(tl.float32)
+        row = tl.load(order_ptr + tokens * TOP_K + slot, mask=token_ok, other=0).to(tl.int64)
+        values = tl.load(rows_ptr + row[:, None] * stride_rows + cols[None, :], mask=mask, other=0.0).to(tl.float32)
         if WEIGHTED:
-            values *= tl.load(weights_ptr + token * TOP_K + slot)
+            values *= tl.load(weights_ptr + tokens * TOP_K + slot, mask=token_ok, other=0.0)[:, None]
         acc += values
-    tl.store(out_ptr + token * stride_out + cols, acc.to(out_ptr.dtype.element_ty), mask=col_ok)
+    tl.store(out_ptr + tokens[:, None] * stride_out + cols[None, :], acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _token_block(num_tokens: int, hidden: int) -> tuple[int, int]:
+    """(tokens, columns) per program for the per-token gathers: one token on GPU, a big 2D block under the
+    interpreter (its cost is per program and per instruction)."""
+    if interpreting():
+        return min(triton.next_power_of_2(max(num_tokens, 1)), 32), min(triton.next_power_of_2(hidden), 256)
+    return 1, min(triton.next_power_of_2(hidden), 1024)
 
 
 def _gather_sum(rows: torch.Tensor, order: torch.Tensor, top_k: int, weights: torch.Tensor | None = None):
     num_tokens = order.shape[0] // top_k
     hidden = rows.shape[1]
     out = torch.empty(num_tokens, hidden, dtype=rows.dtype, device=rows.device)
-    block_h = min(triton.next_power_of_2(hidden), 64 if interpreting() else 1024)
+    block_t, block_h = _token_block(num_tokens, hidden)
     if num_tokens > 0:
-        _gather_sum_kernel[(num_tokens, triton.cdiv(hidden, block_h))](
-            rows, order, weights if weights is not None else rows, out, hidden, rows.stride(0), out.stride(0),
-            TOP_K=top_k, WEIGHTED=weights is not None, BLOCK_H=block_h,
+        _gather_sum_kernel[(triton.cdiv(num_tokens, block_t), triton.cdiv(hidden, block_h))](
+            rows, order, weights if weights is not None else rows, out, num_tokens, hidden,
+            rows.stride(0), out.stride(0), TOP_K=top_k, WEIGHTED=weights is not None,
+            BLOCK_T=block_t, BLOCK_H=block_h,
         )
     return out
 
@@ -673,24 +683,27 @@ def _gather_sum(rows: torch.Tensor, order: torch.Tensor, top_k: int, weights: to
 @lazy_kernel()
 def _combine_backward_kernel(
     grad_out_ptr, rows_ptr, order_ptr, weights_ptr, grad_rows_ptr, grad_weights_ptr,
-    hidden, stride_grad_out, stride_rows, stride_grad_rows,
-    TOP_K: tl.constexpr, BLOCK_H: tl.constexpr,
+    num_tokens, hidden, stride_grad_out, stride_rows, stride_grad_rows,
+    TOP_K: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr,
 ):
     """For each of a token's k rows: d row = weight * d out, d weight = d out . row."""
-    token = tl.program_id(0).to(tl.int64)
+    tokens = (tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)).to(tl.int64)
+    token_ok = tokens < num_tokens
     cols = tl.arange(0, BLOCK_H)
     for slot in range(TOP_K):
-        row = tl.load(order_ptr + token * TOP_K + slot).to(tl.int64)
-        weight = tl.load(weights_ptr + token * TOP_K + slot)
-        dot = tl.zeros((BLOCK_H,), tl.float32)
+        row = tl.load(order_ptr + tokens * TOP_K + slot, mask=token_ok, other=0).to(tl.int64)
+        weight = tl.load(weights_ptr + tokens * TOP_K + slot, mask=token_ok, other=0.0)
+        dot = tl.zeros((BLOCK_T, BLOCK_H), tl.float32)
         for start in range(0, hidden, BLOCK_H):
-            col = start + cols
-            col_ok = col < hidden
-            grad = tl.load(grad_out_ptr + token * stride_grad_out + col, mask=col_ok, other=0.0).to(tl.float32)
-            values = tl.load(rows_ptr + row * stride_rows + col, mask=col_ok, other=0.0).to(tl.float32)
+            col = start + cols[None, :]
+            mask = token_ok[:, None] & (col < hidden)
+            grad = tl.load(grad_out_ptr + tokens[:, None] * stride_grad_out + col, mask=mask, other=0.0)
+            grad = grad.to(tl.float32)
+            values = tl.load(rows_ptr + row[:, None] * stride_rows + col, mask=mask, other=0.0).to(tl.float32)
             dot += grad * values
-            tl.store(grad_rows_ptr + row * stride_grad_rows + col, (grad * weight).to(grad_rows_ptr.dtype.element_ty), mask=col_ok)
-        tl.store(grad_weights_ptr + token * TOP_K + slot, tl.sum(dot, axis=0))
+            grad_row = (grad * weight[:, None]).to(grad_rows_ptr.dtype.element_ty)
+            tl.store(grad_rows_ptr + row[:, None] * stride_grad_rows + col, grad_row, mask=mask)
+        tl.store(grad_weights_ptr + tokens * TOP_K + slot, tl.sum(dot, axis=1), mask=token_ok)
 
 
 # ------------------------------------------------------------------------------------ autograd Functions
@@ -781,10 +794,11 @@ class _Combine(torch.autograd.Function):
         grad_weights = torch.empty_like(weights)
         if num_tokens > 0:
             hidden = y_sorted.shape[1]
-            _combine_backward_kernel[(num_tokens,)](
+            block_t, block_h = _token_block(num_tokens, hidden)
+            _combine_backward_kernel[(triton.cdiv(num_tokens, block_t),)](
                 grad_out, y_sorted, order, weights, grad_y_sorted, grad_weights,
-                hidden, grad_out.stride(0), y_sorted.stride(0), grad_y_sorted.stride(0),
-                TOP_K=top_k, BLOCK_H=min(triton.next_power_of_2(hidden), 64 if interpreting() else 1024),
+                num_tokens, hidden, grad_out.stride(0), y_sorted.stride(0), grad_y_sorted.stride(0),
+                TOP_K=top_k, BLOCK_T=block_t, BLOCK_H=block_h,
             )
         return grad_y_sorted, None, grad_weights
 

@@ -7,7 +7,7 @@ from kmodel.tokenizer import Tokenizer, TokenizerError, train_tokenizer
 from kmodel.tokenizer.corpus import draw_sample, parse_mix, read_corpus_file
 from kmodel.tokenizer.train import trainer_sentences
 
-SMALL_VOCAB = 700
+SMALL_VOCAB = 1200
 
 
 @pytest.fixture(scope="module")
@@ -62,12 +62,16 @@ def test_unigram_option(small_corpus, tmp_path):
 
 def test_morpheme_aware_option(small_corpus, tmp_path):
     pytest.importorskip("kiwipiepy")
-    tok = train_tokenizer(tmp_path, vocab_size=SMALL_VOCAB, inputs=small_corpus[:1], mix="ko=1", morpheme_aware=True, num_threads=1)
-    assert tok.metadata["settings"]["morpheme_aware"] is True
-    pieces = {tok.id_to_piece(index) for index in range(tok.vocab_size)}
-    # The analyser splits 속성을 into 속성 + 을, so the learned pieces never cross that boundary.
-    assert "▁속성" in pieces and "▁속성을" not in pieces
-    assert tok.decode(tok.encode("속성을 변경합니다")) == "속성을 변경합니다"
+    options = dict(vocab_size=SMALL_VOCAB, inputs=small_corpus[:1], mix="ko=1", num_threads=1)
+    plain = train_tokenizer(tmp_path / "plain", **options)
+    aware = train_tokenizer(tmp_path / "aware", morpheme_aware=True, **options)
+    assert aware.metadata["settings"]["morpheme_aware"] is True
+    plain_pieces = {plain.id_to_piece(index) for index in range(plain.vocab_size)}
+    aware_pieces = {aware.id_to_piece(index) for index in range(aware.vocab_size)}
+    # The analyser splits 속성을 into 속성 + 을: plain BPE learns the whole eojeol, morpheme-aware BPE does not.
+    assert "▁속성을" in plain_pieces
+    assert "▁속성" in aware_pieces and "▁속성을" not in aware_pieces
+    assert aware.decode(aware.encode("속성을 변경합니다")) == "속성을 변경합니다"
 
 
 # Bad input: every error names its culprit.
@@ -117,7 +121,7 @@ def test_vocab_outside_supported_range(tmp_path, vocab_size):
 
 
 def test_vocab_too_small_for_the_alphabet(small_corpus, tmp_path):
-    with pytest.raises(TokenizerError, match=r"--vocab-size 300 is too small: character coverage 1.0 keeps \d+ characters"):
+    with pytest.raises(TokenizerError, match=r"--vocab-size 300 is too small: at character coverage 1.0 the alphabet and the special pieces alone need \d+ ids"):
         train_tokenizer(tmp_path / "out", vocab_size=300, inputs=small_corpus, character_coverage=1.0, num_threads=1)
 
 

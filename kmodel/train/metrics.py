@@ -1,0 +1,100 @@
+"""Where metrics go: always DIR/metrics.jsonl (one JSON object per line), optionally Weights & Biases.
+
+Records carry `kind`: "train" (one per logged step) or "eval" (held-out results). A resumed run first
+drops the records past the checkpoint it resumes from, so the file reads as one uninterrupted run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+METRICS_FILE = "metrics.jsonl"
+
+
+def _json_safe(value: Any) -> Any:
+    """NaN and infinities as strings: JSON has no such numbers and a skipped step's loss may be one."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def read_metrics(run_dir: str | Path) -> list[dict[str, Any]]:
+    """Every complete record; a final line torn by a kill is ignored."""
+    path = Path(run_dir) / METRICS_FILE
+    if not path.is_file():
+        return []
+    records = []
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError:
+            break
+    return records
+
+
+class MetricsLog:
+    def __init__(self, run_dir: Path):
+        self.path = run_dir / METRICS_FILE
+
+    def write(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(_json_safe(record), ensure_ascii=False) + "\n")
+
+    def rewind(self, step: int) -> None:
+        """Keep only the records up to `step` (atomically), for a run resumed from that step's checkpoint."""
+        kept = [r for r in read_metrics(self.path.parent) if r["step"] <= step]
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
+        os.replace(tmp, self.path)
+
+
+def _flatten(record: dict[str, Any], prefix: str = "") -> dict[str, float]:
+    flat = {}
+    for key, value in record.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{name}/"))
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            flat[name] = value
+    return flat
+
+
+class WandbLog:
+    """Mirrors metric records to wandb, imported only when enabled; a missing wandb warns and logs nothing."""
+
+    def __init__(self, run_dir: Path, cfg) -> None:
+        self.run = None
+        settings = cfg.train.wandb
+        if not settings.enabled or settings.mode == "disabled":
+            return
+        try:
+            import wandb
+        except ImportError:
+            print("warning: train.wandb.enabled but wandb is not installed (pip install 'kmodel[wandb]'); "
+                  "metrics go to metrics.jsonl only", file=sys.stderr)
+            return
+        # One wandb run per run directory, so a resumed run continues the same wandb run.
+        run_id = hashlib.sha256(str(run_dir.resolve()).encode()).hexdigest()[:16]
+        self.run = wandb.init(
+            project=settings.project, name=cfg.name, id=run_id, resume="allow", mode=settings.mode,
+            dir=str(run_dir), config=cfg.to_dict(),
+        )
+
+    def write(self, record: dict[str, Any]) -> None:
+        if self.run is not None:
+            values = {k: v for k, v in _flatten(record).items() if not k.endswith("/load") and "/load/" not in k}
+            self.run.log(values, step=record["step"])
+
+    def close(self) -> None:
+        if self.run is not None:
+            self.run.finish()

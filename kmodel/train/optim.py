@@ -1,0 +1,31 @@
+"""AdamW with decoupled weight decay on matrices only.
+
+Norm weights and biases (every 1-D parameter) never decay; the token embedding and the output head
+decay only with `train.decay_embeddings`. Decay is decoupled (AdamW): p <- p - lr * weight_decay * p.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from kmodel.config import TrainConfig
+
+EMBEDDING_NAMES = ("embed_tokens.weight", "lm_head.weight")
+
+
+def decays(name: str, param: torch.Tensor, decay_embeddings: bool) -> bool:
+    if param.ndim < 2:
+        return False
+    return decay_embeddings or name not in EMBEDDING_NAMES
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
+    decay, no_decay = [], []
+    for name, param in model.named_parameters():
+        if param.requires_grad:
+            (decay if decays(name, param, train.decay_embeddings) else no_decay).append(param)
+    groups = [
+        {"params": decay, "weight_decay": train.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=train.adam_eps)

@@ -1,0 +1,358 @@
+"""The training loop: one Trainer per run directory.
+
+    trainer = Trainer(cfg, run_dir)          # tokenizer, data, model (seed-initialised), optimizer
+    trainer.restore(checkpoint)              # or start fresh
+    trainer.start_ledger(resume=...)         # provenance, when cfg.provenance.ledger
+    trainer.fit()                            # steps, metrics, periodic eval, checkpoints
+    trainer.finish()                         # held-out eval, plots, summary
+
+A step is `accumulation` micro-batches, each `next_micro_batch` -> `forward_backward`, then
+`clip_gradients` and `optimizer_step`; a distributed engine replaces the last three. A step whose loss or
+gradient norm is not finite is skipped (no update, logged); `max_bad_steps` in a row stop the run with
+the checkpoints already written untouched. On CPU with deterministic algorithms, the losses of a run
+resumed from any checkpoint are bit-identical to the uninterrupted run's: the checkpoint holds the
+weights, AdamW moments, RNG states and the data position, and the learning rate is a function of the step.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import time
+from contextlib import nullcontext
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from kmodel.checkpoint import (
+    CheckpointError,
+    list_checkpoints,
+    load_config_from_checkpoint,
+    load_weights_into,
+    read_state,
+    read_weights,
+    resolve_checkpoint,
+    save_checkpoint,
+    step_dir_name,
+)
+from kmodel.config import Config
+from kmodel.data import (
+    Batch,
+    DataError,
+    data_manifest,
+    default_cache_dir,
+    file_docs,
+    load_tokenizer,
+    manifest_differences,
+    training_mixture,
+)
+from kmodel.model import build_model
+from kmodel.train.evaluate import combine_results, evaluate_docs
+from kmodel.train.flops import peak_flops, training_flops_per_token
+from kmodel.train.metrics import MetricsLog, WandbLog
+from kmodel.train.optim import build_optimizer
+from kmodel.train.schedule import lr_at
+
+CHECKPOINTS_DIR = "checkpoints"
+LOSS_KEYS = ("loss", "lm_loss", "mtp_loss", "aux_loss", "z_loss")
+
+
+class TrainingDiverged(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient."""
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("train.device is 'cuda' but no CUDA device is available")
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(choice)
+
+
+def autocast_dtype(dtype: str, device: torch.device) -> torch.dtype | None:
+    """bf16 autocast on CUDA ('auto') or wherever 'bf16' is asked for; None means plain fp32."""
+    if dtype == "bf16" or (dtype == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def use_deterministic_algorithms() -> None:
+    # cuBLAS needs a fixed workspace to be deterministic; it must be set before the first CUDA matmul.
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    torch.use_deterministic_algorithms(True)
+
+
+def _finite(value: float | None) -> bool:
+    return value is None or math.isfinite(value)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: str | Path, *, progress: bool | None = None, cache_dir: Path | None = None):
+        if cfg.data is None:
+            raise DataError("the recipe has no data: section; training needs data.sources")
+        self.cfg, self.run_dir = cfg, Path(run_dir)
+        self.progress = sys.stderr.isatty() if progress is None else progress
+        if cfg.provenance.deterministic:
+            use_deterministic_algorithms()
+        self.device = resolve_device(cfg.train.device)
+        self.amp_dtype = autocast_dtype(cfg.train.dtype, self.device)
+        self.cache_dir = default_cache_dir() if cache_dir is None else cache_dir
+
+        self.tokenizer = load_tokenizer(cfg.data.tokenizer)
+        self.data_manifest = data_manifest(cfg.data)
+        self.data = training_mixture(cfg, self.tokenizer, self.data_manifest, self.cache_dir)
+        self._heldout = None  # tokenized on first evaluation
+
+        torch.manual_seed(cfg.seed)
+        self.model = build_model(cfg, self.device)
+        self.model.train()
+        self.optimizer = build_optimizer(self.model, cfg.train)
+        self.flops_per_token = training_flops_per_token(self.model, cfg.data.seq_len)
+        self.peak_flops = peak_flops(self.device)
+
+        self.step = 0  # optimizer steps taken (skipped ones included)
+        self.tokens_seen = 0
+        self.bad_steps = 0  # consecutive non-finite steps
+        self.last_record: dict[str, Any] = {}
+        self.ledger = None
+        self.metrics = MetricsLog(self.run_dir)
+        self.wandb = None
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.train.max_steps
+
+    @property
+    def tokens_per_step(self) -> int:
+        t = self.cfg.train
+        return t.micro_batch_size * t.grad_accum_steps * self.cfg.data.seq_len
+
+    # --- state -----------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything besides the weights that a resumed run needs (tensors and plain containers only)."""
+        rng = {"torch": torch.get_rng_state()}
+        if self.device.type == "cuda":
+            rng["cuda"] = torch.cuda.get_rng_state_all()
+        return {
+            "step": self.step,
+            "tokens_seen": self.tokens_seen,
+            "bad_steps": self.bad_steps,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": {"schedule": self.cfg.train.schedule, "total_steps": self.total_steps},
+            "rng": rng,
+            "data": self.data.state_dict(),
+            "data_manifest": self.data_manifest,
+        }
+
+    def restore(self, checkpoint: str | Path) -> Path:
+        """Continue from a checkpoint of this recipe: weights, optimizer, RNG, data position, counters."""
+        ckpt = resolve_checkpoint(checkpoint)
+        saved = load_config_from_checkpoint(ckpt)
+        if saved.model != self.cfg.model:
+            keys = [k for k, v in self.cfg.model.model_dump().items() if saved.model.model_dump()[k] != v]
+            raise CheckpointError(f"checkpoint {ckpt} was trained with another model config (differs in model.{', model.'.join(keys)})")
+        load_weights_into(self.model, read_weights(ckpt), str(ckpt))
+        state = read_state(ckpt)
+        changed = manifest_differences(state["data_manifest"], self.data_manifest)
+        if changed:
+            raise DataError(f"cannot resume from {ckpt}: the training data changed since: {'; '.join(changed)}")
+        if state["scheduler"]["total_steps"] != self.total_steps:
+            print(f"note: the learning-rate schedule now spans {self.total_steps} steps "
+                  f"(was {state['scheduler']['total_steps']}); losses will differ from the original plan", file=sys.stderr)
+        self.optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["rng"]["torch"])
+        if "cuda" in state["rng"] and self.device.type == "cuda":
+            torch.cuda.set_rng_state_all(state["rng"]["cuda"])
+        self.data.load_state_dict(state["data"])
+        self.step, self.tokens_seen, self.bad_steps = state["step"], state["tokens_seen"], state["bad_steps"]
+        return ckpt
+
+    def start_ledger(self, resume: bool) -> None:
+        """The provenance ledger hook: genesis for a fresh run, continuation for a resumed one."""
+        if not self.cfg.provenance.ledger:
+            return
+        from kmodel.provenance.ledger import LEDGER_FILE, Ledger
+
+        if resume and (self.run_dir / LEDGER_FILE).exists():
+            self.ledger = Ledger.open(self.run_dir)
+        else:
+            self.ledger = Ledger.create(self.run_dir, self.cfg, self.model, self.tokenizer, self.data_manifest)
+
+    # --- one step ----------------------------------------------------------------------------------------
+    def next_micro_batch(self) -> Batch:
+        batch = self.data.next_batch(self.cfg.train.micro_batch_size)
+        if self.ledger is not None:
+            self.ledger.observe_batch(batch.input_ids)
+        return batch.to(self.device)
+
+    def forward_backward(self, batch: Batch) -> dict[str, float]:
+        """Loss of one micro-batch, backpropagated with the 1/accumulation weight; returns the loss terms."""
+        autocast = torch.autocast(self.device.type, self.amp_dtype) if self.amp_dtype else nullcontext()
+        with autocast:
+            out = self.model(batch.input_ids, batch.labels, segment_ids=batch.segment_ids)
+        (out.loss / self.cfg.train.grad_accum_steps).backward()
+        return {k: getattr(out, k).item() for k in LOSS_KEYS if getattr(out, k) is not None}
+
+    def clip_gradients(self) -> float:
+        """Global gradient norm (before clipping); clips to train.grad_clip when it is positive."""
+        limit = self.cfg.train.grad_clip or float("inf")
+        return torch.nn.utils.clip_grad_norm_(self.model.parameters(), limit).item()
+
+    def optimizer_step(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        self.optimizer.step()
+        self.model.end_step()  # MoE: aux-loss-free bias update and the step's router load
+
+    def discard_step(self) -> None:
+        """Drop a non-finite step: no update, and its router counts do not steer the balancing bias."""
+        for moe in self.model.moe_layers().values():
+            moe.load.zero_()
+
+    def train_step(self) -> dict[str, Any]:
+        start = time.perf_counter()
+        lr = lr_at(self.step, self.cfg.train, self.total_steps)
+        micro = [self.forward_backward(self.next_micro_batch()) for _ in range(self.cfg.train.grad_accum_steps)]
+        losses = {k: sum(m[k] for m in micro) / len(micro) for k in micro[0]}
+        grad_norm = self.clip_gradients()
+        finite = all(map(_finite, losses.values())) and _finite(grad_norm)
+        if finite:
+            self.optimizer_step(lr)
+            self.bad_steps = 0
+        else:
+            self.discard_step()
+            self.bad_steps += 1
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
+
+        self.step += 1
+        self.tokens_seen += self.tokens_per_step
+        tokens_per_s = self.tokens_per_step / seconds
+        record = {
+            "kind": "train",
+            "step": self.step,
+            "tokens": self.tokens_seen,
+            **losses,
+            "lr": lr,
+            "grad_norm": grad_norm,
+            "tokens_per_s": tokens_per_s,
+            "mfu": None if self.peak_flops is None else self.flops_per_token * tokens_per_s / self.peak_flops,
+            "step_seconds": seconds,
+            "skipped": not finite,
+            "router": self._router_record() if finite else None,
+        }
+        self.last_record = record
+        return record
+
+    def _router_record(self) -> dict[str, Any]:
+        return {
+            name: {"max_over_mean": s["max_over_mean"], "dead_experts": s["dead_experts"], "load": s["load"]}
+            for name, s in self.model.router_stats().items()
+        }
+
+    # --- checkpoints -----------------------------------------------------------------------------------------
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.run_dir / CHECKPOINTS_DIR
+
+    def save_checkpoint(self) -> Path:
+        """Write step_NNNNNNN atomically, record it in the ledger, then drop checkpoints beyond the last K."""
+        directory = self.checkpoints_dir / step_dir_name(self.step)
+        save_checkpoint(directory, self.model, self.cfg, tokenizer=self.tokenizer, state=self.state_dict())
+        if self.ledger is not None:
+            r = self.last_record
+            self.ledger.record_checkpoint(
+                step=self.step, loss=r.get("loss"), lr=r.get("lr"), grad_norm=r.get("grad_norm"), checkpoint_dir=directory
+            )
+        for old in list_checkpoints(self.run_dir)[: -self.cfg.train.keep_checkpoints]:
+            # Renamed first so a kill mid-delete never leaves a half-deleted directory under a checkpoint name.
+            doomed = old.with_name(f".{old.name}.deleting")
+            os.replace(old, doomed)
+            shutil.rmtree(doomed)
+        return directory
+
+    # --- evaluation ------------------------------------------------------------------------------------------
+    def evaluate_heldout(self, max_batches: int | None) -> dict[str, Any] | None:
+        """Loss, perplexity and bits per byte on data.heldout (None when the recipe has none)."""
+        if not self.cfg.data.heldout:
+            return None
+        if self._heldout is None:
+            self._heldout = {
+                path: file_docs(path, self.tokenizer, self.cache_dir, sha256=entry["sha256"])
+                for path, entry in zip(self.cfg.data.heldout, self.data_manifest["heldout"])
+            }
+        per_file = {
+            path: evaluate_docs(
+                self.model, docs, self.cfg.data.seq_len, self.cfg.train.micro_batch_size, self.tokenizer.pad_id,
+                self.amp_dtype, max_batches,
+            )
+            for path, docs in self._heldout.items()
+        }
+        return {"kind": "eval", "step": self.step, **combine_results(per_file.values()), "files": per_file}
+
+    # --- the loop ----------------------------------------------------------------------------------------------
+    def log(self, record: dict[str, Any]) -> None:
+        self.metrics.write(record)
+        if self.wandb is not None:
+            self.wandb.write(record)
+
+    def fit(self, max_steps: int | None = None) -> None:
+        """Train until step `max_steps` (default: train.max_steps; the schedule always spans train.max_steps)."""
+        from tqdm import tqdm
+
+        train = self.cfg.train
+        stop = self.total_steps if max_steps is None else min(max_steps, self.total_steps)
+        if self.wandb is None:
+            self.wandb = WandbLog(self.run_dir, self.cfg)
+        bar = tqdm(total=stop, initial=self.step, unit="step", dynamic_ncols=True, disable=not self.progress,
+                   desc=self.cfg.name)
+        try:
+            while self.step < stop:
+                record = self.train_step()
+                if record["skipped"] or self.step % train.log_every == 0 or self.step == stop:
+                    self.log(record)
+                if record["skipped"]:
+                    print(f"step {self.step}: non-finite loss {record['loss']} or grad norm {record['grad_norm']}; "
+                          f"skipped ({self.bad_steps} in a row)", file=sys.stderr)
+                    if self.bad_steps >= train.max_bad_steps:
+                        latest = list_checkpoints(self.run_dir)
+                        raise TrainingDiverged(
+                            f"{self.bad_steps} consecutive non-finite steps (train.max_bad_steps = {train.max_bad_steps}); "
+                            f"stopped at step {self.step}. Last good checkpoint: {latest[-1] if latest else 'none yet'}"
+                        )
+                bar.update(1)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+                if train.eval_every and self.step % train.eval_every == 0 and self.step < stop:
+                    self._log_eval()
+                if self.step % train.checkpoint_every == 0 or self.step == stop:
+                    self.save_checkpoint()
+        except BaseException:
+            self._close_wandb()
+            raise
+        finally:
+            bar.close()
+
+    def _log_eval(self) -> None:
+        result = self.evaluate_heldout(self.cfg.train.eval_batches)
+        if result is not None:
+            self.log(result)
+
+    def _close_wandb(self) -> None:
+        if self.wandb is not None:
+            self.wandb.close()
+            self.wandb = None
+
+    def finish(self) -> str:
+        """End of run: held-out evaluation (train.eval_batches per file), plots and the summary; returns the summary."""
+        from kmodel.train.plots import write_plots
+        from kmodel.train.summary import write_summary
+
+        self._log_eval()
+        self._close_wandb()
+        write_plots(self.run_dir)
+        return write_summary(self.run_dir)

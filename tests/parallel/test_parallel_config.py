@@ -1,0 +1,85 @@
+"""parallel: validation, the DeepSpeed config it generates, and `kmodel launch --dry-run`."""
+
+from __future__ import annotations
+
+import subprocess
+
+import pytest
+
+from kmodel.cli import main
+from kmodel.config import ConfigError, load_config
+from kmodel.parallel.deepspeed_config import deepspeed_config
+from kmodel.parallel.launch import render
+
+TINY = "recipes/tiny-ko-moe.yaml"
+DS = ["parallel.backend=deepspeed"]
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        (["parallel.world_size=2"], "need backend: deepspeed"),
+        (DS + ["parallel.world_size=4", "parallel.expert_parallel_size=3"], r"expert_parallel_size \(3\) does not divide world_size \(4\)"),
+        (DS + ["parallel.world_size=3", "parallel.expert_parallel_size=3"], r"does not divide model.num_experts \(8\)"),
+        (DS + ["parallel.world_size=2", "parallel.global_batch_size=24"], "not divisible by micro_batch_size x world_size = 16"),
+        (DS + ["parallel.world_size=2", "parallel.global_batch_size=32"], "set train.grad_accum_steps to 2"),
+        (DS + ["parallel.world_size=2", "parallel.expert_parallel_size=2", "parallel.zero_stage=3"], "zero_stage 3 with expert_parallel_size"),
+        (DS + ["parallel.zero_stage=2", "parallel.offload_params=true"], "offload_params needs zero_stage 3"),
+        (DS + ["parallel.offload_optimizer=true"], "offload_optimizer needs zero_stage 1, 2 or 3"),
+    ],
+)
+def test_inconsistent_parallel_sections_are_refused(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        load_config(TINY, overrides)
+
+
+def test_deepspeed_config_from_the_recipe():
+    cfg = load_config(TINY, DS + ["parallel.world_size=4", "parallel.zero_stage=3", "parallel.offload_params=true",
+                                  "parallel.offload_optimizer=true", "train.grad_accum_steps=3", "train.grad_clip=0.5",
+                                  "train.dtype=bf16", "parallel.global_batch_size=96"])
+    ds = deepspeed_config(cfg, "cpu")
+    assert ds["train_batch_size"] == 96 and ds["train_micro_batch_size_per_gpu"] == 8
+    assert ds["gradient_accumulation_steps"] == 3 and ds["gradient_clipping"] == 0.5
+    assert ds["bf16"] == {"enabled": True}
+    zero = ds["zero_optimization"]
+    assert zero["stage"] == 3 and zero["offload_param"]["device"] == "cpu" and zero["offload_optimizer"]["device"] == "cpu"
+    auto = deepspeed_config(load_config(TINY, DS + ["parallel.zero_stage=1"]), "cpu")
+    assert auto["bf16"] == {"enabled": False} and "offload_optimizer" not in auto["zero_optimization"]
+    assert deepspeed_config(load_config(TINY, DS + ["parallel.zero_stage=1"]), "cuda")["bf16"] == {"enabled": True}
+
+
+def test_launch_dry_runs(tmp_path, capsys):
+    two = ["--set", "parallel.backend=deepspeed", "--set", "parallel.world_size=2"]
+    assert main(["launch", TINY, "--out", str(tmp_path / "a"), "--dry-run", *two]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line.startswith("deepspeed --num_gpus 2 ") and "--module kmodel.parallel.entry recipes/tiny-ko-moe.yaml" in line
+    assert "--set parallel.world_size=2" in line
+    assert main(["launch", TINY, "--out", str(tmp_path / "a"), "--dry-run", "--launcher", "torchrun", *two]) == 0
+    assert capsys.readouterr().out.startswith("torchrun --standalone --nproc_per_node 2 -m kmodel.parallel.entry")
+
+    recipe = "recipes/moe-30b-a3b-multinode.yaml"
+    assert main(["launch", recipe, "--out", str(tmp_path / "b"), "--nodes", "2", "--hosts", "n1,n2", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "n1 slots=8\nn2 slots=8\n" in out and "--hostfile" in out and "--master_addr n1" in out
+    assert not (tmp_path / "b").exists()  # a dry run writes nothing
+
+    assert main(["launch", recipe, "--out", str(tmp_path / "c"), "--nodes", "2", "--slurm", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    script = out.split("launch.sbatch:\n", 1)[1].rsplit("\nsbatch ", 1)[0]
+    for expected in ("#SBATCH --nodes=2", "#SBATCH --gpus-per-node=8", "#SBATCH --requeue", "MASTER_ADDR=",
+                     "NCCL_IB_HCA=mlx5", "scontrol requeue", "rsync", "srun"):
+        assert expected in script
+    assert "{{" not in script
+    assert subprocess.run(["bash", "-n"], input=script, text=True).returncode == 0
+
+
+def test_launch_layout_errors(tmp_path, capsys):
+    recipe = "recipes/moe-30b-a3b-multinode.yaml"
+    assert main(["launch", recipe, "--out", str(tmp_path), "--nodes", "2", "--gpus-per-node", "4", "--dry-run"]) == 2
+    assert "parallel.world_size is 16" in capsys.readouterr().err
+    assert main(["launch", recipe, "--out", str(tmp_path), "--nodes", "2", "--dry-run"]) == 2
+    assert "needs --hosts, --hostfile or --slurm" in capsys.readouterr().err
+    assert main(["launch", recipe, "--out", str(tmp_path), "--nodes", "2", "--hosts", "a", "--dry-run"]) == 2
+    assert "names 1 machines but --nodes is 2" in capsys.readouterr().err
+    with pytest.raises(ValueError, match=r"missing values \['b'\]"):
+        render("{{a}} {{b}}", {"a": "1"})
