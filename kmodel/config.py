@@ -30,6 +30,26 @@ class Section(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
 
+class RopeScaling(Section):
+    """YaRN context extension (Hugging Face's `rope_parameters` / `rope_scaling` keys besides rope_theta).
+
+    Rotary frequencies below `beta_slow` rotations over the original context are divided by `factor`, those
+    above `beta_fast` are kept, and a linear ramp blends the band between. cos/sin are multiplied by
+    `attention_factor` (default: 0.1 ln(factor) + 1, or the ratio of the `mscale` / `mscale_all_dim` forms).
+    With `mscale_all_dim` set, the softmax scale is also multiplied by (0.1 mscale_all_dim ln(factor) + 1)^2
+    (DeepSeek-V3's convention)."""
+
+    rope_type: Literal["yarn"] = "yarn"
+    factor: float = Field(gt=1, description="context extension ratio")
+    original_max_position_embeddings: int = Field(gt=0, description="context length the model was pre-trained at")
+    beta_fast: float = Field(32.0, gt=0)
+    beta_slow: float = Field(1.0, gt=0)
+    mscale: float | None = Field(None, gt=0)
+    mscale_all_dim: float | None = Field(None, gt=0)
+    attention_factor: float | None = Field(None, gt=0, description="cos/sin multiplier (default from factor)")
+    truncate: bool = Field(True, description="round the ramp's ends to whole dims (gpt-oss: false)")
+
+
 class ModelConfig(Section):
     # --- Hugging Face names -------------------------------------------------------------------
     vocab_size: int = Field(gt=0)
@@ -94,6 +114,28 @@ class ModelConfig(Section):
         None, gt=0, description="softmax scale of the attention logits (default: query/key head dim ** -0.5)"
     )
     logits_scaling: float = Field(1.0, gt=0, description="output logits are multiplied by this")
+    # --- gpt-oss (HF names where transformers has one) -----------------------------------------------
+    attention_bias: bool = Field(False, description="biases on the q/k/v/o projections (GQA)")
+    attention_sinks: bool = Field(False, description="a learned per-head logit in every softmax denominator (gpt-oss)")
+    router_bias: bool = Field(False, description="a learned bias on the router logits (gpt-oss)")
+    expert_bias: bool = Field(False, description="biases on the routed experts' gate/up and down projections")
+    expert_activation: Literal["swiglu", "clamped_swiglu"] = Field(
+        "swiglu",
+        description="routed experts: swiglu = silu(gate) * up; clamped_swiglu (gpt-oss) = "
+        "gate * sigmoid(swiglu_alpha * gate) * (up + 1) with gate <= swiglu_limit and |up| <= swiglu_limit",
+    )
+    swiglu_alpha: float | None = Field(None, gt=0, description="clamped_swiglu: sigmoid gain (default 1.702)")
+    swiglu_limit: float | None = Field(
+        None, gt=0, description="clamped_swiglu: clamp of gate (above) and up (both sides) (default 7.0)"
+    )
+    # --- RoPE variants ----------------------------------------------------------------------------
+    rope_scaling: RopeScaling | None = Field(None, description="YaRN context extension (None: plain RoPE)")
+    rope_local_base_freq: float | None = Field(
+        None, gt=0, description="RoPE theta of sliding layers, unscaled (Gemma 3's name); None: as full layers"
+    )
+    norm_weight_plus_one: bool = Field(
+        False, description="Gemma-style norms: the weight is stored as w, applied as (1 + w), initialised to 0"
+    )
 
     @model_validator(mode="after")
     def _resolve_and_check(self) -> "ModelConfig":
@@ -104,6 +146,7 @@ class ModelConfig(Section):
                 f"num_key_value_heads ({self.num_key_value_heads})"
             )
         self._check_attention_kind()
+        self._check_gpt_oss_features()
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(
@@ -128,6 +171,8 @@ class ModelConfig(Section):
         if "sliding_attention" in layer_types and self.sliding_window is None:
             raise ValueError("layer_types has sliding_attention layers but sliding_window is not set")
         object.__setattr__(self, "layer_types", layer_types)
+        if self.rope_local_base_freq is not None and "sliding_attention" not in layer_types:
+            raise ValueError("rope_local_base_freq is set but there are no sliding_attention layers")
 
         if self.num_experts == 0:
             mlp_types = ["dense"] * n
@@ -187,6 +232,25 @@ class ModelConfig(Section):
                 "for attention_kind 'mla'; leave it unset"
             )
         object.__setattr__(self, "head_dim", qk_head_dim)
+
+    def _check_gpt_oss_features(self) -> None:
+        if self.attention_kind == "mla":
+            stray = [key for key in ("attention_bias", "attention_sinks") if getattr(self, key)]
+            if stray:
+                raise ValueError(f"{', '.join(stray)} only apply to attention_kind 'gqa' (attention_kind is 'mla')")
+        if self.num_experts == 0:
+            stray = [key for key in ("router_bias", "expert_bias") if getattr(self, key)]
+            if self.expert_activation != "swiglu":
+                stray.append("expert_activation")
+            if stray:
+                raise ValueError(f"{', '.join(stray)} need routed experts (num_experts is 0)")
+        if self.expert_activation == "swiglu":
+            stray = [key for key in ("swiglu_alpha", "swiglu_limit") if getattr(self, key) is not None]
+            if stray:
+                raise ValueError(f"{', '.join(stray)} only apply to expert_activation 'clamped_swiglu'")
+        else:  # gpt-oss's published values
+            object.__setattr__(self, "swiglu_alpha", 1.702 if self.swiglu_alpha is None else self.swiglu_alpha)
+            object.__setattr__(self, "swiglu_limit", 7.0 if self.swiglu_limit is None else self.swiglu_limit)
 
     @property
     def q_heads_per_kv(self) -> int:

@@ -8,6 +8,7 @@ Also: MLA's compressed generation cache reproduces the uncached forward, and con
 
 from __future__ import annotations
 
+import math
 import random
 from pathlib import Path
 
@@ -128,6 +129,42 @@ def hyperclovax(rng: random.Random) -> dict:
     )
 
 
+def yarn(**extra) -> dict:
+    """A YaRN setting whose ramp falls inside the tiny head dims, so every part of it is exercised."""
+    return {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 16, "beta_fast": 4.0,
+            "beta_slow": 0.5, **extra}
+
+
+def deepseek_v3_yarn(rng: random.Random) -> dict:
+    # mscale != mscale_all_dim: both the cos/sin factor and the softmax rescale differ from 1
+    return deepseek_v3(rng) | {"rope_scaling": yarn(mscale=0.707, mscale_all_dim=1.0)}
+
+
+def gpt_oss(rng: random.Random) -> dict:
+    experts = rng.choice([4, 8])
+    return base_model(
+        rng,
+        num_hidden_layers=rng.choice([2, 4]),
+        head_dim=rng.choice([8, 16]),
+        qk_norm=False,
+        sliding_window=rng.choice([3, 5]),
+        sliding_window_pattern="LG",
+        rope_scaling=yarn(truncate=rng.choice([True, False])),
+        num_experts=experts,
+        num_experts_per_tok=rng.choice([1, 2, 4]),
+        moe_intermediate_size=24,
+        router="softmax",
+        norm_topk_prob=True,
+        attention_bias=True,
+        attention_sinks=True,
+        router_bias=True,
+        expert_bias=True,
+        expert_activation="clamped_swiglu",
+        swiglu_alpha=rng.choice([1.702, 1.2]),
+        swiglu_limit=rng.choice([0.5, 1.0]),  # small enough that the clamps bite
+    )
+
+
 FAMILY_CASES = {
     # case: (family, config maker, transformers class, gradient-checked kmodel parameters)
     "qwen3_moe": ("qwen3_moe", qwen3_moe, "Qwen3MoeForCausalLM",
@@ -140,6 +177,12 @@ FAMILY_CASES = {
     "axk1": ("axk1", axk1, "AXK1ForCausalLM",
              ["layers.0.self_attn.q_a_layernorm.weight", "layers.0.self_attn.kv_a_proj_with_mqa.weight",
               "layers.1.mlp.post_mlp_norm.weight", "layers.1.mlp.experts.down_proj"]),
+    "deepseek_v3-yarn": ("deepseek_v3", deepseek_v3_yarn, "DeepseekV3ForCausalLM",
+                         ["layers.0.self_attn.kv_a_proj_with_mqa.weight", "layers.1.self_attn.q_b_proj.weight"]),
+    "gpt_oss": ("gpt_oss", gpt_oss, "GptOssForCausalLM",
+                ["layers.0.self_attn.sinks", "layers.0.self_attn.q_proj.bias", "layers.1.mlp.gate.bias",
+                 "layers.1.mlp.experts.gate_up_proj", "layers.1.mlp.experts.gate_up_proj_bias",
+                 "layers.0.mlp.experts.down_proj", "layers.0.mlp.experts.down_proj_bias", "layers.1.attn_in_norm.weight"]),
     "hyperclovax": ("hyperclovax", hyperclovax, "HyperCLOVAXForCausalLM",
                     ["embed_tokens.weight", "layers.0.attn_out_norm.weight", "layers.1.mlp_out_norm.weight",
                      "layers.1.self_attn.v_proj.weight"]),
@@ -154,6 +197,8 @@ def build(model_section: dict, seed: int):
         for name, param in model.named_parameters():
             if name.endswith("norm.weight"):
                 param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=generator))
+            elif name.endswith("bias") or name.endswith("sinks"):  # zero at init: randomise so they count
+                param.copy_(0.3 * torch.randn(param.shape, generator=generator))
         # Non-zero router biases so a wrong bias convention would change the selection.
         for moe in model.moe_layers().values():
             moe.gate.e_score_correction_bias.normal_(0.0, 0.05, generator=generator)
@@ -174,12 +219,12 @@ def test_logits_and_gradients_match_transformers(case, seed, tmp_path):
 
     # Every exported tensor arrived unchanged, and transformers has no weight the export left out.
     theirs = reference.state_dict()
-    rename = FAMILIES[family].rename
+    rename, transform = FAMILIES[family].rename, FAMILIES[family].transform
     exported = {}
     for name, tensor in model.state_dict().items():
         hf_name = rename(name, cfg.model)
         if hf_name is not None:
-            assert torch.equal(theirs[hf_name], tensor), name
+            assert torch.equal(theirs[hf_name], transform(name, tensor, cfg.model)), name
             exported[name] = hf_name
     assert {n for n, _ in reference.named_parameters()} <= set(exported.values())
 
@@ -196,6 +241,7 @@ def test_logits_and_gradients_match_transformers(case, seed, tmp_path):
         g_ours = model.get_parameter(name).grad
         g_ref = reference.get_parameter(exported[name]).grad
         assert g_ours is not None and g_ours.abs().max() > 0, name
+        g_ours = transform(name, g_ours, cfg.model)
         assert (g_ours - g_ref).abs().max() <= 1e-4 * g_ref.abs().max() + 1e-7, name
 
 
@@ -230,12 +276,16 @@ def test_mla_latent_cache_generation_matches_uncached_forward(window, low_rank_q
 def test_post_mlp_norm_and_mup_multipliers_change_the_output():
     """The extras are live in kmodel itself (the parity tests alone would pass if both sides ignored them)."""
     rng = random.Random("extras")
-    section = base_model(rng, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24)
+    section = base_model(rng, num_hidden_layers=2, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=24,
+                         sliding_window=4, layer_types=["sliding_attention", "full_attention"])
     ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(0))
     _, plain = build(section, 0)
     baseline = plain.eval()(ids).logits
     for key, value in [("post_mlp_norm", True), ("embedding_multiplier", 2.0), ("residual_multiplier", 0.5),
-                       ("attention_multiplier", 0.01), ("logits_scaling", 0.5)]:
+                       ("attention_multiplier", 0.01), ("logits_scaling", 0.5), ("attention_bias", True),
+                       ("attention_sinks", True), ("router_bias", True), ("expert_bias", True),
+                       ("expert_activation", "clamped_swiglu"), ("rope_scaling", yarn()),
+                       ("rope_local_base_freq", 100.0), ("norm_weight_plus_one", True)]:
         _, changed = build({**section, key: value}, 0)
         assert not torch.allclose(changed.eval()(ids).logits, baseline), key
 
@@ -254,6 +304,28 @@ def test_post_mlp_norm_and_mup_multipliers_change_the_output():
     ],
 )
 def test_bad_latent_attention_config_names_the_key(overrides, message):
+    check_config_error(overrides, message)
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"attention_kind": "mla", "kv_lora_rank": 8, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 8,
+          "qk_norm": False, "attention_sinks": True}, "attention_sinks only apply to attention_kind 'gqa'"),
+        ({"expert_bias": True}, "expert_bias need routed experts"),
+        ({"num_experts": 4, "moe_intermediate_size": 8, "swiglu_limit": 5.0},
+         "swiglu_limit only apply to expert_activation 'clamped_swiglu'"),
+        ({"rope_local_base_freq": 100.0}, "rope_local_base_freq is set but there are no sliding_attention layers"),
+        ({"rope_scaling": {"factor": 4.0}}, "rope_scaling.original_max_position_embeddings"),
+        ({"rope_scaling": {"factor": 4.0, "original_max_position_embeddings": 16, "betafast": 8}},
+         "unknown key 'model.rope_scaling.betafast'; did you mean 'beta_fast'"),
+    ],
+)
+def test_bad_gpt_oss_vaetki_or_yarn_config_names_the_key(overrides, message):
+    check_config_error(overrides, message)
+
+
+def check_config_error(overrides: dict, message: str) -> None:
     section = {"vocab_size": 97, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
                "num_attention_heads": 4, "num_key_value_heads": 4, **overrides}
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -267,6 +339,14 @@ def test_families_refuse_what_they_cannot_express():
         choose_family(ds, "exaone_moe")
     with pytest.raises(ExportError, match="post_mlp_norm off"):
         choose_family(ds, "axk1")
+    oss = config_from_dict({"model": gpt_oss(rng)}).model
+    with pytest.raises(ExportError, match="attention_sinks"):
+        choose_family(oss, "qwen3_moe")
+    with pytest.raises(ExportError, match="router_bias off"):
+        choose_family(oss.model_copy(update={"router_bias": False}), "gpt_oss")
+    assert choose_family(oss).model_type == "gpt_oss"
+    with pytest.raises(ExportError, match="norm_weight_plus_one"):
+        choose_family(config_from_dict({"model": vaetki(rng)}).model)  # VAETKI has no transformers class
     hcx = config_from_dict({"model": hyperclovax(rng) | {"logits_scaling": 2.0}}).model
     with pytest.raises(ExportError, match="logits_scaling"):
         choose_family(hcx, "exaone4")
@@ -280,11 +360,18 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
     "recipe, family",
     [("deepseek-v3-671b-a37b.yaml", "deepseek_v3"), ("ax-k1-519b-a33b.yaml", "axk1"),
      ("qwen3-30b-a3b.yaml", "qwen3_moe"), ("tiny/deepseek-v3.yaml", "deepseek_v3"), ("tiny/ax-k1.yaml", "axk1"),
-     ("tiny/qwen3-moe.yaml", "qwen3_moe"), ("tiny/hyperclova-x.yaml", "hyperclovax")],
+     ("tiny/qwen3-moe.yaml", "qwen3_moe"), ("tiny/hyperclova-x.yaml", "hyperclovax"),
+     ("gpt-oss-20b.yaml", "gpt_oss"), ("tiny/gpt-oss.yaml", "gpt_oss"),
+     ("vaetki-112b-a10b.yaml", None), ("tiny/vaetki.yaml", None)],
 )
 def test_recipes_resolve_to_their_transformers_family(recipe, family):
+    """family None: no transformers class can express the recipe (VAETKI), and the export says so."""
     cfg = load_config(RECIPES / recipe)
-    assert choose_family(cfg.model).model_type == family
+    if family is None:
+        with pytest.raises(ExportError, match="no transformers class"):
+            choose_family(cfg.model)
+    else:
+        assert choose_family(cfg.model).model_type == family
     if recipe.startswith("tiny/"):  # small enough to build and train a step here
         model = build_model(cfg)
         ids = torch.randint(0, cfg.model.vocab_size, (2, 16), generator=torch.Generator().manual_seed(0))
@@ -292,3 +379,125 @@ def test_recipes_resolve_to_their_transformers_family(recipe, family):
         out.loss.backward()
         assert torch.isfinite(out.loss)
         assert all(p.grad is not None for n, p in model.named_parameters() if not n.startswith("mtp."))
+
+
+# --- VAETKI: no transformers class; checked against an independent float64 re-implementation -----------
+
+
+def vaetki(rng: random.Random) -> dict:
+    """MLA in sliding and global layers with their own RoPE theta, Peri-LN sandwich norms applying (1 + w),
+    a dense first layer, then sigmoid-routed MoE with a shared expert."""
+    return base_model(
+        rng,
+        num_hidden_layers=3,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        sliding_window=rng.choice([3, 4]),
+        rope_theta=10000.0,
+        rope_local_base_freq=rng.choice([100.0, 1000.0]),
+        norm_placement="sandwich",
+        norm_weight_plus_one=True,
+        first_k_dense_replace=1,
+        num_experts=4,
+        num_experts_per_tok=2,
+        num_shared_experts=1,
+        moe_intermediate_size=24,
+        routed_scaling_factor=rng.choice([1.0, 2.5]),
+        norm_topk_prob=rng.choice([True, False]),
+        **latent_attention(rng, low_rank_query=True),
+    )
+
+
+def vaetki_reference_logits(w: dict[str, torch.Tensor], m, ids: torch.Tensor) -> torch.Tensor:
+    """Plain float64 tensor math over the weights dict (one sequence): written from the architecture's
+    description, sharing no code with kmodel.model."""
+    seq = ids.shape[0]
+    pos = torch.arange(seq, dtype=torch.float64)
+
+    def norm(x, name):
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + m.rms_norm_eps) * (1 + w[name])
+
+    def rotate(x, theta):  # x (seq, heads, d): pairs (i, i + d/2) turn by pos * theta^(-2i/d)
+        d = x.shape[-1]
+        angle = pos[:, None] * theta ** (-torch.arange(0, d, 2, dtype=torch.float64) / d)
+        cos, sin = angle.cos()[:, None, :], angle.sin()[:, None, :]
+        a, b = x[..., : d // 2], x[..., d // 2 :]
+        return torch.cat((a * cos - b * sin, b * cos + a * sin), dim=-1)
+
+    def swiglu(x, gate, up, down):
+        return (torch.nn.functional.silu(x @ gate.T) * (x @ up.T)) @ down.T
+
+    def attention(x, p, sliding):
+        heads, nope, rope_d, v_d = m.num_attention_heads, m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+        theta = m.rope_local_base_freq if sliding else m.rope_theta
+        q = (norm(x @ w[p + "q_a_proj.weight"].T, p + "q_a_layernorm.weight") @ w[p + "q_b_proj.weight"].T)
+        q = q.view(seq, heads, nope + rope_d)
+        compressed = x @ w[p + "kv_a_proj_with_mqa.weight"].T
+        latent = norm(compressed[:, : m.kv_lora_rank], p + "kv_a_layernorm.weight")
+        k_rope = rotate(compressed[:, None, m.kv_lora_rank :], theta)  # one key part shared by all heads
+        kv = (latent @ w[p + "kv_b_proj.weight"].T).view(seq, heads, nope + v_d)
+        k_nope, v = kv[..., :nope], kv[..., nope:]
+        scores = torch.einsum("qhd,khd->hqk", q[..., :nope], k_nope)
+        scores = scores + torch.einsum("qhd,kd->hqk", rotate(q[..., nope:], theta), k_rope[:, 0])
+        gap = pos[:, None] - pos[None, :]
+        visible = (gap >= 0) & ((gap < m.sliding_window) if sliding else True)
+        scores = (scores / math.sqrt(nope + rope_d)).masked_fill(~visible, float("-inf"))
+        out = torch.einsum("hqk,khd->qhd", scores.softmax(-1), v).reshape(seq, heads * v_d)
+        return out @ w[p + "o_proj.weight"].T
+
+    def moe(x, p):
+        scores = torch.sigmoid(x @ w[p + "gate.weight"].T)
+        chosen = (scores + w[p + "gate.e_score_correction_bias"]).topk(m.num_experts_per_tok, dim=-1).indices
+        weights = scores.gather(1, chosen)
+        if m.norm_topk_prob:
+            weights = weights / weights.sum(-1, keepdim=True)
+        weights = weights * m.routed_scaling_factor
+        inter = m.moe_intermediate_size
+        out = swiglu(x, w[p + "shared_experts.gate_proj.weight"], w[p + "shared_experts.up_proj.weight"],
+                     w[p + "shared_experts.down_proj.weight"])
+        for t in range(seq):
+            for slot in range(m.num_experts_per_tok):
+                e = int(chosen[t, slot])
+                gate_up = w[p + "experts.gate_up_proj"][e]
+                y = swiglu(x[t], gate_up[:inter], gate_up[inter:], w[p + "experts.down_proj"][e])
+                out[t] = out[t] + weights[t, slot] * y
+        return out
+
+    x = w["embed_tokens.weight"][ids]
+    for i, kind in enumerate(m.layer_types):
+        p = f"layers.{i}."
+        h = attention(norm(x, p + "attn_in_norm.weight"), p + "self_attn.", kind == "sliding_attention")
+        x = x + norm(h, p + "attn_out_norm.weight")
+        h = norm(x, p + "mlp_in_norm.weight")
+        if m.mlp_layer_types[i] == "sparse":
+            h = moe(h, p + "mlp.")
+        else:
+            h = swiglu(h, w[p + "mlp.gate_proj.weight"], w[p + "mlp.up_proj.weight"], w[p + "mlp.down_proj.weight"])
+        x = x + norm(h, p + "mlp_out_norm.weight")
+    return norm(x, "norm.weight") @ w["lm_head.weight"].T
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_vaetki_matches_independent_float64_reimplementation(seed):
+    cfg, model = build(vaetki(random.Random(f"vaetki-{seed}")), seed)
+    model.double().eval()
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 11), generator=torch.Generator().manual_seed(seed))
+    with torch.no_grad():
+        ours = model(ids).logits
+    assert ours.dtype == torch.float64
+    weights = {name: t.detach() for name, t in model.state_dict().items()}
+    for row in range(ids.shape[0]):
+        ref = vaetki_reference_logits(weights, cfg.model, ids[row])
+        rel = (ours[row] - ref).abs().max() / ref.abs().max()
+        assert rel <= 1e-10, f"max relative logit error {rel:.2e}"
+
+
+def test_plus_one_norms_start_at_zero_and_equal_plain_norms_at_init():
+    rng = random.Random("plus-one")
+    section = base_model(rng, num_hidden_layers=2, norm_placement="sandwich", qk_norm=True)
+    plain = build_model(config_from_dict({"seed": 3, "model": section}))
+    shifted = build_model(config_from_dict({"seed": 3, "model": section | {"norm_weight_plus_one": True}}))
+    norms = [name for name, _ in shifted.named_parameters() if name.endswith("norm.weight")]
+    assert len(norms) == 2 * 6 + 1  # four sandwich norms + q/k norms per layer, and the final norm
+    assert all(torch.count_nonzero(shifted.get_parameter(name)) == 0 for name in norms)
+    ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(shifted.eval()(ids).logits, plain.eval()(ids).logits, rtol=0, atol=0)

@@ -1,8 +1,8 @@
 """kmodel's Korean-first tokenizer toolkit: training, encoding, Hugging Face export and evaluation.
 
-    from kmodel.tokenizer import Tokenizer, SHIPPED_TOKENIZER
-    tok = Tokenizer.load(SHIPPED_TOKENIZER)
-    ids = tok.encode("대화 상자를 엽니다.", add_bos=True)
+from kmodel.tokenizer import Tokenizer, SHIPPED_TOKENIZER
+tok = Tokenizer.load(SHIPPED_TOKENIZER)
+ids = tok.encode("대화 상자를 엽니다.", add_bos=True)
 """
 
 from .errors import TokenizerError

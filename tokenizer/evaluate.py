@@ -36,10 +36,11 @@ class Encoder:
     vocab_size: int
     encode: Callable[[str], list[int]]
     is_byte_fallback: Callable[[int], bool]
+    fingerprint: str | None = None  # sha256 of a kmodel tokenizer's model, for the record
 
 
 def kmodel_encoder(tok: Tokenizer, name: str | None = None) -> Encoder:
-    return Encoder(name or f"kmodel:{tok.directory.name}", tok.vocab_size, tok.encode, tok.is_byte)
+    return Encoder(name or f"kmodel:{tok.directory.name}", tok.vocab_size, tok.encode, tok.is_byte, tok.fingerprint())
 
 
 def _fragment_checker(token_bytes: Callable[[int], bytes]) -> Callable[[int], bool]:
@@ -68,7 +69,9 @@ def load_baseline(name: str) -> Encoder:
         import quicktok
 
         encoding = quicktok.get_encoding(_QUICKTOK_ENCODINGS[name])
-        return Encoder(name, encoding.n_vocab, encoding.encode_ordinary, _fragment_checker(encoding.decode_single_token_bytes))
+        return Encoder(
+            name, encoding.n_vocab, encoding.encode_ordinary, _fragment_checker(encoding.decode_single_token_bytes)
+        )
     if name == "tekken":
         import mistral_common
         from mistral_common.tokens.tokenizers.tekken import Tekkenizer
@@ -125,6 +128,10 @@ class Tally:
         }
 
 
+def _row(file: str, lang: str, encoder: Encoder, tally: Tally) -> dict:
+    return {"file": file, "lang": lang, "tokenizer": encoder.name, **tally.metrics(encoder.vocab_size)}
+
+
 def evaluate(encoders: list[Encoder], files: Iterable[str | Path]) -> dict:
     """Measure every encoder on every file. Returns {"tokenizers": [...], "rows": [...]}: one row per
     (file, language, tokenizer), plus one over all files for a language found in several files."""
@@ -142,13 +149,17 @@ def evaluate(encoders: list[Encoder], files: Iterable[str | Path]) -> dict:
                 tally = per_lang.setdefault(document.lang, Tally())
                 tally.add(document.text, encoder.encode(document.text), encoder.is_byte_fallback)
             for lang, tally in sorted(per_lang.items()):
-                rows.append({"file": display_path(corpus_file.path), "lang": lang, "tokenizer": encoder.name, **tally.metrics(encoder.vocab_size)})
+                rows.append(_row(display_path(corpus_file.path), lang, encoder, tally))
                 totals.setdefault(lang, Tally()).merge(tally)
                 files_per_lang[lang] = files_per_lang.get(lang, 0) + 1
         for lang, tally in sorted(totals.items()):
             if files_per_lang[lang] > 1:
-                rows.append({"file": ALL_FILES, "lang": lang, "tokenizer": encoder.name, **tally.metrics(encoder.vocab_size)})
-    return {"tokenizers": [{"name": e.name, "vocab_size": e.vocab_size} for e in encoders], "rows": rows}
+                rows.append(_row(ALL_FILES, lang, encoder, tally))
+    return {
+        "tokenizers": [{"name": e.name, "vocab_size": e.vocab_size, "sha256": e.fingerprint} for e in encoders],
+        "files": [{"path": display_path(f.path), "sha256": f.sha256} for f in corpus],
+        "rows": rows,
+    }
 
 
 def load_encoders(tokenizer_path: str | Path, against: Iterable[str]) -> tuple[list[Encoder], dict[str, str]]:
@@ -162,7 +173,9 @@ def load_encoders(tokenizer_path: str | Path, against: Iterable[str]) -> tuple[l
             encoders.append(load_baseline(name))
         except (ImportError, OSError, RuntimeError) as error:
             skipped[name] = f"{type(error).__name__}: {error}"
-            print(f"warning: baseline {name} skipped, it could not be loaded offline ({skipped[name]})", file=sys.stderr)
+            print(
+                f"warning: baseline {name} skipped, it could not be loaded offline ({skipped[name]})", file=sys.stderr
+            )
     return encoders, skipped
 
 
@@ -190,8 +203,18 @@ def markdown_report(report: dict) -> str:
         lines.append("| " + " | ".join(cells) + " |")
 
     lines += ["", "### All metrics", ""]
-    header = ["file", "lang", "tokenizer", "vocab", "tokens", "chars/token", "bytes/token", "tokens/word",
-              "byte fallback", "vocab unused"]
+    header = [
+        "file",
+        "lang",
+        "tokenizer",
+        "vocab",
+        "tokens",
+        "chars/token",
+        "bytes/token",
+        "tokens/word",
+        "byte fallback",
+        "vocab unused",
+    ]
     lines += ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     vocab = {t["name"]: t["vocab_size"] for t in report["tokenizers"]}
     for (file, lang), by_name in groups.items():
@@ -202,8 +225,12 @@ def markdown_report(report: dict) -> str:
                 f"{row['bytes_per_token']:.3f} | {row['tokens_per_word']:.3f} | {100 * row['byte_fallback_rate']:.2f}% | "
                 f"{100 * row['vocab_unused_share']:.1f}% |"
             )
-    for name, reason in report.get("skipped_baselines", {}).items():
-        lines.append(f"\nBaseline {name} skipped: {reason}")
+    lines.append("")
+    for tokenizer in report["tokenizers"]:
+        if tokenizer["sha256"]:
+            lines.append(f"{tokenizer['name']}: model sha256 {tokenizer['sha256']}")
+    lines += [f"{f['path']}: sha256 {f['sha256']}" for f in report["files"]]
+    lines += [f"Baseline {name} skipped: {reason}" for name, reason in report.get("skipped_baselines", {}).items()]
     return "\n".join(lines) + "\n"
 
 

@@ -120,7 +120,11 @@ def export_hf_tokenizer(tok: Tokenizer, out_dir: str | Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_tokenizer_json(tok, out_dir / HF_TOKENIZER_FILE)
-    extra = [token for token in special_tokens.USER_DEFINED if token not in (special_tokens.BOS, special_tokens.EOS, special_tokens.PAD)]
+    extra = [
+        token
+        for token in special_tokens.USER_DEFINED
+        if token not in (special_tokens.BOS, special_tokens.EOS, special_tokens.PAD)
+    ]
     # No unk_token: transformers would then match the text "<unk>" as a token, which SentencePiece never does;
     # with byte fallback nothing is ever unknown anyway.
     special_map = {

@@ -28,9 +28,7 @@ def mark_morpheme_boundaries(texts: list[str]) -> list[str]:
         raise TokenizerError("--morpheme-aware needs the kiwipiepy package: pip install kiwipiepy") from None
     for position, text in enumerate(texts):
         if MORPHEME_DELIMITER in text:
-            raise TokenizerError(
-                f"--morpheme-aware: training document {position} contains U+2063, the boundary marker"
-            )
+            raise TokenizerError(f"--morpheme-aware: training document {position} contains U+2063, the boundary marker")
     # Typo correction and multi-word entries would blur morpheme boundaries (and double the load time).
     analyser = Kiwi(load_typo_dict=False, load_multi_dict=False)
     marked = []

@@ -46,11 +46,14 @@ class Tokenizer:
         self.directory = directory
         self.metadata = metadata
         self._model_bytes = model_bytes
+        self._check_model_hash()
         self._processor = sentencepiece.SentencePieceProcessor()
         try:
             self._processor.LoadFromSerializedProto(model_bytes)
         except RuntimeError as error:
-            raise TokenizerError(f"{directory / metadata['model_file']} is not a SentencePiece model: {error}") from None
+            raise TokenizerError(
+                f"{directory / metadata['model_file']} is not a SentencePiece model: {error}"
+            ) from None
         self._check_against_metadata()
         self._special_tokens = {token: int(index) for token, index in metadata["special_tokens"].items()}
         self._special_ids = frozenset(self._special_tokens.values())
@@ -63,7 +66,9 @@ class Tokenizer:
         if not directory.exists():
             raise FileNotFoundError(f"tokenizer directory {directory} does not exist")
         if not directory.is_dir():
-            raise TokenizerError(f"{directory} is not a tokenizer directory (expected a directory with {METADATA_FILE})")
+            raise TokenizerError(
+                f"{directory} is not a tokenizer directory (expected a directory with {METADATA_FILE})"
+            )
         metadata_path = directory / METADATA_FILE
         if not metadata_path.is_file():
             raise FileNotFoundError(f"tokenizer directory {directory} has no {METADATA_FILE}")
@@ -81,16 +86,19 @@ class Tokenizer:
             raise FileNotFoundError(f"tokenizer model {model_path} (named in {metadata_path}) does not exist")
         return cls(directory, metadata, model_path.read_bytes())
 
-    def _check_against_metadata(self) -> None:
+    def _check_model_hash(self) -> None:
         """Refuse a model that is not the one the metadata describes: ids would silently mean other tokens."""
-        metadata_path = self.directory / METADATA_FILE
-        model_path = self.directory / self.metadata["model_file"]
         digest = hashlib.sha256(self._model_bytes).hexdigest()
         if digest != self.metadata["model_sha256"]:
             raise TokenizerError(
-                f"{model_path} does not match {metadata_path}: its sha256 is {digest}, "
-                f"the metadata records {self.metadata['model_sha256']}"
+                f"{self.directory / self.metadata['model_file']} does not match {self.directory / METADATA_FILE}: "
+                f"its sha256 is {digest}, the metadata records {self.metadata['model_sha256']}"
             )
+
+    def _check_against_metadata(self) -> None:
+        """The vocabulary size and special-token ids the metadata records must be the model's."""
+        metadata_path = self.directory / METADATA_FILE
+        model_path = self.directory / self.metadata["model_file"]
         size = self._processor.GetPieceSize()
         if size != self.metadata["vocab_size"]:
             raise TokenizerError(
@@ -210,7 +218,9 @@ class Tokenizer:
         target = Path(directory)
         target.mkdir(parents=True, exist_ok=True)
         (target / self.metadata["model_file"]).write_bytes(self._model_bytes)
-        (target / METADATA_FILE).write_text(json.dumps(self.metadata, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        (target / METADATA_FILE).write_text(
+            json.dumps(self.metadata, indent=2, ensure_ascii=False) + "\n", encoding="utf-8"
+        )
         # Regenerated rather than copied: it is a pure function of the model, so it can never go stale.
         write_tokenizer_json(self, target / HF_TOKENIZER_FILE)
         return target

@@ -180,25 +180,25 @@ def _run_sentencepiece(
     corpus_description: str,
 ) -> bytes:
     model = io.BytesIO()
-    options = dict(
-        model_type=model_type,
-        vocab_size=vocab_size,
-        character_coverage=character_coverage,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        add_dummy_prefix=False,
-        byte_fallback=True,
-        split_digits=True,
-        allow_whitespace_only_pieces=True,
-        unk_id=0,
-        bos_id=-1,
-        eos_id=-1,
-        pad_id=-1,
-        user_defined_symbols=list(special_tokens.USER_DEFINED),
-        max_sentence_length=MAX_SENTENCE_BYTES,
-        num_threads=num_threads,
-        minloglevel=2,
-    )
+    options = {
+        "model_type": model_type,
+        "vocab_size": vocab_size,
+        "character_coverage": character_coverage,
+        "normalization_rule_name": "identity",
+        "remove_extra_whitespaces": False,
+        "add_dummy_prefix": False,
+        "byte_fallback": True,
+        "split_digits": True,
+        "allow_whitespace_only_pieces": True,
+        "unk_id": 0,
+        "bos_id": -1,
+        "eos_id": -1,
+        "pad_id": -1,
+        "user_defined_symbols": list(special_tokens.USER_DEFINED),
+        "max_sentence_length": MAX_SENTENCE_BYTES,
+        "num_threads": num_threads,
+        "minloglevel": 2,
+    }
     if morpheme_aware:
         options["pretokenization_delimiter"] = MORPHEME_DELIMITER
     try:

@@ -4,6 +4,9 @@ Shapes: q (batch, seq, q_heads, head_dim); k, v (batch, seq, kv_heads, head_dim)
 A query at position i sees key j when j <= i (causal), i - j < window (sliding window, if given) and both
 lie in the same document (if cu_seqlens is given). Without causality the window is two-sided.
 
+Attention sinks (gpt-oss): `sinks` (q_heads,) holds one learned logit per head that joins every softmax
+denominator without contributing a value, so a head can put weight "nowhere".
+
 Exact and still efficient: global causal attention is one fused SDPA call; a sliding window is computed
 over query blocks, each against only the keys its window can reach, so memory grows with seq * window
 rather than seq ** 2.
@@ -43,6 +46,31 @@ def visibility_mask(
     return visible
 
 
+def masked_attention(
+    qt: torch.Tensor,
+    kt: torch.Tensor,
+    vt: torch.Tensor,
+    mask: torch.Tensor,
+    *,
+    scale: float,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Attention in (batch, heads, seq, head_dim) layout with a boolean mask broadcastable to (batch, q_heads,
+    q_len, k_len), True where visible. With sinks the softmax is written out (SDPA has no sink term); its
+    logits are computed in fp32 at least."""
+    gqa = qt.shape[1] != kt.shape[1]
+    if sinks is None:
+        return F.scaled_dot_product_attention(qt, kt, vt, attn_mask=mask, scale=scale, enable_gqa=gqa)
+    group = qt.shape[1] // kt.shape[1]
+    kt, vt = kt.repeat_interleave(group, dim=1), vt.repeat_interleave(group, dim=1)
+    dtype = torch.promote_types(qt.dtype, torch.float32)
+    logits = (qt.to(dtype) @ kt.to(dtype).transpose(-1, -2)) * scale
+    logits = logits.masked_fill(~mask, float("-inf"))
+    sink = sinks.to(dtype).view(1, -1, 1, 1).expand(*logits.shape[:-1], 1)
+    probs = torch.cat((logits, sink), dim=-1).softmax(dim=-1)[..., :-1]
+    return probs.to(vt.dtype) @ vt
+
+
 def attention(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -52,6 +80,7 @@ def attention(
     causal: bool = True,
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     batch, seq, q_heads, head_dim = q.shape
     kv_heads = k.shape[2]
@@ -67,7 +96,7 @@ def attention(
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     doc = None if cu_seqlens is None else document_ids(cu_seqlens, batch, seq)
 
-    if window is None and doc is None:
+    if window is None and doc is None and sinks is None:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale, enable_gqa=gqa)
         return out.transpose(1, 2)
 
@@ -83,13 +112,8 @@ def attention(
         if doc is not None:
             mask = mask & (doc[:, None, start:stop, None] == doc[:, None, None, k_start:k_stop])
         blocks.append(
-            F.scaled_dot_product_attention(
-                qt[:, :, start:stop],
-                kt[:, :, k_start:k_stop],
-                vt[:, :, k_start:k_stop],
-                attn_mask=mask,
-                scale=scale,
-                enable_gqa=gqa,
+            masked_attention(
+                qt[:, :, start:stop], kt[:, :, k_start:k_stop], vt[:, :, k_start:k_stop], mask, scale=scale, sinks=sinks
             )
         )
     return torch.cat(blocks, dim=2).transpose(1, 2)

@@ -1,5 +1,6 @@
 """Triton flash attention with the semantics of `reference.attention`: causal or two-sided, optional sliding
-window, packed documents, GQA/MQA, forward and backward (an autograd Function).
+window, packed documents, GQA/MQA, attention sinks, forward and backward (an autograd Function); and
+`decode_attention` for a few new tokens against a KV cache.
 
 Forward: one program per (query block, batch, query head) keeps an online softmax over the key blocks its
 window / causal limit / document can reach and saves the log-sum-exp. Backward, flash-attention-2 style:
@@ -20,6 +21,7 @@ import torch
 import triton
 
 from kmodel.kernels.attention.reference import document_ids
+from kmodel.kernels.moe.triton_support import _interpret_triton_library as interpret_triton_library
 
 _KERNEL_MODULE = "kmodel.kernels.attention.triton_kernels"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -34,26 +36,28 @@ INTERPRETER_BLOCKS = {
 }
 DELTA_BLOCK_M = 64
 
-# CUDA autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and padded head dim, sized
-# for Hopper's 228 KiB of shared memory per SM. BLOCK_M counts query rows, BLOCK_N key rows in every kernel.
+# CUDA autotune candidates (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel and padded head dim; BLOCK_M
+# counts query rows and BLOCK_N key rows in every kernel. Chosen without a GPU: configs that compile for sm_90
+# within Hopper's 227 KiB of shared memory and without register spills (kernels/attention/compile_report.py,
+# bench/results/attention_sm90_compile.md). Their speed is unmeasured.
 _CUDA_CONFIGS = {
     "attention_fwd_kernel": {
-        64: [(128, 64, 4, 3), (128, 128, 8, 3), (128, 64, 4, 4), (64, 64, 4, 3)],
-        128: [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 4, 3), (64, 64, 4, 3), (128, 32, 4, 4)],
-        256: [(64, 64, 4, 2), (128, 32, 8, 2), (64, 32, 4, 3)],
+        64: [(128, 64, 8, 3), (128, 128, 8, 2), (128, 64, 8, 2), (64, 64, 4, 3), (128, 32, 8, 3)],
+        128: [(128, 64, 8, 2), (128, 32, 8, 3), (128, 32, 8, 2), (64, 32, 4, 3)],
+        256: [(64, 32, 8, 2), (128, 16, 8, 2), (128, 32, 8, 1)],
     },
     "attention_bwd_dkdv_kernel": {
-        64: [(32, 128, 4, 3), (64, 128, 8, 3), (32, 64, 4, 3)],
-        128: [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 4, 3)],
-        256: [(16, 64, 4, 2), (32, 64, 8, 2)],
+        64: [(32, 128, 8, 3), (64, 128, 8, 2), (32, 64, 8, 3), (16, 128, 8, 3), (64, 64, 8, 2)],
+        128: [(32, 128, 8, 3), (32, 128, 8, 2), (16, 128, 8, 3), (32, 64, 8, 3), (64, 64, 8, 2)],
+        256: [(32, 32, 8, 2), (16, 32, 8, 3), (32, 32, 8, 3), (16, 32, 8, 2)],
     },
     "attention_bwd_dq_kernel": {
-        64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
-        128: [(128, 32, 8, 3), (128, 64, 8, 2), (64, 32, 4, 3)],
-        256: [(64, 16, 4, 2), (64, 32, 8, 2)],
+        64: [(128, 64, 8, 2), (128, 32, 8, 3), (64, 64, 4, 2), (64, 32, 4, 3)],
+        128: [(128, 32, 8, 3), (128, 64, 8, 2), (128, 16, 8, 3), (64, 32, 4, 3)],
+        256: [(128, 16, 8, 3), (128, 32, 8, 2), (64, 16, 8, 2)],
     },
 }
-_AUTOTUNE_KEY = ["seq_len", "window", "CAUSAL", "HAS_WINDOW", "HAS_DOCS", "HEAD_DIM", "DOT_PRECISION"]
+_AUTOTUNE_KEY = ["seq_len", "window", "CAUSAL", "HAS_WINDOW", "HAS_DOCS", "HEAD_DIM", "V_DIM", "DOT_PRECISION"]
 _autotuned: dict[tuple[str, int], triton.runtime.Autotuner] = {}
 
 
@@ -66,9 +70,12 @@ def _kernels() -> ModuleType:
     """The kernel module, built for the current TRITON_INTERPRET setting.
 
     `triton.jit` chooses interpreted or compiled kernels when it decorates, so the kernels live in their own
-    module, imported at first launch and reloaded if the setting changed since (as in a test process where
-    another module imported triton, or these kernels, before the flag was set).
+    module, imported at first launch and reloaded if the setting changed since (as when another module
+    imported these kernels before the flag was set). Triton's own library functions (tl.zeros, tl.max, ...)
+    are decorated once, at `import triton`; under the interpreter they are rebound by the shared helper.
     """
+    if interpreting():
+        interpret_triton_library()
     module = importlib.import_module(_KERNEL_MODULE)
     if module.INTERPRETED != interpreting():
         module = importlib.reload(module)
@@ -80,8 +87,15 @@ def _padded_head_dim(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def _dim_meta(head_dim: int, v_dim: int) -> dict:
+    """Constexprs for the q/k head dim and the v head dim: padded sizes and whether padding is needed."""
+    padded, v_padded = _padded_head_dim(head_dim), _padded_head_dim(v_dim)
+    return {"HEAD_DIM": padded, "V_DIM": v_padded, "EVEN_D": head_dim == padded, "EVEN_V": v_dim == v_padded}
+
+
 def _launch(name: str, grid, head_dim: int, *args, **meta) -> None:
-    """Launch kernel `name`: fixed blocks under the interpreter, autotuned per padded head dim on CUDA."""
+    """Launch kernel `name`: fixed blocks under the interpreter, autotuned on CUDA per padded head dim (the
+    larger of the q/k and v dims)."""
     kernels = _kernels()
     if kernels.INTERPRETED:
         block_m, block_n = INTERPRETER_BLOCKS[name]
@@ -115,7 +129,10 @@ def document_bounds(cu_seqlens: torch.Tensor, batch: int, seq: int) -> tuple[tor
     return start.to(torch.int32).contiguous(), end.to(torch.int32).contiguous()
 
 
-def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None) -> None:
+def _check_inputs(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int | None, *, same_seq: bool = True
+) -> None:
+    """same_seq: queries and keys cover the same positions (False for decoding against a cache)."""
     for name, t in (("q", q), ("k", k), ("v", v)):
         if t.dim() != 4:
             raise ValueError(f"{name} must be (batch, seq, heads, head_dim), got shape {tuple(t.shape)}")
@@ -123,20 +140,31 @@ def _check_inputs(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, window: int
             raise TypeError(f"{name} has dtype {t.dtype}; triton attention supports {SUPPORTED_DTYPES}")
         if t.dtype != q.dtype or t.device != q.device:
             raise ValueError(f"{name} is {t.dtype} on {t.device} but q is {q.dtype} on {q.device}")
-    if k.shape != v.shape:
-        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must have the same shape")
+    if k.shape[:3] != v.shape[:3]:
+        raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must match in batch, seq and heads")
     batch, seq, q_heads, head_dim = q.shape
-    if (k.shape[0], k.shape[1], k.shape[3]) != (batch, seq, head_dim):
-        raise ValueError(f"k/v {tuple(k.shape)} must match q {tuple(q.shape)} in batch, seq and head_dim")
+    if (k.shape[0], k.shape[3]) != (batch, head_dim) or (same_seq and k.shape[1] != seq):
+        matched = "batch, seq and head_dim" if same_seq else "batch and head_dim"
+        raise ValueError(f"k {tuple(k.shape)} must match q {tuple(q.shape)} in {matched}")
     if q_heads % k.shape[2]:
         raise ValueError(f"q heads ({q_heads}) must be a multiple of kv heads ({k.shape[2]})")
-    if head_dim > MAX_HEAD_DIM:
-        raise ValueError(f"head_dim {head_dim} is above the supported maximum {MAX_HEAD_DIM}")
+    if max(head_dim, v.shape[3]) > MAX_HEAD_DIM:
+        raise ValueError(f"head dims {head_dim} (q, k) and {v.shape[3]} (v) exceed the supported {MAX_HEAD_DIM}")
     if window is not None and (isinstance(window, bool) or not isinstance(window, int) or window <= 0):
         raise ValueError(f"window must be a positive int or None, got {window!r}")
     if q.device.type != "cuda" and not interpreting():
         raise RuntimeError(
             f"triton attention got tensors on {q.device}: it needs CUDA, or TRITON_INTERPRET=1 for CPU testing"
+        )
+
+
+def _check_sinks(sinks: torch.Tensor | None, q: torch.Tensor) -> None:
+    if sinks is None:
+        return
+    if sinks.shape != (q.shape[2],) or not sinks.dtype.is_floating_point or sinks.device != q.device:
+        raise ValueError(
+            f"sinks must be one float logit per query head, ({q.shape[2]},) on {q.device}; "
+            f"got {tuple(sinks.shape)} {sinks.dtype} on {sinks.device}"
         )
 
 
@@ -160,24 +188,27 @@ def attention_forward(
     causal: bool,
     scale: float,
     doc_bounds: tuple[torch.Tensor, torch.Tensor] | None,
+    sinks: torch.Tensor | None = None,
 ) -> None:
-    """Write attention into `out` (shaped like q) and the natural-log log-sum-exp into fp32 `lse` (batch,
-    q_heads, seq). Inputs are checked and normalised by `attention`; window None means unlimited."""
+    """Write attention into `out` (q's shape with v's head dim) and the natural-log log-sum-exp into fp32 `lse` (batch,
+    q_heads, seq), sinks included. Inputs are checked and normalised by `attention`; window None means
+    unlimited."""
     batch, seq, q_heads, head_dim = q.shape
+    v_dim = v.shape[3]
     doc_start, doc_end = doc_bounds if doc_bounds is not None else (None, None)
     _launch(
         "attention_fwd_kernel",
         lambda meta: (triton.cdiv(seq, meta["BLOCK_M"]), batch * q_heads),
-        head_dim,
-        q, k, v, out, lse, doc_start, doc_end,
+        max(head_dim, v_dim),
+        q, k, v, out, lse, doc_start, doc_end, sinks,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
-        seq, head_dim, q_heads, q_heads // k.shape[2], window or 0, scale * math.log2(math.e),
+        seq, head_dim, v_dim, q_heads, q_heads // k.shape[2], window or 0, scale * math.log2(math.e),
         CAUSAL=causal,
         HAS_WINDOW=window is not None,
         HAS_DOCS=doc_bounds is not None,
-        HEAD_DIM=_padded_head_dim(head_dim),
-        EVEN_D=head_dim == _padded_head_dim(head_dim),
+        HAS_SINKS=sinks is not None,
         DOT_PRECISION=_dot_precision(q.dtype),
+        **_dim_meta(head_dim, v_dim),
     )  # fmt: skip
 
 
@@ -196,76 +227,86 @@ def attention_backward(
     causal: bool,
     scale: float,
     doc_bounds: tuple[torch.Tensor, torch.Tensor] | None,
+    sinks: torch.Tensor | None = None,
+    grad_sinks: torch.Tensor | None = None,
 ) -> None:
-    """Write the gradients of `attention_forward` into grad_q, grad_k, grad_v (shaped like q, k, v)."""
+    """Write the gradients of `attention_forward` into grad_q, grad_k, grad_v (shaped like q, k, v) and, with
+    sinks, into grad_sinks (q_heads,)."""
     batch, seq, q_heads, head_dim = q.shape
-    kv_heads = k.shape[2]
+    kv_heads, v_dim = k.shape[2], v.shape[3]
     doc_start, doc_end = doc_bounds if doc_bounds is not None else (None, None)
-    padded = _padded_head_dim(head_dim)
-    even_d = head_dim == padded
+    dims = _dim_meta(head_dim, v_dim)
     delta = torch.empty_like(lse)
     kernels = _kernels()
     kernels.attention_bwd_delta_kernel[(triton.cdiv(seq, DELTA_BLOCK_M), batch * q_heads)](
-        out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], seq, head_dim, q_heads,
-        HEAD_DIM=padded, EVEN_D=even_d, BLOCK_M=DELTA_BLOCK_M,
+        out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], seq, v_dim, q_heads,
+        HEAD_DIM=dims["V_DIM"], EVEN_D=dims["EVEN_V"], BLOCK_M=DELTA_BLOCK_M,
     )  # fmt: skip
     meta = dict(
         CAUSAL=causal,
         HAS_WINDOW=window is not None,
         HAS_DOCS=doc_bounds is not None,
-        HEAD_DIM=padded,
-        EVEN_D=even_d,
         DOT_PRECISION=_dot_precision(q.dtype),
+        **dims,
     )
     group = q_heads // kv_heads
     qk_scale = scale * math.log2(math.e)
     _launch(
         "attention_bwd_dkdv_kernel",
         lambda meta: (triton.cdiv(seq, meta["BLOCK_N"]), batch * kv_heads),
-        head_dim,
+        max(head_dim, v_dim),
         q, k, v, grad_out, lse, delta, grad_k, grad_v, doc_start, doc_end,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
         *grad_k.stride()[:3], *grad_v.stride()[:3],
-        seq, head_dim, kv_heads, group, window or 0, qk_scale, scale,
+        seq, head_dim, v_dim, kv_heads, group, window or 0, qk_scale, scale,
         **meta,
     )  # fmt: skip
     _launch(
         "attention_bwd_dq_kernel",
         lambda meta: (triton.cdiv(seq, meta["BLOCK_M"]), batch * q_heads),
-        head_dim,
+        max(head_dim, v_dim),
         q, k, v, grad_out, lse, delta, grad_q, doc_start, doc_end,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *grad_q.stride()[:3],
-        seq, head_dim, q_heads, group, window or 0, qk_scale, scale,
+        seq, head_dim, v_dim, q_heads, group, window or 0, qk_scale, scale,
         **meta,
     )  # fmt: skip
+    if sinks is not None:
+        # A sink's logit gradient is -sum over rows of p_sink * delta (it carries no value): p_sink = exp(sink - lse).
+        p_sink = torch.exp(sinks.float()[None, :, None] - lse)
+        grad_sinks.copy_(-(p_sink * delta).sum(dim=(0, 2)))
 
 
 class FlashAttention(torch.autograd.Function):
     """Autograd wrapper: saves q, k, v, the output and its log-sum-exp, recomputes the scores backward."""
 
     @staticmethod
-    def forward(ctx, q, k, v, window, causal, scale, doc_start, doc_end):
+    def forward(ctx, q, k, v, sinks, window, causal, scale, doc_start, doc_end):
         batch, seq, q_heads, _ = q.shape
         doc_bounds = None if doc_start is None else (doc_start, doc_end)
-        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+        out = torch.empty((*q.shape[:3], v.shape[3]), dtype=q.dtype, device=q.device)
         lse = torch.empty((batch, q_heads, seq), dtype=torch.float32, device=q.device)
-        attention_forward(q, k, v, out, lse, window=window, causal=causal, scale=scale, doc_bounds=doc_bounds)
-        ctx.save_for_backward(q, k, v, out, lse, doc_start, doc_end)
+        attention_forward(
+            q, k, v, out, lse, window=window, causal=causal, scale=scale, doc_bounds=doc_bounds, sinks=sinks
+        )
+        ctx.save_for_backward(q, k, v, out, lse, sinks, doc_start, doc_end)
         ctx.window, ctx.causal, ctx.scale = window, causal, scale
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        q, k, v, out, lse, doc_start, doc_end = ctx.saved_tensors
+        q, k, v, out, lse, sinks, doc_start, doc_end = ctx.saved_tensors
         grad_q = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         grad_k = torch.empty(k.shape, dtype=k.dtype, device=k.device)
         grad_v = torch.empty(v.shape, dtype=v.dtype, device=v.device)
+        grad_sinks = None if sinks is None else torch.empty(sinks.shape, dtype=torch.float32, device=sinks.device)
         attention_backward(
             _unit_last_stride(grad_out), q, k, v, out, lse, grad_q, grad_k, grad_v,
             window=ctx.window, causal=ctx.causal, scale=ctx.scale,
-            doc_bounds=None if doc_start is None else (doc_start, doc_end),
+            doc_bounds=None if doc_start is None else (doc_start, doc_end), sinks=sinks, grad_sinks=grad_sinks,
         )  # fmt: skip
-        return grad_q, grad_k, grad_v, None, None, None, None, None
+        if grad_sinks is not None:
+            grad_sinks = grad_sinks.to(sinks.dtype)
+        return grad_q, grad_k, grad_v, grad_sinks, None, None, None, None, None
 
 
 def attention(
@@ -277,8 +318,10 @@ def attention(
     causal: bool = True,
     scale: float | None = None,
     cu_seqlens: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
     _check_inputs(q, k, v, window)
+    _check_sinks(sinks, q)
     batch, seq, _, head_dim = q.shape
     if window is not None and window >= seq:
         window = None  # every pair of positions is closer than the window
@@ -287,4 +330,91 @@ def attention(
     if cu_seqlens is not None:
         doc_start, doc_end = document_bounds(cu_seqlens.to(q.device), batch, seq)
     q, k, v = (_unit_last_stride(t) for t in (q, k, v))
-    return FlashAttention.apply(q, k, v, window, bool(causal), scale, doc_start, doc_end)
+    sinks = None if sinks is None else sinks.contiguous()  # the kernel reads sinks[h] at offset h
+    return FlashAttention.apply(q, k, v, sinks, window, bool(causal), scale, doc_start, doc_end)
+
+
+# Decode: at most this many rows (query heads of a group x new tokens) per program; more is a prefill.
+MAX_DECODE_ROWS = 128
+# Fixed decode key blocks per padded head dim on CUDA (memory-bound, so not autotuned), 4 warps.
+DECODE_BLOCK_N = {64: 64, 128: 64, 256: 32}
+DECODE_NUM_WARPS = 4
+# Under the interpreter: small key blocks and a few key splits, so that tests exercise the merge.
+INTERPRETER_DECODE = {"BLOCK_N": 16, "max_splits": 4}
+
+
+def _decode_splits(programs: int, span: int, block_n: int, device: torch.device) -> int:
+    """Key splits per (batch, kv head): enough programs to fill the GPU twice over, no split under a block."""
+    if device.type == "cuda":
+        wanted = triton.cdiv(2 * torch.cuda.get_device_properties(device).multi_processor_count, programs)
+    else:
+        wanted = INTERPRETER_DECODE["max_splits"]
+    return max(1, min(wanted, triton.cdiv(span, block_n)))
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    cache_lens: torch.Tensor,
+    window: int | None = None,
+    scale: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of a few new tokens against a KV cache (generation; forward only).
+
+    q: (batch, new, q_heads, head_dim); k_cache, v_cache: (batch, capacity, kv_heads, head_dim | v_dim) holding
+    every row's keys at slots 0.. in position order, the new tokens' included; cache_lens: (batch,) ints,
+    the filled length of each row. Query t of row b sits at position cache_lens[b] - new + t and sees the
+    slots j <= its position with position - j < window. Equals `attention` over the whole sequence,
+    restricted to its last `new` rows. Slots past cache_lens are never read. sinks: as in `attention`.
+    """
+    _check_inputs(q, k_cache, v_cache, window, same_seq=False)
+    _check_sinks(sinks, q)
+    batch, new_tokens, q_heads, head_dim = q.shape
+    capacity, kv_heads = k_cache.shape[1], k_cache.shape[2]
+    group = q_heads // kv_heads
+    if cache_lens.shape != (batch,) or cache_lens.dtype.is_floating_point or cache_lens.dtype == torch.bool:
+        raise ValueError(f"cache_lens must be ({batch},) integers, got {tuple(cache_lens.shape)} {cache_lens.dtype}")
+    if group * new_tokens > MAX_DECODE_ROWS:
+        raise ValueError(
+            f"{new_tokens} new tokens x {group} query heads per kv head exceed {MAX_DECODE_ROWS} rows; "
+            "use attention() for a prefill"
+        )
+    cache_lens = cache_lens.to(q.device)
+    if bool(((cache_lens < new_tokens) | (cache_lens > capacity)).any()):
+        raise ValueError(
+            f"cache_lens must lie in [new tokens={new_tokens}, capacity={capacity}]; got {cache_lens.tolist()}"
+        )
+    scale = head_dim**-0.5 if scale is None else float(scale)
+    q, k_cache, v_cache = (_unit_last_stride(t) for t in (q, k_cache, v_cache))
+
+    v_dim = v_cache.shape[3]
+    dims = _dim_meta(head_dim, v_dim)
+    widest = max(64, dims["HEAD_DIM"], dims["V_DIM"])
+    block_n = INTERPRETER_DECODE["BLOCK_N"] if interpreting() else DECODE_BLOCK_N[widest]
+    span = capacity if window is None else min(capacity, window + new_tokens - 1)
+    splits = _decode_splits(batch * kv_heads, span, block_n, q.device)
+    split_len = triton.cdiv(triton.cdiv(span, splits), block_n) * block_n
+    slots = (batch, q_heads, new_tokens, splits)
+    partial_out = torch.empty((*slots, dims["V_DIM"]), dtype=torch.float32, device=q.device)
+    partial_lse = torch.empty(slots, dtype=torch.float32, device=q.device)
+    _kernels().attention_decode_kernel[(batch * kv_heads, splits)](
+        q, k_cache, v_cache, cache_lens, partial_out, partial_lse,
+        *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
+        new_tokens, head_dim, v_dim, kv_heads, group, window or 0, scale * math.log2(math.e), split_len,
+        HAS_WINDOW=window is not None, **dims,
+        DOT_PRECISION=_dot_precision(q.dtype),
+        BLOCK_M=max(16, triton.next_power_of_2(group * new_tokens)), BLOCK_N=block_n, num_warps=DECODE_NUM_WARPS,
+    )  # fmt: skip
+
+    if sinks is not None:  # the sink joins as one more split: its logit as lse, no value
+        sink_lse = sinks.float()[None, :, None, None].expand(batch, q_heads, new_tokens, 1)
+        partial_lse = torch.cat((partial_lse, sink_lse), dim=-1)
+        partial_out = torch.cat((partial_out, torch.zeros_like(partial_out[..., :1, :])), dim=-2)
+    # Merge the splits by their log-sum-exp; splits that saw nothing carry -inf and weigh 0.
+    top = partial_lse.amax(dim=-1, keepdim=True)
+    weights = torch.exp(partial_lse - torch.where(top.isfinite(), top, 0.0))
+    out = (weights[..., None] * partial_out).sum(dim=-2) / weights.sum(dim=-1, keepdim=True)
+    return out[..., :v_dim].transpose(1, 2).to(q.dtype)

@@ -1,13 +1,16 @@
 """Triton kernels behind `triton_impl`: flash attention forward, backward (delta, dK/dV, dQ) and decode.
 
-Layout: q, o, dq (batch, seq, q_heads, head_dim) and k, v, dk, dv (batch, seq, kv_heads, head_dim), any
-strides with a unit last stride; the log-sum-exp and delta (batch, q_heads, seq) in fp32. Query head h reads
-key/value head h // group, so GQA never copies K/V.
+Layout: q, dq (batch, seq, q_heads, head_dim), k, dk (batch, seq, kv_heads, head_dim), v, dv (batch, seq,
+kv_heads, v_dim) and o, dO (batch, seq, q_heads, v_dim), any strides with a unit last stride; v_dim may differ
+from head_dim (MLA), HEAD_DIM and V_DIM are both padded to powers of two. The log-sum-exp and delta are
+(batch, q_heads, seq) fp32. Query head h reads key/value head h // group, so GQA never copies K/V.
 
 Visibility of key j from query i: j <= i (causal), |i - j| < window (sliding window; one-sided when causal),
 and, with packed documents, doc_start[i] <= j < doc_end[i], where doc_start/doc_end (batch, seq) hold the
 bounds of each token's document inside its row. The relation is symmetric in documents, so the same arrays
 serve the key side of the dK/dV kernel.
+
+With sinks, each query head's sink logit seeds its online softmax (weight 1 at that logit, no value).
 
 Every program walks only the partner blocks its window / causal limit / document can reach, in three runs:
 masked edge blocks below, unmasked interior blocks whose every pair is visible, masked edge blocks above.
@@ -169,8 +172,10 @@ def _fwd_blocks(
     stride_ks,
     stride_vs,
     cols,
+    v_cols,
     seq_len,
     head_dim,
+    v_dim,
     window,
     qk_scale,
     block_first,
@@ -180,6 +185,7 @@ def _fwd_blocks(
     HAS_WINDOW: tl.constexpr,
     HAS_DOCS: tl.constexpr,
     EVEN_D: tl.constexpr,
+    EVEN_V: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -187,7 +193,7 @@ def _fwd_blocks(
     for block in range(block_first, block_last):
         k_pos = block * BLOCK_N + tl.arange(0, BLOCK_N)
         k = _load_rows(K, k_pos, cols, stride_ks, seq_len, head_dim, MASKED, EVEN_D)
-        v = _load_rows(V, k_pos, cols, stride_vs, seq_len, head_dim, MASKED, EVEN_D)
+        v = _load_rows(V, k_pos, v_cols, stride_vs, seq_len, v_dim, MASKED, EVEN_V)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             visible = _tile_visible(
@@ -213,6 +219,7 @@ def attention_fwd_kernel(
     Lse,
     DocStart,
     DocEnd,
+    Sinks,
     stride_qb,
     stride_qs,
     stride_qh,
@@ -227,6 +234,7 @@ def attention_fwd_kernel(
     stride_oh,
     seq_len,
     head_dim,
+    v_dim,
     q_heads,
     group,
     window,
@@ -234,8 +242,11 @@ def attention_fwd_kernel(
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_DOCS: tl.constexpr,
+    HAS_SINKS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    V_DIM: tl.constexpr,
     EVEN_D: tl.constexpr,
+    EVEN_V: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -255,6 +266,7 @@ def attention_fwd_kernel(
     last_q = tl.minimum(first_q + BLOCK_M, seq_len) - 1
     q_pos = first_q + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, HEAD_DIM)
+    v_cols = tl.arange(0, V_DIM)
     if HAS_DOCS:
         DocStart += b * seq_len
         DocEnd += b * seq_len
@@ -265,34 +277,42 @@ def attention_fwd_kernel(
         doc_hi = q_pos
 
     q = _load_rows(Q, q_pos, cols, stride_qs, seq_len, head_dim, True, EVEN_D)
-    acc = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
-    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    row_max = tl.full([BLOCK_M], ROW_MAX_START, dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, V_DIM], dtype=tl.float32)
+    if HAS_SINKS:
+        # The head's sink logit starts the softmax: one unit of weight at its logit, carrying no value.
+        row_max = tl.full([BLOCK_M], 0.0, dtype=tl.float32) + tl.load(Sinks + h).to(tl.float32) * LOG2E
+        row_sum = tl.full([BLOCK_M], 1.0, dtype=tl.float32)
+    else:
+        row_max = tl.full([BLOCK_M], ROW_MAX_START, dtype=tl.float32)
+        row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
 
     lo, hi, full_lo, full_hi = _visible_range(
         first_q, last_q, seq_len, window, DocStart, DocEnd, True, not CAUSAL, HAS_WINDOW, HAS_DOCS
     )
     first, full_first, full_last, last = _split_blocks(lo, hi, full_lo, full_hi, BLOCK_N)
     acc, row_sum, row_max = _fwd_blocks(
-        acc, row_sum, row_max, q, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, seq_len, head_dim,
-        window, qk_scale, first, full_first, True, CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, DOT_PRECISION, BLOCK_N,
+        acc, row_sum, row_max, q, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, v_cols, seq_len, head_dim,
+        v_dim, window, qk_scale, first, full_first, True,
+        CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, EVEN_V, DOT_PRECISION, BLOCK_N,
     )  # fmt: skip
     acc, row_sum, row_max = _fwd_blocks(
-        acc, row_sum, row_max, q, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, seq_len, head_dim,
-        window, qk_scale, full_first, full_last, False, CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, DOT_PRECISION, BLOCK_N,
+        acc, row_sum, row_max, q, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, v_cols, seq_len, head_dim,
+        v_dim, window, qk_scale, full_first, full_last, False,
+        CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, EVEN_V, DOT_PRECISION, BLOCK_N,
     )  # fmt: skip
     acc, row_sum, row_max = _fwd_blocks(
-        acc, row_sum, row_max, q, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, seq_len, head_dim,
-        window, qk_scale, full_last, last, True, CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, DOT_PRECISION, BLOCK_N,
+        acc, row_sum, row_max, q, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, v_cols, seq_len, head_dim,
+        v_dim, window, qk_scale, full_last, last, True,
+        CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, EVEN_V, DOT_PRECISION, BLOCK_N,
     )  # fmt: skip
 
-    # A row that sees no key (only padding rows can) gets a zero output and lse = +inf, which gives it zero
-    # weight in the backward instead of NaN.
+    # A row that sees no key and no sink (only padding rows can) gets a zero output and lse = +inf, which
+    # gives it zero weight in the backward instead of NaN. With sinks the lse includes the sink.
     seen = row_sum > 0
     safe_sum = tl.where(seen, row_sum, 1.0)
     out = acc / safe_sum[:, None]
     lse = tl.where(seen, (row_max + tl.log2(safe_sum)) * LN2, float("inf"))
-    _store_rows(Out, out, q_pos, cols, stride_os, seq_len, head_dim, EVEN_D)
+    _store_rows(Out, out, q_pos, v_cols, stride_os, seq_len, v_dim, EVEN_V)
     tl.store(Lse + q_pos, lse, mask=q_pos < seq_len)
 
 
@@ -340,10 +360,15 @@ def _dkdv_blocks(
     Lse,
     Delta,
     stride_qs,
+    stride_qh,
     stride_gs,
+    stride_gh,
+    group,
     cols,
+    v_cols,
     seq_len,
     head_dim,
+    v_dim,
     window,
     qk_scale,
     block_first,
@@ -353,17 +378,22 @@ def _dkdv_blocks(
     HAS_WINDOW: tl.constexpr,
     HAS_DOCS: tl.constexpr,
     EVEN_D: tl.constexpr,
+    EVEN_V: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """Accumulate into one key block's (dk, dv) the query blocks block_first..block_last-1 of one head.
+    """Accumulate into one key block's (dk, dv) the query blocks block_first..block_last-1 of each of the
+    `group` query heads sharing its kv head (Q, GradOut, Lse, Delta point at the first of them). One flat loop
+    over (head, block) rather than nested loops: a loop around the pipelined block loop costs many registers.
     Tiles are key-major (keys x queries), so p and ds come out already transposed for dv and dk."""
-    for block in range(block_first, block_last):
-        q_pos = block * BLOCK_M + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q, q_pos, cols, stride_qs, seq_len, head_dim, MASKED, EVEN_D)
-        grad_out = _load_rows(GradOut, q_pos, cols, stride_gs, seq_len, head_dim, MASKED, EVEN_D)
-        lse = _load_row_stat(Lse, q_pos, seq_len, MASKED) * LOG2E
-        delta = _load_row_stat(Delta, q_pos, seq_len, MASKED)
+    blocks = block_last - block_first
+    for step in range(blocks * group):
+        member = step // blocks
+        q_pos = (block_first + step % blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
+        q = _load_rows(Q + member * stride_qh, q_pos, cols, stride_qs, seq_len, head_dim, MASKED, EVEN_D)
+        grad_out = _load_rows(GradOut + member * stride_gh, q_pos, v_cols, stride_gs, seq_len, v_dim, MASKED, EVEN_V)
+        lse = _load_row_stat(Lse + member * seq_len, q_pos, seq_len, MASKED) * LOG2E
+        delta = _load_row_stat(Delta + member * seq_len, q_pos, seq_len, MASKED)
         scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             visible = _tile_visible(
@@ -411,6 +441,7 @@ def attention_bwd_dkdv_kernel(
     stride_dvh,
     seq_len,
     head_dim,
+    v_dim,
     kv_heads,
     group,
     window,
@@ -420,7 +451,9 @@ def attention_bwd_dkdv_kernel(
     HAS_WINDOW: tl.constexpr,
     HAS_DOCS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    V_DIM: tl.constexpr,
     EVEN_D: tl.constexpr,
+    EVEN_V: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -436,6 +469,7 @@ def attention_bwd_dkdv_kernel(
     last_k = tl.minimum(first_k + BLOCK_N, seq_len) - 1
     k_pos = first_k + tl.arange(0, BLOCK_N)
     cols = tl.arange(0, HEAD_DIM)
+    v_cols = tl.arange(0, V_DIM)
     if HAS_DOCS:
         DocStart += b * seq_len
         DocEnd += b * seq_len
@@ -445,38 +479,40 @@ def attention_bwd_dkdv_kernel(
         doc_lo = k_pos
         doc_hi = k_pos
     k = _load_rows(K + b * stride_kb + kv_head * stride_kh, k_pos, cols, stride_ks, seq_len, head_dim, True, EVEN_D)
-    v = _load_rows(V + b * stride_vb + kv_head * stride_vh, k_pos, cols, stride_vs, seq_len, head_dim, True, EVEN_D)
+    v = _load_rows(V + b * stride_vb + kv_head * stride_vh, k_pos, v_cols, stride_vs, seq_len, v_dim, True, EVEN_V)
     dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, V_DIM], dtype=tl.float32)
 
     lo, hi, full_lo, full_hi = _visible_range(
         first_k, last_k, seq_len, window, DocStart, DocEnd, not CAUSAL, True, HAS_WINDOW, HAS_DOCS
     )
     first, full_first, full_last, last = _split_blocks(lo, hi, full_lo, full_hi, BLOCK_M)
-    for member in range(group):
-        h = kv_head * group + member
-        Q_head = Q + b * stride_qb + h * stride_qh
-        GradOut_head = GradOut + b * stride_gb + h * stride_gh
-        Lse_head = Lse + (b * q_heads + h) * seq_len
-        Delta_head = Delta + (b * q_heads + h) * seq_len
-        dk, dv = _dkdv_blocks(
-            dk, dv, k, v, k_pos, doc_lo, doc_hi, Q_head, GradOut_head, Lse_head, Delta_head, stride_qs, stride_gs,
-            cols, seq_len, head_dim, window, qk_scale, first, full_first,
-            True, CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, DOT_PRECISION, BLOCK_M,
-        )  # fmt: skip
-        dk, dv = _dkdv_blocks(
-            dk, dv, k, v, k_pos, doc_lo, doc_hi, Q_head, GradOut_head, Lse_head, Delta_head, stride_qs, stride_gs,
-            cols, seq_len, head_dim, window, qk_scale, full_first, full_last,
-            False, CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, DOT_PRECISION, BLOCK_M,
-        )  # fmt: skip
-        dk, dv = _dkdv_blocks(
-            dk, dv, k, v, k_pos, doc_lo, doc_hi, Q_head, GradOut_head, Lse_head, Delta_head, stride_qs, stride_gs,
-            cols, seq_len, head_dim, window, qk_scale, full_last, last,
-            True, CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, DOT_PRECISION, BLOCK_M,
-        )  # fmt: skip
+    # The group's query heads are consecutive: h = kv_head * group + member.
+    first_head = kv_head * group
+    Q += b * stride_qb + first_head * stride_qh
+    GradOut += b * stride_gb + first_head * stride_gh
+    Lse += (b * q_heads + first_head) * seq_len
+    Delta += (b * q_heads + first_head) * seq_len
+    dk, dv = _dkdv_blocks(
+        dk, dv, k, v, k_pos, doc_lo, doc_hi, Q, GradOut, Lse, Delta, stride_qs, stride_qh, stride_gs, stride_gh,
+        group, cols, v_cols, seq_len, head_dim, v_dim, window, qk_scale, first, full_first,
+        True, CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, EVEN_V, DOT_PRECISION, BLOCK_M,
+    )  # fmt: skip
+    dk, dv = _dkdv_blocks(
+        dk, dv, k, v, k_pos, doc_lo, doc_hi, Q, GradOut, Lse, Delta, stride_qs, stride_qh, stride_gs, stride_gh,
+        group, cols, v_cols, seq_len, head_dim, v_dim, window, qk_scale, full_first, full_last,
+        False, CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, EVEN_V, DOT_PRECISION, BLOCK_M,
+    )  # fmt: skip
+    dk, dv = _dkdv_blocks(
+        dk, dv, k, v, k_pos, doc_lo, doc_hi, Q, GradOut, Lse, Delta, stride_qs, stride_qh, stride_gs, stride_gh,
+        group, cols, v_cols, seq_len, head_dim, v_dim, window, qk_scale, full_last, last,
+        True, CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, EVEN_V, DOT_PRECISION, BLOCK_M,
+    )  # fmt: skip
 
-    _store_rows(GradK + b * stride_dkb + kv_head * stride_dkh, dk * sm_scale, k_pos, cols, stride_dks, seq_len, head_dim, EVEN_D)
-    _store_rows(GradV + b * stride_dvb + kv_head * stride_dvh, dv, k_pos, cols, stride_dvs, seq_len, head_dim, EVEN_D)
+    GradK += b * stride_dkb + kv_head * stride_dkh
+    _store_rows(GradK, dk * sm_scale, k_pos, cols, stride_dks, seq_len, head_dim, EVEN_D)
+    GradV += b * stride_dvb + kv_head * stride_dvh
+    _store_rows(GradV, dv, k_pos, v_cols, stride_dvs, seq_len, v_dim, EVEN_V)
 
 
 @triton.jit
@@ -494,8 +530,10 @@ def _dq_blocks(
     stride_ks,
     stride_vs,
     cols,
+    v_cols,
     seq_len,
     head_dim,
+    v_dim,
     window,
     qk_scale,
     block_first,
@@ -505,6 +543,7 @@ def _dq_blocks(
     HAS_WINDOW: tl.constexpr,
     HAS_DOCS: tl.constexpr,
     EVEN_D: tl.constexpr,
+    EVEN_V: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -512,7 +551,7 @@ def _dq_blocks(
     for block in range(block_first, block_last):
         k_pos = block * BLOCK_N + tl.arange(0, BLOCK_N)
         k = _load_rows(K, k_pos, cols, stride_ks, seq_len, head_dim, MASKED, EVEN_D)
-        v = _load_rows(V, k_pos, cols, stride_vs, seq_len, head_dim, MASKED, EVEN_D)
+        v = _load_rows(V, k_pos, v_cols, stride_vs, seq_len, v_dim, MASKED, EVEN_V)
         scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             visible = _tile_visible(
@@ -555,6 +594,7 @@ def attention_bwd_dq_kernel(
     stride_dqh,
     seq_len,
     head_dim,
+    v_dim,
     q_heads,
     group,
     window,
@@ -564,7 +604,9 @@ def attention_bwd_dq_kernel(
     HAS_WINDOW: tl.constexpr,
     HAS_DOCS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    V_DIM: tl.constexpr,
     EVEN_D: tl.constexpr,
+    EVEN_V: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -580,6 +622,7 @@ def attention_bwd_dq_kernel(
     last_q = tl.minimum(first_q + BLOCK_M, seq_len) - 1
     q_pos = first_q + tl.arange(0, BLOCK_M)
     cols = tl.arange(0, HEAD_DIM)
+    v_cols = tl.arange(0, V_DIM)
     if HAS_DOCS:
         DocStart += b * seq_len
         DocEnd += b * seq_len
@@ -589,7 +632,8 @@ def attention_bwd_dq_kernel(
         doc_lo = q_pos
         doc_hi = q_pos
     q = _load_rows(Q + b * stride_qb + h * stride_qh, q_pos, cols, stride_qs, seq_len, head_dim, True, EVEN_D)
-    grad_out = _load_rows(GradOut + b * stride_gb + h * stride_gh, q_pos, cols, stride_gs, seq_len, head_dim, True, EVEN_D)
+    GradOut += b * stride_gb + h * stride_gh
+    grad_out = _load_rows(GradOut, q_pos, v_cols, stride_gs, seq_len, v_dim, True, EVEN_V)
     stats_offset = batch_head.to(tl.int64) * seq_len
     lse = _load_row_stat(Lse + stats_offset, q_pos, seq_len, True) * LOG2E
     delta = _load_row_stat(Delta + stats_offset, q_pos, seq_len, True)
@@ -600,15 +644,116 @@ def attention_bwd_dq_kernel(
     )
     first, full_first, full_last, last = _split_blocks(lo, hi, full_lo, full_hi, BLOCK_N)
     dq = _dq_blocks(
-        dq, q, grad_out, lse, delta, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, seq_len, head_dim,
-        window, qk_scale, first, full_first, True, CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, DOT_PRECISION, BLOCK_N,
+        dq, q, grad_out, lse, delta, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, v_cols, seq_len,
+        head_dim, v_dim, window, qk_scale, first, full_first, True,
+        CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, EVEN_V, DOT_PRECISION, BLOCK_N,
     )  # fmt: skip
     dq = _dq_blocks(
-        dq, q, grad_out, lse, delta, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, seq_len, head_dim,
-        window, qk_scale, full_first, full_last, False, CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, DOT_PRECISION, BLOCK_N,
+        dq, q, grad_out, lse, delta, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, v_cols, seq_len,
+        head_dim, v_dim, window, qk_scale, full_first, full_last, False,
+        CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, EVEN_V, DOT_PRECISION, BLOCK_N,
     )  # fmt: skip
     dq = _dq_blocks(
-        dq, q, grad_out, lse, delta, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, seq_len, head_dim,
-        window, qk_scale, full_last, last, True, CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, DOT_PRECISION, BLOCK_N,
+        dq, q, grad_out, lse, delta, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, v_cols, seq_len,
+        head_dim, v_dim, window, qk_scale, full_last, last, True,
+        CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, EVEN_V, DOT_PRECISION, BLOCK_N,
     )  # fmt: skip
-    _store_rows(GradQ + b * stride_dqb + h * stride_dqh, dq * sm_scale, q_pos, cols, stride_dqs, seq_len, head_dim, EVEN_D)
+    GradQ += b * stride_dqb + h * stride_dqh
+    _store_rows(GradQ, dq * sm_scale, q_pos, cols, stride_dqs, seq_len, head_dim, EVEN_D)
+
+
+@triton.jit
+def attention_decode_kernel(
+    Q,
+    KCache,
+    VCache,
+    CacheLens,
+    PartialOut,
+    PartialLse,
+    stride_qb,
+    stride_qs,
+    stride_qh,
+    stride_kb,
+    stride_ks,
+    stride_kh,
+    stride_vb,
+    stride_vs,
+    stride_vh,
+    new_tokens,
+    head_dim,
+    v_dim,
+    kv_heads,
+    group,
+    window,
+    qk_scale,
+    split_len,
+    HAS_WINDOW: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    V_DIM: tl.constexpr,
+    EVEN_D: tl.constexpr,
+    EVEN_V: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One (batch row, kv head, key split) of decoding: the rows are the group's query heads x new tokens, so
+    each cached key/value block is read once per kv head. Writes the split's normalised output and
+    log-sum-exp (-inf where nothing is visible) for `triton_impl.decode_attention` to merge."""
+    batch_head = tl.program_id(0)
+    split = tl.program_id(1)
+    splits = tl.num_programs(1)
+    b = (batch_head // kv_heads).to(tl.int64)
+    kv_head = batch_head % kv_heads
+    q_heads = kv_heads * group
+    cache_len = tl.load(CacheLens + b).to(tl.int32)
+
+    rows = tl.arange(0, BLOCK_M)
+    member = rows // new_tokens
+    token = rows % new_tokens
+    head = kv_head * group + member
+    real_row = rows < group * new_tokens
+    q_pos = cache_len - new_tokens + token  # the new tokens are the last ones in the cache
+    cols = tl.arange(0, HEAD_DIM)
+    v_cols = tl.arange(0, V_DIM)
+    col_ok = cols < head_dim
+    q_ptrs = Q + b * stride_qb + token[:, None] * stride_qs + head[:, None] * stride_qh + cols[None, :]
+    q = tl.load(q_ptrs, mask=real_row[:, None] & col_ok[None, :], other=0.0)
+    KCache += b * stride_kb + kv_head * stride_kh
+    VCache += b * stride_vb + kv_head * stride_vh
+
+    # Keys any of these queries can see start at the oldest query's window; this split takes its share.
+    if HAS_WINDOW:
+        first_key = tl.maximum(cache_len - new_tokens - window + 1, 0)
+    else:
+        first_key = 0
+    start = first_key + split * split_len
+    stop = tl.minimum(start + split_len, cache_len)
+
+    acc = tl.zeros([BLOCK_M, V_DIM], dtype=tl.float32)
+    row_sum = tl.zeros([BLOCK_M], dtype=tl.float32)
+    row_max = tl.full([BLOCK_M], ROW_MAX_START, dtype=tl.float32)
+    for block_start in range(start, stop, BLOCK_N):
+        k_pos = block_start + tl.arange(0, BLOCK_N)
+        in_cache = k_pos < stop
+        k = _load_rows(KCache, k_pos, cols, stride_ks, stop, head_dim, True, EVEN_D)
+        v = _load_rows(VCache, k_pos, v_cols, stride_vs, stop, v_dim, True, EVEN_V)
+        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        visible = in_cache[None, :] & (k_pos[None, :] <= q_pos[:, None])
+        if HAS_WINDOW:
+            visible = visible & (q_pos[:, None] - k_pos[None, :] < window)
+        scores = tl.where(visible, scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        p = tl.exp2(scores - new_max[:, None])
+        correction = tl.exp2(row_max - new_max)
+        row_sum = row_sum * correction + tl.sum(p, 1)
+        acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=DOT_PRECISION)
+        row_max = new_max
+
+    seen = row_sum > 0
+    safe_sum = tl.where(seen, row_sum, 1.0)
+    lse = tl.where(seen, (row_max + tl.log2(safe_sum)) * LN2, float("-inf"))
+    # Partial results are (batch, q_heads, new_tokens, splits[, V_DIM]) fp32.
+    slot = ((b * q_heads + head) * new_tokens + token) * splits + split
+    tl.store(PartialLse + slot, lse, mask=real_row)
+    out_ptrs = PartialOut + slot[:, None] * V_DIM + v_cols[None, :]
+    tl.store(out_ptrs, acc / safe_sum[:, None], mask=real_row[:, None])

@@ -9,6 +9,11 @@ Expert parallelism inserts its all-to-all between permute and grouped_swiglu (an
 which is why the pieces are separate. Expert weights use nn.Linear's (out, in) layout per expert:
 gate_up_proj (E, 2*I, H) with the gate in rows [0, I) and the up projection in rows [I, 2I); down_proj (E, H, I).
 Routing is dropless: every token's k experts are computed.
+
+gpt-oss's experts add optional biases — gate_up_bias (E, 2*I) in the same row order, down_bias (E, H) — and
+its clamped activation (`activation="clamped_swiglu"`, see `swiglu`). Its router (softmax over the top-k
+logits) is `score_func="softmax"` with `norm_topk_prob=True`: renormalising the softmax over the k kept
+experts gives exactly the softmax of their logits.
 """
 
 from __future__ import annotations
@@ -48,14 +53,14 @@ def route(
     Group-limited routing keeps the topk_group groups whose best two biased scores sum highest.
     """
     num_tokens, num_experts = logits.shape
-    logits = logits.float()
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
     if score_func == "sigmoid":
         scores = logits.sigmoid()
     elif score_func == "softmax":
         scores = logits.softmax(dim=-1)
     else:
         raise ValueError(f"unknown router score function {score_func!r}")
-    choice = scores if bias is None else scores + bias.float()
+    choice = scores if bias is None else scores + bias.to(scores.dtype)
     if n_group > 1:
         grouped = choice.view(num_tokens, n_group, num_experts // n_group)
         best = min(2, grouped.shape[-1])
@@ -86,18 +91,43 @@ def permute(x: torch.Tensor, experts: torch.Tensor, num_experts: int):
     return x_sorted, order, torch.bincount(flat, minlength=num_experts)
 
 
-def grouped_swiglu(
-    x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
+def swiglu(
+    gate: torch.Tensor, up: torch.Tensor, activation: str = "swiglu", alpha: float = 1.702, limit: float = 7.0
 ) -> torch.Tensor:
-    """down(silu(gate(x)) * up(x)) for each expert's contiguous segment of rows (one loop step per expert)."""
+    """swiglu: silu(gate) * up. clamped_swiglu (gpt-oss): gate * sigmoid(alpha * gate) * (up + 1), after
+    clamping gate to <= limit and up to [-limit, limit]."""
+    if activation == "swiglu":
+        return F.silu(gate) * up
+    if activation == "clamped_swiglu":
+        gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
+        return gate * torch.sigmoid(alpha * gate) * (up + 1)
+    raise ValueError(f"unknown expert activation {activation!r}")
+
+
+def grouped_swiglu(
+    x_sorted: torch.Tensor,
+    tokens_per_expert: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    *,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    activation: str = "swiglu",
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
+) -> torch.Tensor:
+    """down(act(gate(x), up(x))) for each expert's contiguous segment of rows (one loop step per expert)."""
     inter = down_proj.shape[-1]
     outputs = []
     for expert, rows in enumerate(torch.split(x_sorted, tokens_per_expert.tolist())):
         if rows.shape[0] == 0:
             continue
         gate_up = rows @ gate_up_proj[expert].t()
-        hidden = F.silu(gate_up[:, :inter]) * gate_up[:, inter:]
-        outputs.append(hidden @ down_proj[expert].t())
+        if gate_up_bias is not None:
+            gate_up = gate_up + gate_up_bias[expert]
+        hidden = swiglu(gate_up[:, :inter], gate_up[:, inter:], activation, swiglu_alpha, swiglu_limit)
+        out = hidden @ down_proj[expert].t()
+        outputs.append(out if down_bias is None else out + down_bias[expert])
     if not outputs:
         return x_sorted.new_zeros(0, down_proj.shape[1])
     return torch.cat(outputs)
@@ -111,8 +141,29 @@ def combine(y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) 
 
 
 def moe_experts(
-    x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
+    x: torch.Tensor,
+    experts: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    *,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    activation: str = "swiglu",
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
 ) -> torch.Tensor:
     """The routed-expert output for tokens x (N, H) given their routing: permute, grouped SwiGLU, combine."""
     x_sorted, order, counts = permute(x, experts, gate_up_proj.shape[0])
-    return combine(grouped_swiglu(x_sorted, counts, gate_up_proj, down_proj), order, weights)
+    y_sorted = grouped_swiglu(
+        x_sorted,
+        counts,
+        gate_up_proj,
+        down_proj,
+        gate_up_bias=gate_up_bias,
+        down_bias=down_bias,
+        activation=activation,
+        swiglu_alpha=swiglu_alpha,
+        swiglu_limit=swiglu_limit,
+    )
+    return combine(y_sorted, order, weights)

@@ -190,7 +190,8 @@ def _route_backward_kernel(
 
 
 def _route_block_t(num_experts: int) -> int:
-    return 16 if interpreting() else max(1, min(64, 4096 // triton.next_power_of_2(num_experts)))
+    # About 2k scores per block on GPU: more spills registers (seen compiling for sm_90).
+    return 16 if interpreting() else max(1, min(64, 2048 // triton.next_power_of_2(num_experts)))
 
 
 class _Route(torch.autograd.Function):
@@ -338,7 +339,8 @@ def _tile_table_kernel(
         # A tile's expert is the number of experts whose tiles all end at or before it (empty ones included).
         expert = tl.sum(tl.where((tile_end[None, :] <= tiles[:, None]) & expert_ok[None, :], 1, 0), axis=1)
         mine = experts[None, :] == expert[:, None]  # no column when the tile is past the last expert's
-        row_start = tl.sum(tl.where(mine, seg_start[None, :] + (tiles[:, None] - tile_begin[None, :]) * BLOCK_M, 0), axis=1)
+        first_row = seg_start[None, :] + (tiles[:, None] - tile_begin[None, :]) * BLOCK_M
+        row_start = tl.sum(tl.where(mine, first_row, 0), axis=1)
         row_end = tl.sum(tl.where(mine, seg_end[None, :], 0), axis=1)
         tile_ok = tiles < max_tiles
         tl.store(tiles_ptr + tiles, expert, mask=tile_ok)
@@ -353,26 +355,28 @@ class _Layout(NamedTuple):
     block_m: int  # rows per GEMM tile; each tile holds rows of one expert only
     segments: torch.Tensor  # (2, E) int32: first and end row of each expert
     tiles: torch.Tensor  # (3, max_tiles) int32: expert, first row, end row of each tile (empty past the last)
-    row_assignment: torch.Tensor | None  # (M,) int32 assignment id of each row (token = id // top_k); None:
-    order: torch.Tensor | None  # (M,) int32 row of each assignment          the rows are given, not gathered
+    # (M,) int32 assignment id of each row (token = id // top_k) and row of each assignment; both None when
+    # the sorted rows are given (grouped_swiglu) rather than gathered from tokens.
+    row_assignment: torch.Tensor | None
+    order: torch.Tensor | None
     top_k: int
 
 
-def _block_m(num_rows: int, num_experts: int) -> int:
-    if interpreting():
-        return 32
-    return 64 if num_rows <= 64 * num_experts else 128
+def _block_m() -> int:
+    """Rows per grouped-GEMM tile. 64 on GPU: compiled for sm_90, 128-row tiles spill registers in the SwiGLU
+    epilogues, and short expert segments waste less of a 64-row tile."""
+    return 32 if interpreting() else 64
 
 
 def _tile_layout(counts: torch.Tensor, num_rows: int, top_k: int, row_assignment=None, order=None) -> _Layout:
     num_experts = counts.shape[0]
-    block_m = _block_m(num_rows, num_experts)
+    block_m = _block_m()
     max_tiles = triton.cdiv(num_rows, block_m) + num_experts  # each expert adds at most one partial tile
     segments = torch.empty(2, num_experts, dtype=torch.int32, device=counts.device)
     tiles = torch.empty(3, max_tiles, dtype=torch.int32, device=counts.device)
     _tile_table_kernel[(1,)](
         counts, segments, tiles, num_experts, num_rows, max_tiles,
-        BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_TILES=16 if interpreting() else 128,
+        BLOCK_M=block_m, BLOCK_E=triton.next_power_of_2(num_experts), BLOCK_TILES=16 if interpreting() else 32,
     )
     return _Layout(num_rows, block_m, segments, tiles, row_assignment, order, top_k)
 
@@ -406,7 +410,10 @@ def _dispatch(experts: torch.Tensor, num_experts: int) -> tuple[_Layout, torch.T
 
 
 def _mm_configs():
-    shapes = [(128, 64, 8, 3), (128, 32, 4, 4), (64, 64, 4, 3), (64, 32, 4, 4), (128, 64, 4, 4), (64, 64, 8, 3)]
+    # (BLOCK_N, BLOCK_K, warps, stages): all compile for sm_90 with 64-row tiles without register spills
+    # (kmodel.kernels.moe.compile_check); 128-column tiles need 8 warps for that.
+    shapes = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 4), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3),
+              (64, 32, 4, 4)]
     return [
         triton.Config({"BLOCK_N": n, "BLOCK_K": k}, num_warps=warps, num_stages=stages)
         for n, k, warps, stages in shapes
@@ -446,34 +453,35 @@ def _grouped_mm_kernel(
     cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     col_ok = cols < N
     ks = tl.arange(0, BLOCK_K)
-    a_ptrs = a_ptr + a_rows[:, None] * stride_a + ks[None, :]
-    b_ptrs = b_ptr + expert.to(tl.int64) * stride_be + ks[:, None] * stride_bk + cols[None, :] * stride_bn
-
+    # Row and column offsets stay 1D across the K loop; the 2D addresses are formed per step, so no
+    # (BLOCK, BLOCK) pointer tensor is held in registers through the loop.
+    a_row_ptrs = a_ptr + a_rows * stride_a
+    b_col_ptrs = b_ptr + expert.to(tl.int64) * stride_be + cols * stride_bn
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     if EPILOGUE == 1:  # _SWIGLU_FORWARD: the up rows of B start N columns after the gate rows
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     for k_start in range(0, K, BLOCK_K):
-        k_ok = k_start + ks < K
-        a = tl.load(a_ptrs, mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        k = k_start + ks
+        k_ok = k < K
+        a = tl.load(a_row_ptrs[:, None] + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
+        b_ptrs = b_col_ptrs[None, :] + k[:, None] * stride_bk
         b_mask = k_ok[:, None] & col_ok[None, :]
         acc = tl.dot(a, tl.load(b_ptrs, mask=b_mask, other=0.0), acc, input_precision=DOT_PRECISION)
         if EPILOGUE == 1:
             b_up = tl.load(b_ptrs + N * stride_bn, mask=b_mask, other=0.0)
             acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
-        a_ptrs += BLOCK_K
-        b_ptrs += BLOCK_K * stride_bk
 
     mask = row_ok[:, None] & col_ok[None, :]
-    out_ptrs = out_ptr + rows64[:, None] * stride_out + cols[None, :]
+    out_ptrs = (out_ptr + rows64 * stride_out)[:, None] + cols[None, :]
     if EPILOGUE == 0:  # _PLAIN
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     elif EPILOGUE == 1:  # _SWIGLU_FORWARD: keep gate_up for the backward, pass h on
-        gate_up_ptrs = gate_up_ptr + rows64[:, None] * stride_gate_up + cols[None, :]
+        gate_up_ptrs = (gate_up_ptr + rows64 * stride_gate_up)[:, None] + cols[None, :]
         tl.store(gate_up_ptrs, acc.to(gate_up_ptr.dtype.element_ty), mask=mask)
         tl.store(gate_up_ptrs + N, acc_up.to(gate_up_ptr.dtype.element_ty), mask=mask)
         tl.store(out_ptrs, (acc * tl.sigmoid(acc) * acc_up).to(out_ptr.dtype.element_ty), mask=mask)
     else:  # _SWIGLU_BACKWARD: acc = d h (before the routing weight when SCALE_ROWS); out = d gate_up
-        gate_up_ptrs = gate_up_ptr + rows64[:, None] * stride_gate_up + cols[None, :]
+        gate_up_ptrs = (gate_up_ptr + rows64 * stride_gate_up)[:, None] + cols[None, :]
         gate = tl.load(gate_up_ptrs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(gate_up_ptrs + N, mask=mask, other=0.0).to(tl.float32)
         sig = tl.sigmoid(gate)
@@ -483,9 +491,15 @@ def _grouped_mm_kernel(
             partial = tl.sum(acc * silu * up, axis=1)
             tl.store(weight_grad_ptr + rows64 * stride_weight_grad + pid_n, partial, mask=row_ok)
             acc = acc * tl.load(routing_weights_ptr + assignment, mask=row_ok, other=0.0)[:, None]
-        d_gate = acc * up * sig * (1.0 + gate * (1.0 - sig))
-        tl.store(out_ptrs, d_gate.to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(out_ptrs + N, (acc * silu).to(out_ptr.dtype.element_ty), mask=mask)
+        # silu'(g) = sig + silu * (1 - sig)
+        d_gate = acc * up * (sig + silu * (1.0 - sig))
+        tl.store(out_ptrs, d_gate.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _narrowest_block_n() -> int:
+    configs = [config.kwargs for config in _grouped_mm_kernel.configs] + [_grouped_mm_kernel.interpret_config]
+    return min(config["BLOCK_N"] for config in configs)
 
 
 def _grouped_mm(
@@ -506,7 +520,7 @@ def _grouped_mm(
     _SWIGLU_BACKWARD (weight = down_proj (E, H, I), `a` = d y, gate_up saved by the forward) returns
     (d gate_up, d routing weight per sorted row); with routing_weights, d y = weight * d out[token].
     """
-    num_experts, rows_b, cols_b = weight.shape
+    _, rows_b, cols_b = weight.shape
     k_dim, n_dim = (cols_b, rows_b) if transpose else (rows_b, cols_b)
     stride_bk, stride_bn = (1, cols_b) if transpose else (cols_b, 1)
     if epilogue == _SWIGLU_FORWARD:
@@ -515,9 +529,10 @@ def _grouped_mm(
     out_cols = 2 * n_dim if epilogue == _SWIGLU_BACKWARD else n_dim
     out = torch.empty(layout.num_rows, out_cols, dtype=a.dtype, device=a.device)
     scale_rows = routing_weights is not None
-    # Routing-weight gradient partials: one column per BLOCK_N slice (BLOCK_N >= 16); unused columns stay 0.
+    # Routing-weight gradient partials: one column per BLOCK_N slice of whichever config runs; unused columns
+    # of the buffer (sized for the narrowest config) stay 0.
     weight_grad = (
-        torch.zeros(layout.num_rows, triton.cdiv(n_dim, 16), dtype=torch.float32, device=a.device)
+        torch.zeros(layout.num_rows, triton.cdiv(n_dim, _narrowest_block_n()), dtype=torch.float32, device=a.device)
         if scale_rows else None
     )
     max_tiles = layout.tiles.shape[1]
@@ -544,6 +559,7 @@ def _grouped_mm(
 
 
 def _weight_grad_configs():
+    # (BLOCK_P, BLOCK_Q, BLOCK_R, warps, stages): all compile for sm_90 without register spills.
     shapes = [(128, 128, 32, 8, 3), (128, 64, 32, 4, 3), (64, 128, 32, 4, 3), (64, 64, 64, 4, 3), (128, 128, 64, 8, 3)]
     return [
         triton.Config({"BLOCK_P": p, "BLOCK_Q": q, "BLOCK_R": r}, num_warps=warps, num_stages=stages)
@@ -588,7 +604,8 @@ def _grouped_weight_grad_kernel(
         else:
             grad_rows = rows64
         # Loaded transposed, (P, R), so the token dimension is the dot's reduction dimension.
-        grad = tl.load(grad_ptr + grad_rows[None, :] * stride_grad + ps[:, None], mask=p_ok[:, None] & row_ok[None, :], other=0.0)
+        grad_ptrs = grad_ptr + grad_rows[None, :] * stride_grad + ps[:, None]
+        grad = tl.load(grad_ptrs, mask=p_ok[:, None] & row_ok[None, :], other=0.0)
         if GATHER_GRAD:
             routing_weight = tl.load(routing_weights_ptr + assignment, mask=row_ok, other=0.0)
             grad = (grad.to(tl.float32) * routing_weight[None, :]).to(grad_ptr.dtype.element_ty)

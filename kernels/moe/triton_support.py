@@ -1,13 +1,12 @@
-"""Shared plumbing for the Triton kernels: lazy compilation, device and dtype checks.
-
-Kernels are compiled at first launch, so TRITON_INTERPRET is read when a kernel runs, not at import.
+"""Shared plumbing for the Triton kernels: compilation at first launch, device and dtype checks.
 
 `triton.jit` decides between the GPU compiler and the CPU interpreter when it decorates a function. A kernel
 module imported before a test sets TRITON_INTERPRET=1 would otherwise be stuck with the GPU compiler, so kernel
 bodies stay plain functions here and are wrapped on first launch in the mode the environment asks for then.
-On GPU a kernel may be autotuned over `configs`; under the interpreter it runs one fixed small config
-(autotuning there would only repeat slow runs). Kernel bodies must not call other @triton.jit functions, since
-those would be bound to the mode of their own import.
+On GPU a kernel may be autotuned over `configs`; under the interpreter it runs one fixed config (autotuning
+there would only repeat slow runs). Kernel bodies call no @triton.jit helpers of their own, since those would
+be bound to the mode of their own import; triton's own jit library (tl.sum, tl.sigmoid, ...) is rebound to the
+interpreter when triton was imported before TRITON_INTERPRET was set (see `_interpret_triton_library`).
 
 Used by the moe, norm and loss Triton modules.
 """
@@ -58,6 +57,36 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+_library_interpretable = False
+
+
+def _interpret_triton_library() -> None:
+    """Make triton.language's own @jit functions (tl.sum, tl.max, tl.sigmoid, ...) runnable by the interpreter.
+
+    triton wraps them when it is first imported, in the mode TRITON_INTERPRET gave then; if another module
+    imported triton before the variable was set, they are compiler-only JITFunctions that the interpreter
+    refuses to call. Only done when kernels are about to run on the interpreter, i.e. in a process that cannot
+    compile for a GPU anyway.
+    """
+    global _library_interpretable
+    if _library_interpretable:
+        return
+    import sys
+
+    from triton.runtime.interpreter import InterpretedFunction
+    from triton.runtime.jit import JITFunction
+
+    rebound: dict[int, InterpretedFunction] = {}  # one wrapper per function, shared by every module naming it
+    for name, module in list(sys.modules.items()):
+        if module is None or not (name == "triton.language" or name.startswith("triton.language.")):
+            continue
+        for attr, value in list(vars(module).items()):
+            if isinstance(value, JITFunction):
+                wrapper = rebound.setdefault(id(value), InterpretedFunction(value.fn))
+                setattr(module, attr, wrapper)
+    _library_interpretable = True
+
+
 class LazyKernel:
     """A Triton kernel body plus how to launch it: `kernel[grid](*args, **kwargs)` as with triton.jit.
 
@@ -83,6 +112,8 @@ class LazyKernel:
         if interpret not in self._compiled:
             import triton
 
+            if interpret:
+                _interpret_triton_library()
             # knobs read TRITON_INTERPRET when jit wraps the body, which is now.
             kernel = triton.jit(self.body)
             if self.configs is not None and not interpret:
@@ -93,10 +124,9 @@ class LazyKernel:
     def __getitem__(self, grid):
         interpret = interpreting()
         kernel = self._kernel(interpret)[grid]
-        if not (interpret or self.configs is None):
+        if not interpret:
             return kernel
-        fixed = self.interpret_config if interpret else {}
-        return lambda *args, **kwargs: kernel(*args, **kwargs, **fixed)
+        return lambda *args, **kwargs: kernel(*args, **kwargs, **self.interpret_config)
 
 
 def lazy_kernel(

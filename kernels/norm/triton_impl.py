@@ -1,8 +1,8 @@
 """Triton RMSNorm, forward and backward, with the semantics of `reference.rms_norm`.
 
-Forward: each program normalises a block of rows in fp32, rounds the normalised row to the input dtype (as the
-reference does) and scales it by the weight in the promoted dtype; it keeps the per-row 1/rms (fp32, 4 bytes
-a row) so the backward never recomputes the reduction over the row twice.
+Forward: each program normalises a block of rows in fp32, rounds the normalised rows to the input dtype (as the
+reference does) and scales them by the weight in the promoted dtype; it keeps each row's 1/rms (fp32, 4 bytes
+a row) so the backward does not redo that reduction.
 Backward: dx = rstd * (g - x_hat * mean(g * x_hat)) with g = dy * weight and x_hat = x * rstd; the weight
 gradient sum(dy * x_hat) is reduced in two steps without atomics: each program sums its own row blocks into
 one fp32 partial row, and torch adds the few partial rows.
@@ -135,7 +135,9 @@ class _RMSNorm(torch.autograd.Function):
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """RMSNorm over the last dimension of x (any leading shape); see reference.rms_norm for the semantics."""
     if weight.dim() != 1 or weight.shape[0] != x.shape[-1]:
-        raise ValueError(f"rms_norm: weight shape {tuple(weight.shape)} does not match x's last dimension {x.shape[-1]}")
+        raise ValueError(
+            f"rms_norm: weight shape {tuple(weight.shape)} does not match x's last dimension {x.shape[-1]}"
+        )
     if not x.is_floating_point():
         raise TypeError(f"rms_norm: x must be a floating-point tensor, got {x.dtype}")
     if x.shape[-1] > _MAX_HIDDEN:
@@ -143,4 +145,4 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if x.device != weight.device:
         raise ValueError(f"rms_norm: x is on {x.device} but weight is on {weight.device}")
     check_device(x)
-    return _RMSNorm.apply(x, weight, eps)
+    return _RMSNorm.apply(x, weight.contiguous(), eps)

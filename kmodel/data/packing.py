@@ -38,8 +38,8 @@ class Batch:
     segment_ids: torch.Tensor | None = None  # (rows, seq_len) document index per token, for document masking
 
     def to(self, device: torch.device | str) -> "Batch":
-        move = lambda t: None if t is None else t.to(device, non_blocking=True)  # noqa: E731
-        return Batch(move(self.input_ids), move(self.labels), move(self.segment_ids))
+        segments = None if self.segment_ids is None else self.segment_ids.to(device)
+        return Batch(self.input_ids.to(device), self.labels.to(device), segments)
 
     @property
     def num_tokens(self) -> int:

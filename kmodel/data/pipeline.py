@@ -19,6 +19,22 @@ def load_tokenizer(spec: str):
     return Tokenizer.load(SHIPPED_TOKENIZER if spec == "shipped" else Path(spec))
 
 
+def checkpoint_tokenizer(checkpoint: Path, cfg: Config):
+    """The tokenizer saved in a checkpoint, else the one its recipe names; checked against the model's vocab."""
+    from kmodel.checkpoint import TOKENIZER_DIR
+    from kmodel.tokenizer import Tokenizer
+
+    saved = Path(checkpoint) / TOKENIZER_DIR
+    if saved.is_dir():
+        tokenizer = Tokenizer.load(saved)
+    elif cfg.data is not None:
+        tokenizer = load_tokenizer(cfg.data.tokenizer)
+    else:
+        raise DataError(f"checkpoint {checkpoint} has no {TOKENIZER_DIR}/ and its recipe names no data.tokenizer")
+    check_vocab(tokenizer, cfg.model.vocab_size)
+    return tokenizer
+
+
 def file_docs(path: str | Path, tokenizer: Any, cache_dir: Path | None, text_key: str = "text", sha256: str | None = None) -> TokenizedDocs:
     """One local file's documents, tokenized (through the cache when `cache_dir` is given)."""
     path = Path(path)
@@ -37,8 +53,6 @@ def source_docs(entry: dict[str, Any], tokenizer: Any, cache_dir: Path | None) -
 
 def training_mixture(cfg: Config, tokenizer: Any, manifest: dict[str, Any], cache_dir: Path | None) -> Mixture:
     """The recipe's weighted, packed, seed-ordered training rows (see kmodel.data.packing)."""
-    if cfg.data is None:
-        raise DataError("the recipe has no data: section; training needs data.sources")
     check_vocab(tokenizer, cfg.model.vocab_size)
     streams = [
         SourceStream(source_docs(entry, tokenizer, cache_dir), cfg.data.seq_len, cfg.seed, index, entry["name"])

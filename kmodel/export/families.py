@@ -1,13 +1,17 @@
-"""transformers families beyond the model-core three: qwen3_moe, deepseek_v3, axk1 (A.X K1), hyperclovax.
+"""transformers families beyond the model-core three: qwen3_moe, deepseek_v3, axk1 (A.X K1), hyperclovax,
+gpt_oss.
 
 Each is a `Family` (see hf.py): what of a kmodel config the class cannot express, its config.json, and the
 name table. kmodel's MLA, MoE and dense-MLP parameters already carry the names these classes use, so the
-tables differ only in the norms and A.X K1's post-MoE norm.
+tables differ only in the norms and A.X K1's post-MoE norm; gpt-oss also stores its experts in another
+layout (`_gpt_oss_transform`).
 """
 
 from __future__ import annotations
 
 import re
+
+import torch
 
 from kmodel.config import Config, ModelConfig
 from kmodel.export.hf import Family, common_config, extras_problems, llama_style_rename, register
@@ -124,7 +128,7 @@ def _deepseek_v3_problems(m: ModelConfig) -> list[str]:
     dense = dense_layer_indices(m)
     if dense != list(range(len(dense))):
         problems.append("dense layers after the first MoE layer (DeepSeek-V3 has only first_k_dense_replace)")
-    return problems + extras_problems(m, allow=("attention_kind",))
+    return problems + extras_problems(m, allow=("attention_kind", "rope_scaling"))
 
 
 def _deepseek_v3_config(cfg: Config) -> dict:
@@ -141,7 +145,7 @@ def _axk1_problems(m: ModelConfig) -> list[str]:
         problems.append("full-rank query (A.X K1 always compresses the query: set q_lora_rank)")
     if m.num_experts and not m.post_mlp_norm:
         problems.append("post_mlp_norm off (A.X K1 normalises every MoE output)")
-    return problems + extras_problems(m, allow=("attention_kind", "post_mlp_norm"))
+    return problems + extras_problems(m, allow=("attention_kind", "post_mlp_norm", "rope_scaling"))
 
 
 def _axk1_config(cfg: Config) -> dict:
@@ -198,7 +202,70 @@ def _hyperclovax_rename(name: str, cfg: ModelConfig) -> str | None:
     return llama_style_rename(name, cfg, HYPERCLOVAX_NORM_NAMES)
 
 
+# --- gpt-oss: sinks, biases everywhere, softmax over the top-k logits, clamped SwiGLU, YaRN -------------
+
+GPT_OSS_FEATURES = ("attention_bias", "attention_sinks", "router_bias", "expert_bias", "expert_activation")
+
+
+def _gpt_oss_problems(m: ModelConfig) -> list[str]:
+    problems = [f"{key} off (every gpt-oss layer has it)" for key in GPT_OSS_FEATURES[:4] if not getattr(m, key)]
+    if m.expert_activation != "clamped_swiglu":
+        problems.append(f"expert_activation {m.expert_activation!r} (gpt-oss uses 'clamped_swiglu')")
+    if m.num_experts == 0 or "dense" in m.mlp_layer_types:
+        problems.append("dense layers (every gpt-oss layer is MoE)")
+    if m.num_shared_experts:
+        problems.append("shared experts (gpt-oss has none)")
+    if m.router != "softmax" or not m.norm_topk_prob:
+        problems.append("routing other than softmax + norm_topk_prob (gpt-oss: softmax over the top-k logits)")
+    if m.n_group != 1 or m.routed_scaling_factor != 1.0:
+        problems.append("group-limited routing or routed_scaling_factor (gpt-oss has neither)")
+    if m.qk_norm:
+        problems.append("qk_norm on (gpt-oss has none)")
+    if m.norm_placement != "pre":
+        problems.append(f"norm_placement {m.norm_placement!r} (gpt-oss is pre-norm)")
+    if m.rope_layers != "all":
+        problems.append("NoPE layers (gpt-oss rotates every layer)")
+    if m.rope_scaling is not None and m.rope_scaling.mscale_all_dim:
+        problems.append("rope_scaling.mscale_all_dim (gpt-oss never rescales the softmax)")
+    return problems + extras_problems(m, allow=GPT_OSS_FEATURES + ("rope_scaling",))
+
+
+def _gpt_oss_config(cfg: Config) -> dict:
+    m = cfg.model
+    return {
+        **common_config(cfg),
+        "intermediate_size": m.moe_intermediate_size,
+        "num_local_experts": m.num_experts,
+        "num_experts_per_tok": m.num_experts_per_tok,
+        "sliding_window": m.sliding_window,
+        "layer_types": m.layer_types,
+        "attention_bias": True,
+        "swiglu_alpha": m.swiglu_alpha,
+        "swiglu_limit": m.swiglu_limit,
+        "router_aux_loss_coef": m.aux_loss_coef,
+    }
+
+
+def _gpt_oss_rename(name: str, cfg: ModelConfig) -> str | None:
+    if name.endswith("mlp.gate.e_score_correction_bias"):
+        return None  # softmax routing never reads kmodel's (sigmoid-only) correction bias
+    return llama_style_rename(name.replace(".mlp.gate.", ".mlp.router."), cfg)
+
+
+def _gpt_oss_transform(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
+    """gpt-oss keeps expert weights as (in, out) matrices and interleaves gate and up (gate in even, up in
+    odd output columns); kmodel keeps nn.Linear's (out, in) with the gate in the first half."""
+    if name.endswith("mlp.experts.gate_up_proj") or name.endswith("mlp.experts.gate_up_proj_bias"):
+        gate, up = tensor.chunk(2, dim=1)  # (E, I, ...) each
+        interleaved = torch.stack((gate, up), dim=2).flatten(1, 2)  # rows g0, u0, g1, u1, ...
+        return interleaved.transpose(1, 2) if name.endswith("gate_up_proj") else interleaved
+    if name.endswith("mlp.experts.down_proj"):
+        return tensor.transpose(1, 2)
+    return tensor
+
+
 register(Family("qwen3_moe", "Qwen3MoeForCausalLM", _qwen3_moe_problems, _qwen3_moe_config, _qwen3_moe_rename))
 register(Family("deepseek_v3", "DeepseekV3ForCausalLM", _deepseek_v3_problems, _deepseek_v3_config, llama_style_rename))
 register(Family("axk1", "AXK1ForCausalLM", _axk1_problems, _axk1_config, _axk1_rename))
 register(Family("hyperclovax", "HyperCLOVAXForCausalLM", _hyperclovax_problems, _hyperclovax_config, _hyperclovax_rename))
+register(Family("gpt_oss", "GptOssForCausalLM", _gpt_oss_problems, _gpt_oss_config, _gpt_oss_rename, _gpt_oss_transform))

@@ -32,6 +32,8 @@ class Family:
     problems: Callable[[ModelConfig], list[str]]  # features of the config this class cannot express
     config_json: Callable[[Config], dict]
     rename: Callable[[str, ModelConfig], str | None]  # kmodel name -> HF name; None drops the tensor
+    # kmodel name, tensor -> the tensor in the class's layout (identity unless the family stores it differently)
+    transform: Callable[[str, torch.Tensor, ModelConfig], torch.Tensor] = lambda name, tensor, cfg: tensor
 
 
 FAMILIES: dict[str, Family] = {}
@@ -83,10 +85,17 @@ def common_config(cfg: Config) -> dict:
         "rms_norm_eps": m.rms_norm_eps,
         "initializer_range": m.initializer_range,
         "tie_word_embeddings": m.tie_word_embeddings,
-        "rope_parameters": {"rope_type": "default", "rope_theta": m.rope_theta},
+        "rope_parameters": rope_parameters(m),
         "attention_dropout": 0.0,
         "torch_dtype": "float32",
     }
+
+
+def rope_parameters(m: ModelConfig) -> dict:
+    if m.rope_scaling is None:
+        return {"rope_type": "default", "rope_theta": m.rope_theta}
+    scaling = {key: value for key, value in m.rope_scaling.model_dump().items() if value is not None}
+    return {"rope_theta": m.rope_theta, **scaling}
 
 
 def hybrid_attention_config(m: ModelConfig) -> dict:
@@ -106,9 +115,17 @@ def hybrid_attention_problems(m: ModelConfig) -> list[str]:
 
 
 def extras_problems(m: ModelConfig, *, allow: tuple[str, ...] = ()) -> list[str]:
-    """Features only some families have (MLA, A.X K1's post-MoE norm, muP multipliers), named where set
-    but not in `allow`."""
+    """Features only some families have (MLA, A.X K1's post-MoE norm, muP multipliers, gpt-oss's biases,
+    sinks and activation, YaRN, per-layer-type theta, (1 + w) norms), named where set but not in `allow`."""
     present = {
+        "attention_bias": m.attention_bias,
+        "attention_sinks": m.attention_sinks,
+        "router_bias": m.router_bias,
+        "expert_bias": m.expert_bias,
+        "expert_activation": m.expert_activation != "swiglu",
+        "rope_scaling": m.rope_scaling is not None,
+        "rope_local_base_freq": m.rope_local_base_freq is not None,
+        "norm_weight_plus_one": m.norm_weight_plus_one,
         "attention_kind": m.attention_kind != "gqa",
         "post_mlp_norm": m.post_mlp_norm,
         "embedding_multiplier": m.embedding_multiplier != 1.0,
@@ -247,7 +264,7 @@ def hf_state_dict(weights: dict[str, torch.Tensor], cfg: Config, family: Family)
             continue
         if hf_name in out:
             raise ExportError(f"two kmodel tensors map to {hf_name}")
-        out[hf_name] = tensor.contiguous()
+        out[hf_name] = family.transform(name, tensor, cfg.model).contiguous()
     return out
 
 

@@ -1,17 +1,17 @@
-"""Grouped-query self-attention with per-layer sliding window, optional QK-norm and RoPE/NoPE."""
+"""Grouped-query self-attention with per-layer sliding window, optional QK-norm and RoPE/NoPE, and gpt-oss's
+projection biases and attention sinks."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kmodel.config import ModelConfig
 from kmodel.kernels.attention import reference
 from kmodel.model.norm import RMSNorm
-from kmodel.model.rope import apply_rope
+from kmodel.model.rope import apply_rope, yarn_softmax_scale
 
 
 @dataclass
@@ -45,17 +45,20 @@ class Attention(nn.Module):
         self.num_heads = cfg.num_attention_heads
         self.num_kv_heads = cfg.num_key_value_heads
         self.head_dim = cfg.head_dim
-        self.scale = cfg.attention_multiplier  # None: head_dim ** -0.5
+        base_scale = cfg.attention_multiplier if cfg.attention_multiplier is not None else self.head_dim**-0.5
+        self.scale = base_scale * yarn_softmax_scale(cfg.rope_scaling)
         sliding = cfg.layer_types[layer_idx] == "sliding_attention"
         self.window = cfg.sliding_window if sliding else None
         self.use_rope = cfg.rope_layers == "all" or sliding
-        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=False)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=False)
+        bias = cfg.attention_bias
+        self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.num_kv_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, cfg.hidden_size, bias=bias)
+        self.sinks = nn.Parameter(torch.empty(self.num_heads)) if cfg.attention_sinks else None
         if cfg.qk_norm:
-            self.q_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
-            self.k_norm = RMSNorm(self.head_dim, cfg.rms_norm_eps)
+            self.q_norm = RMSNorm.of(cfg, self.head_dim)
+            self.k_norm = RMSNorm.of(cfg, self.head_dim)
         else:
             self.q_norm = self.k_norm = None
         self.kernel = reference  # replaced by Model.use_kernels
@@ -78,20 +81,17 @@ class Attention(nn.Module):
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
 
         if cache is None or cache.keys is None:
-            out = self.kernel.attention(q, k, v, window=self.window, scale=self.scale, cu_seqlens=cu_seqlens)
+            out = self.kernel.attention(
+                q, k, v, window=self.window, scale=self.scale, cu_seqlens=cu_seqlens, sinks=self.sinks
+            )
             if cache is not None:
                 cache.extend(k, v, positions)
         else:
             # Few new queries against the cache: an explicit (new, kept + new) mask is small here.
             keys, values, key_positions = cache.extend(k, v, positions)
             mask = reference.visibility_mask(positions, key_positions, window=self.window, causal=True)
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2),
-                keys.transpose(1, 2),
-                values.transpose(1, 2),
-                attn_mask=mask,
-                scale=self.scale,
-                enable_gqa=self.num_heads != self.num_kv_heads,
+            out = reference.masked_attention(
+                q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask, scale=self.scale, sinks=self.sinks
             ).transpose(1, 2)
         if cache is not None:
             cache.trim(self.window)

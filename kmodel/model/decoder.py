@@ -44,7 +44,7 @@ class DecoderLayer(nn.Module):
         placement = cfg.norm_placement
 
         def norm_if(wanted: bool) -> RMSNorm | None:
-            return RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if wanted else None
+            return RMSNorm.of(cfg, cfg.hidden_size) if wanted else None
 
         self.attn_in_norm = norm_if(placement in ("pre", "sandwich"))
         self.attn_out_norm = norm_if(placement in ("post", "sandwich"))
@@ -72,11 +72,11 @@ class MultiTokenPrediction(nn.Module):
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
-        self.enorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.hnorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.enorm = RMSNorm.of(cfg, cfg.hidden_size)
+        self.hnorm = RMSNorm.of(cfg, cfg.hidden_size)
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
         self.block = DecoderLayer(cfg, cfg.num_hidden_layers - 1)
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm.of(cfg, cfg.hidden_size)
 
     def forward(self, hidden, next_embeds, rope, positions, cu_seqlens):
         x = self.eh_proj(torch.cat((self.hnorm(hidden), self.enorm(next_embeds)), dim=-1))
@@ -101,7 +101,7 @@ class Model(nn.Module):
         self.cfg = cfg
         self.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size)
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.norm = RMSNorm.of(cfg, cfg.hidden_size)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         self.mtp = MultiTokenPrediction(cfg) if cfg.num_nextn_predict_layers else None
         self.loss_kernel = loss_reference
@@ -120,6 +120,17 @@ class Model(nn.Module):
         self.loss_kernel = pick["loss"]
 
     # --- forward --------------------------------------------------------------------------------
+    def rope_tables(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """cos/sin per layer type: full layers use rope_theta (and rope_scaling); sliding layers use the
+        unscaled rope_local_base_freq when it is set, else the same table. fp64 for an fp64 model."""
+        cfg = self.cfg
+        dtype = torch.promote_types(self.embed_tokens.weight.dtype, torch.float32)
+        full = rope_cos_sin(positions, cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling, dtype)
+        if cfg.rope_local_base_freq is None:
+            return {"full_attention": full, "sliding_attention": full}
+        local = rope_cos_sin(positions, cfg.rope_dim, cfg.rope_local_base_freq, dtype=dtype)
+        return {"full_attention": full, "sliding_attention": local}
+
     @property
     def head_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
@@ -141,13 +152,14 @@ class Model(nn.Module):
         batch, seq = input_ids.shape
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device)
-        rope = rope_cos_sin(position_ids, cfg.rope_dim, cfg.rope_theta)
+        ropes = self.rope_tables(position_ids)
         cu_seqlens = None if segment_ids is None else cu_seqlens_from_segments(segment_ids)
 
         embeds = self.embed_tokens(input_ids) * cfg.embedding_multiplier
         x = embeds
         aux = x.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self.layers):
+            rope = ropes[cfg.layer_types[i]]
             x, layer_aux = layer(x, rope, position_ids, cu_seqlens, None if cache is None else cache[i])
             aux = aux + layer_aux
         hidden = x
@@ -155,7 +167,7 @@ class Model(nn.Module):
         x = self.norm(x) * cfg.logits_scaling
 
         want_logits = labels is None if return_logits is None else return_logits
-        logits = (x @ self.head_weight.t()).float() if want_logits else None
+        logits = (x @ self.head_weight.t()).to(torch.promote_types(x.dtype, torch.float32)) if want_logits else None
         if labels is None:
             return ModelOutput(logits=logits)
 
@@ -169,7 +181,7 @@ class Model(nn.Module):
             mtp_hidden, mtp_aux = self.mtp(
                 hidden[:, :-1],
                 embeds[:, 1:],
-                tuple(t[:-1] for t in rope),
+                tuple(t[:-1] for t in ropes[cfg.layer_types[-1]]),
                 position_ids[:-1],
                 None if mtp_segments is None else cu_seqlens_from_segments(mtp_segments),
             )

@@ -13,14 +13,13 @@ Parameter names are Hugging Face's DeepSeek-V3 names, so the export is a prefix.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from kmodel.config import ModelConfig
 from kmodel.kernels.attention import reference
 from kmodel.model.attention import LayerCache
 from kmodel.model.norm import RMSNorm
-from kmodel.model.rope import apply_rope
+from kmodel.model.rope import apply_rope, yarn_softmax_scale
 
 
 class LatentAttention(nn.Module):
@@ -33,17 +32,18 @@ class LatentAttention(nn.Module):
         sliding = cfg.layer_types[layer_idx] == "sliding_attention"
         self.window = cfg.sliding_window if sliding else None
         self.use_rope = cfg.rope_layers == "all" or sliding
-        self.scale = cfg.attention_multiplier if cfg.attention_multiplier is not None else qk_head_dim**-0.5
+        base_scale = cfg.attention_multiplier if cfg.attention_multiplier is not None else qk_head_dim**-0.5
+        self.scale = base_scale * yarn_softmax_scale(cfg.rope_scaling)
         h = cfg.hidden_size
         self.low_rank_query = cfg.q_lora_rank is not None
         if not self.low_rank_query:
             self.q_proj = nn.Linear(h, self.num_heads * qk_head_dim, bias=False)
         else:
             self.q_a_proj = nn.Linear(h, cfg.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm.of(cfg, cfg.q_lora_rank)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, self.num_heads * qk_head_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(h, self.kv_lora_rank + self.rope_dim, bias=False)
-        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm.of(cfg, self.kv_lora_rank)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, self.num_heads * (self.nope_dim + self.v_dim), bias=False)
         self.o_proj = nn.Linear(self.num_heads * self.v_dim, h, bias=False)
         self.kernel = reference  # replaced by Model.use_kernels
@@ -90,8 +90,8 @@ class LatentAttention(nn.Module):
             latents, rope_keys, key_positions = cache.extend(latent, rope_key, positions)
             keys, values = self.expand(latents, rope_keys)
             mask = reference.visibility_mask(positions, key_positions, window=self.window, causal=True)
-            out = F.scaled_dot_product_attention(
-                q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), attn_mask=mask, scale=self.scale
+            out = reference.masked_attention(
+                q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask, scale=self.scale
             ).transpose(1, 2)
         if cache is not None:
             cache.trim(self.window)

@@ -35,22 +35,41 @@ class Router(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(cfg.num_experts, cfg.hidden_size))
+        self.bias = nn.Parameter(torch.empty(cfg.num_experts)) if cfg.router_bias else None  # learned (gpt-oss)
         # Aux-loss-free balancing bias: used for selection only, updated outside the gradient.
         self.register_buffer("e_score_correction_bias", torch.zeros(cfg.num_experts, dtype=torch.float32))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         dtype = torch.promote_types(x.dtype, torch.float32)  # router math in fp32 at least
-        return F.linear(x.to(dtype), self.weight.to(dtype))
+        return F.linear(x.to(dtype), self.weight.to(dtype), None if self.bias is None else self.bias.to(dtype))
 
 
 class Experts(nn.Module):
-    """All routed experts' weights as two stacked tensors, indexed by global expert id."""
+    """All routed experts' weights as two stacked tensors, indexed by global expert id (and, with
+    `expert_bias`, their biases: gate_up_proj_bias (E, 2I), down_proj_bias (E, H))."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
+        self.gate_up_proj_bias = nn.Parameter(torch.empty(e, 2 * i)) if cfg.expert_bias else None
+        self.down_proj_bias = nn.Parameter(torch.empty(e, h)) if cfg.expert_bias else None
+        self.cfg = cfg
+
+    def kernel_options(self) -> dict:
+        """The expert kernel's keyword arguments beyond plain SwiGLU: only those the config switches on, so a
+        kernel without gpt-oss support still serves every other config."""
+        options = {}
+        if self.gate_up_proj_bias is not None:
+            options.update(gate_up_bias=self.gate_up_proj_bias, down_bias=self.down_proj_bias)
+        if self.cfg.expert_activation != "swiglu":
+            options.update(
+                activation=self.cfg.expert_activation,
+                swiglu_alpha=self.cfg.swiglu_alpha,
+                swiglu_limit=self.cfg.swiglu_limit,
+            )
+        return options
 
 
 class MoE(nn.Module):
@@ -62,7 +81,7 @@ class MoE(nn.Module):
         self.shared_experts = (
             MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts) if cfg.num_shared_experts else None
         )
-        self.post_mlp_norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps) if cfg.post_mlp_norm else None
+        self.post_mlp_norm = RMSNorm.of(cfg, cfg.hidden_size) if cfg.post_mlp_norm else None
         # Assignments per expert in the current optimizer step, and in the last finished one (statistics).
         self.register_buffer("load", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
         self.register_buffer("last_load", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
@@ -90,12 +109,15 @@ class MoE(nn.Module):
             self.load += routing.tokens_per_expert.detach().float()
         if self.expert_parallel is None:
             out = self.kernel.moe_experts(
-                tokens, routing.experts, routing.weights, self.experts.gate_up_proj, self.experts.down_proj
+                tokens,
+                routing.experts,
+                routing.weights,
+                self.experts.gate_up_proj,
+                self.experts.down_proj,
+                **self.experts.kernel_options(),
             )
         else:  # experts sharded over ranks: kmodel.parallel.expert_parallel exchanges the tokens
-            out = self.expert_parallel.moe_experts(
-                tokens, routing.experts, routing.weights, self.experts.gate_up_proj, self.experts.down_proj, self.kernel
-            )
+            out = self.expert_parallel.moe_experts(tokens, routing.experts, routing.weights, self.experts, self.kernel)
         if self.shared_experts is not None:
             out = out + self.shared_experts(tokens)
         if self.post_mlp_norm is not None:

@@ -93,7 +93,8 @@ class ExpertParallel:
         self.local = num_experts // groups.ep_size
         self.first = groups.ep_rank * self.local
 
-    def moe_experts(self, x, experts, weights, gate_up_local, down_local, kernel) -> torch.Tensor:
+    def moe_experts(self, x, experts, weights, local_experts, kernel) -> torch.Tensor:
+        """`local_experts`: the layer's Experts module holding this rank's shard (weights and biases)."""
         p, local, group = self.groups.ep_size, self.local, self.groups.ep_group
         x_sorted, order, counts = kernel.permute(x, experts, self.num_experts)
         send_counts = counts.view(p, local)  # [destination rank, its local expert]
@@ -103,7 +104,13 @@ class ExpertParallel:
 
         received = _AllToAll.apply(x_sorted, send, recv, group)
         by_expert = _regroup(received, recv_counts)  # [my local expert, source rank]
-        y = kernel.grouped_swiglu(by_expert, recv_counts.sum(0), gate_up_local, down_local)
+        y = kernel.grouped_swiglu(
+            by_expert,
+            recv_counts.sum(0),
+            local_experts.gate_up_proj,
+            local_experts.down_proj,
+            **local_experts.kernel_options(),
+        )
         if y.shape[0] == 0:
             y = by_expert * 0  # keep the graph connected so backward still joins the exchange
         y = _regroup(y, recv_counts.t())  # back to [source rank, my local expert]
@@ -119,8 +126,10 @@ def shard_experts(model: nn.Module, groups: Groups) -> None:
     """Keep only this rank's experts in every MoE layer and route its forward through the all-to-all."""
     for moe in (m for m in model.modules() if isinstance(m, MoE)):
         ep = ExpertParallel(groups, moe.cfg.num_experts)
-        for name in ("gate_up_proj", "down_proj"):
+        for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
             full = getattr(moe.experts, name)
+            if full is None:
+                continue
             shard = full.detach()[ep.first : ep.first + ep.local].clone()
             setattr(moe.experts, name, nn.Parameter(shard, requires_grad=full.requires_grad))
         moe.expert_parallel = ep

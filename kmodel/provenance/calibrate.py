@@ -1,6 +1,6 @@
 """Calibration of the derivation test on tiny kmodel models (CPU): null pairs and derived pairs.
 
-    python -m kmodel.provenance.calibrate --null-pairs 100 --out bench/results/provenance_calibration
+    python -m kmodel.provenance.calibrate --models 30 --out bench/results/provenance_calibration
 
 Null pairs: two models with different seeds, each trained for real (AdamW, a few dozen steps on the
 bundled corpus, each with its own data order). Derived pairs start from a trained model A and apply what
@@ -14,8 +14,9 @@ The tests in tests/provenance use the same builders with fewer pairs.
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-import math
+import random
 import time
 from functools import lru_cache
 from pathlib import Path
@@ -80,7 +81,7 @@ def train_briefly(model, tokens: torch.Tensor, steps: int, lr: float, seed: int)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         model.end_step()
-        losses.append(float(out.loss))
+        losses.append(float(out.loss.detach()))
     model.eval()
     return losses
 
@@ -267,21 +268,34 @@ def derived_model(case: str, cfg_a: Config, model_a, seed: int):
     raise ValueError(f"unknown derived case {case!r}; known: {sorted(DERIVED_CASES)}")
 
 
-def null_pair_report(seed: int, steps: int, **compare_options) -> dict:
-    cfg_a, model_a = trained_model(2 * seed + 1, steps)
-    cfg_b, model_b = trained_model(2 * seed + 2, steps)
-    return compare_views(view_of(model_a, cfg_a, "A"), view_of(model_b, cfg_b, "B"), **compare_options)
+def independent_views(count: int, steps: int, first_seed: int = 1000, log: Callable[[str], None] = print) -> list[ModelView]:
+    """`count` models, each from its own seed and trained on its own data order."""
+    views = []
+    for seed in range(first_seed, first_seed + count):
+        cfg, model = trained_model(seed, steps)
+        views.append(view_of(model, cfg, f"seed {seed}"))
+        log(f"trained the model of seed {seed}")
+    return views
 
 
-def run(null_pairs: int, derived_repeats: int, steps: int, alpha: float, log: Callable[[str], None] = print) -> dict:
+def null_pairs(views: list[ModelView], limit: int | None, seed: int = 0) -> list[tuple[int, int]]:
+    """Pairs of distinct independent models (all of them, or `limit` drawn at random)."""
+    pairs = list(itertools.combinations(range(len(views)), 2))
+    random.Random(seed).shuffle(pairs)
+    return sorted(pairs[:limit] if limit is not None else pairs)
+
+
+def run(models: int, pair_limit: int | None, derived_repeats: int, steps: int, alpha: float,
+        log: Callable[[str], None] = print) -> dict:
     started = time.time()
+    views = independent_views(models, steps, log=log)
     null = []
-    for seed in range(null_pairs):
-        report = null_pair_report(seed, steps, alpha=alpha)
-        module_p = [m["log10_p"] for m in report["modules"]]
-        null.append({"seed": seed, "log10_p": report["log10_p"], "derived": report["derived"],
-                     "module_log10_p": module_p, "kinds": [m["kind"] for m in report["modules"]]})
-        log(f"null pair {seed}: overall log10 p = {report['log10_p']:.2f}")
+    for i, j in null_pairs(views, pair_limit):
+        report = compare_views(views[i], views[j], alpha=alpha)
+        null.append({"a": views[i].source, "b": views[j].source, "log10_p": report["log10_p"],
+                     "derived": report["derived"], "module_log10_p": [m["log10_p"] for m in report["modules"]],
+                     "kinds": [m["kind"] for m in report["modules"]]})
+        log(f"null pair {views[i].source} / {views[j].source}: overall log10 p = {report['log10_p']:.2f}")
     derived = []
     for repeat in range(derived_repeats):
         cfg_a, model_a = trained_model(900 + repeat, steps)
@@ -293,10 +307,10 @@ def run(null_pairs: int, derived_repeats: int, steps: int, alpha: float, log: Ca
                             "shared_modules": report["shared_modules"]})
             log(f"{case} #{repeat}: derived={report['derived']} log10 p = {report['log10_p']:.1f} "
                 f"shared={report['shared_modules'][:4]}")
-    return summarize(null, derived, alpha, steps, time.time() - started)
+    return summarize(null, derived, alpha, steps, models, time.time() - started)
 
 
-def summarize(null: list[dict], derived: list[dict], alpha: float, steps: int, seconds: float) -> dict:
+def summarize(null: list[dict], derived: list[dict], alpha: float, steps: int, models: int, seconds: float) -> dict:
     overall = [10 ** n["log10_p"] for n in null]
     modules = [10 ** p for n in null for p in n["module_log10_p"]]
 
@@ -306,6 +320,7 @@ def summarize(null: list[dict], derived: list[dict], alpha: float, steps: int, s
     return {
         "alpha": alpha,
         "train_steps": steps,
+        "independent_models": models,
         "seconds": round(seconds, 1),
         "null_pairs": len(null),
         "false_positives": sum(n["derived"] for n in null),
@@ -334,7 +349,8 @@ def write_results(summary: dict, out: Path) -> None:
         "",
         "## Independent pairs (null hypothesis true)",
         "",
-        f"- pairs: {summary['null_pairs']} (different init seeds and data orders)",
+        f"- pairs: {summary['null_pairs']} among {summary['independent_models']} models, each from its own init seed "
+        "and data order (pairs share a model, so they are not independent draws, but every pair is a true null pair)",
         f"- flagged at alpha = {summary['alpha']:g}: {summary['false_positives']} "
         f"(false-positive rate {summary['false_positive_rate']:.3f})",
         f"- smallest overall p-value seen: 10^{summary['null_min_log10_p']:.2f}",
@@ -357,14 +373,16 @@ def write_results(summary: dict, out: Path) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Calibrate `kmodel provenance compare` on tiny trained models.")
-    parser.add_argument("--null-pairs", type=int, default=100, help="independent pairs to measure false positives on")
+    parser.add_argument("--models", type=int, default=30, help="independently initialised and trained models")
+    parser.add_argument("--null-pairs", type=int, default=None,
+                        help="pairs of them to compare (default: every pair)")
     parser.add_argument("--derived-repeats", type=int, default=3, help="repetitions of every derived case")
     parser.add_argument("--steps", type=int, default=40, help="training steps of every model")
     parser.add_argument("--alpha", type=float, default=DEFAULT_ALPHA, help="significance level of the verdict")
     parser.add_argument("--out", default="bench/results/provenance_calibration", help="output path without suffix")
     args = parser.parse_args(argv)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    summary = run(args.null_pairs, args.derived_repeats, args.steps, args.alpha)
+    summary = run(args.models, args.null_pairs, args.derived_repeats, args.steps, args.alpha,
+                  log=lambda line: print(line, flush=True))
     write_results(summary, Path(args.out))
     print(f"false positives {summary['false_positives']}/{summary['null_pairs']}; derived detected {summary['derived_detected']}")
     return 0

@@ -104,9 +104,34 @@ def _column_correlation(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return x.t() @ y
 
 
+def without_shared_token_factors(rows_a: torch.Tensor, rows_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Both embeddings with the leading token factors of either removed (columns centred first).
+
+    Models trained on the same tokens learn the same token-level structure, token frequency above all:
+    rare tokens all drift along one direction, frequent ones elsewhere. In each model that structure is a
+    few token-space directions (the leading left singular vectors); left in, a sign flip per residual
+    dimension suffices to line it up between unrelated models. Removing the leading min(hidden)/2
+    directions of both costs a derived pair almost nothing (the rows carry thousands of token-space
+    dimensions of shared initial noise) and leaves unrelated pairs with nothing to line up."""
+    a = rows_a - rows_a.mean(dim=0)
+    b = rows_b - rows_b.mean(dim=0)
+    k = min(a.shape[1], b.shape[1], a.shape[0] // 8) // 2
+    if k == 0:
+        return a, b
+    basis = torch.linalg.qr(torch.cat((_leading_left_vectors(a, k), _leading_left_vectors(b, k)), dim=1))[0]
+    return a - basis @ (basis.t() @ a), b - basis @ (basis.t() @ b)
+
+
+def _leading_left_vectors(x: torch.Tensor, k: int) -> torch.Tensor:
+    """The k leading left singular vectors of a tall matrix, through its small hidden x hidden Gram matrix."""
+    values, vectors = torch.linalg.eigh((x.t() @ x).double())
+    top = vectors[:, -k:]
+    return (x.double() @ top / values[-k:].clamp_min(1e-30).sqrt()).to(x.dtype)
+
+
 def embedding_alignment(rows_a: torch.Tensor, rows_b: torch.Tensor, name: str = "embedding") -> Alignment:
     """Residual dimensions of B paired with A's (a signed permutation, partial when the widths differ)
-    by how their columns correlate over the same tokens."""
+    by how their columns correlate over the same tokens (rows as `without_shared_token_factors` leaves them)."""
     corr = _column_correlation(rows_a, rows_b)
     if corr.shape[0] <= corr.shape[1]:
         a_dims = torch.arange(corr.shape[0])
@@ -119,128 +144,130 @@ def embedding_alignment(rows_a: torch.Tensor, rows_b: torch.Tensor, name: str = 
     return Alignment(name, a_dims, b_dims, signs)
 
 
-# --- module tests (B already in A's residual basis) ---------------------------------------------------
+# --- module tests ----------------------------------------------------------------------------------
 
 
 def _evenly(n: int, limit: int) -> torch.Tensor:
     return torch.arange(n) if n <= limit else torch.linspace(0, n - 1, limit).round().long()
 
 
-def unit_matching_test(match_a, match_b, score_pairs, max_units: int) -> tuple[float, dict[str, Any]]:
-    """Match the units (rows) of `match_a` to those of `match_b`, then score the matching on each
-    (rows_a, rows_b) of `score_pairs`. Returns Fisher's combination (ln p) and what was seen."""
-    transpose = match_a.shape[0] > match_b.shape[0]
-    if transpose:  # match the smaller side into the larger one
-        match_a, match_b = match_b, match_a
-        score_pairs = [(b, a) for a, b in score_pairs]
-    keep = _evenly(match_a.shape[0], max_units)
-    similarity = stats.abs_cosine(match_a[keep], match_b)
-    pairs = stats.match_units(similarity)
-    log_ps, z_scores, matched, baseline, consistent = [], [], [], [], []
-    for rows_a, rows_b in score_pairs:
-        scores = stats.abs_cosine(rows_a[keep], rows_b)
-        z, log_p = stats.pairing_log_p(scores, pairs)
-        log_ps.append(log_p)
-        z_scores.append(round(z, 2))
-        matched.append(round(float(scores[torch.arange(len(keep)), torch.as_tensor(pairs)].mean()), 4))
-        baseline.append(round(float(scores.mean()), 4))
-        consistent.append(round(float((scores.argmax(dim=1).numpy() == pairs).mean()), 4))
+@dataclass
+class RowGroup:
+    """Matrices of one module whose rows are the same units, each (units, hidden), residual dimensions on
+    the last axis: an MLP's gate, up and down^T share their units; attention's q, k, v and o^T are four
+    groups of one matrix each (rows may be permuted freely, heads included)."""
+
+    a: list[torch.Tensor]
+    b: list[torch.Tensor]
+
+
+def split_dimensions(align: Alignment) -> tuple[Alignment, Alignment]:
+    """The residual dimension pairs at even and at odd positions: one half matches units, the other tests."""
+    even = Alignment(align.name, align.a_dims[0::2], align.b_dims[0::2], align.signs[0::2])
+    odd = Alignment(align.name, align.a_dims[1::2], align.b_dims[1::2], align.signs[1::2])
+    return even, odd
+
+
+def _features(parts: list[torch.Tensor], dims: Alignment, side: str) -> torch.Tensor:
+    pick = dims.a if side == "a" else dims.b
+    return torch.cat([stats.standardize(pick(x, 1)) for x in parts], dim=1)
+
+
+def match_rows(group: RowGroup, dims: Alignment, max_units: int) -> tuple[torch.Tensor, torch.Tensor, float, float]:
+    """Units of A paired with units of B by their weights on the residual dimensions `dims` (the smaller
+    side matched into the larger, at most `max_units` of it, evenly spaced). Returns the paired row indices
+    and the mean |cos| of paired rows and of all row pairs (how clear the matching was)."""
+    fa, fb = _features(group.a, dims, "a"), _features(group.b, dims, "b")
+    swap = fa.shape[0] > fb.shape[0]
+    small, large = (fb, fa) if swap else (fa, fb)
+    keep = _evenly(small.shape[0], max_units)
+    similarity = stats.abs_cosine(small[keep], large)
+    pairs = torch.from_numpy(stats.match_units(similarity))
+    matched = float(similarity[torch.arange(len(keep)), pairs].mean())
+    rows_a, rows_b = (pairs, keep) if swap else (keep, pairs)
+    return rows_a, rows_b, matched, float(similarity.mean())
+
+
+def column_test(groups: list[RowGroup], align: Alignment, max_units: int) -> tuple[float, dict[str, Any]]:
+    """Split-dimension test of one module (ln p, details).
+
+    Units are matched on the even residual dimensions; on the odd dimensions, each dimension of A becomes
+    a column vector over the matched units (all matrices of the module stacked) and is compared with the
+    same dimension of B. Under the null hypothesis B's residual dimensions are exchangeable: B was trained
+    from an i.i.d. initialisation by a procedure that treats residual dimensions alike, so permuting them
+    gives an equally likely model. The matching depends on the even dimensions only, so among the odd
+    ones the true pairing scores like a random one; that is an exact permutation test whatever training
+    did to either model, and its p-value comes from Hoeffding's combinatorial CLT (exact below 9
+    dimensions). A unit's sign is taken from the matching half, so flipped units still line up."""
+    match_dims, test_dims = split_dimensions(align)
+    columns_a, columns_b, matched, unmatched = [], [], [], []
+    for group in groups:
+        rows_a, rows_b, paired, background = match_rows(group, match_dims, max_units)
+        matched.append(paired)
+        unmatched.append(background)
+        for xa, xb in zip(group.a, group.b):
+            signs = torch.sign((match_dims.a(xa, 1)[rows_a] * match_dims.b(xb, 1)[rows_b]).sum(dim=1))
+            columns_a.append(stats.unit_rows(test_dims.a(xa, 1)[rows_a]))
+            columns_b.append(stats.unit_rows(test_dims.b(xb, 1)[rows_b]) * signs[:, None])
+    cols_a, cols_b = torch.cat(columns_a).t(), torch.cat(columns_b).t()  # (test dims, matched rows)
+    cols_a = cols_a - cols_a.mean(dim=1, keepdim=True)
+    cols_b = cols_b - cols_b.mean(dim=1, keepdim=True)
+    scores = stats.unit_rows(cols_a) @ stats.unit_rows(cols_b).t()
+    z, log_p = stats.pairing_log_p(scores, np.arange(scores.shape[0]))
     details = {
-        "units": [int(match_a.shape[0]), int(match_b.shape[0])],
-        "units_tested": len(keep),
-        "z": z_scores,
-        "matched_similarity": matched,
-        "unmatched_similarity": baseline,
-        "consistent_units": consistent,
+        "z": round(z, 2),
+        "dimensions_tested": int(scores.shape[0]),
+        "rows_matched": int(cols_a.shape[1]),
+        "matched_row_similarity": round(sum(matched) / len(matched), 4),
+        "random_row_similarity": round(sum(unmatched) / len(unmatched), 4),
+        "same_dimension_correlation": round(float(scores.diagonal().mean()), 4),
     }
-    return stats.fisher_log_p(log_ps), details
+    return log_p, details
 
 
-def mlp_test(a: MlpWeights, b: MlpWeights, align: Alignment, max_units: int) -> tuple[float, dict[str, Any]]:
-    return unit_matching_test(
-        align.a(a.gate, 1),
-        align.b(b.gate, 1),
-        [(align.a(a.up, 1), align.b(b.up, 1)), (align.a(a.down, 0).t(), align.b(b.down, 0).t())],
-        max_units,
-    )
+def mlp_groups(a: MlpWeights, b: MlpWeights) -> list[RowGroup]:
+    return [RowGroup([a.gate, a.up, a.down.t()], [b.gate, b.up, b.down.t()])]
 
 
-def _rows(weight: torch.Tensor) -> torch.Tensor:
-    """(blocks, rows, hidden) -> (blocks * rows, hidden)."""
-    return weight.reshape(-1, weight.shape[-1])
+def attention_groups(a: AttentionWeights, b: AttentionWeights) -> list[RowGroup]:
+    def rows(weight: torch.Tensor) -> torch.Tensor:  # (blocks, rows, hidden) -> (blocks * rows, hidden)
+        return weight.reshape(-1, weight.shape[-1])
+
+    return [
+        RowGroup([rows(a.q)], [rows(b.q)]),
+        RowGroup([rows(a.k)], [rows(b.k)]),
+        RowGroup([rows(a.v)], [rows(b.v)]),
+        RowGroup([rows(a.o.transpose(1, 2))], [rows(b.o.transpose(1, 2))]),
+    ]
 
 
-def attention_test(a: AttentionWeights, b: AttentionWeights, align: Alignment, draws: int) -> tuple[float, dict[str, Any]]:
-    qa, ka, va = (align.a(t, 2) for t in (a.q, a.k, a.v))
-    qb, kb, vb = (align.b(t, 2) for t in (b.q, b.k, b.v))
-    oa, ob = align.a(a.o, 1), align.b(b.o, 1)  # (heads, hidden, head_dim)
-    log_ps, details = [], {}
-    for label, x, y in (("q", qa, qb), ("k", ka, kb), ("v", va, vb), ("o", oa.transpose(1, 2), ob.transpose(1, 2))):
-        r, z, log_p = stats.gram_test(_rows(x), _rows(y), draws=draws)
-        log_ps.append(log_p)
-        details[f"gram_{label}"] = {"r": round(r, 4), "z": round(z, 2), "log10_p": round(stats.log10(log_p), 2)}
-    if qa.shape[1] == qb.shape[1] and qa.shape[0] <= qb.shape[0]:
-        pairs = stats.match_units(stats.offdiagonal_gram_similarity(qa, qb))
-        scores = _value_output_similarity(oa, va, ob, vb)
-        z, log_p = stats.pairing_log_p(scores, pairs)
-        log_ps.append(log_p)
-        details["heads"] = {"pairs": pairs.tolist(), "z": round(z, 2), "log10_p": round(stats.log10(log_p), 2)}
-    return stats.fisher_log_p(log_ps), details
+def expert_groups(a: ExpertWeights, b: ExpertWeights, align: Alignment) -> tuple[list[RowGroup], list[int]]:
+    """One group per matched expert pair. Experts are matched on the matching half of the residual
+    dimensions by a similarity that ignores the order of units inside an expert."""
+    match_dims, _ = split_dimensions(align)
 
+    def blocks(e: ExpertWeights, side: str) -> torch.Tensor:
+        pick = match_dims.a if side == "a" else match_dims.b
+        return torch.cat((pick(e.gate, 2), pick(e.up, 2), pick(e.down.transpose(1, 2), 2)), dim=1)
 
-def _value_output_similarity(oa, va, ob, vb) -> torch.Tensor:
-    """cos between head a's O_a V_a and head b's O_b V_b (hidden x hidden each), via head_dim x head_dim
-    products; blind to any rotation of a head's value space, which O V does not see."""
-    va = va.repeat_interleave(oa.shape[0] // va.shape[0], dim=0)  # each query head's kv head (GQA)
-    vb = vb.repeat_interleave(ob.shape[0] // vb.shape[0], dim=0)
-    inner = torch.einsum("ahd,bhe->abde", oa, ob) * torch.einsum("adh,beh->abde", va, vb)
-    cross = inner.sum(dim=(2, 3))
-    norm_a = (torch.einsum("ahd,ahe->ade", oa, oa) * torch.einsum("adh,aeh->ade", va, va)).sum(dim=(1, 2))
-    norm_b = (torch.einsum("ahd,ahe->ade", ob, ob) * torch.einsum("adh,aeh->ade", vb, vb)).sum(dim=(1, 2))
-    return cross / (norm_a.clamp_min(1e-30).sqrt()[:, None] * norm_b.clamp_min(1e-30).sqrt()[None, :])
-
-
-def experts_test(a: ExpertWeights, b: ExpertWeights, align: Alignment, max_units: int) -> tuple[float, dict[str, Any], np.ndarray | None]:
-    gate_a, up_a, down_a = align.a(a.gate, 2), align.a(a.up, 2), align.a(a.down, 1).transpose(1, 2)
-    gate_b, up_b, down_b = align.b(b.gate, 2), align.b(b.up, 2), align.b(b.down, 1).transpose(1, 2)
-    if gate_a.shape[0] > gate_b.shape[0]:
-        return 0.0, {"skipped": f"A has more experts ({gate_a.shape[0]}) than B ({gate_b.shape[0]})"}, None
-    expert_pairs = stats.match_units(stats.offdiagonal_gram_similarity(gate_a, gate_b))
-    z, expert_log_p = stats.pairing_log_p(stats.offdiagonal_gram_similarity(up_a, up_b), expert_pairs)
-    per_expert = []
-    for e, f in enumerate(expert_pairs):
-        log_p, _ = unit_matching_test(gate_a[e], gate_b[f], [(down_a[e], down_b[f])], max_units)
-        per_expert.append(log_p)
-    details = {
-        "expert_pairs": expert_pairs.tolist(),
-        "expert_matching": {"z": round(z, 2), "log10_p": round(stats.log10(expert_log_p), 2)},
-        "per_expert_log10_p": [round(stats.log10(p), 2) for p in per_expert],
-    }
-    return stats.fisher_log_p([expert_log_p, *per_expert]), details, expert_pairs
-
-
-def router_test(a: torch.Tensor, b: torch.Tensor, align: Alignment, expert_pairs: np.ndarray | None, draws: int) -> tuple[float, dict[str, Any]]:
-    ra, rb = align.a(a, 1), align.b(b, 1)
-    r, z, gram_log_p = stats.gram_test(ra, rb, draws=draws)
-    log_ps = [gram_log_p]
-    details: dict[str, Any] = {"gram": {"r": round(r, 4), "z": round(z, 2), "log10_p": round(stats.log10(gram_log_p), 2)}}
-    if expert_pairs is not None:
-        z, log_p = stats.pairing_log_p(stats.abs_cosine(ra, rb), expert_pairs)
-        log_ps.append(log_p)
-        details["rows_under_expert_matching"] = {"z": round(z, 2), "log10_p": round(stats.log10(log_p), 2)}
-    return stats.fisher_log_p(log_ps), details
+    similarity = stats.offdiagonal_gram_similarity(blocks(a, "a"), blocks(b, "b"))
+    swap = similarity.shape[0] > similarity.shape[1]
+    pairs = stats.match_units(similarity.t() if swap else similarity)
+    pairing = [(int(p), i) for i, p in enumerate(pairs)] if swap else list(enumerate(int(p) for p in pairs))
+    groups = [
+        RowGroup([a.gate[e], a.up[e], a.down[e].t()], [b.gate[f], b.up[f], b.down[f].t()]) for e, f in pairing
+    ]
+    return groups, [f for _, f in sorted(pairing)]
 
 
 def embedding_test(rows_a: torch.Tensor, rows_b: torch.Tensor, label: str) -> tuple[float, dict[str, Any]]:
-    """Tokens alternate between a half that pairs the residual dimensions and a half that tests the
-    pairing: same-token rows must be more similar than rows of different tokens."""
-    fit_a, fit_b = rows_a[0::2], rows_b[0::2]
+    """Rows of the same tokens (cleaned by `without_shared_token_factors`) alternate between a half that
+    pairs the residual dimensions and a half that tests the pairing: same-token rows must be more similar
+    than rows of different tokens."""
+    align = embedding_alignment(rows_a[0::2], rows_b[0::2], label)
     test = _evenly(rows_a[1::2].shape[0], EMBEDDING_TEST_TOKENS)
-    test_a, test_b = rows_a[1::2][test], rows_b[1::2][test]
-    align = embedding_alignment(fit_a, fit_b, label)
-    centred_a = align.a(test_a - fit_a.mean(dim=0), 1)
-    centred_b = align.b(test_b - fit_b.mean(dim=0), 1)
-    scores = stats.unit_rows(centred_a) @ stats.unit_rows(centred_b).t()
+    test_a, test_b = align.a(rows_a[1::2][test], 1), align.b(rows_b[1::2][test], 1)
+    scores = stats.unit_rows(test_a) @ stats.unit_rows(test_b).t()
     identity = np.arange(scores.shape[0])
     z, log_p = stats.pairing_log_p(scores, identity)
     details = {
@@ -276,21 +303,21 @@ def _layer_pairs(view_a: ModelView, view_b: ModelView, all_pairs: bool | None) -
     return [(x, x) for x in names_a if x in view_b.layers]
 
 
-def _module_tests(layer_a: LayerWeights, layer_b: LayerWeights, align: Alignment, max_units: int, draws: int):
+def _module_tests(layer_a: LayerWeights, layer_b: LayerWeights, align: Alignment, max_units: int):
     """(kind, ln p, details) for each module both layers have."""
     results = []
     if layer_a.attention is not None and layer_b.attention is not None:
-        results.append(("attention", *attention_test(layer_a.attention, layer_b.attention, align, draws)))
+        results.append(("attention", *column_test(attention_groups(layer_a.attention, layer_b.attention), align, max_units)))
     if layer_a.mlp is not None and layer_b.mlp is not None:
-        results.append(("mlp", *mlp_test(layer_a.mlp, layer_b.mlp, align, max_units)))
+        results.append(("mlp", *column_test(mlp_groups(layer_a.mlp, layer_b.mlp), align, max_units)))
     if layer_a.shared is not None and layer_b.shared is not None:
-        results.append(("shared_experts", *mlp_test(layer_a.shared, layer_b.shared, align, max_units)))
-    expert_pairs = None
+        results.append(("shared_experts", *column_test(mlp_groups(layer_a.shared, layer_b.shared), align, max_units)))
     if layer_a.experts is not None and layer_b.experts is not None:
-        log_p, details, expert_pairs = experts_test(layer_a.experts, layer_b.experts, align, max_units)
-        results.append(("experts", log_p, details))
+        groups, pairing = expert_groups(layer_a.experts, layer_b.experts, align)
+        log_p, details = column_test(groups, align, max_units)
+        results.append(("experts", log_p, {**details, "expert_pairs": pairing}))
     if layer_a.router is not None and layer_b.router is not None:
-        results.append(("router", *router_test(layer_a.router, layer_b.router, align, expert_pairs, draws)))
+        results.append(("router", *column_test([RowGroup([layer_a.router], [layer_b.router])], align, max_units)))
     return results
 
 
@@ -302,7 +329,6 @@ def compare_views(
     *,
     alpha: float = DEFAULT_ALPHA,
     max_units: int = DEFAULT_MAX_UNITS,
-    draws: int = 200,
     all_layer_pairs: bool | None = None,
 ) -> dict[str, Any]:
     """The derivation report for two loaded models (see the module docstring)."""
@@ -322,7 +348,7 @@ def compare_views(
             if len(ids_a) < 64:
                 notes.append(f"{label}: only {len(ids_a)} shared tokens; not tested")
                 continue
-            rows_a, rows_b = rows_a[ids_a], rows_b[ids_b]
+            rows_a, rows_b = without_shared_token_factors(rows_a[ids_a], rows_b[ids_b])
             log_p, details = embedding_test(rows_a, rows_b, label)
             modules.append(ModuleResult(label, "embedding", log_p, "split-half", details))
             if len(alignments) == 1:
@@ -333,7 +359,7 @@ def compare_views(
     for name_a, name_b in _layer_pairs(view_a, view_b, all_layer_pairs):
         per_kind: dict[str, list[tuple[float, str, dict]]] = {}
         for align in alignments:
-            for kind, log_p, details in _module_tests(view_a.layers[name_a], view_b.layers[name_b], align, max_units, draws):
+            for kind, log_p, details in _module_tests(view_a.layers[name_a], view_b.layers[name_b], align, max_units):
                 per_kind.setdefault(kind, []).append((log_p, align.name, details))
         label = name_a if name_a == name_b else f"{name_a}~{name_b}"
         for kind, tried in per_kind.items():
@@ -384,7 +410,6 @@ def compare(
     tokenizer_b: str | Path | None = None,
     alpha: float = DEFAULT_ALPHA,
     max_units: int = DEFAULT_MAX_UNITS,
-    draws: int = 200,
     all_layer_pairs: bool | None = None,
 ) -> dict[str, Any]:
     """Compare two kmodel checkpoints or Hugging Face safetensors directories, weights and tokenizers."""
@@ -392,7 +417,7 @@ def compare(
     notes: list[str] = []
     vocab_a = _vocab_or_none(Path(tokenizer_a) if tokenizer_a else view_a.tokenizer_path, notes, "A")
     vocab_b = _vocab_or_none(Path(tokenizer_b) if tokenizer_b else view_b.tokenizer_path, notes, "B")
-    report = compare_views(view_a, view_b, vocab_a, vocab_b, alpha=alpha, max_units=max_units, draws=draws,
+    report = compare_views(view_a, view_b, vocab_a, vocab_b, alpha=alpha, max_units=max_units,
                            all_layer_pairs=all_layer_pairs)
     report["tokenizers"] = compare_vocabs(vocab_a, vocab_b) if vocab_a and vocab_b else None
     report["notes"] = notes + report["notes"]

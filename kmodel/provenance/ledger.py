@@ -31,10 +31,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import yaml
 
-from kmodel.checkpoint import MANIFEST_FILE, MODEL_FILE, STATE_FILE, CheckpointError, read_state, sha256_file
+from kmodel.checkpoint import MANIFEST_FILE, MODEL_FILE, STATE_FILE, CheckpointError, read_state, read_weights, sha256_file
 
 LEDGER_FILE = "ledger.jsonl"
+RUN_CONFIG_FILE = "config.yaml"
 SIGNATURE_FILE = "ledger.sig.json"
 GENESIS_PREV_HASH = "0" * 64
 RECORD_KINDS = ("genesis", "checkpoint", "resume")
@@ -135,7 +137,7 @@ def source_root() -> Path:
     return Path(kmodel.__file__).resolve().parent.parent
 
 
-def _git(root: Path, *args: str) -> bytes | None:
+def git_output(root: Path, *args: str) -> bytes | None:
     try:
         result = subprocess.run(["git", "-C", str(root), *args], capture_output=True, timeout=60, check=False)
     except (OSError, subprocess.TimeoutExpired):
@@ -147,11 +149,11 @@ def code_state(root: Path | None = None) -> dict[str, Any]:
     """The commit the source tree is at, and a hash of everything that differs from it: the tracked diff
     against HEAD plus untracked files in the source folders."""
     root = source_root() if root is None else root
-    commit = _git(root, "rev-parse", "HEAD")
+    commit = git_output(root, "rev-parse", "HEAD")
     if commit is None:
         return {"commit": None, "dirty": None, "diff_sha256": None, "reason": f"{root} is not a git checkout"}
-    diff = _git(root, "diff", "HEAD", "--binary", "--", *SOURCE_DIRS) or b""
-    untracked_list = _git(root, "ls-files", "--others", "--exclude-standard", "-z", "--", *SOURCE_DIRS) or b""
+    diff = git_output(root, "diff", "HEAD", "--binary", "--", *SOURCE_DIRS) or b""
+    untracked_list = git_output(root, "ls-files", "--others", "--exclude-standard", "-z", "--", *SOURCE_DIRS) or b""
     untracked = sorted(p for p in untracked_list.decode().split("\0") if p)
     digest = hashlib.sha256(diff)
     for rel in untracked:
@@ -199,6 +201,21 @@ def environment(device: torch.device | str | None = None) -> dict[str, Any]:
     }
 
 
+def _run_config(run_dir: Path) -> dict[str, Any]:
+    """The resolved config a resumed run continues with (its config.yaml; a resume may change
+    bookkeeping keys such as train.max_steps, which the learning-rate schedule follows)."""
+    from kmodel.config import ConfigError, config_from_dict
+
+    path = run_dir / RUN_CONFIG_FILE
+    if not path.is_file():
+        return {"config_sha256": None, "config": None}
+    try:
+        cfg = config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
+    except (yaml.YAMLError, ConfigError) as error:
+        raise LedgerError(f"cannot resume: {error}") from None
+    return {"config_sha256": cfg.fingerprint(), "config": cfg.to_dict()}
+
+
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
 
@@ -207,8 +224,10 @@ def _now() -> str:
 
 
 def checkpoint_hashes(checkpoint_dir: Path) -> dict[str, Any]:
-    """What a checkpoint record pins: file hashes from manifest.json, and per-part hashes of state.pt
-    (optimizer, rng, scheduler, data position ... each top-level entry separately)."""
+    """What a checkpoint record pins: file hashes from manifest.json; the hash of the weights' content
+    (`weights_sha256`: the file's bytes also hold a header whose key order safetensors does not fix, so
+    only the content hash can be recomputed by a replay); and per-part hashes of state.pt (optimizer,
+    rng, scheduler, data position ... each top-level entry separately)."""
     manifest_path = checkpoint_dir / MANIFEST_FILE
     if not manifest_path.is_file():
         raise LedgerError(f"checkpoint {checkpoint_dir} has no {MANIFEST_FILE}; write the checkpoint before recording it")
@@ -225,8 +244,13 @@ def checkpoint_hashes(checkpoint_dir: Path) -> dict[str, Any]:
             state_parts = {str(key): object_sha256(value) for key, value in state.items()}
         else:
             state_parts = {"state": object_sha256(state)}
+    try:
+        weights = weights_sha256(read_weights(checkpoint_dir))
+    except CheckpointError as error:
+        raise LedgerError(str(error)) from None
     return {
         "model_sha256": manifest[MODEL_FILE],
+        "weights_sha256": weights,
         "state_sha256": manifest.get(STATE_FILE),
         "manifest_sha256": sha256_file(manifest_path),
         "optimizer_sha256": state_parts.get("optimizer"),
@@ -324,7 +348,7 @@ class Ledger:
         self.run_dir = run_dir
         self.path = run_dir / LEDGER_FILE
         self.head = head
-        self._reset_batch_digest()
+        self.batches = BatchDigest()
 
     @classmethod
     def create(cls, run_dir: str | Path, cfg, model: torch.nn.Module, tokenizer: Any | None, data_manifest: Any) -> "Ledger":
@@ -377,21 +401,13 @@ class Ledger:
             "discarded_torn_bytes": torn,
             "code": code_state(),
             "environment": environment(),
+            **_run_config(run_dir),
         })
         return ledger
 
-    def _reset_batch_digest(self) -> None:
-        self._batch_digest = hashlib.sha256()
-        self._batches = 0
-        self._tokens = 0
-
     def observe_batch(self, input_ids: torch.Tensor) -> None:
-        """Fold one micro-batch's token ids (any integer tensor or array) into the running batch digest."""
-        ids = torch.as_tensor(input_ids).detach().to("cpu", torch.int64).contiguous()
-        self._batch_digest.update(batch_header(ids))
-        self._batch_digest.update(ids.reshape(-1).numpy().tobytes())
-        self._batches += 1
-        self._tokens += ids.numel()
+        """Fold one micro-batch's token ids into the digest of the batches since the last record."""
+        self.batches.observe(input_ids)
 
     def record_checkpoint(self, *, step: int, loss: Any, lr: Any, grad_norm: Any, checkpoint_dir: str | Path) -> dict[str, Any]:
         """Append the record of a checkpoint just written, and start a new batch digest."""
@@ -404,9 +420,9 @@ class Ledger:
             "kind": "checkpoint",
             "time": _now(),
             "step": int(step),
-            "batches": self._batches,
-            "tokens": self._tokens,
-            "batch_digest": self._batch_digest.hexdigest(),
+            "batches": self.batches.count,
+            "tokens": self.batches.tokens,
+            "batch_digest": self.batches.hexdigest(),
             "loss": _finite_or_text(loss),
             "lr": _finite_or_text(lr),
             "grad_norm": _finite_or_text(grad_norm),
@@ -414,7 +430,7 @@ class Ledger:
             **checkpoint_hashes(checkpoint_dir),
         }
         self._append(record)
-        self._reset_batch_digest()
+        self.batches = BatchDigest()
         return self.head
 
     def _append(self, fields: dict[str, Any]) -> None:
@@ -424,19 +440,24 @@ class Ledger:
         self.head = record
 
 
-def batch_header(ids: torch.Tensor) -> bytes:
-    """Shape prefix of a micro-batch in the batch digest, so (2, 8) and (4, 4) batches of the same ids differ."""
-    return f"batch:{tuple(ids.shape)}:".encode()
+class BatchDigest:
+    """Running sha256 over micro-batches of token ids, each prefixed by its shape so that (2, 8) and
+    (4, 4) batches of the same ids differ. Replay builds the same digest from regenerated batches."""
 
+    def __init__(self):
+        self._digest = hashlib.sha256()
+        self.count = 0
+        self.tokens = 0
 
-def batch_digest(batches) -> str:
-    """The digest `Ledger.observe_batch` builds, for a sequence of micro-batches (replay uses it)."""
-    digest = hashlib.sha256()
-    for batch in batches:
-        ids = torch.as_tensor(batch).detach().to("cpu", torch.int64).contiguous()
-        digest.update(batch_header(ids))
-        digest.update(ids.reshape(-1).numpy().tobytes())
-    return digest.hexdigest()
+    def observe(self, input_ids) -> None:
+        ids = torch.as_tensor(input_ids).detach().to("cpu", torch.int64).contiguous()
+        self._digest.update(f"batch:{tuple(ids.shape)}:".encode())
+        self._digest.update(ids.reshape(-1).numpy().tobytes())
+        self.count += 1
+        self.tokens += ids.numel()
+
+    def hexdigest(self) -> str:
+        return self._digest.hexdigest()
 
 
 def _append_line(path: Path, record: dict[str, Any]) -> None:

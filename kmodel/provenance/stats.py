@@ -15,6 +15,7 @@ neither underflows nor stops ranking.
 
 from __future__ import annotations
 
+import functools
 import itertools
 import math
 
@@ -89,6 +90,17 @@ def log_normal_sf(z: float) -> float:
     return float(_scipy().special.log_ndtr(-z))
 
 
+def standardize_scores(scores: torch.Tensor) -> torch.Tensor:
+    """Rows z-scored, then columns. Training gives units a "salience" (how strongly a unit reads the
+    dominant input direction) that scales all its scores alike; in the raw scores that is a product of a
+    row and a column effect, which centring alone does not remove and which a matching on another tensor
+    would partly follow. Standardising both ways removes it; it is a fixed transform of the scores, so the
+    null distribution below stays exact."""
+    c = scores.double()
+    c = (c - c.mean(dim=1, keepdim=True)) / c.std(dim=1, unbiased=False, keepdim=True).clamp_min(1e-30)
+    return (c - c.mean(dim=0, keepdim=True)) / c.std(dim=0, unbiased=False, keepdim=True).clamp_min(1e-30)
+
+
 def pairing_log_p(scores: torch.Tensor, pairs: np.ndarray) -> tuple[float, float]:
     """(z, ln p) of the total score of `pairs` among the scores of random pairings.
 
@@ -96,11 +108,11 @@ def pairing_log_p(scores: torch.Tensor, pairs: np.ndarray) -> tuple[float, float
     uniformly random injection, independent of the scores. Square and small (n <= 8): exact p from all n!
     pairings. Square: Hoeffding's combinatorial CLT (exact mean and variance, normal tail). Rectangular:
     rows treated as independent draws (mean and variance of each row)."""
-    c = scores.double()
+    c = standardize_scores(scores)
     n, m = c.shape
     observed = float(c[torch.arange(n), torch.as_tensor(pairs)].sum())
     if n == m and n <= EXACT_MAX_UNITS:
-        every = torch.tensor(list(itertools.permutations(range(n))), dtype=torch.long)
+        every = _all_permutations(n)
         totals = c[torch.arange(n)[None, :], every].sum(dim=1)
         at_least = int((totals >= observed - 1e-12 * max(1.0, abs(observed))).sum())
         spread = float(totals.std()) or 1.0
@@ -114,6 +126,11 @@ def pairing_log_p(scores: torch.Tensor, pairs: np.ndarray) -> tuple[float, float
         variance = float(c.var(dim=1, unbiased=False).sum())
     z = (observed - mean) / math.sqrt(max(variance, 1e-300))
     return z, log_normal_sf(z)
+
+
+@functools.lru_cache(maxsize=EXACT_MAX_UNITS)
+def _all_permutations(n: int) -> torch.Tensor:
+    return torch.tensor(list(itertools.permutations(range(n))), dtype=torch.long)
 
 
 def fisher_log_p(log_ps: list[float]) -> float:
@@ -135,33 +152,3 @@ def bonferroni_log_p(log_p: float, tests: int) -> float:
 
 def log10(log_p: float) -> float:
     return log_p / math.log(10)
-
-
-# --- Gram-matrix test -----------------------------------------------------------------------------
-
-
-def gram_test(a: torch.Tensor, b: torch.Tensor, draws: int = 200, seed: int = 0) -> tuple[float, float, float]:
-    """(r, z, ln p): do `a` and `b` (units x hidden, units in any order) induce the same geometry on the
-    hidden dimensions? r is the correlation of the off-diagonal entries of their hidden x hidden Gram
-    matrices (rows standardised), which no permutation, sign flip, rotation or rescaling of the units
-    changes. The null distribution comes from shuffling the hidden dimensions of `b` (`draws` times):
-    independently initialised models have no reason to agree on which hidden dimension is which."""
-    ga = standardize(a).t() @ standardize(a)
-    gb = standardize(b).t() @ standardize(b)
-    hidden = ga.shape[0]
-    upper = torch.triu_indices(hidden, hidden, offset=1)
-    va = _zscore(ga[upper[0], upper[1]])
-    r = float((va * _zscore(gb[upper[0], upper[1]])).mean())
-    generator = torch.Generator().manual_seed(seed)
-    null = torch.empty(draws, dtype=torch.float64)
-    for i in range(draws):
-        order = torch.randperm(hidden, generator=generator)
-        shuffled = gb[order][:, order]
-        null[i] = (va * _zscore(shuffled[upper[0], upper[1]])).mean()
-    z = (r - float(null.mean())) / max(float(null.std()), 1e-12)
-    return r, z, log_normal_sf(z)
-
-
-def _zscore(x: torch.Tensor) -> torch.Tensor:
-    x = x.double()
-    return (x - x.mean()) / x.std(unbiased=False).clamp_min(1e-30)

@@ -37,8 +37,8 @@ def active_matmul_params(model: torch.nn.Module) -> float:
     cfg: ModelConfig = model.cfg
     total = 0.0
     for name, param in model.named_parameters():
-        if param.ndim < 2 or name == "embed_tokens.weight":
-            continue
+        if param.ndim < 2 or name.endswith("bias") or name == "embed_tokens.weight":
+            continue  # norms, biases (stacked expert biases are 2-D) and the lookup table do no matmul
         share = cfg.num_experts_per_tok / cfg.num_experts if ".experts." in name else 1.0
         total += param.numel() * share
     head = cfg.hidden_size * cfg.vocab_size

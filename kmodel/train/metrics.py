@@ -1,7 +1,8 @@
 """Where metrics go: always DIR/metrics.jsonl (one JSON object per line), optionally Weights & Biases.
 
-Records carry `kind`: "train" (one per logged step) or "eval" (held-out results). A resumed run first
-drops the records past the checkpoint it resumes from, so the file reads as one uninterrupted run.
+Records carry `kind`: "train" (one per logged step) or "eval" (held-out results; `final` for the end-of-run
+one). A resumed run first drops the records past the checkpoint it resumes from, and the end-of-run
+evaluation it will redo, so the file reads as one uninterrupted run.
 """
 
 from __future__ import annotations
@@ -52,7 +53,7 @@ class MetricsLog:
 
     def rewind(self, step: int) -> None:
         """Keep only the records up to `step` (atomically), for a run resumed from that step's checkpoint."""
-        kept = [r for r in read_metrics(self.path.parent) if r["step"] <= step]
+        kept = [r for r in read_metrics(self.path.parent) if r["step"] <= step and not r.get("final")]
         tmp = self.path.with_name(f".{self.path.name}.tmp")
         tmp.write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
         os.replace(tmp, self.path)
@@ -92,8 +93,7 @@ class WandbLog:
 
     def write(self, record: dict[str, Any]) -> None:
         if self.run is not None:
-            values = {k: v for k, v in _flatten(record).items() if not k.endswith("/load") and "/load/" not in k}
-            self.run.log(values, step=record["step"])
+            self.run.log(_flatten(record), step=record["step"])
 
     def close(self) -> None:
         if self.run is not None:

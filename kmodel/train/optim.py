@@ -1,6 +1,6 @@
 """AdamW with decoupled weight decay on matrices only.
 
-Norm weights and biases (every 1-D parameter) never decay; the token embedding and the output head
+Norm weights and biases (every 1-D parameter, and every parameter named *bias) never decay; the token embedding and the output head
 decay only with `train.decay_embeddings`. Decay is decoupled (AdamW): p <- p - lr * weight_decay * p.
 """
 
@@ -14,7 +14,7 @@ EMBEDDING_NAMES = ("embed_tokens.weight", "lm_head.weight")
 
 
 def decays(name: str, param: torch.Tensor, decay_embeddings: bool) -> bool:
-    if param.ndim < 2:
+    if param.ndim < 2 or name.endswith("bias"):  # stacked expert biases are 2-D
         return False
     return decay_embeddings or name not in EMBEDDING_NAMES
 

@@ -26,7 +26,7 @@ def summarize(run_dir: str | Path) -> str:
     if not train:
         return f"run {run_dir}: no training steps logged"
     last = train[-1]
-    window = min(10, len(train))
+    window = max(1, min(10, len(train) // 4))  # first and last windows never overlap
     lines = [
         f"run directory  {run_dir}",
         f"steps          {last['step']} ({last['tokens']:,} tokens), {sum(r['skipped'] for r in train)} skipped",

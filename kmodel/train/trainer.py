@@ -337,10 +337,10 @@ class Trainer:
         finally:
             bar.close()
 
-    def _log_eval(self) -> None:
+    def _log_eval(self, final: bool = False) -> None:
         result = self.evaluate_heldout(self.cfg.train.eval_batches)
         if result is not None:
-            self.log(result)
+            self.log({**result, "final": final})
 
     def _close_wandb(self) -> None:
         if self.wandb is not None:
@@ -352,7 +352,7 @@ class Trainer:
         from kmodel.train.plots import write_plots
         from kmodel.train.summary import write_summary
 
-        self._log_eval()
+        self._log_eval(final=True)
         self._close_wandb()
         write_plots(self.run_dir)
         return write_summary(self.run_dir)

@@ -2,7 +2,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from kmodel.tokenizer import SHIPPED_TOKENIZER, Tokenizer
 from kmodel.tokenizer.corpus import BUNDLED_HELDOUT_DIR, BUNDLED_TRAIN_DIR
 

@@ -4,9 +4,7 @@ import shutil
 import unicodedata
 
 import pytest
-
-from kmodel.tokenizer import SHIPPED_TOKENIZER, Tokenizer, TokenizerError
-from kmodel.tokenizer import special_tokens
+from kmodel.tokenizer import SHIPPED_TOKENIZER, Tokenizer, TokenizerError, special_tokens
 
 
 def test_shipped_tokenizer_shape(shipped):
@@ -151,6 +149,14 @@ def test_load_errors_name_the_path(tmp_path):
     (wrong_ids / "metadata.json").write_text(json.dumps(metadata))
     with pytest.raises(TokenizerError, match=r"special token '<\|eos\|>' is not id 7"):
         Tokenizer.load(wrong_ids)
+
+    wrong_size = tmp_path / "wrong_size"
+    shutil.copytree(SHIPPED_TOKENIZER, wrong_size)
+    metadata = json.loads((wrong_size / "metadata.json").read_text())
+    metadata["vocab_size"] = 100
+    (wrong_size / "metadata.json").write_text(json.dumps(metadata))
+    with pytest.raises(TokenizerError, match=r"tokenizer.model has 8192 pieces but .*records vocab_size 100"):
+        Tokenizer.load(wrong_size)
 
     broken = tmp_path / "broken"
     shutil.copytree(SHIPPED_TOKENIZER, broken)

@@ -2,10 +2,9 @@ import argparse
 import json
 
 import pytest
-
 from kmodel.tokenizer import TokenizerError
 from kmodel.tokenizer.cli import add_commands
-from kmodel.tokenizer.evaluate import ALL_FILES, Encoder, evaluate, load_baseline, markdown_report
+from kmodel.tokenizer.evaluate import ALL_FILES, Encoder, evaluate, load_baseline
 
 
 def char_encoder(vocab_size=1000) -> Encoder:
@@ -102,8 +101,20 @@ def test_cli_errors_are_reported_not_raised(tmp_path, capsys):
 
 def test_cli_train(small_corpus, tmp_path, capsys):
     out = tmp_path / "tok"
-    argv = ["tokenizer", "train", "--out", str(out), "--vocab-size", "1200", "--mix", "ko=0.7,en=0.3", "--threads", "1",
-            "--input", *map(str, small_corpus)]
+    argv = [
+        "tokenizer",
+        "train",
+        "--out",
+        str(out),
+        "--vocab-size",
+        "1200",
+        "--mix",
+        "ko=0.7,en=0.3",
+        "--threads",
+        "1",
+        "--input",
+        *map(str, small_corpus),
+    ]
     assert run_cli(argv) == 0
     assert "vocab_size 1200" in capsys.readouterr().out
     metadata = json.loads((out / "metadata.json").read_text())

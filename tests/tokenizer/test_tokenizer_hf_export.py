@@ -1,7 +1,6 @@
 import json
 
 import pytest
-
 from kmodel.tokenizer import train_tokenizer
 from kmodel.tokenizer.hf_export import export_hf_tokenizer
 
@@ -25,7 +24,11 @@ def exported(shipped, tmp_path_factory):
 
 
 def test_export_writes_the_transformers_files(exported, shipped):
-    assert {p.name for p in exported.iterdir()} == {"tokenizer.json", "tokenizer_config.json", "special_tokens_map.json"}
+    assert {p.name for p in exported.iterdir()} == {
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "special_tokens_map.json",
+    }
     config = json.loads((exported / "tokenizer_config.json").read_text())
     assert config["bos_token"] == "<|bos|>" and config["eos_token"] == "<|eos|>" and config["pad_token"] == "<|pad|>"
     assert config["kmodel_tokenizer_sha256"] == shipped.fingerprint()

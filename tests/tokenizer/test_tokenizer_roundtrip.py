@@ -6,7 +6,6 @@ import unicodedata
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-
 from kmodel.tokenizer import SHIPPED_TOKENIZER
 
 tokenizers = pytest.importorskip("tokenizers")

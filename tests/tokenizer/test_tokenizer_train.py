@@ -2,7 +2,6 @@ import hashlib
 import json
 
 import pytest
-
 from kmodel.tokenizer import Tokenizer, TokenizerError, train_tokenizer
 from kmodel.tokenizer.corpus import draw_sample, parse_mix, read_corpus_file
 from kmodel.tokenizer.train import trainer_sentences
@@ -62,7 +61,7 @@ def test_unigram_option(small_corpus, tmp_path):
 
 def test_morpheme_aware_option(small_corpus, tmp_path):
     pytest.importorskip("kiwipiepy")
-    options = dict(vocab_size=SMALL_VOCAB, inputs=small_corpus[:1], mix="ko=1", num_threads=1)
+    options = {"vocab_size": SMALL_VOCAB, "inputs": small_corpus[:1], "mix": "ko=1", "num_threads": 1}
     plain = train_tokenizer(tmp_path / "plain", **options)
     aware = train_tokenizer(tmp_path / "aware", morpheme_aware=True, **options)
     assert aware.metadata["settings"]["morpheme_aware"] is True
@@ -89,7 +88,10 @@ def test_empty_corpus(tmp_path, make_jsonl):
 
 
 def test_unknown_mix_language(small_corpus, tmp_path):
-    with pytest.raises(TokenizerError, match=r"--mix asks for language\(s\) 'ja' but the input has none \(languages present: code, en, ko"):
+    with pytest.raises(
+        TokenizerError,
+        match=r"--mix asks for language\(s\) 'ja' but the input has none \(languages present: code, en, ko",
+    ):
         train_tokenizer(tmp_path / "out", inputs=small_corpus, mix="ko=0.5,ja=0.5")
 
 
@@ -109,7 +111,10 @@ def test_bad_mix_spec(spec, message):
 
 
 def test_vocab_larger_than_the_corpus_supports(small_corpus, tmp_path):
-    with pytest.raises(TokenizerError, match=r"--vocab-size 60000 is more than this corpus supports for a bpe model: at most \d+ pieces"):
+    with pytest.raises(
+        TokenizerError,
+        match=r"--vocab-size 60000 is more than this corpus supports for a bpe model: at most \d+ pieces",
+    ):
         train_tokenizer(tmp_path / "out", vocab_size=60000, inputs=small_corpus, num_threads=1)
     assert not (tmp_path / "out").exists()
 
@@ -121,7 +126,10 @@ def test_vocab_outside_supported_range(tmp_path, vocab_size):
 
 
 def test_vocab_too_small_for_the_alphabet(small_corpus, tmp_path):
-    with pytest.raises(TokenizerError, match=r"--vocab-size 300 is too small: at character coverage 1.0 the alphabet and the special pieces alone need \d+ ids"):
+    with pytest.raises(
+        TokenizerError,
+        match=r"--vocab-size 300 is too small: at character coverage 1.0 the alphabet and the special pieces alone need \d+ ids",
+    ):
         train_tokenizer(tmp_path / "out", vocab_size=300, inputs=small_corpus, character_coverage=1.0, num_threads=1)
 
 
@@ -151,7 +159,9 @@ def test_malformed_jsonl_names_file_and_line(tmp_path, line, message):
 
 def test_skip_invalid_lines_reports_and_records_them(tmp_path):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text('{"text": "좋은 줄", "lang": "ko"}\n{"text": "broken\n{"text": "또 좋은 줄", "lang": "ko"}\n', encoding="utf-8")
+    bad.write_text(
+        '{"text": "좋은 줄", "lang": "ko"}\n{"text": "broken\n{"text": "또 좋은 줄", "lang": "ko"}\n', encoding="utf-8"
+    )
     corpus_file = read_corpus_file(bad, skip_invalid_lines=True)
     assert [d.text for d in corpus_file.documents] == ["좋은 줄", "또 좋은 줄"]
     assert [entry["line"] for entry in corpus_file.skipped_lines] == [2]
