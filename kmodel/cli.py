@@ -74,10 +74,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _rooms():
     """Rooms that bring their own sub-commands."""
-    import importlib
+    from kmodel import bench
+    from kmodel.parallel import cli as parallel_cli
+    from kmodel.provenance import cli as provenance_cli
+    from kmodel.tokenizer import cli as tokenizer_cli
+    from kmodel.train import cli as train_cli
 
-    names = ["kmodel.train.cli", "kmodel.tokenizer.cli", "kmodel.parallel.cli", "kmodel.provenance.cli", "kmodel.bench"]
-    return [importlib.import_module(n) for n in names if importlib.util.find_spec(n) is not None]
+    return [train_cli, tokenizer_cli, parallel_cli, provenance_cli, bench]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -21,7 +21,7 @@ import torch
 import triton
 
 from kmodel.kernels.attention.reference import document_ids
-from kmodel.kernels.moe.triton_support import _interpret_triton_library as interpret_triton_library
+from kmodel.kernels.triton_support import interpret_triton_library
 
 _KERNEL_MODULE = "kmodel.kernels.attention.triton_kernels"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)

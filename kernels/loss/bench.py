@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from kmodel.kernels.loss import reference as loss_reference
-from kmodel.kernels.moe.benchmarking import (
+from kmodel.kernels.benchmarking import (
     device_name,
     device_slug,
     environment,
@@ -29,7 +29,7 @@ from kmodel.kernels.moe.benchmarking import (
     pick_device,
     write_results,
 )
-from kmodel.kernels.moe.triton_support import interpreting
+from kmodel.kernels.triton_support import interpreting
 from kmodel.kernels.norm import reference as norm_reference
 
 MODES = ("forward", "forward+backward")

@@ -22,7 +22,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kmodel.kernels.moe.triton_support import check_device, interpreting, lazy_kernel, matmul_dtype
+from kmodel.kernels.triton_support import check_device, interpreting, lazy_kernel, matmul_dtype
 
 # Elements of the (rows, vocabulary chunk) logits slice held at once: 2**26 is 128 MiB in bf16, so the
 # chunk is about 2k vocabulary columns for 32k rows and the whole vocabulary for small batches.

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from kmodel.kernels.moe import reference
-from kmodel.kernels.moe.benchmarking import (
+from kmodel.kernels.benchmarking import (
     device_name,
     device_slug,
     environment,
@@ -33,7 +33,7 @@ from kmodel.kernels.moe.benchmarking import (
     pick_device,
     write_results,
 )
-from kmodel.kernels.moe.triton_support import interpreting
+from kmodel.kernels.triton_support import interpreting
 
 IMPLS = ("triton", "grouped_mm", "reference", "loop")
 PRESETS = {

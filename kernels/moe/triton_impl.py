@@ -42,7 +42,7 @@ import triton
 import triton.language as tl
 
 from kmodel.kernels.moe.reference import Routing
-from kmodel.kernels.moe.triton_support import check_device, dot_precision, interpreting, lazy_kernel, matmul_dtype
+from kmodel.kernels.triton_support import check_device, dot_precision, interpreting, lazy_kernel, matmul_dtype
 
 __all__ = ["Routing", "route", "permute", "grouped_swiglu", "combine", "moe_experts"]
 

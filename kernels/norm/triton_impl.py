@@ -14,7 +14,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kmodel.kernels.moe.triton_support import check_device, interpreting, lazy_kernel
+from kmodel.kernels.triton_support import check_device, interpreting, lazy_kernel
 
 _MAX_HIDDEN = 65536  # one row must fit a single block
 

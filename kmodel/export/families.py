@@ -14,7 +14,7 @@ import re
 import torch
 
 from kmodel.config import Config, ModelConfig
-from kmodel.export.hf import Family, common_config, extras_problems, llama_style_rename, register
+from kmodel.export.hf import Family, common_config, deepseek_style_moe_config, extras_problems, llama_style_rename, register
 
 # transformers' DeepSeek-V3 builds its latent norms (q_a_layernorm, kv_a_layernorm) with this fixed eps;
 # kmodel uses rms_norm_eps for every norm, so the two agree only when rms_norm_eps is this value.
@@ -112,14 +112,7 @@ def _latent_moe_config(cfg: Config) -> dict:
         # kmodel rotates the RoPE dims in the rotate-half layout, not DeepSeek's interleaved pairs.
         "rope_interleave": False,
         "attention_bias": False,
-        "n_routed_experts": m.num_experts,
-        "n_shared_experts": m.num_shared_experts,
-        "num_experts_per_tok": m.num_experts_per_tok,
-        "moe_intermediate_size": m.moe_intermediate_size,
-        "norm_topk_prob": m.norm_topk_prob,
-        "routed_scaling_factor": m.routed_scaling_factor,
-        "n_group": m.n_group,
-        "topk_group": m.topk_group,
+        **deepseek_style_moe_config(m),
     }
 
 

@@ -140,6 +140,20 @@ def extras_problems(m: ModelConfig, *, allow: tuple[str, ...] = ()) -> list[str]
     ]
 
 
+def deepseek_style_moe_config(m: ModelConfig) -> dict:
+    """MoE keys under DeepSeek's names, which Solar Open, DeepSeek-V3 and A.X K1 share."""
+    return {
+        "n_routed_experts": m.num_experts,
+        "n_shared_experts": m.num_shared_experts,
+        "num_experts_per_tok": m.num_experts_per_tok,
+        "moe_intermediate_size": m.moe_intermediate_size,
+        "norm_topk_prob": m.norm_topk_prob,
+        "routed_scaling_factor": m.routed_scaling_factor,
+        "n_group": m.n_group,
+        "topk_group": m.topk_group,
+    }
+
+
 def router_problems(m: ModelConfig) -> list[str]:
     problems = []
     if m.router != "sigmoid":
@@ -219,14 +233,7 @@ def _solar_open_config(cfg: Config) -> dict:
     return {
         **common_config(cfg),
         "attention_bias": False,
-        "n_routed_experts": m.num_experts,
-        "n_shared_experts": m.num_shared_experts,
-        "num_experts_per_tok": m.num_experts_per_tok,
-        "moe_intermediate_size": m.moe_intermediate_size,
-        "norm_topk_prob": m.norm_topk_prob,
-        "routed_scaling_factor": m.routed_scaling_factor,
-        "n_group": m.n_group,
-        "topk_group": m.topk_group,
+        **deepseek_style_moe_config(m),
     }
 
 

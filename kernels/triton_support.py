@@ -6,7 +6,7 @@ bodies stay plain functions here and are wrapped on first launch in the mode the
 On GPU a kernel may be autotuned over `configs`; under the interpreter it runs one fixed config (autotuning
 there would only repeat slow runs). Kernel bodies call no @triton.jit helpers of their own, since those would
 be bound to the mode of their own import; triton's own jit library (tl.sum, tl.sigmoid, ...) is rebound to the
-interpreter when triton was imported before TRITON_INTERPRET was set (see `_interpret_triton_library`).
+interpreter when triton was imported before TRITON_INTERPRET was set (see `interpret_triton_library`).
 
 Used by the moe, norm and loss Triton modules.
 """
@@ -60,7 +60,7 @@ def dot_precision(dtype: torch.dtype) -> str:
 _library_interpretable = False
 
 
-def _interpret_triton_library() -> None:
+def interpret_triton_library() -> None:
     """Make triton.language's own @jit functions (tl.sum, tl.max, tl.sigmoid, ...) runnable by the interpreter.
 
     triton wraps them when it is first imported, in the mode TRITON_INTERPRET gave then; if another module
@@ -113,7 +113,7 @@ class LazyKernel:
             import triton
 
             if interpret:
-                _interpret_triton_library()
+                interpret_triton_library()
             # knobs read TRITON_INTERPRET when jit wraps the body, which is now.
             kernel = triton.jit(self.body)
             if self.configs is not None and not interpret:
