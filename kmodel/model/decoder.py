@@ -109,7 +109,16 @@ class Model(nn.Module):
     # --- kernels seam ---------------------------------------------------------------------------
     def use_kernels(self, choice: KernelsConfig, device: torch.device | str) -> None:
         """Point every module at the implementation the recipe's `kernels:` section picks."""
-        pick = {op: kernels.load(op, kernels.resolve(getattr(choice, op), device)) for op in kernels.OPS}
+        impl = {op: kernels.resolve(getattr(choice, op), device) for op in kernels.OPS}
+        if impl["moe"] == "triton" and self.cfg.num_experts and self._needs_gpt_oss_experts():
+            # The Triton expert kernels have no expert biases or clamped SwiGLU yet.
+            if choice.moe == "triton":
+                raise ValueError(
+                    "kernels.moe=triton does not support expert biases or expert_activation "
+                    f"{self.cfg.expert_activation!r} yet; use kernels.moe=torch (or auto)"
+                )
+            impl["moe"] = "torch"
+        pick = {op: kernels.load(op, impl[op]) for op in kernels.OPS}
         for module in self.modules():
             if isinstance(module, (Attention, LatentAttention)):
                 module.kernel = pick["attention"]
@@ -118,6 +127,9 @@ class Model(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.kernel = pick["norm"]
         self.loss_kernel = pick["loss"]
+
+    def _needs_gpt_oss_experts(self) -> bool:
+        return any(moe.experts.kernel_options() for moe in self.moe_layers().values())
 
     # --- forward --------------------------------------------------------------------------------
     def rope_tables(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

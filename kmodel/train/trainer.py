@@ -108,6 +108,10 @@ class Trainer:
 
         torch.manual_seed(cfg.seed)
         self.model = build_model(cfg, self.device)
+        if cfg.train.activation_checkpointing:
+            from kmodel.parallel.activation_checkpointing import apply_activation_checkpointing
+
+            apply_activation_checkpointing(self.model)
         self.model.train()
         self.optimizer = build_optimizer(self.model, cfg.train)
         self.flops_per_token = training_flops_per_token(self.model, cfg.data.seq_len)
@@ -212,20 +216,28 @@ class Trainer:
         for moe in self.model.moe_layers().values():
             moe.load.zero_()
 
+    def update(self, lr: float, losses: dict[str, float]) -> tuple[float, bool]:
+        """Clip and apply the accumulated gradients unless the step is non-finite (then discard it);
+        returns (gradient norm before clipping, whether the update was applied). Engines override this."""
+        grad_norm = self.clip_gradients()
+        finite = all(map(_finite, losses.values())) and _finite(grad_norm)
+        if finite:
+            self.optimizer_step(lr)
+        else:
+            self.discard_step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return grad_norm, finite
+
     def train_step(self) -> dict[str, Any]:
         start = time.perf_counter()
         lr = lr_at(self.step, self.cfg.train, self.total_steps)
         micro = [self.forward_backward(self.next_micro_batch()) for _ in range(self.cfg.train.grad_accum_steps)]
         losses = {k: sum(m[k] for m in micro) / len(micro) for k in micro[0]}
-        grad_norm = self.clip_gradients()
-        finite = all(map(_finite, losses.values())) and _finite(grad_norm)
+        grad_norm, finite = self.update(lr, losses)
         if finite:
-            self.optimizer_step(lr)
             self.bad_steps = 0
         else:
-            self.discard_step()
             self.bad_steps += 1
-        self.optimizer.zero_grad(set_to_none=True)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         seconds = time.perf_counter() - start
