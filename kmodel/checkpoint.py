@@ -67,13 +67,14 @@ def model_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 def save_checkpoint(
     directory: str | Path,
-    model: torch.nn.Module,
+    model: torch.nn.Module | dict[str, torch.Tensor],
     cfg: Config,
     *,
     tokenizer: Any | None = None,
     state: dict[str, Any] | None = None,
 ) -> dict[str, str]:
-    """Write a checkpoint atomically at `directory`; returns the manifest (file -> sha256)."""
+    """Write a checkpoint atomically at `directory`; returns the manifest (file -> sha256). `model` is the
+    model or its full state (a distributed engine's gathered weights: global names, full tensors)."""
     final = Path(directory)
     if final.exists():
         raise CheckpointError(f"checkpoint {final} already exists; refusing to overwrite it")
@@ -81,7 +82,8 @@ def save_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
-    save_file(model_state(model), tmp / MODEL_FILE, metadata={"format": "pt", "producer": "kmodel"})
+    weights = model if isinstance(model, dict) else model_state(model)
+    save_file(weights, tmp / MODEL_FILE, metadata={"format": "pt", "producer": "kmodel"})
     (tmp / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
     if tokenizer is not None:
         tokenizer.save(tmp / TOKENIZER_DIR)

@@ -295,9 +295,11 @@ def _token_rows(view_a: ModelView, view_b: ModelView, vocab_a: Vocab | None, voc
 
 
 def _layer_pairs(view_a: ModelView, view_b: ModelView, all_pairs: bool | None) -> list[tuple[str, str]]:
+    """Layers to compare: same index (and MTP with MTP) when both have as many decoder layers, every pair
+    otherwise (a pruned or grown model's layers need not keep their depth)."""
     names_a, names_b = list(view_a.layers), list(view_b.layers)
     if all_pairs is None:
-        all_pairs = len(names_a) != len(names_b)
+        all_pairs = sum(n != "mtp" for n in names_a) != sum(n != "mtp" for n in names_b)
     if all_pairs:
         return [(x, y) for x in names_a for y in names_b]
     return [(x, x) for x in names_a if x in view_b.layers]

@@ -15,6 +15,7 @@ hashes, not weights.
 
 from __future__ import annotations
 
+import contextlib
 import random
 import shutil
 import tempfile
@@ -185,9 +186,12 @@ def replay(
     device: str | None = None,
     tolerance_factor: float = DEFAULT_TOLERANCE_FACTOR,
     work_dir: str | Path | None = None,
+    data_root: str | Path | None = None,
 ) -> ReplayResult:
-    """Replay `steps` steps from recorded step `from_step` (to the next recorded checkpoint by default)."""
-    run_dir = Path(run_dir)
+    """Replay `steps` steps from recorded step `from_step` (to the next recorded checkpoint by default).
+    `data_root`: the directory the run was started from, where the recipe's relative data paths resolve."""
+    run_dir = Path(run_dir).resolve()
+    work_dir = None if work_dir is None else Path(work_dir).resolve()
     records = load_chain(run_dir)
     checkpoints = checkpoint_records(records)
     steps_recorded = [r["step"] for r in checkpoints]
@@ -221,8 +225,9 @@ def replay(
     result = ReplayResult(from_step, end - from_step, str(resolved), bit_exact)
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="kmodel-replay-") as tmp:
         try:
-            first = list(_run_segment(cfg, run_dir, from_step, targets, Path(tmp) / "first"))
-            second = None if bit_exact else list(_run_segment(cfg, run_dir, from_step, targets, Path(tmp) / "second"))
+            with contextlib.chdir(data_root) if data_root is not None else contextlib.nullcontext():
+                first = list(_run_segment(cfg, run_dir, from_step, targets, Path(tmp) / "first"))
+                second = None if bit_exact else list(_run_segment(cfg, run_dir, from_step, targets, Path(tmp) / "second"))
         finally:
             torch.set_num_threads(previous_threads)
         for i, (record, replayed, weights) in enumerate(first):

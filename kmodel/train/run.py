@@ -29,6 +29,8 @@ RESUMABLE_CHANGES = (
     "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.eval_every",
     "train.eval_batches", "train.max_bad_steps", "train.wandb.",
 )
+# Keys that only spread the same global batch (micro x accumulation x world) differently over processes.
+TOPOLOGY_CHANGES = ("parallel.", "train.micro_batch_size", "train.grad_accum_steps")
 
 
 class RunDirError(RuntimeError):
@@ -51,10 +53,17 @@ def saved_config(run_dir: Path) -> Config:
     return config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
 
 
+def global_batch(cfg: Config) -> int:
+    return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.parallel.world_size
+
+
 def check_resumable(saved: Config, requested: Config, run_dir: Path) -> None:
+    """Refuse a resume that changes anything but RESUMABLE_CHANGES, or the topology (TOPOLOGY_CHANGES) when the
+    global batch stays the same: checkpoints are topology-free and the data order follows the global batch."""
     old, new = _flatten(saved.to_dict()), _flatten(requested.to_dict())
     changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
-    refused = [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
+    allowed = RESUMABLE_CHANGES + (TOPOLOGY_CHANGES if global_batch(saved) == global_batch(requested) else ())
+    refused = [k for k in changed if not k.startswith(allowed)]
     if refused:
         details = "; ".join(f"{k}: run has {old.get(k)!r}, now {new.get(k)!r}" for k in refused[:8])
         raise ConfigError(
@@ -105,6 +114,16 @@ def train(
     `cfg` may be None when resuming (the run's own config.yaml is used). `max_steps` sets train.max_steps,
     which the learning-rate schedule spans."""
     run_dir = Path(out_dir)
+    cfg = prepare_run(cfg, run_dir, resume=resume, max_steps=max_steps, force=force)
+    trainer = Trainer(cfg, run_dir, progress=progress)
+    start(trainer, resume)
+    trainer.fit()
+    print(trainer.finish())
+    return trainer
+
+
+def prepare_run(cfg: Config | None, run_dir: Path, *, resume: bool, max_steps: int | None, force: bool) -> Config:
+    """Check the request against the run directory, clean or create it, write config.yaml; returns the config."""
     if resume and force:
         raise RunDirError("--resume and --force contradict each other: --force deletes the run --resume continues")
     if resume:
@@ -120,17 +139,18 @@ def train(
     else:
         prepare_fresh(run_dir, force)
     write_config(run_dir, cfg)
+    return cfg
 
-    trainer = Trainer(cfg, run_dir, progress=progress)
+
+def start(trainer: Trainer, resume: bool, *, writer: bool = True) -> None:
+    """Restore the latest checkpoint when resuming and start the ledger; `writer` (rank 0) rewinds the metrics."""
+    run_dir = trainer.run_dir
     checkpoints = list_checkpoints(run_dir) if resume else []
     if checkpoints:
         trainer.restore(checkpoints[-1])
         print(f"resuming from {checkpoints[-1]} (step {trainer.step})", file=sys.stderr)
     elif resume:
         print(f"no checkpoint in {run_dir} yet: starting it from step 0", file=sys.stderr)
-    if resume:
+    if resume and writer:
         MetricsLog(run_dir).rewind(trainer.step)
     trainer.start_ledger(resume)
-    trainer.fit()
-    print(trainer.finish())
-    return trainer

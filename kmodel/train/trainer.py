@@ -144,12 +144,16 @@ class Trainer:
             "step": self.step,
             "tokens_seen": self.tokens_seen,
             "bad_steps": self.bad_steps,
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer_state(),
             "scheduler": {"schedule": self.cfg.train.schedule, "total_steps": self.total_steps},
             "rng": rng,
             "data": self.data.state_dict(),
             "data_manifest": self.data_manifest,
         }
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """AdamW's state_dict (full tensors, one entry per parameter); engines gather their shards into it."""
+        return self.optimizer.state_dict()
 
     def restore(self, checkpoint: str | Path) -> Path:
         """Continue from a checkpoint of this recipe: weights, optimizer, RNG, data position, counters."""
@@ -275,7 +279,12 @@ class Trainer:
     def save_checkpoint(self) -> Path:
         """Write step_NNNNNNN atomically, record it in the ledger, then drop checkpoints beyond the last K."""
         directory = self.checkpoints_dir / step_dir_name(self.step)
-        save_checkpoint(directory, self.model, self.cfg, tokenizer=self.tokenizer, state=self.state_dict())
+        self.write_checkpoint(directory, self.model, self.state_dict())
+        return directory
+
+    def write_checkpoint(self, directory: Path, weights: torch.nn.Module | dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+        """Save, record in the ledger, rotate (an engine gathers `weights` and `state` on every rank first)."""
+        save_checkpoint(directory, weights, self.cfg, tokenizer=self.tokenizer, state=state)
         if self.ledger is not None:
             r = self.last_record
             self.ledger.record_checkpoint(
@@ -286,7 +295,6 @@ class Trainer:
             doomed = old.with_name(f".{old.name}.deleting")
             os.replace(old, doomed)
             shutil.rmtree(doomed)
-        return directory
 
     # --- evaluation ------------------------------------------------------------------------------------------
     def evaluate_heldout(self, max_batches: int | None) -> dict[str, Any] | None:

@@ -295,3 +295,16 @@ def test_wandb_logs_offline_into_the_run_directory(tiny, tmp_path):
     train(tiny("train.wandb.enabled=true", "provenance.ledger=false"), tmp_path, max_steps=2, progress=False)
     runs = list((tmp_path / "wandb").glob("offline-run-*/run-*.wandb"))
     assert len(runs) == 1 and runs[0].stat().st_size > 0
+
+
+@pytest.mark.slow
+def test_demo_runs_end_to_end(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the demo finds the recipe and corpus from any working directory
+    assert cli("demo", "--out", "demo", "--max-steps", "3", "--no-progress") == 0
+    out = capsys.readouterr().out
+    run_dir = tmp_path / "demo"
+    assert "[3/3] Korean continuations" in out and str(run_dir / "plots") in out
+    results = json.loads((run_dir / "heldout_eval.json").read_text())
+    assert len(results["files"]) == 3 and results["overall"]["bits_per_byte"] > 0
+    assert (run_dir / "samples.txt").read_text(encoding="utf-8").startswith("대화 상자에서")
+    assert [p.name for p in list_checkpoints(run_dir)] == ["step_0000003"]

@@ -1,0 +1,84 @@
+"""Per-rank entry point that `kmodel launch` starts under deepspeed or torchrun:
+
+    python -m kmodel.parallel.entry RECIPE --out RUN_DIR [--resume] [--force] [--set KEY=VALUE ...]
+
+Reads RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (and LOCAL_RANK) from the launcher, initialises
+torch.distributed (nccl on CUDA, gloo on CPU), lets rank 0 prepare the run directory (the others wait and
+stop with the same error when it fails), then every rank builds the DeepSpeedTrainer, restores the latest
+checkpoint when resuming, starts the engine and trains. Rank 0 prints the summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from kmodel.config import load_config
+from kmodel.parallel.engine import DeepSpeedTrainer
+from kmodel.train.run import prepare_run, start
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m kmodel.parallel.entry", description=__doc__.split("\n\n")[0])
+    p.add_argument("recipe", help="YAML recipe (parallel.backend: deepspeed)")
+    p.add_argument("--out", required=True, help="run directory, shared by all ranks")
+    p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--force", action="store_true", help="delete a non-empty --out and start over")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
+                   help="override a recipe key (repeatable)")
+    p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
+    return p.parse_args(argv)
+
+
+def init_distributed() -> None:
+    """Join the process group the launcher describes (nccl and this rank's GPU on CUDA, gloo on CPU)."""
+    missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"environment {missing} not set: start this module with deepspeed, torchrun or `kmodel launch`")
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(minutes=30))
+
+
+def _prepare_on_rank0(args: argparse.Namespace, run_dir: Path):
+    """Rank 0 checks and writes the run directory; its config (or its error) is shared with every rank."""
+    message = [None]
+    if dist.get_rank() == 0:
+        try:
+            message[0] = prepare_run(load_config(args.recipe, args.overrides), run_dir,
+                                     resume=args.resume, max_steps=None, force=args.force)
+        except Exception as error:  # re-raised below on every rank, so no rank waits forever
+            message[0] = error
+    dist.broadcast_object_list(message, src=0)
+    if isinstance(message[0], Exception):
+        raise message[0]
+    return message[0]
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    init_distributed()
+    try:
+        run_dir = Path(args.out)
+        cfg = _prepare_on_rank0(args, run_dir)
+        rank0 = dist.get_rank() == 0
+        trainer = DeepSpeedTrainer(cfg, run_dir, progress=None if rank0 else False)
+        start(trainer, args.resume, writer=rank0)
+        trainer.start_engine()
+        trainer.fit()
+        summary = trainer.finish()
+        if rank0:
+            print(summary)
+    finally:
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
