@@ -8,7 +8,7 @@ likewise `mlp_in_norm` / `mlp_out_norm`; which exist depends on `norm_placement`
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import nn
@@ -24,8 +24,7 @@ from kmodel.model.norm import RMSNorm
 from kmodel.model.rope import rope_cos_sin
 
 
-@dataclass
-class ModelOutput:
+class ModelOutput(NamedTuple):  # a NamedTuple so ZeRO-3's hooks can find the tensors in it
     logits: torch.Tensor | None  # (batch, seq, vocab); None when only the loss was asked for
     loss: torch.Tensor | None = None  # total: lm + mtp + aux + logits z-loss, each weighted
     lm_loss: torch.Tensor | None = None

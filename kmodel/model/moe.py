@@ -57,6 +57,12 @@ class Experts(nn.Module):
         self.down_proj_bias = nn.Parameter(torch.empty(e, h)) if cfg.expert_bias else None
         self.cfg = cfg
 
+    def forward(self, tokens: torch.Tensor, routing: reference.Routing, kernel) -> torch.Tensor:
+        # A module call (not bare parameter access) so ZeRO-3 gathers the expert weights for it.
+        return kernel.moe_experts(
+            tokens, routing.experts, routing.weights, self.gate_up_proj, self.down_proj, **self.kernel_options()
+        )
+
     def kernel_options(self) -> dict:
         """The expert kernel's keyword arguments beyond plain SwiGLU: only those the config switches on, so a
         kernel without gpt-oss support still serves every other config."""
@@ -108,14 +114,7 @@ class MoE(nn.Module):
         if self.training:
             self.load += routing.tokens_per_expert.detach().float()
         if self.expert_parallel is None:
-            out = self.kernel.moe_experts(
-                tokens,
-                routing.experts,
-                routing.weights,
-                self.experts.gate_up_proj,
-                self.experts.down_proj,
-                **self.experts.kernel_options(),
-            )
+            out = self.experts(tokens, routing, self.kernel)
         else:  # experts sharded over ranks: kmodel.parallel.expert_parallel exchanges the tokens
             out = self.expert_parallel.moe_experts(tokens, routing.experts, routing.weights, self.experts, self.kernel)
         if self.shared_experts is not None:

@@ -74,6 +74,10 @@ class DeepSpeedTrainer(Trainer):
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.model, optimizer=self.optimizer, config=config, dist_init_required=False
         )
+        if self.cfg.parallel.zero_stage == 3:
+            # The LM head weight is read by Model.forward itself (the fused loss takes the weight, not the
+            # module), so ZeRO-3 must gather it for the top-level module's forward too.
+            deepspeed.zero.register_external_parameter(self.model, self.model.head_weight)
         if restored:
             self._load_moments(restored)
 

@@ -67,8 +67,10 @@ def corpus_tokens(source: str, limit: int = 200_000) -> torch.Tensor:
 
 
 def train_briefly(model, tokens: torch.Tensor, steps: int, lr: float, seed: int) -> list[float]:
-    """Real AdamW steps on random windows of `tokens`; returns the losses."""
+    """Real AdamW steps on random windows of `tokens`; returns the losses. Ids beyond a small test
+    vocabulary are folded into it (id mod vocab_size), which keeps the skewed token frequencies."""
     generator = torch.Generator().manual_seed(seed)
+    tokens = tokens % model.cfg.vocab_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1)
     model.train()
     losses = []
@@ -86,8 +88,9 @@ def train_briefly(model, tokens: torch.Tensor, steps: int, lr: float, seed: int)
     return losses
 
 
-def trained_model(seed: int, steps: int, source: str = "ko_libreoffice_help", lr: float = 3e-3):
-    cfg = tiny_config(seed)
+def trained_model(seed: int, steps: int, source: str = "ko_libreoffice_help", lr: float = 3e-3,
+                  extra: list[str] | None = None):
+    cfg = tiny_config(seed, extra)
     model = build_model(cfg)
     train_briefly(model, corpus_tokens(source), steps, lr, seed=seed + 10_000)
     return cfg, model
@@ -241,7 +244,7 @@ def derived_model(case: str, cfg_a: Config, model_a, seed: int, steps: int):
             train_briefly(model, corpus_tokens("en_python_docs"), steps, 3e-3, seed)
         return cfg_a, model
     if case in ("copied_embedding", "copied_layer", "copied_router"):
-        cfg_b = tiny_config(seed)
+        cfg_b = cfg_a.model_copy(update={"seed": seed})
         model = build_model(cfg_b)
         own = model.state_dict()
         wanted = {
@@ -254,8 +257,8 @@ def derived_model(case: str, cfg_a: Config, model_a, seed: int, steps: int):
         train_briefly(model, corpus_tokens("ko_libreoffice_help"), steps, 3e-3, seed)
         return cfg_b, model
     if case == "extended_vocab":
-        extra = 512
-        cfg_b = tiny_config(cfg_a.seed, [f"model.vocab_size={cfg_a.model.vocab_size + extra}"])
+        cfg_b = cfg_a.model_copy(deep=True)
+        cfg_b.model.vocab_size += 512
         model = build_model(cfg_b)
         state = model.state_dict()
         for name, tensor in state_a.items():

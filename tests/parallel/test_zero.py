@@ -51,11 +51,7 @@ def reference(tmp_path_factory):
     return _losses(run_dir)
 
 
-ZERO3_OPEN = pytest.mark.xfail(strict=True, reason="ZeRO-3 forward fails (a weight used outside its module's "
-                               "forward is not gathered: size-0 tensor); open, see docs/parallel.md")
-
-
-@pytest.mark.parametrize("stage", [2, pytest.param(3, marks=ZERO3_OPEN)])
+@pytest.mark.parametrize("stage", [2, 3])
 def test_zero_matches_one_process(tmp_path, reference, stage):
     _distributed(tmp_path, stage)
     got = _losses(tmp_path)

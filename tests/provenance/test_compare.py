@@ -24,12 +24,13 @@ from kmodel.provenance.calibrate import (
 from kmodel.provenance.compare import compare, compare_views
 from kmodel.provenance.views import ViewError, load_view
 
-STEPS = 12  # enough to move every tensor well away from its initial value at lr 3e-3
+STEPS = 10  # at lr 3e-3 AdamW moves every weight by about its initial scale
+SMALL_VOCAB = ["model.vocab_size=1024"]  # corpus ids are folded into it; keeps the tests fast
 
 
 @pytest.fixture(scope="module")
 def model_a():
-    return trained_model(7, STEPS)
+    return trained_model(7, STEPS, extra=SMALL_VOCAB)
 
 
 def most_significant(report: dict) -> str:
@@ -37,7 +38,7 @@ def most_significant(report: dict) -> str:
 
 
 def test_disguise_keeps_the_function():
-    cfg = tiny_config(3)
+    cfg = tiny_config(3, SMALL_VOCAB)
     model = build_model(cfg).eval()
     ids = torch.randint(0, cfg.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -50,7 +51,7 @@ def test_disguise_keeps_the_function():
 
 def test_independent_models_are_not_flagged(model_a):
     cfg_a, a = model_a
-    cfg_b, b = trained_model(8, STEPS)
+    cfg_b, b = trained_model(8, STEPS, extra=SMALL_VOCAB)
     report = compare_views(view_of(a, cfg_a, "A"), view_of(b, cfg_b, "B"))
     assert not report["derived"] and report["shared_modules"] == []
     assert report["p_value"] > 1e-3
