@@ -322,27 +322,33 @@ def runtime_audit(recipe: str, overrides: list[str], steps: int = 2, timeout: fl
         if result.returncode != 0:
             return [Finding(FAIL, "runtime-file", recipe, f"the audited training run failed: {result.stderr.strip()[-2000:]}")]
         probe = json.loads(result.stdout.strip().splitlines()[-1])
-        token_cache = str(Path(default_cache_dir()).resolve() / "tokens")
-        findings = []
-        for path in probe["opened"]:
-            if not path.endswith(WEIGHT_SUFFIXES):
-                continue
-            if path.startswith(str(run_dir.resolve())):
-                findings.append(Finding(PASS, "runtime-file", path, "read from the run's own directory"))
-            elif path.startswith(token_cache) and path.endswith(".npz"):
-                findings.append(Finding(INFO, "runtime-file", path, "tokenized-data cache (token ids, not weights)"))
-            else:
-                findings.append(Finding(FAIL, "runtime-file", path, "weight-like file read from outside the run"))
-        imported = [m for m in probe["imported"] if _model_package(m)]
-        for module in imported:
-            findings.append(Finding(FAIL, "runtime-import", module, f"imported during training ({MODEL_CODE_PACKAGES[_model_package(module)]})"))
-        if not imported:
-            findings.append(Finding(PASS, "runtime-import", recipe,
-                                    f"{len(probe['imported'])} modules imported while training and resuming; none is model code"))
-        if not any(f.kind == "runtime-file" and f.status == FAIL for f in findings):
-            findings.append(Finding(PASS, "runtime-file", recipe,
-                                    f"{len(probe['opened'])} files read; no weight file from outside the run"))
-        return findings
+        return classify_runtime(probe, run_dir, Path(default_cache_dir()) / "tokens")
+
+
+def classify_runtime(probe: dict[str, Any], run_dir: Path, token_cache: Path) -> list[Finding]:
+    """Findings from what the audited run opened and imported."""
+    run_prefix = str(run_dir.resolve()) + os.sep
+    cache_prefix = str(token_cache.resolve()) + os.sep
+    findings = []
+    for path in probe["opened"]:
+        if not path.endswith(WEIGHT_SUFFIXES):
+            continue
+        if path.startswith(run_prefix):
+            findings.append(Finding(PASS, "runtime-file", path, "read from the run's own directory"))
+        elif path.startswith(cache_prefix) and path.endswith(".npz"):
+            findings.append(Finding(INFO, "runtime-file", path, "tokenized-data cache (token ids, not weights)"))
+        else:
+            findings.append(Finding(FAIL, "runtime-file", path, "weight-like file read from outside the run"))
+    imported = [m for m in probe["imported"] if _model_package(m)]
+    for module in imported:
+        findings.append(Finding(FAIL, "runtime-import", module, f"imported during training ({MODEL_CODE_PACKAGES[_model_package(module)]})"))
+    if not imported:
+        findings.append(Finding(PASS, "runtime-import", "training run",
+                                f"{len(probe['imported'])} modules imported while training and resuming; none is model code"))
+    if not any(f.kind == "runtime-file" and f.status == FAIL for f in findings):
+        findings.append(Finding(PASS, "runtime-file", "training run",
+                                f"{len(probe['opened'])} files read; no weight file from outside the run"))
+    return findings
 
 
 def audit(root: Path | None = None, run_recipe: str | None = None, overrides: list[str] | None = None, steps: int = 2) -> list[Finding]:

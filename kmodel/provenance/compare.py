@@ -5,17 +5,16 @@ gives a p-value under that hypothesis and is blind to what a copier can do witho
 function or by training on: permuting MLP units, heads and experts, flipping unit signs, rescaling units
 or residual dimensions, continuing to train or fine-tune.
 
-Per module (see stats.py for the statistics and docs/provenance.md for the reasoning):
+Every module except the embeddings is tested the same way (`column_test`): its units (MLP units, rows
+of q/k/v/o, experts and their units, router rows) are matched between A and B on the even residual
+dimensions, and on the odd dimensions the matched weights must agree dimension by dimension more than
+mismatched dimensions do. Training treats residual dimensions alike, so for independently initialised
+models the matching half says nothing about the testing half: the p-value is that of a permutation test,
+valid however both models were trained (docs/provenance.md has the argument and the calibration).
 
-  embedding / lm_head   rows paired by token string; the residual dimensions of B are matched to A's on one
-                        half of the shared tokens, and the row similarity of the matched embeddings is
+  embedding / lm_head   rows paired by token string, the leading shared token factors removed; residual
+                        dimensions of B matched to A's on one half of the tokens, same-token similarity
                         tested on the other half.
-  mlp, shared_experts   units matched on the gate projection, the matching scored on up and down.
-  attention             Gram tests on q, k, v, o (blind to head order and rotations within a head), plus
-                        heads matched on q and scored on the per-head value-output product O_h V_h.
-  experts               experts matched on their gate projections (unit-order blind), scored on their up
-                        projections; inside each matched pair, units matched on gate and scored on down.
-  router                Gram test on the router rows, plus the expert matching scored on router rows.
 
 The residual stream itself may have been permuted (with sign flips) as a whole; every module is tested
 under the identity pairing of residual dimensions and under the pairing recovered from the embeddings,

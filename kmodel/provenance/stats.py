@@ -1,13 +1,12 @@
-"""Statistics for the derivation test: matching units across models and p-values for the matches.
+"""Statistics for the derivation test: similarities blind to unit order and scale, matching, and
+p-values for a pairing.
 
-The central idea ("match on one tensor, test on another"): the hidden units of a layer can be permuted
-without changing what the model computes, so units are first paired across the two models using one
-tensor (say the gate projection rows), and the pairing is then scored on *other* tensors of the same
-units (the up and down projections). For independently initialised models the pairing found on the gate
-carries no information about the up projection, so the score of the found pairing is an ordinary draw
-from the scores of random pairings, whose mean and variance are known in closed form (Hoeffding's
-combinatorial central limit theorem). For a derived model the pairing recovers the true correspondence
-and the score is far out in the tail.
+A pairing test asks whether a given pairing of rows to columns of a score matrix scores higher than a
+random pairing would. When the pairing was chosen without looking at the scores (compare.py matches
+units on one half of the residual dimensions and scores on the other), that is an exact permutation
+test: the null distribution of the total score is that of a uniformly random pairing, whose mean and
+variance Hoeffding's combinatorial central limit theorem gives in closed form; up to 8 units every
+pairing is enumerated instead.
 
 All p-values are carried as natural logarithms so that overwhelming evidence (p = 1e-300 and beyond)
 neither underflows nor stops ranking.

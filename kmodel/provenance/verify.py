@@ -40,6 +40,7 @@ from kmodel.provenance.ledger import (
     check_signature,
     checkpoint_hashes,
     checkpoint_records,
+    code_state,
     read_records,
     source_root,
     weights_sha256,
@@ -165,14 +166,19 @@ def _config_checks(run_dir: Path, records: list[dict[str, Any]]) -> list[Check]:
 
 
 def _code_check(genesis: dict[str, Any]) -> Check:
+    """Whether this checkout is the code that ran; a run from uncommitted code is always flagged."""
     code = genesis.get("code") or {}
     commit = code.get("commit")
     if commit is None:
         return Check("code", WARN, f"no commit recorded ({code.get('reason', 'not a git checkout')})")
     dirty = f"; the run had uncommitted changes (diff sha256 {code.get('diff_sha256')})" if code.get("dirty") else ""
+    here = code_state()
+    if here.get("commit") == commit and here.get("diff_sha256") == code.get("diff_sha256"):
+        return Check("code", WARN if dirty else PASS, f"this checkout is exactly the code that ran (commit {commit[:12]}){dirty}")
     if git_output(source_root(), "cat-file", "-e", f"{commit}^{{commit}}") is None:
         return Check("code", WARN, f"commit {commit[:12]} is not in this checkout ({source_root()}){dirty}")
-    return Check("code", WARN if dirty else PASS, f"commit {commit[:12]} exists in this checkout{dirty}")
+    return Check("code", WARN, f"the run used commit {commit[:12]}, which this checkout has, but the checkout is at "
+                 f"{str(here.get('commit'))[:12]}{' with other uncommitted changes' if here.get('dirty') else ''}{dirty}")
 
 
 def _init_check(genesis: dict[str, Any], cfg) -> Check:

@@ -25,12 +25,11 @@ from kmodel.provenance.compare import compare, compare_views
 from kmodel.provenance.views import ViewError, load_view
 
 STEPS = 10  # at lr 3e-3 AdamW moves every weight by about its initial scale
-SMALL_VOCAB = ["model.vocab_size=1024"]  # corpus ids are folded into it; keeps the tests fast
 
 
 @pytest.fixture(scope="module")
 def model_a():
-    return trained_model(7, STEPS, extra=SMALL_VOCAB)
+    return trained_model(7, STEPS)
 
 
 def most_significant(report: dict) -> str:
@@ -38,7 +37,7 @@ def most_significant(report: dict) -> str:
 
 
 def test_disguise_keeps_the_function():
-    cfg = tiny_config(3, SMALL_VOCAB)
+    cfg = tiny_config(3)
     model = build_model(cfg).eval()
     ids = torch.randint(0, cfg.model.vocab_size, (2, 24), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
@@ -51,7 +50,7 @@ def test_disguise_keeps_the_function():
 
 def test_independent_models_are_not_flagged(model_a):
     cfg_a, a = model_a
-    cfg_b, b = trained_model(8, STEPS, extra=SMALL_VOCAB)
+    cfg_b, b = trained_model(8, STEPS)
     report = compare_views(view_of(a, cfg_a, "A"), view_of(b, cfg_b, "B"))
     assert not report["derived"] and report["shared_modules"] == []
     assert report["p_value"] > 1e-3
@@ -87,7 +86,7 @@ def test_checkpoint_directory_against_its_hugging_face_export(tmp_path):
     from kmodel.export.hf import export_hf
     from kmodel.tokenizer import SHIPPED_TOKENIZER, Tokenizer
 
-    cfg = tiny_config(4)
+    cfg = tiny_config(4, ["model.vocab_size=8192"])  # the shipped tokenizer's size
     save_checkpoint(tmp_path / "ckpt", build_model(cfg), cfg, tokenizer=Tokenizer.load(SHIPPED_TOKENIZER))
     export_hf(tmp_path / "ckpt", tmp_path / "hf")
     view = load_view(tmp_path / "hf")
@@ -96,7 +95,8 @@ def test_checkpoint_directory_against_its_hugging_face_export(tmp_path):
     assert report["derived"] and report["tokenizers"]["relation"] == "identical"
     assert {m["module"] for m in report["modules"]} >= {"embed", "lm_head", "layers.3.mlp.router"}
     other = tmp_path / "other"
-    save_checkpoint(other, build_model(tiny_config(5)), tiny_config(5))
+    other_cfg = tiny_config(5, ["model.vocab_size=8192"])
+    save_checkpoint(other, build_model(other_cfg), other_cfg)
     unrelated = compare(other, tmp_path / "hf")
     assert not unrelated["derived"]
     assert any("tokenizers not available" in note or "no tokenizer" in note for note in unrelated["notes"])
