@@ -317,8 +317,9 @@ class Plan:
 
 
 def kv_cache_bytes(cfg: ModelConfig, context: int, element_bytes: int = 2) -> float:
-    """Inference KV cache of one sequence of `context` tokens: sliding layers keep `sliding_window` keys."""
-    per_position = 2 * cfg.num_key_value_heads * cfg.head_dim * element_bytes
+    """Inference KV cache of one sequence of `context` tokens: sliding layers keep `sliding_window` keys;
+    MLA layers keep the compressed latent and the shared RoPE key, not full keys and values."""
+    per_position = cfg.kv_cache_values_per_position * element_bytes
     kept = [
         min(context, cfg.sliding_window) if t == "sliding_attention" else context for t in cfg.layer_types
     ]

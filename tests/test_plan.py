@@ -151,3 +151,15 @@ def test_estimate_against_measured_cpu_peak():
     assert 0.75 * activations < estimate.activations < 1.25 * activations, (estimate.activations, activations)
     measured = weights + grads + states + activations
     assert abs(estimate.total - measured) / measured < 0.15
+
+
+def test_kv_cache_of_mla_counts_the_compressed_latent():
+    from kmodel.config import load_config
+    from kmodel.plan import kv_cache_bytes
+
+    mla = load_config("recipes/tiny/deepseek-v3.yaml").model
+    per_layer = (mla.kv_lora_rank + mla.qk_rope_head_dim) * 2  # bf16 latent + shared RoPE key per position
+    assert kv_cache_bytes(mla, 100) == per_layer * 100 * mla.num_hidden_layers
+    gqa = load_config("recipes/tiny-ko-moe.yaml").model
+    kept = sum(min(100, gqa.sliding_window) if t == "sliding_attention" else 100 for t in gqa.layer_types)
+    assert kv_cache_bytes(gqa, 100) == 2 * gqa.num_key_value_heads * gqa.head_dim * 2 * kept
