@@ -122,9 +122,10 @@ def _imports(module: str, file: Path, tree: ast.AST) -> list[tuple[str, int]]:
             found += [(f"{target}.{alias.name}", node.lineno) for alias in node.names]
     # importlib.import_module("literal") calls
     for node in ast.walk(tree):
-        if isinstance(node, ast.Call) and _call_name(node.func).endswith("import_module") and node.args:
-            if isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str):
-                found.append((node.args[0].value, node.lineno))
+        literal = (isinstance(node, ast.Call) and _call_name(node.func).endswith("import_module") and node.args
+                   and isinstance(node.args[0], ast.Constant) and isinstance(node.args[0].value, str))
+        if literal:
+            found.append((node.args[0].value, node.lineno))
     return found
 
 

@@ -109,7 +109,12 @@ def _add_replay(commands) -> None:
 
 
 def _run_replay(args) -> int:
-    from kmodel.provenance.replay import DEFAULT_TOLERANCE_FACTOR, format_result, random_segments, replay
+    from kmodel.provenance.replay import (
+        DEFAULT_TOLERANCE_FACTOR,
+        format_result,
+        random_segments,
+        replay,
+    )
 
     if args.random is not None and args.steps is not None:
         raise ValueError("--steps goes with --from; --random replays whole segments between recorded checkpoints")
@@ -197,7 +202,12 @@ def _add_audit(commands) -> None:
 
 
 def _run_audit(args) -> int:
-    from kmodel.provenance.audit import audit, failed, findings_as_dicts, format_findings
+    from kmodel.provenance.audit import (
+        audit,
+        failed,
+        findings_as_dicts,
+        format_findings,
+    )
 
     if args.steps <= 0:
         raise ValueError(f"--steps must be positive, got {args.steps}")

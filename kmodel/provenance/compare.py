@@ -35,10 +35,19 @@ import numpy as np
 import torch
 
 from kmodel.provenance import stats
-from kmodel.provenance.views import AttentionWeights, ExpertWeights, LayerWeights, MlpWeights, ModelView, load_view
+from kmodel.provenance.views import (
+    AttentionWeights,
+    ExpertWeights,
+    LayerWeights,
+    MlpWeights,
+    ModelView,
+    load_view,
+)
 from kmodel.provenance.vocab import Vocab, compare_vocabs, load_vocab, shared_token_ids
 
-DEFAULT_ALPHA = 1e-3
+# Verdict threshold. Deliberately strict: a false accusation is costly, and derived pairs score far below
+# it (bench/results/provenance_calibration.md).
+DEFAULT_ALPHA = 1e-6
 # Units beyond this are subsampled (evenly) on A's side before matching, to bound the similarity matrix.
 DEFAULT_MAX_UNITS = 4096
 # Held-out tokens scored in the embedding test.
@@ -62,7 +71,7 @@ class Alignment:
         shape[axis] = -1
         return weight.index_select(axis, self.b_dims) * self.signs.view(shape)
 
-    def same_as(self, other: "Alignment") -> bool:
+    def same_as(self, other: Alignment) -> bool:
         return (
             torch.equal(self.a_dims, other.a_dims)
             and torch.equal(self.b_dims, other.b_dims)

@@ -33,7 +33,15 @@ from typing import Any
 import torch
 import yaml
 
-from kmodel.checkpoint import MANIFEST_FILE, MODEL_FILE, STATE_FILE, CheckpointError, read_state, read_weights, sha256_file
+from kmodel.checkpoint import (
+    MANIFEST_FILE,
+    MODEL_FILE,
+    STATE_FILE,
+    CheckpointError,
+    read_state,
+    read_weights,
+    sha256_file,
+)
 
 LEDGER_FILE = "ledger.jsonl"
 RUN_CONFIG_FILE = "config.yaml"
@@ -327,7 +335,7 @@ def chain_problems(records: list[dict[str, Any]]) -> list[str]:
 
 def load_chain(run_dir: str | Path) -> list[dict[str, Any]]:
     """The records of `run_dir/ledger.jsonl`, after checking that the chain is intact."""
-    records, torn = read_records(Path(run_dir) / LEDGER_FILE)
+    records, _ = read_records(Path(run_dir) / LEDGER_FILE)
     problems = chain_problems(records)
     if problems:
         raise LedgerError(f"ledger {Path(run_dir) / LEDGER_FILE} is broken: " + "; ".join(problems))
@@ -351,14 +359,15 @@ class Ledger:
         self.batches = BatchDigest()
 
     @classmethod
-    def create(cls, run_dir: str | Path, cfg, model: torch.nn.Module, tokenizer: Any | None, data_manifest: Any) -> "Ledger":
+    def create(cls, run_dir: str | Path, cfg, model: torch.nn.Module, tokenizer: Any | None, data_manifest: Any) -> Ledger:
         """Start the ledger of a fresh run; `model` must still hold its seed-derived initial weights."""
         run_dir = Path(run_dir)
         path = run_dir / LEDGER_FILE
         if path.exists():
             raise LedgerError(f"{path} already exists; a resumed run uses Ledger.open, a fresh run needs an empty run directory")
         run_dir.mkdir(parents=True, exist_ok=True)
-        device = next(iter(model.parameters())).device if any(True for _ in model.parameters()) else None
+        first = next(model.parameters(), None)
+        device = None if first is None else first.device
         genesis = {
             "kind": "genesis",
             "index": 0,
@@ -379,7 +388,7 @@ class Ledger:
         return cls(run_dir, genesis)
 
     @classmethod
-    def open(cls, run_dir: str | Path) -> "Ledger":
+    def open(cls, run_dir: str | Path) -> Ledger:
         """Resume appending to an existing ledger: the chain is checked first, a torn final line left by a
         crash is cut off, and a `resume` record notes the code and environment now running."""
         run_dir = Path(run_dir)

@@ -27,7 +27,13 @@ import torch
 
 from kmodel.checkpoint import read_weights, save_checkpoint
 from kmodel.config import Config, config_from_dict
-from kmodel.provenance.ledger import BatchDigest, LedgerError, checkpoint_hashes, checkpoint_records, load_chain
+from kmodel.provenance.ledger import (
+    BatchDigest,
+    LedgerError,
+    checkpoint_hashes,
+    checkpoint_records,
+    load_chain,
+)
 from kmodel.provenance.verify import recorded_config
 
 # Exact comparisons on a bit-exact replay; each is (record field, what it is).

@@ -146,8 +146,8 @@ def _replay_section(replays: list[dict[str, Any]]) -> str:
         for c in result.get("checkpoints", []):
             differing = [k for k, ok in c["matches"].items() if not ok]
             rows.append([_e(f"{result['from_step']} -> {c['step']}"), _e(result["device"]),
-                         f"<span class='status' style='color:{STATUS_COLOURS[PASS if c['passed'] else FAIL]}'>"
-                         f"{'PASS' if c['passed'] else 'FAIL'}</span>",
+                         (f"<span class='status' style='color:{STATUS_COLOURS[PASS if c['passed'] else FAIL]}'>"
+                          f"{'PASS' if c['passed'] else 'FAIL'}</span>"),
                          _e("bit-identical" if not differing else "differs: " + ", ".join(differing)),
                          _e(c.get("weight_distance") if c.get("weight_distance") is not None else "")])
     return _table(["segment", "device", "result", "detail", "relative weight distance"], rows)

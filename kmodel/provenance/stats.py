@@ -90,39 +90,36 @@ def log_normal_sf(z: float) -> float:
 
 
 def standardize_scores(scores: torch.Tensor) -> torch.Tensor:
-    """Rows z-scored, then columns. Training gives units a "salience" (how strongly a unit reads the
-    dominant input direction) that scales all its scores alike; in the raw scores that is a product of a
-    row and a column effect, which centring alone does not remove and which a matching on another tensor
-    would partly follow. Standardising both ways removes it; it is a fixed transform of the scores, so the
-    null distribution below stays exact."""
+    """Rows z-scored, then columns. Training makes some dimensions (and units) large everywhere, which
+    scales all their scores alike: a product of a row and a column effect, which centring alone does not
+    remove. Standardising both ways does; it is a fixed transform of the scores, so a permutation null
+    distribution computed from them stays exact."""
     c = scores.double()
     c = (c - c.mean(dim=1, keepdim=True)) / c.std(dim=1, unbiased=False, keepdim=True).clamp_min(1e-30)
     return (c - c.mean(dim=0, keepdim=True)) / c.std(dim=0, unbiased=False, keepdim=True).clamp_min(1e-30)
 
 
 def pairing_log_p(scores: torch.Tensor, pairs: np.ndarray) -> tuple[float, float]:
-    """(z, ln p) of the total score of `pairs` among the scores of random pairings.
+    """(z, ln p) of the total score of `pairs` among the scores of all pairings.
 
-    `scores` (n, m), n <= m: score of row i paired with column j. Null hypothesis: the pairing is a
-    uniformly random injection, independent of the scores. Square and small (n <= 8): exact p from all n!
-    pairings. Square: Hoeffding's combinatorial CLT (exact mean and variance, normal tail). Rectangular:
-    rows treated as independent draws (mean and variance of each row)."""
+    `scores` (n, n): score of row i paired with column j; `pairs[i]` is row i's column. Null hypothesis:
+    the pairing is uniformly random, independent of the scores. Up to 8 rows the p-value is exact (all n!
+    pairings); beyond, Hoeffding's combinatorial CLT gives the exact mean and variance and the normal
+    tail is used."""
+    n = scores.shape[0]
+    if scores.shape != (n, n) or n < 2:
+        raise ValueError(f"pairing_log_p needs a square score matrix of at least 2 rows, got {tuple(scores.shape)}")
     c = standardize_scores(scores)
-    n, m = c.shape
     observed = float(c[torch.arange(n), torch.as_tensor(pairs)].sum())
-    if n == m and n <= EXACT_MAX_UNITS:
+    if n <= EXACT_MAX_UNITS:
         every = _all_permutations(n)
         totals = c[torch.arange(n)[None, :], every].sum(dim=1)
         at_least = int((totals >= observed - 1e-12 * max(1.0, abs(observed))).sum())
         spread = float(totals.std()) or 1.0
         return (observed - float(totals.mean())) / spread, math.log(at_least / len(every))
-    if n == m:
-        mean = float(c.sum()) / n
-        centred = c - c.mean(dim=1, keepdim=True) - c.mean(dim=0, keepdim=True) + c.mean()
-        variance = float(centred.pow(2).sum()) / (n - 1)
-    else:
-        mean = float(c.mean(dim=1).sum())
-        variance = float(c.var(dim=1, unbiased=False).sum())
+    mean = float(c.sum()) / n
+    centred = c - c.mean(dim=1, keepdim=True) - c.mean(dim=0, keepdim=True) + c.mean()
+    variance = float(centred.pow(2).sum()) / (n - 1)
     z = (observed - mean) / math.sqrt(max(variance, 1e-300))
     return z, log_normal_sf(z)
 

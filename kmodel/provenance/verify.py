@@ -23,6 +23,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 from kmodel.checkpoint import (
     CONFIG_FILE,
     TOKENIZER_DIR,
@@ -41,10 +43,10 @@ from kmodel.provenance.ledger import (
     checkpoint_hashes,
     checkpoint_records,
     code_state,
+    git_output,
     read_records,
     source_root,
     weights_sha256,
-    git_output,
 )
 
 PASS, FAIL, WARN, SKIP = "pass", "fail", "warn", "skip"
@@ -151,8 +153,6 @@ def _config_checks(run_dir: Path, records: list[dict[str, Any]]) -> list[Check]:
         checks.append(Check("config", FAIL, f"{path} is missing"))
         return checks
     try:
-        import yaml
-
         current = config_from_dict(yaml.safe_load(path.read_text(encoding="utf-8")), str(path))
     except (ConfigError, ValueError) as error:
         checks.append(Check("config", FAIL, f"{path} is not a valid recipe: {error}"))

@@ -96,7 +96,7 @@ def _read_safetensors(files: list[Path]) -> dict[str, torch.Tensor]:
     for file in files:
         try:
             with safe_open(str(file), framework="pt") as f:
-                for name in f.keys():
+                for name in f.keys():  # noqa: SIM118 (safe_open handles are not mappings)
                     tensors[name] = f.get_tensor(name)
         except (SafetensorError, OSError) as error:
             raise ViewError(f"cannot read {file}: {error}") from None

@@ -12,6 +12,7 @@ from kmodel.checkpoint import save_checkpoint
 from kmodel.model import build_model
 from kmodel.provenance import stats
 from kmodel.provenance.calibrate import (
+    COPIED_MODULES,
     DERIVED_CASES,
     derived_model,
     disguise,
@@ -53,15 +54,8 @@ def test_independent_models_are_not_flagged(model_a):
     cfg_b, b = trained_model(8, STEPS)
     report = compare_views(view_of(a, cfg_a, "A"), view_of(b, cfg_b, "B"))
     assert not report["derived"] and report["shared_modules"] == []
-    assert report["p_value"] > 1e-3
+    assert report["p_value"] > 1e-6
     assert report["modules_tested"] == 20  # embedding, LM head, and every module of 4 layers + MTP
-
-
-EXPECTED_LOCATION = {
-    "copied_embedding": {"embed"},
-    "copied_layer": {"layers.2.attention", "layers.2.mlp.experts", "layers.2.mlp.router", "layers.2.mlp.shared_experts"},
-    "copied_router": {"layers.2.mlp.router"},
-}
 
 
 @pytest.mark.parametrize("case", sorted(DERIVED_CASES))
@@ -71,9 +65,9 @@ def test_derived_models_are_flagged(model_a, case):
     report = compare_views(view_of(a, cfg_a, "A"), view_of(b, cfg_b, "B"))
     assert report["derived"], report
     assert report["log10_p"] < -10
-    if case in EXPECTED_LOCATION:
-        assert EXPECTED_LOCATION[case] <= set(report["shared_modules"])
-        assert most_significant(report) in EXPECTED_LOCATION[case]
+    if case in COPIED_MODULES:
+        assert COPIED_MODULES[case] <= set(report["shared_modules"])
+        assert most_significant(report) in COPIED_MODULES[case]
         # what the copier trained from its own seed is not reported as shared
         assert not {"layers.0.attention", "layers.1.mlp.experts"} & set(report["shared_modules"])
     else:
@@ -83,8 +77,9 @@ def test_derived_models_are_flagged(model_a, case):
 
 
 def test_checkpoint_directory_against_its_hugging_face_export(tmp_path):
-    from kmodel.export.hf import export_hf
     from kmodel.tokenizer import SHIPPED_TOKENIZER, Tokenizer
+
+    from kmodel.export.hf import export_hf
 
     cfg = tiny_config(4, ["model.vocab_size=8192"])  # the shipped tokenizer's size
     save_checkpoint(tmp_path / "ckpt", build_model(cfg), cfg, tokenizer=Tokenizer.load(SHIPPED_TOKENIZER))
@@ -158,10 +153,12 @@ def test_matching_recovers_a_permutation():
 
 @pytest.mark.slow
 def test_calibration_on_many_seeds():
-    summary = run(models=8, pair_limit=None, derived_repeats=1, steps=40, alpha=1e-3, log=lambda _: None)
-    assert summary["null_pairs"] == 28 and summary["false_positives"] == 0
-    assert summary["null_module_p_below"]["0.01"] < 0.05
+    summary = run(models=8, pair_limit=None, derived_repeats=1, steps=40, alpha=1e-6, log=lambda _: None)
+    assert summary["null_pairs"] == 28 and summary["false_positives"]["1e-06"] == 0
+    assert summary["null_overall_p_below"]["0.01"] < 0.1
+    assert all(row["0.05"] < 0.15 for row in summary["null_module_p_below"].values()), summary["null_module_p_below"]
     assert all(result == "1/1" for result in summary["derived_detected"].values()), summary["derived_detected"]
+    assert all(result == "1/1" for result in summary["derived_located"].values()), summary["derived_located"]
 
 
 def test_null_pairs_are_distinct_models():

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 from pathlib import Path
 
 import pytest
 import torch
+from provenance_helpers import RECIPE, SMALL_MODEL
 
 from kmodel.checkpoint import save_checkpoint
 from kmodel.config import load_config
@@ -28,8 +30,6 @@ from kmodel.provenance.ledger import (
     sign_ledger,
     weights_sha256,
 )
-
-from provenance_helpers import RECIPE, SMALL_MODEL
 
 
 class FakeTokenizer:
@@ -82,7 +82,7 @@ def test_genesis_and_checkpoint_records_chain(tmp_path, small):
     assert genesis["tokenizer_sha256"] == "ab" * 32
     assert genesis["environment"]["torch"] == torch.__version__
     assert "commit" in genesis["code"]
-    for previous, record in zip(records, records[1:]):
+    for previous, record in itertools.pairwise(records):
         assert record["prev_hash"] == previous["hash"] == record_hash(previous)
     second = records[2]
     manifest = json.loads((tmp_path / "checkpoints/step_0000004/manifest.json").read_text())

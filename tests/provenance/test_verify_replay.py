@@ -12,8 +12,19 @@ import torch
 from kmodel.checkpoint import read_state, read_weights, save_checkpoint
 from kmodel.config import config_from_dict
 from kmodel.model import build_model
-from kmodel.provenance.ledger import LEDGER_FILE, Ledger, checkpoint_hashes, read_records, record_hash
-from kmodel.provenance.replay import ReplayError, random_segments, replay, replayable_segments
+from kmodel.provenance.ledger import (
+    LEDGER_FILE,
+    Ledger,
+    checkpoint_hashes,
+    read_records,
+    record_hash,
+)
+from kmodel.provenance.replay import (
+    ReplayError,
+    random_segments,
+    replay,
+    replayable_segments,
+)
 from kmodel.provenance.verify import FAIL, PASS, SKIP, WARN, verify_run
 
 
@@ -119,7 +130,7 @@ def test_unrecorded_checkpoint_and_config_edits_fail(run_copy):
 
 
 def test_pruned_checkpoints_are_skipped_not_failed(run_copy):
-    run_dir, data_root = run_copy
+    run_dir, _ = run_copy
     shutil.rmtree(run_dir / "checkpoints" / "step_0000002")
     checks = verify_run(run_dir, check_init=False, check_data=False)
     assert by_name(checks)["checkpoint 2"].status == SKIP
@@ -182,3 +193,15 @@ def test_replay_rejects_segments_that_do_not_exist(trained_run):
         replay(run_dir, 6, 2, data_root=data_root)
     drawn = random_segments(run_dir, 2, seed=1)
     assert len(drawn) == 2 and set(drawn) <= {(0, 2), (2, 2), (4, 2)}
+
+
+def test_tolerance_mode_for_a_run_recorded_on_another_device(run_copy):
+    run_dir, data_root = run_copy
+    records, _ = read_records(run_dir)
+    records[0]["environment"]["device"] = "cuda:0"  # as if recorded on a GPU: no bit-exactness to expect
+    rechain(run_dir, records)
+    result = replay(run_dir, 2, 2, data_root=data_root)
+    comparison = result.comparisons[0]
+    assert not result.bit_exact_expected
+    assert comparison.tolerance == pytest.approx(1e-6)  # two CPU replays agree exactly: only the floor is left
+    assert comparison.weight_distance == 0.0 and result.passed

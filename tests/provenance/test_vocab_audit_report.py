@@ -7,13 +7,25 @@ import re
 from pathlib import Path
 
 import pytest
+from kmodel.tokenizer import SHIPPED_TOKENIZER
 
 from kmodel.cli import main
-from kmodel.provenance.audit import FAIL, PASS, WARN, classify_runtime, dependency_findings, static_audit
+from kmodel.provenance.audit import (
+    FAIL,
+    PASS,
+    WARN,
+    classify_runtime,
+    dependency_findings,
+    static_audit,
+)
 from kmodel.provenance.report import loss_svg, render_report
 from kmodel.provenance.verify import verify_run
-from kmodel.provenance.vocab import VocabError, compare_vocabs, load_vocab, shared_token_ids
-from kmodel.tokenizer import SHIPPED_TOKENIZER
+from kmodel.provenance.vocab import (
+    VocabError,
+    compare_vocabs,
+    load_vocab,
+    shared_token_ids,
+)
 
 
 def write_bpe(path: Path, tokens: list[str], merges: list[list[str]]) -> Path:
