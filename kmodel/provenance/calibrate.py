@@ -300,7 +300,7 @@ def run(models: int, pair_limit: int | None, derived_repeats: int, steps: int, a
     for i, j in null_pairs(views, pair_limit):
         report = compare_views(views[i], views[j], alpha=alpha)
         null.append({"a": views[i].source, "b": views[j].source, "log10_p": report["log10_p"],
-                     "derived": report["derived"], "module_log10_p": [m["log10_p"] for m in report["modules"]],
+                     "derived": report["derived"], "module_log10_p": [round(m["log10_p"], 3) for m in report["modules"]],
                      "kinds": [m["kind"] for m in report["modules"]]})
         log(f"null pair {views[i].source} / {views[j].source}: overall log10 p = {report['log10_p']:.2f}")
     derived = []
