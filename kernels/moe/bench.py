@@ -10,6 +10,9 @@ backward twice that), GB/s of compulsory traffic (weights, x and the output; in 
 again, their gradients, d out and d x — a lower bound on real traffic), the CUDA peak memory of one call above
 what was allocated before it, and the speed-up over the loop.
 
+`--experts gpt-oss` gives every implementation gpt-oss's expert options (random gate_up / down biases and
+clamped_swiglu with alpha 1.702, limit 7) instead of plain SwiGLU experts.
+
 On CUDA the defaults are K-EXAONE-like shapes (128 experts, top-8). Without CUDA the script runs a reduced
 CPU mode (tiny shapes; loop, reference and grouped_mm, plus triton on the interpreter when TRITON_INTERPRET=1)
 so it is known to work; its table says CPU and is no performance claim.
@@ -46,47 +49,63 @@ GPU_TOKENS = (8192, 16384, 32768)
 CPU_TOKENS = (256,)
 MODES = ("forward", "forward+backward")
 ROUTER = dict(score_func="sigmoid", norm_topk_prob=True, routed_scaling_factor=2.5)
+EXPERT_KINDS = ("swiglu", "gpt-oss")
+GPT_OSS_ACTIVATION = dict(activation="clamped_swiglu", swiglu_alpha=1.702, swiglu_limit=7.0)
 
 
 def _grouped_mm_op() -> Callable | None:
     return getattr(F, "grouped_mm", None) or getattr(torch, "_grouped_mm", None)
 
 
-def _swiglu(gate_up: torch.Tensor) -> torch.Tensor:
+def _swiglu(gate_up: torch.Tensor, options: dict) -> torch.Tensor:
+    """The expert activation of gate_up (gate columns first), plain or gpt-oss's clamped one (`options`)."""
     gate, up = gate_up.chunk(2, dim=-1)
-    return F.silu(gate) * up
+    if "activation" not in options:
+        return F.silu(gate) * up
+    return reference.swiglu(gate, up, options["activation"], options["swiglu_alpha"], options["swiglu_limit"])
 
 
-def _layer_triton(x, logits, bias, gate_up_proj, down_proj, top_k):
+def _plus(values: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return values if bias is None else values + bias
+
+
+def _layer_triton(x, logits, bias, gate_up_proj, down_proj, top_k, options):
     from kmodel.kernels.moe import triton_impl
 
     routing = triton_impl.route(logits, bias, top_k=top_k, **ROUTER)
-    return triton_impl.moe_experts(x, routing.experts, routing.weights, gate_up_proj, down_proj)
+    return triton_impl.moe_experts(x, routing.experts, routing.weights, gate_up_proj, down_proj, **options)
 
 
-def _layer_reference(x, logits, bias, gate_up_proj, down_proj, top_k):
+def _layer_reference(x, logits, bias, gate_up_proj, down_proj, top_k, options):
     routing = reference.route(logits, bias, top_k=top_k, **ROUTER)
-    return reference.moe_experts(x, routing.experts, routing.weights, gate_up_proj, down_proj)
+    return reference.moe_experts(x, routing.experts, routing.weights, gate_up_proj, down_proj, **options)
 
 
-def _layer_grouped_mm(x, logits, bias, gate_up_proj, down_proj, top_k):
+def _layer_grouped_mm(x, logits, bias, gate_up_proj, down_proj, top_k, options):
     grouped_mm = _grouped_mm_op()
     routing = reference.route(logits, bias, top_k=top_k, **ROUTER)
     x_sorted, order, counts = reference.permute(x, routing.experts, gate_up_proj.shape[0])
     offsets = counts.cumsum(0).to(torch.int32)
-    hidden = _swiglu(grouped_mm(x_sorted, gate_up_proj.transpose(-2, -1), offs=offsets))
+    gate_up = grouped_mm(x_sorted, gate_up_proj.transpose(-2, -1), offs=offsets)
+    gate_up_bias, down_bias = options.get("gate_up_bias"), options.get("down_bias")
+    expert_of_row = torch.sort(routing.experts.flatten()).values if gate_up_bias is not None else None
+    hidden = _swiglu(_plus(gate_up, None if gate_up_bias is None else gate_up_bias[expert_of_row]), options)
     y_sorted = grouped_mm(hidden, down_proj.transpose(-2, -1), offs=offsets)
+    y_sorted = _plus(y_sorted, None if down_bias is None else down_bias[expert_of_row])
     return reference.combine(y_sorted, order, routing.weights)
 
 
-def _layer_loop(x, logits, bias, gate_up_proj, down_proj, top_k):
+def _layer_loop(x, logits, bias, gate_up_proj, down_proj, top_k, options):
     routing = reference.route(logits, bias, top_k=top_k, **ROUTER)
+    gate_up_bias, down_bias = options.get("gate_up_bias"), options.get("down_bias")
     out = torch.zeros_like(x)
     for expert in range(gate_up_proj.shape[0]):
         token, slot = torch.where(routing.experts == expert)
         if token.numel() == 0:
             continue
-        y = _swiglu(x[token] @ gate_up_proj[expert].t()) @ down_proj[expert].t()
+        gate_up = _plus(x[token] @ gate_up_proj[expert].t(), None if gate_up_bias is None else gate_up_bias[expert])
+        y = _swiglu(gate_up, options) @ down_proj[expert].t()
+        y = _plus(y, None if down_bias is None else down_bias[expert])
         out = out.index_add(0, token, y * routing.weights[token, slot, None].to(y.dtype))
     return out
 
@@ -115,7 +134,9 @@ def _compulsory_bytes(tokens: int, hidden: int, inter: int, experts: int, mode: 
     return total * itemsize
 
 
-def _inputs(tokens, hidden, inter, experts, dtype, device, seed=0):
+def _inputs(tokens, hidden, inter, experts, dtype, device, seed=0, expert_kind="swiglu"):
+    """x, router logits, router correction bias, both expert weights and the expert options (`expert_kind`
+    gpt-oss: random biases, requiring grad, and the clamped activation; else none)."""
     gen = torch.Generator(device="cpu").manual_seed(seed)
 
     def draw(*shape, scale=1.0):
@@ -126,13 +147,19 @@ def _inputs(tokens, hidden, inter, experts, dtype, device, seed=0):
     bias = (torch.randn(experts, generator=gen) * 0.01).to(device)
     gate_up_proj = draw(experts, 2 * inter, hidden, scale=hidden**-0.5)
     down_proj = draw(experts, hidden, inter, scale=inter**-0.5)
-    return x, logits, bias, gate_up_proj, down_proj
+    options = {}
+    if expert_kind == "gpt-oss":
+        options = dict(gate_up_bias=draw(experts, 2 * inter, scale=0.1).requires_grad_(True),
+                       down_bias=draw(experts, hidden, scale=0.1).requires_grad_(True), **GPT_OSS_ACTIVATION)
+    return x, logits, bias, gate_up_proj, down_proj, options
 
 
 def _bench_shape(shape_name, shape, tokens, impls, modes, dtype, device, args) -> list[dict]:
     """Rows for one layer shape and token count: every mode x implementation on the same inputs."""
     hidden, inter, experts, top_k = shape
-    x, logits, bias, gate_up_proj, down_proj = _inputs(tokens, hidden, inter, experts, dtype, device)
+    x, logits, bias, gate_up_proj, down_proj, options = _inputs(
+        tokens, hidden, inter, experts, dtype, device, expert_kind=args.experts
+    )
     for tensor in (x, logits, gate_up_proj, down_proj):
         tensor.requires_grad_(True)
     rows = []
@@ -140,13 +167,14 @@ def _bench_shape(shape_name, shape, tokens, impls, modes, dtype, device, args) -
         group = []
         for impl in impls:
             def call(layer=LAYERS[impl], mode=mode):
-                out = layer(x, logits, bias, gate_up_proj, down_proj, top_k)
+                out = layer(x, logits, bias, gate_up_proj, down_proj, top_k, options)
                 if mode != "forward":
                     out.backward(torch.ones_like(out))
 
             result = measure(call, device, warmup=args.warmup, iters=args.iters)
             group.append({
                 "shape": shape_name, "hidden": hidden, "inter": inter, "experts": experts, "top_k": top_k,
+                "expert_kind": args.experts,
                 "tokens": tokens, "mode": mode, "impl": impl, **result,
                 "tflops": per_second(_flops(tokens, hidden, inter, top_k, mode) / 1e12, result["ms"]),
                 "gbps": per_second(
@@ -172,6 +200,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "qwen3-30b-a3b and k-exaone-236b on CUDA, cpu-tiny on CPU")
     parser.add_argument("--shape", nargs=4, type=int, metavar=("HIDDEN", "INTER", "EXPERTS", "TOP_K"),
                         help="a custom layer shape instead of the presets")
+    parser.add_argument("--experts", choices=EXPERT_KINDS, default="swiglu",
+                        help="expert MLP: plain SwiGLU (default), or gpt-oss's (gate_up / down biases and "
+                        "clamped_swiglu, alpha 1.702, limit 7) for every implementation")
     parser.add_argument("--tokens", nargs="+", type=int,
                         help=f"token counts per call (default {' '.join(map(str, GPU_TOKENS))} on CUDA, "
                         f"{' '.join(map(str, CPU_TOKENS))} on CPU)")
@@ -188,7 +219,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--iters", type=int, default=10, help="timed calls; the median is reported (default 10)")
     parser.add_argument("--out-dir", default="bench/results",
                         help="where the table and JSON go (default bench/results)")
-    parser.add_argument("--name", help="file stem (default moe_<device>, e.g. moe_nvidia_h100_80gb_hbm3 or moe_cpu)")
+    parser.add_argument("--name", help="file stem (default moe_<device>, e.g. moe_nvidia_h100_80gb_hbm3 or moe_cpu; "
+                        "moe_gpt_oss_<device> with --experts gpt-oss)")
     return parser
 
 
@@ -220,7 +252,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     notes = [
         f"Device: **{device_name(device)}**, {str(dtype).replace('torch.', '')}, median of {args.iters} calls "
-        f"after {args.warmup} warm-up calls. Router: sigmoid + correction bias, top-k renormalised, scaled 2.5.",
+        f"after {args.warmup} warm-up calls. Router: sigmoid + correction bias, top-k renormalised, scaled 2.5. "
+        + ("Experts: plain SwiGLU." if args.experts == "swiglu" else
+           "Experts: gpt-oss's (gate_up / down biases, clamped_swiglu with alpha 1.702, limit 7)."),
         "TFLOP/s counts the expert GEMMs (6·tokens·k·H·I forward, 3x that forward+backward); GB/s counts "
         "compulsory traffic only (weights, x, output; backward adds weights again, weight gradients, d out, d x); "
         "peak MiB is the CUDA high-water mark of one call above what was allocated before (n/a on CPU).",
@@ -230,8 +264,9 @@ def main(argv: list[str] | None = None) -> int:
     columns = ["shape", "tokens", "mode", "impl", "ms", "tflops", "gbps", "peak_mib", "vs_loop"]
     if any("error" in row for row in rows):
         columns.append("error")
+    stem = f"moe_{'gpt_oss_' if args.experts == 'gpt-oss' else ''}{device_slug(device)}"
     write_results(
-        args.out_dir, args.name or f"moe_{device_slug(device)}", f"MoE layer benchmark on {device_name(device)}",
+        args.out_dir, args.name or stem, f"MoE layer benchmark on {device_name(device)}",
         notes, columns, rows, {"benchmark": "moe", "reduced_cpu_mode": not on_gpu, **environment(device, dtype)},
     )
     return 0

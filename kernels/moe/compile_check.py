@@ -29,7 +29,7 @@ _FP32_POINTERS = {  # buffers that are fp32 whatever the compute dtype
 _INT64_POINTERS = {"experts_ptr", "targets_ptr", "counts_ptr"}
 _INT32_POINTERS = {"block_counts_ptr", "block_first_row_ptr", "order_ptr", "row_assignment_ptr", "tiles_ptr",
                    "segments_ptr"}
-_FP32_SCALARS = {"eps", "routed_scaling_factor"}
+_FP32_SCALARS = {"eps", "routed_scaling_factor", "swiglu_alpha", "swiglu_limit"}
 _ALIGNED_SCALARS = {"N", "K", "P", "Q", "hidden"}  # and every stride: multiples of 16 in the launches that matter
 
 
@@ -72,20 +72,34 @@ def _variants(first_config_only: bool) -> list[Variant]:
     variants.append(Variant("moe route backward", moe._route_backward_kernel,
                             dict(TOP_K=8, SOFTMAX=False, NORMALIZE=True, HAS_GRAD_WEIGHTS=True, HAS_GRAD_SCORES=True,
                                  BLOCK_T=moe._route_block_t(128), BLOCK_E=128, BLOCK_K=8), 4))
-    # The grouped-GEMM variants the MoE functions launch: (epilogue, gather A, scale rows, B transposed).
-    for epilogue, gather, scale in ((moe._SWIGLU_FORWARD, True, False), (moe._SWIGLU_FORWARD, False, False),
-                                    (moe._PLAIN, False, False), (moe._SWIGLU_BACKWARD, True, True),
-                                    (moe._SWIGLU_BACKWARD, False, False)):
+    # The grouped-GEMM variants the MoE functions launch: (epilogue, gather A, scale rows, expert bias, clamped
+    # activation), plain SwiGLU experts first, then gpt-oss's (biases and clamped_swiglu).
+    for epilogue, gather, scale, bias, clamped in (
+        (moe._SWIGLU_FORWARD, True, False, False, False), (moe._SWIGLU_FORWARD, False, False, False, False),
+        (moe._PLAIN, False, False, False, False), (moe._SWIGLU_BACKWARD, True, True, False, False),
+        (moe._SWIGLU_BACKWARD, False, False, False, False),
+        (moe._SWIGLU_FORWARD, True, False, True, True), (moe._SWIGLU_FORWARD, False, False, True, True),
+        (moe._PLAIN, False, False, True, False), (moe._SWIGLU_BACKWARD, True, True, True, True),
+        (moe._SWIGLU_BACKWARD, False, False, False, True),
+    ):
         for meta, warps, stages in tuned(moe._grouped_mm_kernel):
-            constants = dict(EPILOGUE=epilogue, GATHER_A=gather, SCALE_ROWS=scale, DOT_PRECISION="tf32",
-                             BLOCK_M=64, **meta)
-            name = f"moe grouped mm epilogue={epilogue} gather={gather} scale={scale} {meta} w{warps} s{stages}"
+            constants = dict(EPILOGUE=epilogue, GATHER_A=gather, SCALE_ROWS=scale, HAS_BIAS=bias, CLAMPED=clamped,
+                             DOT_PRECISION="tf32", BLOCK_M=64, **meta)
+            name = (f"moe grouped mm epilogue={epilogue} gather={gather} scale={scale} bias={bias} "
+                    f"clamped={clamped} {meta} w{warps} s{stages}")
             variants.append(Variant(name, moe._grouped_mm_kernel, constants, warps, stages))
-    for gather_grad, input_mode in ((False, moe._INPUT_TOKENS), (True, moe._INPUT_SWIGLU), (False, moe._INPUT_ROWS),
-                                    (False, moe._INPUT_SWIGLU)):
+    # Weight gradients: (gather grad, input rows, bias gradient, clamped activation).
+    for gather_grad, input_mode, bias_grad, clamped in (
+        (False, moe._INPUT_TOKENS, False, False), (True, moe._INPUT_SWIGLU, False, False),
+        (False, moe._INPUT_ROWS, False, False), (False, moe._INPUT_SWIGLU, False, False),
+        (False, moe._INPUT_TOKENS, True, False), (True, moe._INPUT_SWIGLU, True, True),
+        (False, moe._INPUT_ROWS, True, False), (False, moe._INPUT_SWIGLU, True, True),
+    ):
         for meta, warps, stages in tuned(moe._grouped_weight_grad_kernel):
-            constants = dict(GATHER_GRAD=gather_grad, INPUT_MODE=input_mode, DOT_PRECISION="tf32", **meta)
-            name = f"moe weight grad gather={gather_grad} input={input_mode} {meta} w{warps} s{stages}"
+            constants = dict(GATHER_GRAD=gather_grad, INPUT_MODE=input_mode, BIAS_GRAD=bias_grad, CLAMPED=clamped,
+                             DOT_PRECISION="tf32", **meta)
+            name = (f"moe weight grad gather={gather_grad} input={input_mode} bias={bias_grad} clamped={clamped} "
+                    f"{meta} w{warps} s{stages}")
             variants.append(Variant(name, moe._grouped_weight_grad_kernel, constants, warps, stages))
     return variants
 

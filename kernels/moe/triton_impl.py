@@ -17,17 +17,22 @@ cuts each expert's segment into BLOCK_M-row tiles (segments padded to the block 
 in memory) and writes the (expert, first row, end row) of every tile.
 
 Expert MLP, per tile of one expert's rows and one slice of output columns:
-    gate_up = x[rows] @ gate_up_proj[e].T, h = silu(gate) * up        (gather of x fused into the loads)
-    y       = h @ down_proj[e].T
-The forward keeps gate_up (needed by the SwiGLU backward) and never h, which the backward recomputes from
-gate_up where it needs it. Backward:
-    d_h -> d_gate_up  = swiglu'(d_out[rows] @ down_proj[e])          (SwiGLU backward in the epilogue)
+    gate_up = x[rows] @ gate_up_proj[e].T (+ gate_up_bias[e]), h = act(gate, up)   (gather of x fused in)
+    y       = h @ down_proj[e].T (+ down_bias[e])
+act is silu(gate) * up, or gpt-oss's clamped_swiglu: g * sigmoid(alpha * g) * (u + 1) with g = gate clamped to
+<= limit and u = up clamped to [-limit, limit]. The biases are added in the GEMM epilogues. The forward keeps
+gate_up (with its bias, before any clamp: needed by the activation's backward) and never h, which the backward
+recomputes from gate_up where it needs it. Backward:
+    d_h -> d_gate_up  = act'(d_out[rows] @ down_proj[e])             (activation backward in the epilogue; the
+                                                                      clamp's gradient is 0 where it clamped)
     dx_sorted         = d_gate_up @ gate_up_proj[e]
     d gate_up_proj[e] = d_gate_up[rows].T @ x[rows]                    (grouped along tokens, no atomics)
     d down_proj[e]    = d_y[rows].T @ h[rows]                          (h recomputed from gate_up in the loads)
+    d gate_up_bias[e], d down_bias[e] = column sums of d_gate_up[rows] and d_y[rows], in those two kernels
 In `moe_experts` the combine weights never touch y: the down GEMM's backward reads d_out per token and scales
-by the routing weight in its epilogue, which also yields d weight = (d_out @ down_proj[e]) . h, so y_sorted is
-neither kept for the backward nor is a d_y_sorted tensor ever formed.
+by the routing weight in its epilogue, which also yields d weight = (d_out @ down_proj[e]) . h
+(+ d_out . down_bias[e], reduced from the d_out rows as its K loop loads them), so y_sorted is neither kept
+for the backward nor is a d_y_sorted tensor ever formed.
 
 Combine: each token gathers its k rows and sums them with its weights (no atomics); its backward, and the
 backward of permute, are the same kind of gather.
@@ -49,14 +54,26 @@ __all__ = ["Routing", "route", "permute", "grouped_swiglu", "combine", "moe_expe
 _MAX_EXPERTS = 1024  # the router holds a token's scores for all experts in one block
 
 # Epilogues of the grouped GEMM.
-_PLAIN = 0  # out = acc
-_SWIGLU_FORWARD = 1  # acc = gate, second accumulator = up: store gate_up and silu(gate) * up
+_PLAIN = 0  # out = acc (+ bias)
+_SWIGLU_FORWARD = 1  # acc = gate, second accumulator = up (+ biases): store gate_up and h = act(gate, up)
 _SWIGLU_BACKWARD = 2  # acc = d h: store d gate_up from the saved gate_up
 
 # Where the weight-gradient kernel takes its input rows from.
 _INPUT_ROWS = 0  # input[row]
 _INPUT_TOKENS = 1  # input[token of row] (the gather from x)
-_INPUT_SWIGLU = 2  # silu(gate) * up recomputed from gate_up[row]
+_INPUT_SWIGLU = 2  # h = act(gate, up) recomputed from gate_up[row]
+
+
+class _Activation(NamedTuple):
+    """The expert activation: swiglu, or gpt-oss's clamped_swiglu with its sigmoid gain and clamp limit."""
+
+    clamped: bool
+    alpha: float
+    limit: float
+
+
+_SWIGLU = _Activation(False, 1.702, 7.0)  # alpha and limit unused
+_ACTIVATIONS = ("swiglu", "clamped_swiglu")
 
 
 # --------------------------------------------------------------------------------------------------- router
@@ -422,18 +439,25 @@ def _mm_configs():
 
 @lazy_kernel(
     configs=_mm_configs(),
-    key=["N", "K", "EPILOGUE", "GATHER_A", "SCALE_ROWS", "BLOCK_M"],
+    key=["N", "K", "EPILOGUE", "GATHER_A", "SCALE_ROWS", "HAS_BIAS", "CLAMPED", "BLOCK_M"],
     interpret_config={"BLOCK_N": 128, "BLOCK_K": 128},
 )
 def _grouped_mm_kernel(
-    a_ptr, b_ptr, out_ptr, gate_up_ptr, weight_grad_ptr,
+    a_ptr, b_ptr, out_ptr, gate_up_ptr, weight_grad_ptr, expert_bias_ptr,
     tiles_ptr, max_tiles, row_assignment_ptr, routing_weights_ptr, top_k,
-    N, K,
-    stride_a, stride_be, stride_bk, stride_bn, stride_out, stride_gate_up, stride_weight_grad,
-    EPILOGUE: tl.constexpr, GATHER_A: tl.constexpr, SCALE_ROWS: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    N, K, swiglu_alpha, swiglu_limit,
+    stride_a, stride_be, stride_bk, stride_bn, stride_out, stride_gate_up, stride_weight_grad, stride_bias,
+    EPILOGUE: tl.constexpr, GATHER_A: tl.constexpr, SCALE_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
+    CLAMPED: tl.constexpr, DOT_PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """One tile of one expert's rows times B[expert] (K, N), one BLOCK_N slice of columns, then the epilogue."""
+    """One tile of one expert's rows times B[expert] (K, N), one BLOCK_N slice of columns, then the epilogue.
+
+    HAS_BIAS: expert_bias_ptr holds one bias row per expert (stride_bias apart), used by the epilogue:
+    _PLAIN adds bias[e, cols]; _SWIGLU_FORWARD adds the gate_up bias (gate at cols, up at N + cols) before the
+    activation; _SWIGLU_BACKWARD (with SCALE_ROWS) adds d_out . down_bias[e] to the routing-weight gradient.
+    CLAMPED: gpt-oss's activation, gate.clamp(max=limit) * sigmoid(alpha * gate) * (up.clamp(+-limit) + 1).
+    """
     tile = tl.program_id(0)
     pid_n = tl.program_id(1)
     expert = tl.load(tiles_ptr + tile)
@@ -460,6 +484,8 @@ def _grouped_mm_kernel(
     acc = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
     if EPILOGUE == 1:  # _SWIGLU_FORWARD: the up rows of B start N columns after the gate rows
         acc_up = tl.zeros((BLOCK_M, BLOCK_N), tl.float32)
+    if EPILOGUE == 2 and SCALE_ROWS and HAS_BIAS:  # d_out . down_bias[e], from the A rows (d_out) as they pass
+        bias_dot = tl.zeros((BLOCK_M,), tl.float32)
     for k_start in range(0, K, BLOCK_K):
         k = k_start + ks
         k_ok = k < K
@@ -470,31 +496,64 @@ def _grouped_mm_kernel(
         if EPILOGUE == 1:
             b_up = tl.load(b_ptrs + N * stride_bn, mask=b_mask, other=0.0)
             acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+        if EPILOGUE == 2 and SCALE_ROWS and HAS_BIAS:
+            k_bias = tl.load(expert_bias_ptr + expert.to(tl.int64) * stride_bias + k, mask=k_ok, other=0.0)
+            bias_dot += tl.sum(a.to(tl.float32) * k_bias.to(tl.float32)[None, :], axis=1)
 
     mask = row_ok[:, None] & col_ok[None, :]
     out_ptrs = (out_ptr + rows64 * stride_out)[:, None] + cols[None, :]
     if EPILOGUE == 0:  # _PLAIN
+        if HAS_BIAS:
+            bias = tl.load(expert_bias_ptr + expert.to(tl.int64) * stride_bias + cols, mask=col_ok, other=0.0)
+            acc += bias.to(tl.float32)[None, :]
         tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=mask)
     elif EPILOGUE == 1:  # _SWIGLU_FORWARD: keep gate_up for the backward, pass h on
+        if HAS_BIAS:
+            bias_ptrs = expert_bias_ptr + expert.to(tl.int64) * stride_bias + cols
+            acc += tl.load(bias_ptrs, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+            acc_up += tl.load(bias_ptrs + N, mask=col_ok, other=0.0).to(tl.float32)[None, :]
         gate_up_ptrs = (gate_up_ptr + rows64 * stride_gate_up)[:, None] + cols[None, :]
-        tl.store(gate_up_ptrs, acc.to(gate_up_ptr.dtype.element_ty), mask=mask)
-        tl.store(gate_up_ptrs + N, acc_up.to(gate_up_ptr.dtype.element_ty), mask=mask)
-        tl.store(out_ptrs, (acc * tl.sigmoid(acc) * acc_up).to(out_ptr.dtype.element_ty), mask=mask)
+        gate = acc.to(gate_up_ptr.dtype.element_ty)
+        up = acc_up.to(gate_up_ptr.dtype.element_ty)
+        tl.store(gate_up_ptrs, gate, mask=mask)
+        tl.store(gate_up_ptrs + N, up, mask=mask)
+        if CLAMPED:
+            # Clamped as stored, so the backward's clamp masks (from the saved gate_up) agree with this forward.
+            gate = tl.minimum(gate.to(tl.float32), swiglu_limit)
+            up = tl.minimum(tl.maximum(up.to(tl.float32), -swiglu_limit), swiglu_limit)
+            h = gate * tl.sigmoid(swiglu_alpha * gate) * (up + 1.0)
+        else:
+            h = acc * tl.sigmoid(acc) * acc_up
+        tl.store(out_ptrs, h.to(out_ptr.dtype.element_ty), mask=mask)
     else:  # _SWIGLU_BACKWARD: acc = d h (before the routing weight when SCALE_ROWS); out = d gate_up
         gate_up_ptrs = (gate_up_ptr + rows64 * stride_gate_up)[:, None] + cols[None, :]
         gate = tl.load(gate_up_ptrs, mask=mask, other=0.0).to(tl.float32)
         up = tl.load(gate_up_ptrs + N, mask=mask, other=0.0).to(tl.float32)
-        sig = tl.sigmoid(gate)
-        silu = gate * sig
+        # h = act(gate) * up_term; d h / d gate = act'(gate) * up_term, d h / d up = act(gate) (times the masks)
+        if CLAMPED:
+            # Gradient zero where a value was clamped; at the limit itself it passes, as torch.clamp's does.
+            gate_c = tl.minimum(gate, swiglu_limit)
+            sig = tl.sigmoid(swiglu_alpha * gate_c)
+            act = gate_c * sig
+            d_act = tl.where(gate <= swiglu_limit, sig + swiglu_alpha * act * (1.0 - sig), 0.0)
+            up_term = tl.minimum(tl.maximum(up, -swiglu_limit), swiglu_limit) + 1.0
+            d_up_term = tl.where((up >= -swiglu_limit) & (up <= swiglu_limit), act, 0.0)
+        else:
+            sig = tl.sigmoid(gate)
+            act = gate * sig
+            d_act = sig + act * (1.0 - sig)  # silu'(g) = sig + silu * (1 - sig)
+            up_term = up
+            d_up_term = act
         if SCALE_ROWS:
-            # d loss / d routing weight = d_out . y = (d_out @ down) . h, summed here over this column slice.
-            partial = tl.sum(acc * silu * up, axis=1)
+            # d loss / d routing weight = d_out . y = (d_out @ down) . h (+ d_out . down_bias[e]), summed here
+            # over this column slice (the bias term once, by the first slice).
+            partial = tl.sum(acc * act * up_term, axis=1)
+            if HAS_BIAS:
+                partial += tl.where(pid_n == 0, bias_dot, 0.0)
             tl.store(weight_grad_ptr + rows64 * stride_weight_grad + pid_n, partial, mask=row_ok)
             acc = acc * tl.load(routing_weights_ptr + assignment, mask=row_ok, other=0.0)[:, None]
-        tl.store(out_ptrs + N, (acc * silu).to(out_ptr.dtype.element_ty), mask=mask)
-        # silu'(g) = sig + silu * (1 - sig)
-        d_gate = acc * up * (sig + silu * (1.0 - sig))
-        tl.store(out_ptrs, d_gate.to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptrs + N, (acc * d_up_term).to(out_ptr.dtype.element_ty), mask=mask)
+        tl.store(out_ptrs, (acc * up_term * d_act).to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def _narrowest_block_n() -> int:
@@ -512,13 +571,16 @@ def _grouped_mm(
     gather: bool = False,
     gate_up: torch.Tensor | None = None,
     routing_weights: torch.Tensor | None = None,
+    bias: torch.Tensor | None = None,
+    act: _Activation = _SWIGLU,
 ):
     """For each expert e: its rows of `a` times weight[e].T (transpose) or weight[e], then the epilogue.
 
     gather: `a` holds one row per token, and sorted row r reads token row_assignment[r] // top_k.
-    _PLAIN returns out. _SWIGLU_FORWARD (weight = gate_up_proj (E, 2I, H)) returns (h, gate_up).
-    _SWIGLU_BACKWARD (weight = down_proj (E, H, I), `a` = d y, gate_up saved by the forward) returns
-    (d gate_up, d routing weight per sorted row); with routing_weights, d y = weight * d out[token].
+    _PLAIN returns out (+ bias[e]). _SWIGLU_FORWARD (weight = gate_up_proj (E, 2I, H), bias = gate_up_bias
+    (E, 2I)) returns (h, gate_up), gate_up with its bias and before any clamp. _SWIGLU_BACKWARD (weight =
+    down_proj (E, H, I), `a` = d y, gate_up saved by the forward) returns (d gate_up, d routing weight per sorted
+    row); with routing_weights, d y = weight * d out[token], and bias = down_bias (E, H) enters d weight.
     """
     _, rows_b, cols_b = weight.shape
     k_dim, n_dim = (cols_b, rows_b) if transpose else (rows_b, cols_b)
@@ -541,14 +603,17 @@ def _grouped_mm(
             a, weight, out,
             gate_up if gate_up is not None else out,
             weight_grad if scale_rows else out,
+            bias if bias is not None else out,
             layout.tiles, max_tiles,
             layout.row_assignment if layout.row_assignment is not None else layout.tiles,
             routing_weights if scale_rows else out,
-            layout.top_k, n_dim, k_dim,
+            layout.top_k, n_dim, k_dim, act.alpha, act.limit,
             a.stride(0), weight.stride(0), stride_bk, stride_bn, out.stride(0),
             gate_up.stride(0) if gate_up is not None else 0,
             weight_grad.stride(0) if scale_rows else 0,
-            EPILOGUE=epilogue, GATHER_A=gather, SCALE_ROWS=scale_rows, DOT_PRECISION=dot_precision(a.dtype),
+            bias.stride(0) if bias is not None else 0,
+            EPILOGUE=epilogue, GATHER_A=gather, SCALE_ROWS=scale_rows, HAS_BIAS=bias is not None,
+            CLAMPED=act.clamped and epilogue != _PLAIN, DOT_PRECISION=dot_precision(a.dtype),
             BLOCK_M=layout.block_m,
         )
     if epilogue == _SWIGLU_FORWARD:
@@ -569,18 +634,22 @@ def _weight_grad_configs():
 
 @lazy_kernel(
     configs=_weight_grad_configs(),
-    key=["P", "Q", "GATHER_GRAD", "INPUT_MODE"],
+    key=["P", "Q", "GATHER_GRAD", "INPUT_MODE", "BIAS_GRAD", "CLAMPED"],
     interpret_config={"BLOCK_P": 128, "BLOCK_Q": 128, "BLOCK_R": 32},
 )
 def _grouped_weight_grad_kernel(
-    grad_ptr, input_ptr, out_ptr, segments_ptr, num_experts, row_assignment_ptr, routing_weights_ptr, top_k,
-    P, Q, stride_grad, stride_input,
-    GATHER_GRAD: tl.constexpr, INPUT_MODE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    grad_ptr, input_ptr, out_ptr, bias_grad_ptr, segments_ptr, num_experts, row_assignment_ptr,
+    routing_weights_ptr, top_k,
+    P, Q, swiglu_alpha, swiglu_limit, stride_grad, stride_input,
+    GATHER_GRAD: tl.constexpr, INPUT_MODE: tl.constexpr, BIAS_GRAD: tl.constexpr, CLAMPED: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
     BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, BLOCK_R: tl.constexpr,
 ):
     """out[e] (P, Q) = grad[rows of e].T @ input[rows of e] for one (P, Q) tile: reduces along tokens.
 
     GATHER_GRAD: grad holds one row per token and is scaled by each row's routing weight (d y = w d out).
+    BIAS_GRAD: also bias_grad[e] (P,) = the sum of grad over the rows of e, written by the first Q tile.
+    CLAMPED: the recomputed h (_INPUT_SWIGLU) is gpt-oss's clamped activation.
     """
     pid = tl.program_id(0)
     expert = tl.program_id(1)
@@ -592,6 +661,8 @@ def _grouped_weight_grad_kernel(
     row_start = tl.load(segments_ptr + expert)
     row_end = tl.load(segments_ptr + num_experts + expert)
     acc = tl.zeros((BLOCK_P, BLOCK_Q), tl.float32)
+    if BIAS_GRAD:
+        bias_acc = tl.zeros((BLOCK_P,), tl.float32)
     for first in range(row_start, row_end, BLOCK_R):
         rows = first + tl.arange(0, BLOCK_R)
         row_ok = rows < row_end
@@ -609,12 +680,19 @@ def _grouped_weight_grad_kernel(
         if GATHER_GRAD:
             routing_weight = tl.load(routing_weights_ptr + assignment, mask=row_ok, other=0.0)
             grad = (grad.to(tl.float32) * routing_weight[None, :]).to(grad_ptr.dtype.element_ty)
+        if BIAS_GRAD:
+            bias_acc += tl.sum(grad.to(tl.float32), axis=1)
         in_mask = row_ok[:, None] & q_ok[None, :]
-        if INPUT_MODE == 2:  # _INPUT_SWIGLU: h = silu(gate) * up from the saved gate_up (Q = I)
+        if INPUT_MODE == 2:  # _INPUT_SWIGLU: h = act(gate, up) from the saved gate_up (Q = I)
             gate_ptrs = input_ptr + rows64[:, None] * stride_input + qs[None, :]
             gate = tl.load(gate_ptrs, mask=in_mask, other=0.0).to(tl.float32)
             up = tl.load(gate_ptrs + Q, mask=in_mask, other=0.0).to(tl.float32)
-            inputs = (gate * tl.sigmoid(gate) * up).to(input_ptr.dtype.element_ty)
+            if CLAMPED:
+                gate = tl.minimum(gate, swiglu_limit)
+                up = tl.minimum(tl.maximum(up, -swiglu_limit), swiglu_limit) + 1.0
+                inputs = (gate * tl.sigmoid(swiglu_alpha * gate) * up).to(input_ptr.dtype.element_ty)
+            else:
+                inputs = (gate * tl.sigmoid(gate) * up).to(input_ptr.dtype.element_ty)
         else:
             if INPUT_MODE == 1:  # _INPUT_TOKENS
                 input_rows = token
@@ -624,6 +702,10 @@ def _grouped_weight_grad_kernel(
         acc = tl.dot(grad, inputs, acc, input_precision=DOT_PRECISION)
     out_ptrs = out_ptr + expert.to(tl.int64) * P * Q + ps[:, None] * Q + qs[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
+    if BIAS_GRAD:
+        if pid % num_q_tiles == 0:  # every Q tile summed the same grad rows; the first one writes
+            bias_grad = bias_acc.to(bias_grad_ptr.dtype.element_ty)
+            tl.store(bias_grad_ptr + expert.to(tl.int64) * P + ps, bias_grad, mask=p_ok)
 
 
 def _grouped_weight_grad(
@@ -634,22 +716,27 @@ def _grouped_weight_grad(
     *,
     input_mode: int,
     routing_weights: torch.Tensor | None = None,
-) -> torch.Tensor:
+    bias_grad: bool = False,
+    act: _Activation = _SWIGLU,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(E, P, Q) weight gradient, expert e = grad[its rows].T @ input[its rows]; routing_weights: grad is
-    d out per token, gathered and scaled per row."""
+    d out per token, gathered and scaled per row. With bias_grad also the (E, P) bias gradient, the sum of each
+    expert's grad rows (else None)."""
     num_experts, p_dim, q_dim = out_shape
     out = torch.empty(out_shape, dtype=grad.dtype, device=grad.device)
+    d_bias = torch.empty(num_experts, p_dim, dtype=grad.dtype, device=grad.device) if bias_grad else None
     gather_grad = routing_weights is not None
     _grouped_weight_grad_kernel[
         lambda meta: (triton.cdiv(p_dim, meta["BLOCK_P"]) * triton.cdiv(q_dim, meta["BLOCK_Q"]), num_experts)
     ](
-        grad, inputs, out, layout.segments, num_experts,
+        grad, inputs, out, d_bias if bias_grad else out, layout.segments, num_experts,
         layout.row_assignment if layout.row_assignment is not None else layout.segments,
         routing_weights if gather_grad else grad, layout.top_k,
-        p_dim, q_dim, grad.stride(0), inputs.stride(0),
-        GATHER_GRAD=gather_grad, INPUT_MODE=input_mode, DOT_PRECISION=dot_precision(grad.dtype),
+        p_dim, q_dim, act.alpha, act.limit, grad.stride(0), inputs.stride(0),
+        GATHER_GRAD=gather_grad, INPUT_MODE=input_mode, BIAS_GRAD=bias_grad,
+        CLAMPED=act.clamped and input_mode == _INPUT_SWIGLU, DOT_PRECISION=dot_precision(grad.dtype),
     )
-    return out
+    return out, d_bias
 
 
 # ---------------------------------------------------------------------------------------- gather and combine
@@ -726,36 +813,48 @@ def _combine_backward_kernel(
 # ------------------------------------------------------------------------------------ autograd Functions
 
 
-def _expert_mlp_forward(x, layout: _Layout, gate_up_proj, down_proj, *, gather: bool):
+def _expert_mlp_forward(x, layout: _Layout, gate_up_proj, down_proj, gate_up_bias, down_bias, act, *, gather: bool):
     """(y_sorted, gate_up): the grouped SwiGLU MLP of each sorted row; gather: x holds one row per token."""
-    hidden, gate_up = _grouped_mm(x, gate_up_proj, layout, transpose=True, epilogue=_SWIGLU_FORWARD, gather=gather)
-    return _grouped_mm(hidden, down_proj, layout, transpose=True), gate_up
+    hidden, gate_up = _grouped_mm(
+        x, gate_up_proj, layout, transpose=True, epilogue=_SWIGLU_FORWARD, gather=gather, bias=gate_up_bias, act=act
+    )
+    return _grouped_mm(hidden, down_proj, layout, transpose=True, bias=down_bias), gate_up
 
 
-def _expert_mlp_backward(grad, x, layout: _Layout, gate_up, gate_up_proj, down_proj, needs, routing_weights=None):
-    """Gradients of the expert MLP: (d x_sorted, d routing weight per row, d gate_up_proj, d down_proj).
+def _expert_mlp_backward(
+    grad, x, layout: _Layout, gate_up, gate_up_proj, down_proj, needs, act, routing_weights=None, down_bias=None
+):
+    """Gradients of the expert MLP: (d x_sorted, d routing weight per row, d gate_up_proj, d down_proj,
+    d gate_up_bias, d down_bias).
 
     With routing_weights (the fused moe_experts path) grad and x hold one row per token and each sorted row's
     d y is its routing weight times its token's grad; otherwise grad is d y_sorted and x is x_sorted.
-    needs: (x, gate_up_proj, down_proj) gradient flags.
+    down_bias: the fused path's down bias, which is part of y and so of d routing weight.
+    needs: (x, gate_up_proj, down_proj, gate_up_bias, down_bias) gradient flags.
     """
     fused = routing_weights is not None
-    need_x, need_gate_up_proj, need_down_proj = needs
+    need_x, need_gate_up_proj, need_down_proj, need_gate_up_bias, need_down_bias = needs
     d_gate_up, d_row_weight = _grouped_mm(
         grad, down_proj, layout, transpose=False, epilogue=_SWIGLU_BACKWARD, gather=fused,
-        gate_up=gate_up, routing_weights=routing_weights,
+        gate_up=gate_up, routing_weights=routing_weights, bias=down_bias if fused else None, act=act,
     )
     d_x_sorted = _grouped_mm(d_gate_up, gate_up_proj, layout, transpose=False) if need_x else None
-    d_gate_up_proj = d_down_proj = None
-    if need_gate_up_proj:
-        d_gate_up_proj = _grouped_weight_grad(
-            d_gate_up, x, layout, gate_up_proj.shape, input_mode=_INPUT_TOKENS if fused else _INPUT_ROWS
+    # A bias gradient is the column sum of its weight gradient's left operand, reduced in the same kernel.
+    d_gate_up_proj = d_down_proj = d_gate_up_bias = d_down_bias = None
+    if need_gate_up_proj or need_gate_up_bias:
+        d_gate_up_proj, d_gate_up_bias = _grouped_weight_grad(
+            d_gate_up, x, layout, gate_up_proj.shape, input_mode=_INPUT_TOKENS if fused else _INPUT_ROWS,
+            bias_grad=need_gate_up_bias,
         )
-    if need_down_proj:
-        d_down_proj = _grouped_weight_grad(
-            grad, gate_up, layout, down_proj.shape, input_mode=_INPUT_SWIGLU, routing_weights=routing_weights
+    if need_down_proj or need_down_bias:
+        d_down_proj, d_down_bias = _grouped_weight_grad(
+            grad, gate_up, layout, down_proj.shape, input_mode=_INPUT_SWIGLU, routing_weights=routing_weights,
+            bias_grad=need_down_bias, act=act,
         )
-    return d_x_sorted, d_row_weight, d_gate_up_proj, d_down_proj
+    return (
+        d_x_sorted, d_row_weight, d_gate_up_proj if need_gate_up_proj else None,
+        d_down_proj if need_down_proj else None, d_gate_up_bias, d_down_bias,
+    )
 
 
 class _Permute(torch.autograd.Function):
@@ -777,22 +876,25 @@ class _Permute(torch.autograd.Function):
 
 class _GroupedSwiGLU(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x_sorted, tokens_per_expert, gate_up_proj, down_proj):
+    def forward(ctx, x_sorted, tokens_per_expert, gate_up_proj, down_proj, gate_up_bias, down_bias, act):
         layout = _tile_layout(tokens_per_expert, x_sorted.shape[0], top_k=1)
-        y_sorted, gate_up = _expert_mlp_forward(x_sorted, layout, gate_up_proj, down_proj, gather=False)
+        y_sorted, gate_up = _expert_mlp_forward(
+            x_sorted, layout, gate_up_proj, down_proj, gate_up_bias, down_bias, act, gather=False
+        )
         ctx.save_for_backward(x_sorted, gate_up, gate_up_proj, down_proj, *layout[2:4])
         ctx.layout_sizes = (layout.num_rows, layout.block_m)
+        ctx.act = act
         return y_sorted
 
     @staticmethod
     def backward(ctx, grad_y_sorted):
         x_sorted, gate_up, gate_up_proj, down_proj, segments, tiles = ctx.saved_tensors
         layout = _Layout(*ctx.layout_sizes, segments, tiles, None, None, 1)
-        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:4])
-        d_x_sorted, _, d_gate_up_proj, d_down_proj = _expert_mlp_backward(
-            grad_y_sorted.contiguous(), x_sorted, layout, gate_up, gate_up_proj, down_proj, needs
+        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[2:6])
+        d_x_sorted, _, *d_params = _expert_mlp_backward(
+            grad_y_sorted.contiguous(), x_sorted, layout, gate_up, gate_up_proj, down_proj, needs, ctx.act
         )
-        return d_x_sorted, None, d_gate_up_proj, d_down_proj
+        return d_x_sorted, None, *d_params, None
 
 
 class _Combine(torch.autograd.Function):
@@ -822,27 +924,33 @@ class _Combine(torch.autograd.Function):
 
 class _MoEExperts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, experts, weights, gate_up_proj, down_proj):
+    def forward(ctx, x, experts, weights, gate_up_proj, down_proj, gate_up_bias, down_bias, act):
         layout, _ = _dispatch(experts, gate_up_proj.shape[0])
-        y_sorted, gate_up = _expert_mlp_forward(x, layout, gate_up_proj, down_proj, gather=True)
+        y_sorted, gate_up = _expert_mlp_forward(
+            x, layout, gate_up_proj, down_proj, gate_up_bias, down_bias, act, gather=True
+        )
         out = _gather_sum(y_sorted, layout.order, layout.top_k, weights)
-        # y_sorted is not kept: the backward gets d weight from d out, down_proj and h (see the module doc).
-        ctx.save_for_backward(x, weights, gate_up, gate_up_proj, down_proj, *layout[2:6])
+        # y_sorted is not kept: the backward gets d weight from d out, down_proj, h and down_bias (module doc).
+        ctx.save_for_backward(x, weights, gate_up, gate_up_proj, down_proj, down_bias, *layout[2:6])
         ctx.layout_sizes = (layout.num_rows, layout.block_m)
+        ctx.act = act
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        x, weights, gate_up, gate_up_proj, down_proj, segments, tiles, row_assignment, order = ctx.saved_tensors
+        x, weights, gate_up, gate_up_proj, down_proj, down_bias, segments, tiles, row_assignment, order = (
+            ctx.saved_tensors
+        )
         num_tokens, top_k = weights.shape
         layout = _Layout(*ctx.layout_sizes, segments, tiles, row_assignment, order, top_k)
-        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:5])
-        d_x_sorted, d_row_weight, d_gate_up_proj, d_down_proj = _expert_mlp_backward(
-            grad_out.contiguous(), x, layout, gate_up, gate_up_proj, down_proj, needs, routing_weights=weights
+        needs = (ctx.needs_input_grad[0], *ctx.needs_input_grad[3:7])
+        d_x_sorted, d_row_weight, *d_params = _expert_mlp_backward(
+            grad_out.contiguous(), x, layout, gate_up, gate_up_proj, down_proj, needs, ctx.act,
+            routing_weights=weights, down_bias=down_bias,
         )
         d_x = _gather_sum(d_x_sorted, order, top_k) if d_x_sorted is not None else None
         d_weights = d_row_weight[order].view(num_tokens, top_k) if ctx.needs_input_grad[2] else None
-        return d_x, None, d_weights, d_gate_up_proj, d_down_proj
+        return d_x, None, d_weights, *d_params, None
 
 
 # ---------------------------------------------------------------------------------------- public functions
@@ -860,6 +968,38 @@ def _check_expert_weights(op: str, hidden: int, gate_up_proj: torch.Tensor, down
             f"{op}: expert weights {tuple(gate_up_proj.shape)} / {tuple(down_proj.shape)} do not match "
             f"(E, 2I, H) / (E, H, I) with hidden size H={hidden}"
         )
+
+
+def _expert_options(
+    op: str,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    gate_up_bias: torch.Tensor | None,
+    down_bias: torch.Tensor | None,
+    activation: str,
+    swiglu_alpha: float,
+    swiglu_limit: float,
+) -> _Activation:
+    """Check the gpt-oss expert options against the weights; the activation as the kernels take it."""
+    num_experts, double_inter, hidden = gate_up_proj.shape
+    if gate_up_bias is not None and gate_up_bias.shape != (num_experts, double_inter):
+        raise ValueError(
+            f"{op}: gate_up_bias shape {tuple(gate_up_bias.shape)} does not match (E, 2I) = "
+            f"{(num_experts, double_inter)}"
+        )
+    if down_bias is not None and down_bias.shape != (num_experts, hidden):
+        raise ValueError(
+            f"{op}: down_bias shape {tuple(down_bias.shape)} does not match (E, H) = {(num_experts, hidden)}"
+        )
+    if activation not in _ACTIVATIONS:
+        raise ValueError(f"unknown expert activation {activation!r}")
+    if activation == "swiglu":
+        return _SWIGLU
+    return _Activation(True, float(swiglu_alpha), float(swiglu_limit))
+
+
+def _cast(tensor: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    return None if tensor is None else tensor.to(dtype).contiguous()
 
 
 def _check_experts_index(op: str, experts: torch.Tensor, num_tokens: int, num_experts: int) -> None:
@@ -883,26 +1023,41 @@ def permute(x: torch.Tensor, experts: torch.Tensor, num_experts: int):
 
 
 def grouped_swiglu(
-    x_sorted: torch.Tensor, tokens_per_expert: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
+    x_sorted: torch.Tensor,
+    tokens_per_expert: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    *,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    activation: str = "swiglu",
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
 ) -> torch.Tensor:
-    """down(silu(gate(x)) * up(x)) per expert segment of x_sorted, as grouped GEMMs; see the reference."""
+    """down(act(gate(x), up(x))) per expert segment of x_sorted, as grouped GEMMs, with gpt-oss's optional
+    expert biases and clamped activation; see the reference."""
     if x_sorted.dim() != 2:
         raise ValueError(f"grouped_swiglu: x_sorted must be (rows, hidden), got shape {tuple(x_sorted.shape)}")
     _check_expert_weights("grouped_swiglu", x_sorted.shape[1], gate_up_proj, down_proj)
+    act = _expert_options(
+        "grouped_swiglu", gate_up_proj, down_proj, gate_up_bias, down_bias, activation, swiglu_alpha, swiglu_limit
+    )
     if tokens_per_expert.shape != (gate_up_proj.shape[0],):
         raise ValueError(
             f"grouped_swiglu: tokens_per_expert shape {tuple(tokens_per_expert.shape)} does not match the "
             f"{gate_up_proj.shape[0]} experts"
         )
-    check_device(x_sorted, tokens_per_expert, gate_up_proj, down_proj)
+    biases = [bias for bias in (gate_up_bias, down_bias) if bias is not None]
+    check_device(x_sorted, tokens_per_expert, gate_up_proj, down_proj, *biases)
     torch._assert_async(
         tokens_per_expert.sum() == x_sorted.shape[0],
         f"grouped_swiglu: tokens_per_expert does not add up to the {x_sorted.shape[0]} rows of x_sorted",
     )
-    dtype = matmul_dtype("grouped_swiglu", x_sorted, gate_up_proj, down_proj)
+    dtype = matmul_dtype("grouped_swiglu", x_sorted, gate_up_proj, down_proj, *biases)
     return _GroupedSwiGLU.apply(
         x_sorted.to(dtype).contiguous(), tokens_per_expert.contiguous(),
         gate_up_proj.to(dtype).contiguous(), down_proj.to(dtype).contiguous(),
+        _cast(gate_up_bias, dtype), _cast(down_bias, dtype), act,
     )
 
 
@@ -918,18 +1073,34 @@ def combine(y_sorted: torch.Tensor, order: torch.Tensor, weights: torch.Tensor) 
 
 
 def moe_experts(
-    x: torch.Tensor, experts: torch.Tensor, weights: torch.Tensor, gate_up_proj: torch.Tensor, down_proj: torch.Tensor
+    x: torch.Tensor,
+    experts: torch.Tensor,
+    weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    *,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    activation: str = "swiglu",
+    swiglu_alpha: float = 1.702,
+    swiglu_limit: float = 7.0,
 ) -> torch.Tensor:
-    """The routed-expert output for tokens x (N, H): fused dispatch, grouped SwiGLU and combine."""
+    """The routed-expert output for tokens x (N, H): fused dispatch, grouped SwiGLU and combine; the gpt-oss
+    options as in the reference."""
     if x.dim() != 2:
         raise ValueError(f"moe_experts: x must be (tokens, hidden), got shape {tuple(x.shape)}")
     _check_expert_weights("moe_experts", x.shape[1], gate_up_proj, down_proj)
+    act = _expert_options(
+        "moe_experts", gate_up_proj, down_proj, gate_up_bias, down_bias, activation, swiglu_alpha, swiglu_limit
+    )
     _check_experts_index("moe_experts", experts, x.shape[0], gate_up_proj.shape[0])
     if weights.shape != experts.shape:
         raise ValueError(f"moe_experts: weights shape {tuple(weights.shape)} != experts shape {tuple(experts.shape)}")
-    check_device(x, experts, weights, gate_up_proj, down_proj)
-    dtype = matmul_dtype("moe_experts", x, gate_up_proj, down_proj)
+    biases = [bias for bias in (gate_up_bias, down_bias) if bias is not None]
+    check_device(x, experts, weights, gate_up_proj, down_proj, *biases)
+    dtype = matmul_dtype("moe_experts", x, gate_up_proj, down_proj, *biases)
     return _MoEExperts.apply(
         x.to(dtype).contiguous(), experts.contiguous(), weights.float().contiguous(),
         gate_up_proj.to(dtype).contiguous(), down_proj.to(dtype).contiguous(),
+        _cast(gate_up_bias, dtype), _cast(down_bias, dtype), act,
     )
