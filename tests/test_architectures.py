@@ -362,6 +362,7 @@ RECIPES = Path(__file__).resolve().parent.parent / "recipes"
      ("qwen3-30b-a3b.yaml", "qwen3_moe"), ("tiny/deepseek-v3.yaml", "deepseek_v3"), ("tiny/ax-k1.yaml", "axk1"),
      ("tiny/qwen3-moe.yaml", "qwen3_moe"), ("tiny/hyperclova-x.yaml", "hyperclovax"),
      ("gpt-oss-20b.yaml", "gpt_oss"), ("tiny/gpt-oss.yaml", "gpt_oss"),
+     ("hyperclovax-seed-think-14b.yaml", "hyperclovax"),
      ("vaetki-112b-a10b.yaml", None), ("tiny/vaetki.yaml", None)],
 )
 def test_recipes_resolve_to_their_transformers_family(recipe, family):
@@ -501,13 +502,3 @@ def test_plus_one_norms_start_at_zero_and_equal_plain_norms_at_init():
     assert all(torch.count_nonzero(shifted.get_parameter(name)) == 0 for name in norms)
     ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(shifted.eval()(ids).logits, plain.eval()(ids).logits, rtol=0, atol=0)
-
-
-def test_triton_moe_without_gpt_oss_support_is_refused_or_avoided():
-    from kmodel.config import load_config
-    from kmodel.model import build_model
-
-    with pytest.raises(ValueError, match="kernels.moe=triton does not support expert biases"):
-        build_model(load_config("recipes/tiny/gpt-oss.yaml", ["kernels.moe=triton"]))
-    model = build_model(load_config("recipes/tiny/gpt-oss.yaml", ["kernels.moe=auto"]))
-    assert all(m.kernel.__name__.endswith("reference") for m in model.moe_layers().values())
