@@ -11,7 +11,8 @@ Assumptions (each one a field of `Assumptions`, printed with every plan): bf16 w
 fp32 Adam master weights and moments (12 bytes per parameter) under DeepSpeed's mixed precision; fp32
 training keeps 4-byte weights and gradients and 8 bytes of moments. Routing is balanced (every expert
 gets k/E of the tokens). Attention is a fused kernel that stores no score matrix; sliding layers see at
-most `sliding_window` keys, which is counted in the attention FLOPs and in the inference KV cache.
+most `sliding_window` keys, which is counted in the attention FLOPs and in the inference KV cache. Multi-head
+latent attention (MLA) is counted as training runs it: its latent is expanded to per-head keys and values.
 Communication uses ring collectives on NVLink inside a node and InfiniBand across nodes.
 """
 
@@ -98,9 +99,28 @@ def _norms_per_layer(cfg: ModelConfig) -> int:
 
 
 def _attention_params(cfg: ModelConfig) -> int:
+    if cfg.attention_kind == "mla":
+        return _latent_attention_params(cfg)
     h, d = cfg.hidden_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
-    return h * q + 2 * h * kv + q * h + (2 * d if cfg.qk_norm else 0)
+    params = h * q + 2 * h * kv + q * h + (2 * d if cfg.qk_norm else 0)
+    if cfg.attention_bias:
+        params += q + 2 * kv + h  # q/k/v/o projection biases
+    if cfg.attention_sinks:
+        params += cfg.num_attention_heads  # one learned sink logit per head
+    return params
+
+
+def _latent_attention_params(cfg: ModelConfig) -> int:
+    """Multi-head latent attention (kmodel/model/mla.py): the query, full-rank (h -> heads x qk) or low-rank
+    (h -> q_lora_rank, its RMSNorm, -> heads x qk); kv_a (h -> kv_lora_rank + rope), the latent's RMSNorm;
+    kv_b (kv_lora_rank -> heads x (nope + v)); o (heads x v -> h). qk = nope + rope per head."""
+    h, n = cfg.hidden_size, cfg.num_attention_heads
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    rq, rkv = cfg.q_lora_rank, cfg.kv_lora_rank
+    query = h * n * qk if rq is None else h * rq + rq + rq * n * qk
+    kv = h * (rkv + cfg.qk_rope_head_dim) + rkv + rkv * n * (cfg.qk_nope_head_dim + cfg.v_head_dim)
+    return query + kv + n * cfg.v_head_dim * h
 
 
 def _layer_params(cfg: ModelConfig, sparse: bool) -> tuple[int, int, int]:
@@ -111,7 +131,9 @@ def _layer_params(cfg: ModelConfig, sparse: bool) -> tuple[int, int, int]:
         return dense + 3 * h * cfg.intermediate_size, 0, 0
     im = cfg.moe_intermediate_size
     dense += cfg.num_experts * h + 3 * h * im * cfg.num_shared_experts  # router + shared experts
-    per_expert = 3 * h * im
+    dense += cfg.num_experts if cfg.router_bias else 0
+    dense += h if cfg.post_mlp_norm else 0  # RMSNorm on the MoE output (A.X K1)
+    per_expert = 3 * h * im + (2 * im + h if cfg.expert_bias else 0)
     return dense, cfg.num_experts * per_expert, cfg.num_experts_per_tok * per_expert
 
 
@@ -155,9 +177,18 @@ def mean_keys_seen(seq_len: int, window: int | None) -> float:
     return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
 
 
+def attention_head_dims(cfg: ModelConfig) -> tuple[int, int]:
+    """(query/key dims, value dims) per head: head_dim for both under GQA; nope + rope and v_head_dim for MLA,
+    whose keys and values are expanded from the latent to every head before the attention product."""
+    if cfg.attention_kind == "mla":
+        return cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    return cfg.head_dim, cfg.head_dim
+
+
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Forward FLOPs of QK^T and PV per token, summed over the layers (and the MTP block)."""
-    per_key = 4 * cfg.num_attention_heads * cfg.head_dim  # 2 for QK^T + 2 for PV
+    qk, v = attention_head_dims(cfg)
+    per_key = 2 * cfg.num_attention_heads * (qk + v)  # 2 * heads * qk for QK^T + 2 * heads * v for PV
     types = list(cfg.layer_types) + ([cfg.layer_types[-1]] if cfg.num_nextn_predict_layers else [])
     return sum(
         per_key * mean_keys_seen(seq_len, cfg.sliding_window if t == "sliding_attention" else None) for t in types
@@ -172,11 +203,29 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 # --- memory -----------------------------------------------------------------------------------------
 
 
+def _attention_activation_elements(cfg: ModelConfig) -> int:
+    """Elements one attention block keeps per token: the input norm's input and output (2h), then
+    GQA: q, k, v (twice with QK-norm: before and after it) and the attention output;
+    MLA: the query latent and its norm (low-rank query only), kv_a's output (the latent and the shared RoPE key,
+    kept as one tensor), the normed latent, the per-head q and k (nope + rope), kv_b's output (the per-head
+    no-RoPE key and value: the value is a view of it, so all of it stays) and the attention output."""
+    h, n = cfg.hidden_size, cfg.num_attention_heads
+    if cfg.attention_kind == "mla":
+        qk, v = attention_head_dims(cfg)
+        rq, rkv = cfg.q_lora_rank, cfg.kv_lora_rank
+        query_latent = 0 if rq is None else 2 * rq
+        latent = (rkv + cfg.qk_rope_head_dim) + rkv
+        heads = 2 * n * qk + n * (cfg.qk_nope_head_dim + v) + n * v
+        return 2 * h + query_latent + latent + heads
+    d = cfg.head_dim
+    qkv = (n + 2 * cfg.num_key_value_heads) * d
+    return 2 * h + qkv * (2 if cfg.qk_norm else 1) + n * d
+
+
 def activation_elements_per_token(cfg: ModelConfig, sparse: bool) -> dict[str, float]:
     """Elements one decoder layer keeps for backward per token, by part (see docs/parallel.md)."""
-    h, d = cfg.hidden_size, cfg.head_dim
-    qkv = (cfg.num_attention_heads + 2 * cfg.num_key_value_heads) * d
-    attention = 2 * h + qkv * (2 if cfg.qk_norm else 1) + cfg.num_attention_heads * d
+    h = cfg.hidden_size
+    attention = _attention_activation_elements(cfg)
     if not sparse:
         return {"attention": attention, "mlp": 2 * h + 3 * cfg.intermediate_size}
     k, im = cfg.num_experts_per_tok, cfg.moe_intermediate_size
@@ -409,6 +458,13 @@ def _ep_choices(num_experts: int, world: int) -> list[int]:
     return [ep for ep in range(2, world + 1) if num_experts and num_experts % ep == 0 and world % ep == 0]
 
 
+def _ep_change(ep: int, zero_stage: int) -> tuple[str, dict]:
+    """Label and parallel change for expert parallelism of size ep, which runs with ZeRO-1 or -2 only."""
+    stage = min(max(zero_stage, 1), 2)
+    label = f"parallel.expert_parallel_size={ep}" + ("" if stage == zero_stage else f" with parallel.zero_stage={stage}")
+    return label, {"expert_parallel_size": ep, "zero_stage": stage}
+
+
 def suggestions(cfg: Config, cluster: Cluster, assume: Assumptions | None) -> list[str]:
     """Changes that make a misfitting plan fit, each verified by planning it."""
     world, p, m = cluster.world_size, cfg.parallel, cfg.model
@@ -419,7 +475,7 @@ def suggestions(cfg: Config, cluster: Cluster, assume: Assumptions | None) -> li
         tries.append(("parallel.zero_stage=2", {"zero_stage": 2}, cluster))
     for ep in _ep_choices(m.num_experts, world):
         if ep > p.expert_parallel_size:
-            tries.append((f"parallel.expert_parallel_size={ep}", {"expert_parallel_size": ep, "zero_stage": min(p.zero_stage, 2)}, cluster))
+            tries.append((*_ep_change(ep, p.zero_stage), cluster))
     if not cfg.train.activation_checkpointing:
         tries.append(("train.activation_checkpointing=true", {"activation_checkpointing": True}, cluster))
     if cfg.train.micro_batch_size > 1:
@@ -438,10 +494,10 @@ def suggestions(cfg: Config, cluster: Cluster, assume: Assumptions | None) -> li
         nodes *= 2
         bigger = replace(cluster, nodes=nodes)
         for ep in [p.expert_parallel_size] + [e for e in _ep_choices(m.num_experts, bigger.world_size) if e > p.expert_parallel_size]:
-            change = {"expert_parallel_size": ep, "zero_stage": p.zero_stage if ep == p.expert_parallel_size else min(p.zero_stage, 2)}
+            label, change = _ep_change(ep, p.zero_stage) if ep != p.expert_parallel_size else ("", {})
             try:
                 if make_plan(with_parallel(cfg, bigger.world_size, **change), bigger, assume).fits:
-                    found.append(f"--nodes {nodes} with parallel.expert_parallel_size={ep}")
+                    found.append(f"--nodes {nodes}" + (f" with {label}" if label else ""))
                     break
             except PlanError:
                 continue

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -13,18 +15,23 @@ from kmodel.plan import (
     Cluster,
     PlanError,
     activation_bytes,
+    activation_elements_per_token,
     all_to_all_bytes_per_step,
+    attention_flops_per_token,
     check_fits,
     make_plan,
     mean_keys_seen,
     memory_per_gpu,
+    model_flops_per_token,
     parameter_counts,
     with_parallel,
     zero_bytes_per_step,
 )
 
 TINY = "recipes/tiny-ko-moe.yaml"
+TINY_MLA = "recipes/tiny/deepseek-v3.yaml"
 KEXAONE = "recipes/k-exaone-236b-a23b-multinode.yaml"
+RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 # vocab 16, hidden 8, 1 dense layer, 2 q heads / 1 kv head of 4, SwiGLU 16, untied, no QK-norm:
 # embed 128 + head 128 + final norm 8 + q 64 + k 32 + v 32 + o 64 + 2 norms 16 + MLP 3*8*16=384 = 856
@@ -38,19 +45,60 @@ SMALL = {
 }
 
 
+# The same shape with multi-head latent attention, two layers (sliding window 4, then full) over 8 positions:
+# 2 heads, low-rank query 4, latent 4, per head nope 2 + rope 2 = qk 4, value 3.
+SMALL_MLA = {
+    "model": {
+        "vocab_size": 16, "hidden_size": 8, "intermediate_size": 16, "num_hidden_layers": 2,
+        "num_attention_heads": 2, "num_key_value_heads": 2, "attention_kind": "mla", "q_lora_rank": 4,
+        "kv_lora_rank": 4, "qk_nope_head_dim": 2, "qk_rope_head_dim": 2, "v_head_dim": 3, "qk_norm": False,
+        "max_position_embeddings": 8, "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"],
+    },
+    "train": {"micro_batch_size": 2, "grad_accum_steps": 3},
+}
+
+
 @pytest.mark.parametrize(
-    "overrides",
-    [[], ["model.tie_word_embeddings=true", "model.norm_placement=sandwich"],
-     ["model.num_nextn_predict_layers=0", "model.num_shared_experts=0", "model.qk_norm=false"]],
+    ("recipe", "overrides"),
+    [(TINY, []), (TINY, ["model.tie_word_embeddings=true", "model.norm_placement=sandwich"]),
+     (TINY, ["model.num_nextn_predict_layers=0", "model.num_shared_experts=0", "model.qk_norm=false"]),
+     (TINY_MLA, []), (TINY_MLA, ["model.q_lora_rank=null"]), ("recipes/tiny/ax-k1.yaml", []),
+     ("recipes/tiny/vaetki.yaml", []), ("recipes/tiny/gpt-oss.yaml", [])],
 )
-def test_parameter_counts_match_the_model(overrides):
-    cfg = load_config(TINY, overrides)
+def test_parameter_counts_match_the_model(recipe, overrides):
+    cfg = load_config(recipe, overrides)
     model = build_model(cfg)
     counts = parameter_counts(cfg.model)
     assert counts.total == sum(p.numel() for p in model.parameters())
-    routed = sum(p.numel() for n, p in model.named_parameters() if n.endswith(("experts.gate_up_proj", "experts.down_proj")))
+    routed = sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)  # not shared_experts
     assert counts.expert == routed
     assert counts.active_expert == routed * cfg.model.num_experts_per_tok // cfg.model.num_experts
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in RECIPES.glob("*.yaml")))
+def test_parameter_counts_match_full_scale_models_on_the_meta_device(recipe):
+    """Every full-scale recipe (MLA: DeepSeek-V3, A.X K1, VAETKI) built without memory on the meta device."""
+    from kmodel.model.decoder import Model
+
+    cfg = load_config(RECIPES / recipe).model
+    with torch.device("meta"):
+        model = Model(cfg)
+    counts = parameter_counts(cfg)
+    assert counts.total == sum(p.numel() for p in model.parameters())
+    assert counts.expert == sum(p.numel() for n, p in model.named_parameters() if ".experts." in n)
+
+
+def test_deepseek_v3_latent_attention_parameters():
+    cfg = load_config(RECIPES / "deepseek-v3-671b-a37b.yaml").model
+    h, n, layers = 7168, 128, 61 + 1  # + the MTP block
+    # q_a 7168x1536 + norm 1536 + q_b 1536x(128x192); kv_a 7168x(512+64) + norm 512 + kv_b 512x(128x256); o (128x128)x7168
+    attention = h * 1536 + 1536 + 1536 * n * 192 + h * 576 + 512 + 512 * n * 256 + n * 128 * h
+    assert attention == 187_107_328
+    gqa_shaped = 4 * h * n * 192  # what q/k/v/o projections of 128 heads x 192 would hold
+    assert parameter_counts(cfg).total == 682_636_472_320
+    assert parameter_counts(cfg.model_copy(update={"attention_kind": "gqa"})).total - 682_636_472_320 == (
+        layers * (gqa_shaped - attention)
+    )
 
 
 def test_hand_computed_zero2_memory():
@@ -74,6 +122,31 @@ def test_hand_computed_activations():
     assert activation_bytes(cfg, element_bytes=2, fused_loss=False) == 2 * 4096 * (120 * 2 + 16 * 4 * 2)
 
 
+def test_hand_computed_mla():
+    cfg = config_from_dict(SMALL_MLA)
+    m = cfg.model
+    # attention: q_a 8*4=32 + its norm 4 + q_b 4*(2*(2+2))=32; kv_a 8*(4+2)=48 + latent norm 4 + kv_b 4*(2*(2+3))=40;
+    # o (2*3)*8=48 -> 208. Layer: 208 + 2 norms 16 + MLP 3*8*16=384 = 608; 2 layers + embed 128 + head 128 + norm 8
+    assert parameter_counts(m).total == 2 * 608 + 128 + 128 + 8 == 1480
+    assert sum(p.numel() for p in build_model(cfg).parameters()) == 1480
+    # full-rank query: q_proj 8*(2*4)=64 instead of 32 + 4 + 32 = 68
+    full_q = config_from_dict({**SMALL_MLA, "model": {**SMALL_MLA["model"], "q_lora_rank": None}})
+    assert parameter_counts(full_q.model).total == 1480 - 2 * 4 == 1472
+
+    # activations per token: norm in/out 2*8=16, query latent + its norm 2*4=8, kv_a output (latent + RoPE key)
+    # 4+2=6, normed latent 4, q 2*4=8, k 2*4=8, kv_b output (nope key + value) 2*(2+3)=10, attention out 2*3=6
+    assert activation_elements_per_token(m, False) == {"attention": 66, "mlp": 2 * 8 + 3 * 16}
+    assert activation_elements_per_token(full_q.model, False)["attention"] == 66 - 8
+    # 2 tokens x 8 positions, 2 layers x (66 + 64) + final norm 16 = 276 elements per token, 2 bytes each
+    assert activation_bytes(cfg, element_bytes=2, fused_loss=True) == 2 * 8 * 276 * 2
+
+    # FLOPs per key: QK^T 2*2 heads*qk 4 = 16, PV 2*2 heads*v 3 = 12 -> 28. Keys a query sees: the sliding layer
+    # min(i+1, 4) over i = 0..7 -> (1+2+3+4*5)/8 = 3.25, the full layer (1+...+8)/8 = 4.5
+    assert attention_flops_per_token(m, 8) == 28 * (3.25 + 4.5) == 217
+    # matmul parameters: all but the embedding lookup, 1480 - 128 = 1352
+    assert model_flops_per_token(m, 8) == 3 * (2 * 1352 + 217)
+
+
 def test_sliding_window_keys_and_zero_traffic():
     assert mean_keys_seen(8, 4) == (1 + 2 + 3 + 4 * 5) / 8
     assert mean_keys_seen(8, None) == (1 + 2 + 3 + 4 + 5 + 6 + 7 + 8) / 8
@@ -86,7 +159,8 @@ def test_sliding_window_keys_and_zero_traffic():
 
 
 def test_all_to_all_volume():
-    cfg = load_config(TINY, ["parallel.backend=deepspeed", "parallel.world_size=4", "parallel.expert_parallel_size=4"])
+    cfg = load_config(TINY, ["parallel.backend=deepspeed", "parallel.world_size=4", "parallel.expert_parallel_size=4",
+                                "parallel.zero_stage=1"])
     # 3 sparse layers + the MTP block (sparse) = 4; 8*256 tokens, top-2, hidden 128, 2 bytes, 3/4 leave the rank,
     # 4 exchanges (dispatch + combine, forward + backward)
     expected = 4 * 4 * (8 * 256 * 2 * 128 * 2 * 3 / 4)
@@ -122,10 +196,11 @@ def test_plan_cli(capsys):
     assert "expert_parallel_size (64) does not divide the 24 GPUs" in capsys.readouterr().err
 
 
-def test_estimate_against_measured_cpu_peak():
+@pytest.mark.parametrize("recipe", [TINY, TINY_MLA])
+def test_estimate_against_measured_cpu_peak(recipe):
     """fp32 tiny recipe, one AdamW step on CPU: weights, gradients and optimizer state measured exactly,
     activations as the bytes autograd keeps for backward (distinct storages) at the end of forward."""
-    cfg = load_config(TINY)
+    cfg = load_config(recipe)
     model = build_model(cfg).train()
     params = {p.untyped_storage().data_ptr() for p in model.parameters()}
     saved: dict[int, int] = {}
@@ -163,3 +238,31 @@ def test_kv_cache_of_mla_counts_the_compressed_latent():
     gqa = load_config("recipes/tiny-ko-moe.yaml").model
     kept = sum(min(100, gqa.sliding_window) if t == "sliding_attention" else 100 for t in gqa.layer_types)
     assert kv_cache_bytes(gqa, 100) == 2 * gqa.num_key_value_heads * gqa.head_dim * 2 * kept
+
+
+@pytest.mark.parametrize("overrides", [[], ["model.q_lora_rank=null"]])
+def test_mla_attention_activations_equal_what_the_fused_kernels_keep(overrides, monkeypatch):
+    """The tensors autograd keeps for one MLA attention block (input norm + LatentAttention) with the fused norm and
+    attention kernels the planner assumes (Triton, interpreted on CPU), counted by distinct storage: exactly the
+    formula, plus the kernels' fp32 statistics (one rstd per norm and token, one log-sum-exp per head and token)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cfg = load_config(TINY_MLA, ["kernels.attention=triton", "kernels.norm=triton", *overrides])
+    model = build_model(cfg).train()
+    m, layer = cfg.model, model.layers[0]
+    batch, seq = 1, 16
+    positions = torch.arange(seq)
+    rope = model.rope_tables(positions)[m.layer_types[0]]
+    shared = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *rope)}
+    saved: dict[int, int] = {}
+
+    def keep(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randn(batch, seq, m.hidden_size, requires_grad=True)
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        layer.self_attn(layer.attn_in_norm(x), rope, positions)
+    kept = sum(n for ptr, n in saved.items() if ptr not in shared) / (batch * seq * 4)  # fp32 elements per token
+    norms = 3 if m.q_lora_rank is not None else 2  # attention input, (query latent), key/value latent
+    assert kept == activation_elements_per_token(m, False)["attention"] + norms + m.num_attention_heads
