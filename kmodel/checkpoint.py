@@ -83,7 +83,9 @@ def save_checkpoint(
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
     weights = model if isinstance(model, dict) else model_state(model)
-    save_file(weights, tmp / MODEL_FILE, metadata={"format": "pt", "producer": "kmodel"})
+    # One metadata key only: safetensors writes a metadata map in hash order, so two keys make the same
+    # weights hash differently from one save to the next.
+    save_file(weights, tmp / MODEL_FILE, metadata={"format": "pt"})
     (tmp / CONFIG_FILE).write_text(cfg.to_yaml(), encoding="utf-8")
     if tokenizer is not None:
         tokenizer.save(tmp / TOKENIZER_DIR)

@@ -369,6 +369,11 @@ class ParallelConfig(Section):
             raise ValueError(f"offload_params needs zero_stage 3 (DeepSpeed offloads weights only in ZeRO-3), got {self.zero_stage}")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("offload_optimizer needs zero_stage 1, 2 or 3")
+        if self.zero_stage == 0 and self.expert_parallel_size > 1:
+            raise ValueError(
+                "expert_parallel_size > 1 needs zero_stage 1 or 2: the experts are optimised outside DeepSpeed and "
+                "their gradient norm joins ZeRO-1/2's clipping"
+            )
         if self.zero_stage == 3 and self.expert_parallel_size > 1:
             raise ValueError(
                 "zero_stage 3 with expert_parallel_size > 1 is refused: ZeRO-3 would partition the expert shards "

@@ -109,14 +109,6 @@ class Model(nn.Module):
     def use_kernels(self, choice: KernelsConfig, device: torch.device | str) -> None:
         """Point every module at the implementation the recipe's `kernels:` section picks."""
         impl = {op: kernels.resolve(getattr(choice, op), device) for op in kernels.OPS}
-        if impl["moe"] == "triton" and self.cfg.num_experts and self._needs_gpt_oss_experts():
-            # The Triton expert kernels have no expert biases or clamped SwiGLU yet.
-            if choice.moe == "triton":
-                raise ValueError(
-                    "kernels.moe=triton does not support expert biases or expert_activation "
-                    f"{self.cfg.expert_activation!r} yet; use kernels.moe=torch (or auto)"
-                )
-            impl["moe"] = "torch"
         pick = {op: kernels.load(op, impl[op]) for op in kernels.OPS}
         for module in self.modules():
             if isinstance(module, (Attention, LatentAttention)):
@@ -126,9 +118,6 @@ class Model(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.kernel = pick["norm"]
         self.loss_kernel = pick["loss"]
-
-    def _needs_gpt_oss_experts(self) -> bool:
-        return any(moe.experts.kernel_options() for moe in self.moe_layers().values())
 
     # --- forward --------------------------------------------------------------------------------
     def rope_tables(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
@@ -235,11 +224,23 @@ class Model(nn.Module):
         return [LayerCache() for _ in self.layers]
 
 
-def build_model(cfg: Config, device: torch.device | str = "cpu", *, init: bool = True) -> Model:
-    """The model for a recipe, on `device`, with kernels picked by `cfg.kernels` and weights drawn from `cfg.seed`."""
-    model = Model(cfg.model)
+def build_model(
+    cfg: Config, device: torch.device | str = "cpu", *, init: bool = True, experts: tuple[int, int] | None = None
+) -> Model:
+    """The model for a recipe, on `device`, with kernels picked by `cfg.kernels` and weights drawn from `cfg.seed`
+    (`init=False`: left for a checkpoint to fill). `experts` = (first, count) keeps only those routed experts
+    of every MoE layer (expert parallelism). Built on the meta device first, so nothing beyond what is kept
+    is ever allocated."""
+    with torch.device("meta"):
+        model = Model(cfg.model)
+    if experts is not None:
+        for moe in model.moe_layers().values():
+            moe.experts.keep_experts(*experts)
+    model.to_empty(device=device)
+    with torch.no_grad():
+        for buffer in model.buffers():
+            buffer.zero_()  # router correction biases and load counters start at zero
     if init:
         init_parameters(model, cfg.seed, cfg.model.initializer_range)
-    model.to(device)
     model.use_kernels(cfg.kernels, device)
     return model

@@ -2,16 +2,20 @@
 
 The initial weights therefore depend only on the seed, the config and the parameter names — not on
 module construction order, device or world size — and anyone can recompute them (the provenance
-verifier does). Draws happen on the CPU in fp32 so every machine gets the same bits.
+verifier does). Draws happen on the CPU in fp32 so every machine gets the same bits. Routed experts are
+drawn one expert at a time (name `<tensor>.<global expert id>`), so a rank holding a shard of the experts
+draws exactly its rows of the full tensor without ever materialising the rest.
 """
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
+from kmodel.model.moe import Experts
 from kmodel.model.norm import RMSNorm
 
 
@@ -40,13 +44,50 @@ def constant_parameters(model: nn.Module) -> dict[str, float]:
     return constants
 
 
+def expert_offsets(model: nn.Module) -> dict[str, int]:
+    """Stacked routed-expert parameters -> the global id of their first row."""
+    return {
+        f"{module_name}.{name}": module.first_expert
+        for module_name, module in model.named_modules()
+        if isinstance(module, Experts)
+        for name, _ in module.named_parameters(recurse=False)
+    }
+
+
+def initial_expert_value(name: str, shape: torch.Size, first: int, seed: int, std: float) -> torch.Tensor:
+    """Rows [first, first + shape[0]) of stacked expert parameter `name`, each expert from its own generator."""
+    return torch.stack([initial_value(f"{name}.{first + j}", shape[1:], seed, std) for j in range(shape[0])])
+
+
+def initial_values(model: nn.Module, seed: int, std: float, names: Iterable[str] | None = None) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, initial value) of the parameters `names` (default: all, in model order), one tensor at a time.
+    `model` only supplies names and shapes, so it may live on the meta device."""
+    params = dict(model.named_parameters())
+    constants = constant_parameters(model)
+    experts = expert_offsets(model)
+    for name in params if names is None else names:
+        shape = params[name].shape
+        if name in constants:
+            yield name, torch.full(shape, constants[name])
+        elif name in experts:
+            yield name, initial_expert_value(name, shape, experts[name], seed, std)
+        else:
+            yield name, initial_value(name, shape, seed, std)
+
+
+def initial_state(model: nn.Module, seed: int, std: float) -> Iterator[tuple[str, torch.Tensor]]:
+    """The initial state_dict in name order, one tensor at a time (buffers start at zero): what the ledger's
+    initial-weights hash covers, recomputable for any model size without building the model."""
+    state = model.state_dict(keep_vars=True)
+    params = dict(model.named_parameters())
+    names = sorted(state)
+    values = initial_values(model, seed, std, [n for n in names if n in params])
+    for name in names:
+        yield next(values) if name in params else (name, torch.zeros(state[name].shape, dtype=state[name].dtype))
+
+
 @torch.no_grad()
 def init_parameters(model: nn.Module, seed: int, std: float) -> None:
-    constants = constant_parameters(model)
-    for name, param in model.named_parameters():
-        if name in constants:
-            param.fill_(constants[name])
-        else:
-            param.copy_(initial_value(name, param.shape, seed, std))
-    for name, buf in model.named_buffers():
-        buf.zero_()  # router correction biases and load counters start at zero
+    params = dict(model.named_parameters())
+    for name, value in initial_values(model, seed, std):
+        params[name].copy_(value)

@@ -45,8 +45,11 @@ class Router(nn.Module):
 
 
 class Experts(nn.Module):
-    """All routed experts' weights as two stacked tensors, indexed by global expert id (and, with
-    `expert_bias`, their biases: gate_up_proj_bias (E, 2I), down_proj_bias (E, H))."""
+    """The routed experts' weights as two stacked tensors (and, with `expert_bias`, their biases:
+    gate_up_proj_bias (E, 2I), down_proj_bias (E, H)). Row j holds global expert `first_expert + j`: all
+    experts (first_expert 0), or one rank's consecutive shard under expert parallelism (`keep_experts`)."""
+
+    TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -55,7 +58,18 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
         self.gate_up_proj_bias = nn.Parameter(torch.empty(e, 2 * i)) if cfg.expert_bias else None
         self.down_proj_bias = nn.Parameter(torch.empty(e, h)) if cfg.expert_bias else None
+        self.first_expert = 0
         self.cfg = cfg
+
+    @torch.no_grad()
+    def keep_experts(self, first: int, count: int) -> None:
+        """Keep only global experts [first, first + count) (on the meta device this allocates nothing)."""
+        for name in self.TENSORS:
+            full = getattr(self, name)
+            if full is not None:
+                shard = full[first - self.first_expert : first - self.first_expert + count].clone()
+                setattr(self, name, nn.Parameter(shard, requires_grad=full.requires_grad))
+        self.first_expert = first
 
     def forward(self, tokens: torch.Tensor, routing: reference.Routing, kernel) -> torch.Tensor:
         # A module call (not bare parameter access) so ZeRO-3 gathers the expert weights for it.
@@ -92,7 +106,7 @@ class MoE(nn.Module):
         self.register_buffer("load", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
         self.register_buffer("last_load", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
         self.kernel = reference  # replaced by Model.use_kernels
-        self.expert_parallel = None  # set by kmodel.parallel.expert_parallel.shard_experts
+        self.expert_parallel = None  # set by kmodel.parallel.expert_parallel.attach_expert_parallel
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (output, auxiliary loss already weighted by its coefficients)."""

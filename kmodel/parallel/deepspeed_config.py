@@ -3,8 +3,8 @@
 DeepSpeed checks train_batch_size == micro x accumulation x data-parallel ranks itself; the recipe
 validator (`kmodel.config.Config`) already refused inconsistent numbers with the key at fault, so the
 dict built here is consistent by construction. Expert parallelism is kmodel's own (kmodel.parallel.
-expert_parallel), so no DeepSpeed MoE section is generated; ZeRO sees expert weights as a separate
-optimizer group reduced over the expert-data-parallel group.
+expert_parallel), so no DeepSpeed MoE section is generated: ZeRO optimises the dense weights only and the
+expert shards have their own optimizer (kmodel.parallel.engine).
 """
 
 from __future__ import annotations

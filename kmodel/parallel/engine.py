@@ -19,7 +19,13 @@ What changes against the one-process Trainer:
              partitions, ZeRO-3 shards), rank 0 writes them in the one-process format: global names, full
              tensors, the AdamW state_dict layout. A checkpoint from any world size restores into any other.
 
-Expert parallelism (parallel.expert_parallel_size > 1) is not wired into the engine yet: it is refused here.
+Expert parallelism (parallel.expert_parallel_size P > 1, ZeRO-1/2): every rank builds only its E/P routed
+experts per MoE layer (nothing bigger is allocated) and its MoE layers exchange tokens by all-to-all
+(kmodel.parallel.expert_parallel). DeepSpeed gets the dense parameters only; the expert shards have their
+own AdamW (ExpertOptimizer: fp32 masters, gradients averaged over the expert-data-parallel group). Clipping
+stays joint: ZeRO's global-norm computation is extended with the experts' share, so DeepSpeed clips (or
+skips, when non-finite) with the norm of all parameters and the experts are scaled by the same factor.
+Checkpoints gather the expert shards, so they keep the one-process format and resume on any EP size.
 """
 
 from __future__ import annotations
@@ -35,10 +41,28 @@ from kmodel.checkpoint import step_dir_name
 from kmodel.config import Config, ConfigError
 from kmodel.data import Batch
 from kmodel.parallel.deepspeed_config import deepspeed_config, uses_bf16
-from kmodel.parallel.expert_parallel import synchronize_router_load
+from kmodel.model import build_model
+from kmodel.parallel import expert_parallel as xp
+from kmodel.train.optim import adamw
 from kmodel.train.trainer import LOSS_KEYS, Trainer
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
+
+
+def joint_norm(dense: torch.Tensor | float, experts: torch.Tensor) -> torch.Tensor:
+    """sqrt(dense^2 + experts^2); inf when either is invalid (DeepSpeed marks an invalid norm as -1 or
+    non-finite), so ZeRO treats the step as an overflow and skips it."""
+    dense = torch.as_tensor(dense, dtype=torch.float32, device=experts.device)
+    if not (torch.isfinite(dense) and dense >= 0 and torch.isfinite(experts)):
+        return torch.tensor(float("inf"), device=experts.device)
+    return torch.sqrt(dense.square() + experts.float().square())
+
+
+def clip_factor(total_norm: float, clip: float) -> float:
+    """The divisor ZeRO applies to the gradients for train.grad_clip (same formula, so experts match)."""
+    if clip <= 0:
+        return 1.0
+    return max((total_norm + 1e-6) / clip, 1.0)
 
 
 class DeepSpeedTrainer(Trainer):
@@ -53,33 +77,72 @@ class DeepSpeedTrainer(Trainer):
                 f"parallel.world_size is {cfg.parallel.world_size} but {self.world} processes were started; "
                 f"set --set parallel.world_size={self.world} (and keep micro_batch_size x grad_accum_steps x world_size)"
             )
-        if cfg.parallel.expert_parallel_size > 1:
-            raise ConfigError("parallel.expert_parallel_size > 1 is not supported by the DeepSpeed trainer yet; use 1")
+        ep = cfg.parallel.expert_parallel_size
+        self.groups = xp.make_groups(ep) if ep > 1 else None
         super().__init__(cfg, run_dir, **kwargs)
         self.engine = None
+        self.experts: xp.ExpertOptimizer | None = None
         # The one-process AdamW layout (group hyper-parameters, parameter order): checkpoints keep it.
         self._optimizer_groups = [
             ({k: v for k, v in group.items() if k != "params"}, list(group["params"])) for group in self.optimizer.param_groups
         ]
 
+    def make_model(self) -> torch.nn.Module:
+        if self.groups is None:
+            return super().make_model()
+        model = build_model(self.cfg, self.device, experts=xp.local_experts(self.cfg.model.num_experts, self.groups))
+        xp.attach_expert_parallel(model, self.groups)
+        return model
+
+    def is_expert(self, param: torch.nn.Parameter) -> bool:
+        return self.experts is not None and param in self.experts.master_of
+
     # --- the engine ----------------------------------------------------------------------------------------
     def start_engine(self) -> None:
-        """Wrap model and AdamW in the DeepSpeed engine; AdamW moments restored into the plain optimizer move in."""
+        """Wrap model and AdamW in the DeepSpeed engine; AdamW moments restored into the plain optimizer move in
+        (under expert parallelism the expert shards' moments go to the ExpertOptimizer instead)."""
         import deepspeed
 
         restored = {p: dict(s) for p, s in self.optimizer.state.items()}
         config = deepspeed_config(self.cfg, self.device.type)
         if config["bf16"]["enabled"]:
             self.amp_dtype = None  # DeepSpeed keeps bf16 weights (fp32 masters in the optimizer): no autocast
+        optimizer = self.optimizer
+        if self.groups is not None:
+            self.experts = xp.ExpertOptimizer(self.model, self.groups, self.cfg.train)
+            optimizer = self._dense_optimizer()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.model, optimizer=self.optimizer, config=config, dist_init_required=False
+            model=self.model, optimizer=optimizer, config=config, dist_init_required=False
         )
         if self.cfg.parallel.zero_stage == 3:
             # The LM head weight is read by Model.forward itself (the fused loss takes the weight, not the
             # module), so ZeRO-3 must gather it for the top-level module's forward too.
             deepspeed.zero.register_external_parameter(self.model, self.model.head_weight)
+        if self.experts is not None:
+            self.experts.write_back()  # DeepSpeed's start-up broadcast overwrote every shard with rank 0's
+            self._add_expert_norm_to_zero()
+            for param in [p for p in restored if self.is_expert(p)]:
+                self.experts.load_state(param, restored.pop(param), ADAM_MOMENTS)
         if restored:
             self._load_moments(restored)
+
+    def _dense_optimizer(self) -> torch.optim.AdamW:
+        """AdamW over the dense parameters only: what DeepSpeed optimises."""
+        return adamw(((n, p) for n, p in self.model.named_parameters() if not self.is_expert(p)), self.cfg.train)
+
+    def _add_expert_norm_to_zero(self) -> None:
+        """Make ZeRO-1/2's global gradient norm the norm of dense and expert gradients together, so its clipping
+        and its non-finite check cover the experts (set per step by `update`)."""
+        zero = self.engine.optimizer
+        if not hasattr(zero, "scaled_global_norm"):
+            raise RuntimeError(
+                f"expert parallelism extends DeepSpeed ZeRO-1/2's scaled_global_norm, which {type(zero).__name__} "
+                "does not have (DeepSpeed version change?)"
+            )
+        if getattr(zero, "loss_scale", 1.0) != 1.0:
+            raise RuntimeError("expert parallelism assumes no loss scaling (bf16 or fp32, not fp16)")
+        dense_norm = zero.scaled_global_norm
+        zero.scaled_global_norm = lambda *args, **kwargs: joint_norm(dense_norm(*args, **kwargs), self._expert_norm)
 
     def _base_optimizer(self) -> torch.optim.Optimizer:
         return self.engine.optimizer.optimizer  # the AdamW over ZeRO's flat fp32 partitions
@@ -131,14 +194,20 @@ class DeepSpeedTrainer(Trainer):
         return dict(zip(keys, (values / self.world).tolist()))
 
     def update(self, lr: float, losses: dict[str, float]) -> tuple[float, bool]:
+        if self.experts is not None:
+            self._expert_norm = self.experts.reduce_gradients()  # read by ZeRO's norm inside engine.step
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
         self.engine.step()  # reduce, clip, AdamW (skipped by DeepSpeed when the gradient norm is not finite)
         norm = self.engine.get_global_grad_norm()
         grad_norm = math.nan if norm is None else float(norm)
         applied = self.engine.was_step_applied() and all(math.isfinite(v) for v in losses.values())
+        if self.experts is not None:
+            if applied:
+                self.experts.step(lr, clip_factor(grad_norm, self.cfg.train.grad_clip))
+            self.experts.zero_grad()
         if applied:
-            synchronize_router_load(self.model)
+            xp.synchronize_router_load(self.model)
             self.model.end_step()
         else:
             self.discard_step()
@@ -152,7 +221,12 @@ class DeepSpeedTrainer(Trainer):
         params = dict(self.model.named_parameters())
         weights = {}
         for name, tensor in self.model.state_dict().items():
-            full = safe_get_full_fp32_param(params[name]) if name in params else tensor
+            if name not in params:
+                full = tensor  # buffers: identical on every rank
+            elif self.is_expert(params[name]):
+                full = self.experts.full_master(params[name])
+            else:
+                full = safe_get_full_fp32_param(params[name])
             weights[name] = full.detach().float().cpu().contiguous()
         return weights
 
@@ -168,9 +242,13 @@ class DeepSpeedTrainer(Trainer):
             groups.append({**hyper, "lr": live["lr"], "params": list(range(index, index + len(params)))})
             for param in params:
                 if base.state:  # nothing before the first step
-                    moments = {k: safe_get_full_optimizer_state(param, k).detach().float().cpu() for k in ADAM_MOMENTS}
+                    if self.is_expert(param):
+                        moments = self.experts.full_moments(param, ADAM_MOMENTS)
+                    else:
+                        moments = {k: safe_get_full_optimizer_state(param, k) for k in ADAM_MOMENTS}
                     step = next(iter(base.state.values()))["step"]
-                    state[index] = {"step": step.detach().cpu().clone(), **moments}
+                    state[index] = {"step": step.detach().cpu().clone(),
+                                    **{k: v.detach().float().cpu() for k, v in moments.items()}}
                 index += 1
         return {"state": state, "param_groups": groups}
 
@@ -182,10 +260,28 @@ class DeepSpeedTrainer(Trainer):
         dist.barrier()
         return directory
 
+    def load_weights(self, weights: dict[str, torch.Tensor], source: str) -> None:
+        super().load_weights(weights if self.groups is None else xp.shard_state_dict(weights, self.groups), source)
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        """Under expert parallelism the plain AdamW holds expert shards: keep this rank's rows of their moments."""
+        if self.groups is not None:
+            names = {p: n for n, p in self.model.named_parameters()}
+            params = [p for _, group in self._optimizer_groups for p in group]
+            state = {**state, "state": {
+                i: {k: xp.shard_rows(names[params[i]], v, self.groups) if k in ADAM_MOMENTS and xp.is_expert_param(names[params[i]]) else v
+                    for k, v in s.items()}
+                for i, s in state["state"].items()
+            }}
+        super().load_optimizer_state(state)
+
     # --- rank 0 writes -------------------------------------------------------------------------------------------
     def start_ledger(self, resume: bool) -> None:
+        initial = None
+        if self.groups is not None and self.cfg.provenance.ledger and not self.ledger_exists(resume):
+            initial = xp.full_state_dict(self.model, self.groups)  # genesis hashes the full initial model (collective)
         if self.rank == 0:
-            super().start_ledger(resume)
+            super().start_ledger(resume, initial)
 
     def log(self, record: dict[str, Any]) -> None:
         if self.rank == 0:

@@ -22,12 +22,15 @@ expert-data-parallel group and divided by W — the same average over the global
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
 from torch import nn
 
+from kmodel.config import TrainConfig
 from kmodel.model.moe import MoE
+from kmodel.train.optim import adamw
 
 
 @dataclass
@@ -122,39 +125,49 @@ def is_expert_param(name: str) -> bool:
     return ".experts.gate_up_proj" in name or ".experts.down_proj" in name
 
 
-def shard_experts(model: nn.Module, groups: Groups) -> None:
-    """Keep only this rank's experts in every MoE layer and route its forward through the all-to-all."""
-    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+def local_experts(num_experts: int, groups: Groups) -> tuple[int, int]:
+    """(first global expert, count) this rank holds."""
+    if num_experts % groups.ep_size:
+        raise ValueError(f"expert_parallel_size ({groups.ep_size}) does not divide num_experts ({num_experts})")
+    count = num_experts // groups.ep_size
+    return groups.ep_rank * count, count
+
+
+def attach_expert_parallel(model: nn.Module, groups: Groups) -> None:
+    """Route every MoE layer's experts through the all-to-all; the model must hold this rank's shard
+    (`build_model(..., experts=local_experts(...))` or `shard_experts`)."""
+    for name, moe in ((n, m) for n, m in model.named_modules() if isinstance(m, MoE)):
         ep = ExpertParallel(groups, moe.cfg.num_experts)
-        for name in ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias"):
-            full = getattr(moe.experts, name)
-            if full is None:
-                continue
-            shard = full.detach()[ep.first : ep.first + ep.local].clone()
-            setattr(moe.experts, name, nn.Parameter(shard, requires_grad=full.requires_grad))
+        held = (moe.experts.first_expert, moe.experts.gate_up_proj.shape[0])
+        if held != (ep.first, ep.local):
+            raise ValueError(f"{name} holds experts [{held[0]}, {sum(held)}) but rank {groups.ep_rank} of the "
+                             f"expert-parallel group owns [{ep.first}, {ep.first + ep.local})")
         moe.expert_parallel = ep
 
 
-def param_groups(model: nn.Module) -> tuple[list[nn.Parameter], list[nn.Parameter]]:
-    """(dense, expert) parameters: separate optimizer groups, reduced over different process groups."""
-    dense, expert = [], []
-    for name, param in model.named_parameters():
-        (expert if is_expert_param(name) else dense).append(param)
-    return dense, expert
+def shard_experts(model: nn.Module, groups: Groups) -> None:
+    """Cut a model holding every expert down to this rank's shard and route it through the all-to-all."""
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        moe.experts.keep_experts(*local_experts(moe.cfg.num_experts, groups))
+    attach_expert_parallel(model, groups)
 
 
-@torch.no_grad()
-def reduce_gradients(model: nn.Module, groups: Groups) -> None:
-    """Average gradients over the global batch: dense over all ranks, expert shards over the expert-data-
-    parallel group (divided by the world size). A parameter without a gradient contributes zeros, so every
-    rank joins every collective."""
-    dense, expert = param_groups(model)
-    for params, group in ((dense, None), (expert, groups.expert_dp_group)):
-        for param in params:
-            if param.grad is None:
-                param.grad = torch.zeros_like(param)
-            dist.all_reduce(param.grad, group=group)
-            param.grad /= groups.world_size
+def gather_experts(tensor: torch.Tensor, groups: Groups) -> torch.Tensor:
+    """A stacked expert tensor (or its moments, or its gradient) gathered from the expert-parallel group into
+    global expert order (collective over the group)."""
+    if groups.ep_size == 1:
+        return tensor
+    parts = [torch.empty_like(tensor) for _ in range(groups.ep_size)]
+    dist.all_gather(parts, tensor.contiguous(), group=groups.ep_group)
+    return torch.cat(parts)
+
+
+def shard_rows(name: str, tensor: torch.Tensor, groups: Groups) -> torch.Tensor:
+    """This rank's rows of a full stacked expert tensor: the inverse of `gather_experts`."""
+    if tensor.shape[0] % groups.ep_size:
+        raise ValueError(f"{name}: {tensor.shape[0]} experts cannot be split over {groups.ep_size} ranks")
+    local = tensor.shape[0] // groups.ep_size
+    return tensor[groups.ep_rank * local : (groups.ep_rank + 1) * local]
 
 
 @torch.no_grad()
@@ -169,22 +182,97 @@ def full_state_dict(model: nn.Module, groups: Groups) -> dict[str, torch.Tensor]
     """The model's state with every expert tensor gathered to full size, global expert order (topology-free)."""
     state = {}
     for name, tensor in model.state_dict().items():
-        if is_expert_param(name) and groups.ep_size > 1:
-            parts = [torch.empty_like(tensor) for _ in range(groups.ep_size)]
-            dist.all_gather(parts, tensor.contiguous(), group=groups.ep_group)
-            tensor = torch.cat(parts)
+        if is_expert_param(name):
+            tensor = gather_experts(tensor, groups)
         state[name] = tensor.detach().cpu().contiguous()
     return state
 
 
 def shard_state_dict(full: dict[str, torch.Tensor], groups: Groups) -> dict[str, torch.Tensor]:
     """This rank's slice of a full (topology-free) state dict: the inverse of full_state_dict."""
-    state = {}
-    for name, tensor in full.items():
-        if is_expert_param(name):
-            if tensor.shape[0] % groups.ep_size:
-                raise ValueError(f"{name}: {tensor.shape[0]} experts cannot be split over {groups.ep_size} ranks")
-            local = tensor.shape[0] // groups.ep_size
-            tensor = tensor[groups.ep_rank * local : (groups.ep_rank + 1) * local]
-        state[name] = tensor
-    return state
+    return {name: shard_rows(name, t, groups) if is_expert_param(name) else t for name, t in full.items()}
+
+
+def _accumulate_into(master: torch.Tensor, param: torch.Tensor) -> None:
+    """Move a module parameter's freshly accumulated gradient into its fp32 master's gradient."""
+    if master.grad is None:
+        master.grad = param.grad.float()
+    else:
+        master.grad += param.grad
+    param.grad = None
+
+
+class ExpertOptimizer:
+    """AdamW over this rank's expert shards, outside DeepSpeed: ZeRO would average their gradients over every
+    rank (mixing different experts) and its start-up broadcast would overwrite them with rank 0's shard.
+
+    fp32 master copies take the update (DeepSpeed casts the module's copies to bf16 for compute); every
+    gradient accumulated on a module expert parameter moves into its master's fp32 gradient at once.
+    Per optimizer step: `reduce_gradients` (collective) completes the average over the global batch and
+    returns the experts' share of the global gradient norm; `step` applies the clipping factor the caller
+    derived from the joint dense + expert norm, AdamW, and writes the masters back into the module."""
+
+    def __init__(self, model: nn.Module, groups: Groups, train: TrainConfig):
+        self.groups = groups
+        named = [(n, p) for n, p in model.named_parameters() if is_expert_param(n)]
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.masters = [p.detach().float().clone().requires_grad_(p.requires_grad) for p in self.params]
+        self.master_of = dict(zip(self.params, self.masters))
+        self.adamw = adamw(zip(self.names, self.masters), train)
+        for param, master in zip(self.params, self.masters):
+            param.register_post_accumulate_grad_hook(partial(_accumulate_into, master))
+
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """Copy the masters into the module's parameters (cast to their dtype)."""
+        for param, master in zip(self.params, self.masters):
+            param.copy_(master)
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> torch.Tensor:
+        """Average the shards' gradients over the global batch and return the norm of all experts' gradients.
+
+        A shard's gradient already sums its expert-parallel group's tokens (through the all-to-all backward),
+        so it is summed over the expert-data-parallel group and divided by the world size. A master without a
+        gradient contributes zeros, so every rank joins every collective."""
+        squares = torch.zeros((), dtype=torch.float32, device=self.masters[0].device)
+        for master in self.masters:
+            if master.grad is None:
+                master.grad = torch.zeros_like(master)
+            dist.all_reduce(master.grad, group=self.groups.expert_dp_group)
+            master.grad /= self.groups.world_size
+            squares += master.grad.float().pow(2).sum()
+        dist.all_reduce(squares, group=self.groups.ep_group)  # the other shards of the same experts' set
+        return squares.sqrt()
+
+    @torch.no_grad()
+    def step(self, lr: float, clip_factor: float) -> None:
+        """AdamW on gradients divided by `clip_factor` (>= 1), then the module gets the new weights."""
+        for group in self.adamw.param_groups:
+            group["lr"] = lr
+        if clip_factor != 1.0:
+            for master in self.masters:
+                master.grad /= clip_factor
+        self.adamw.step()
+        self.write_back()
+
+    def zero_grad(self) -> None:
+        for param, master in zip(self.params, self.masters):
+            param.grad = master.grad = None
+
+    # --- topology-free state: full tensors in global expert order (collectives over the EP group) ---------
+    def full_master(self, param: nn.Parameter) -> torch.Tensor:
+        return gather_experts(self.master_of[param], self.groups)
+
+    def full_moments(self, param: nn.Parameter, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
+        state = self.adamw.state[self.master_of[param]]
+        return {k: gather_experts(state[k], self.groups) for k in keys}
+
+    def load_state(self, param: nn.Parameter, state: dict[str, torch.Tensor], keys: tuple[str, ...]) -> None:
+        """Restore the AdamW state of `param`'s shard (its rows of the moments, see `shard_rows`)."""
+        master = self.master_of[param]
+        self.adamw.state[master] = {
+            "step": state["step"].clone(),
+            **{k: state[k].to(master.device, torch.float32).clone() for k in keys},
+        }

@@ -27,6 +27,7 @@ import os
 import platform
 import subprocess
 import sys
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -94,7 +95,12 @@ def weights_sha256(model_or_state: torch.nn.Module | dict[str, torch.Tensor]) ->
     """Hash of a model's state (names, dtypes, shapes, raw bytes, in name order), independent of the device
     it lives on and of DDP / torch.compile name prefixes."""
     state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
-    named = sorted((_strip_wrapper_prefix(name), tensor) for name, tensor in state.items())
+    return sorted_weights_sha256(sorted((_strip_wrapper_prefix(name), tensor) for name, tensor in state.items()))
+
+
+def sorted_weights_sha256(named: Iterable[tuple[str, torch.Tensor]]) -> str:
+    """`weights_sha256` of (name, tensor) pairs already in name order, consumed one at a time (so a
+    generator can stream a model far larger than memory)."""
     digest = hashlib.sha256()
     for name, tensor in named:
         digest.update(name.encode() + b"\0")
@@ -359,15 +365,25 @@ class Ledger:
         self.batches = BatchDigest()
 
     @classmethod
-    def create(cls, run_dir: str | Path, cfg, model: torch.nn.Module, tokenizer: Any | None, data_manifest: Any) -> Ledger:
-        """Start the ledger of a fresh run; `model` must still hold its seed-derived initial weights."""
+    def create(
+        cls,
+        run_dir: str | Path,
+        cfg,
+        model: torch.nn.Module | dict[str, torch.Tensor],
+        tokenizer: Any | None,
+        data_manifest: Any,
+        device: torch.device | None = None,
+    ) -> Ledger:
+        """Start the ledger of a fresh run; `model` (a module or its full state) must still hold the
+        seed-derived initial weights. `device` (default: the module's) is recorded in the environment."""
         run_dir = Path(run_dir)
         path = run_dir / LEDGER_FILE
         if path.exists():
             raise LedgerError(f"{path} already exists; a resumed run uses Ledger.open, a fresh run needs an empty run directory")
         run_dir.mkdir(parents=True, exist_ok=True)
-        first = next(model.parameters(), None)
-        device = None if first is None else first.device
+        if device is None and isinstance(model, torch.nn.Module):
+            first = next(model.parameters(), None)
+            device = None if first is None else first.device
         genesis = {
             "kind": "genesis",
             "index": 0,

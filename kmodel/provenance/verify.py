@@ -23,6 +23,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from kmodel.checkpoint import (
@@ -46,7 +47,7 @@ from kmodel.provenance.ledger import (
     git_output,
     read_records,
     source_root,
-    weights_sha256,
+    sorted_weights_sha256,
 )
 
 PASS, FAIL, WARN, SKIP = "pass", "fail", "warn", "skip"
@@ -181,12 +182,21 @@ def _code_check(genesis: dict[str, Any]) -> Check:
                  f"{str(here.get('commit'))[:12]}{' with other uncommitted changes' if here.get('dirty') else ''}{dirty}")
 
 
-def _init_check(genesis: dict[str, Any], cfg) -> Check:
-    from kmodel.model import build_model
+def initial_weights_sha256(cfg) -> str:
+    """The hash of the seed-derived initial weights, streamed tensor by tensor from a meta-device model:
+    memory stays at one tensor (one expert's for stacked experts) whatever the model size."""
+    from kmodel.model import Model
+    from kmodel.model.init import initial_state
 
+    with torch.device("meta"):
+        model = Model(cfg.model)
+    return sorted_weights_sha256(initial_state(model, cfg.seed, cfg.model.initializer_range))
+
+
+def _init_check(genesis: dict[str, Any], cfg) -> Check:
     if cfg is None:
         return Check("init_weights", FAIL, "the genesis record holds no valid config to rebuild the model from")
-    recomputed = weights_sha256(build_model(cfg, "cpu", init=True))
+    recomputed = initial_weights_sha256(cfg)
     if recomputed == genesis.get("init_weights_sha256"):
         return Check("init_weights", PASS, f"seed {cfg.seed} and the config reproduce the initial weights ({recomputed[:16]}...)")
     return Check("init_weights", FAIL, f"the initial weights recorded are not those of seed {cfg.seed} with this config "

@@ -39,7 +39,9 @@ def active_matmul_params(model: torch.nn.Module) -> float:
     for name, param in model.named_parameters():
         if param.ndim < 2 or name.endswith("bias") or name == "embed_tokens.weight":
             continue  # norms, biases (stacked expert biases are 2-D) and the lookup table do no matmul
-        share = cfg.num_experts_per_tok / cfg.num_experts if ".experts." in name else 1.0
+        # A token uses top_k of the stacked experts; per held row that is top_k / rows, so a rank holding an
+        # expert-parallel shard counts the same active parameters as the full model.
+        share = cfg.num_experts_per_tok / param.shape[0] if ".experts." in name else 1.0
         total += param.numel() * share
     head = cfg.hidden_size * cfg.vocab_size
     if cfg.tie_word_embeddings:

@@ -6,6 +6,8 @@ decay only with `train.decay_embeddings`. Decay is decoupled (AdamW): p <- p - l
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
 
 from kmodel.config import TrainConfig
@@ -19,13 +21,19 @@ def decays(name: str, param: torch.Tensor, decay_embeddings: bool) -> bool:
     return decay_embeddings or name not in EMBEDDING_NAMES
 
 
-def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
+def adamw(named_params: Iterable[tuple[str, torch.Tensor]], train: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over (name, tensor) pairs: one group that decays, one that does not (empty groups left out)."""
     decay, no_decay = [], []
-    for name, param in model.named_parameters():
+    for name, param in named_params:
         if param.requires_grad:
             (decay if decays(name, param, train.decay_embeddings) else no_decay).append(param)
     groups = [
         {"params": decay, "weight_decay": train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=train.lr, betas=(train.beta1, train.beta2), eps=train.adam_eps)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=(train.beta1, train.beta2),
+                             eps=train.adam_eps)
+
+
+def build_optimizer(model: torch.nn.Module, train: TrainConfig) -> torch.optim.AdamW:
+    return adamw(model.named_parameters(), train)

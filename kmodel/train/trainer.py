@@ -107,7 +107,7 @@ class Trainer:
         self._heldout = None  # tokenized on first evaluation
 
         torch.manual_seed(cfg.seed)
-        self.model = build_model(cfg, self.device)
+        self.model = self.make_model()
         if cfg.train.activation_checkpointing:
             from kmodel.parallel.activation_checkpointing import apply_activation_checkpointing
 
@@ -124,6 +124,10 @@ class Trainer:
         self.ledger = None
         self.metrics = MetricsLog(self.run_dir)
         self.wandb = None
+
+    def make_model(self) -> torch.nn.Module:
+        """The seed-initialised model (engines that shard it at construction override this)."""
+        return build_model(self.cfg, self.device)
 
     @property
     def total_steps(self) -> int:
@@ -162,7 +166,7 @@ class Trainer:
         if saved.model != self.cfg.model:
             keys = [k for k, v in self.cfg.model.model_dump().items() if saved.model.model_dump()[k] != v]
             raise CheckpointError(f"checkpoint {ckpt} was trained with another model config (differs in model.{', model.'.join(keys)})")
-        load_weights_into(self.model, read_weights(ckpt), str(ckpt))
+        self.load_weights(read_weights(ckpt), str(ckpt))
         state = read_state(ckpt)
         changed = manifest_differences(state["data_manifest"], self.data_manifest)
         if changed:
@@ -170,7 +174,7 @@ class Trainer:
         if state["scheduler"]["total_steps"] != self.total_steps:
             print(f"note: the learning-rate schedule now spans {self.total_steps} steps "
                   f"(was {state['scheduler']['total_steps']}); losses will differ from the original plan", file=sys.stderr)
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.load_optimizer_state(state["optimizer"])
         torch.set_rng_state(state["rng"]["torch"])
         if "cuda" in state["rng"] and self.device.type == "cuda":
             torch.cuda.set_rng_state_all(state["rng"]["cuda"])
@@ -178,16 +182,31 @@ class Trainer:
         self.step, self.tokens_seen, self.bad_steps = state["step"], state["tokens_seen"], state["bad_steps"]
         return ckpt
 
-    def start_ledger(self, resume: bool) -> None:
-        """The provenance ledger hook: genesis for a fresh run, continuation for a resumed one."""
+    def load_weights(self, weights: dict[str, torch.Tensor], source: str) -> None:
+        """Full (topology-free) checkpoint weights into the model."""
+        load_weights_into(self.model, weights, source)
+
+    def load_optimizer_state(self, state: dict[str, Any]) -> None:
+        """A checkpoint's AdamW state_dict (full tensors, one entry per parameter) into the optimizer."""
+        self.optimizer.load_state_dict(state)
+
+    def ledger_exists(self, resume: bool) -> bool:
+        from kmodel.provenance.ledger import LEDGER_FILE
+
+        return resume and (self.run_dir / LEDGER_FILE).exists()
+
+    def start_ledger(self, resume: bool, initial_weights: dict[str, torch.Tensor] | None = None) -> None:
+        """The provenance ledger hook: genesis for a fresh run (hashing `initial_weights`, default the model's
+        state), continuation for a resumed one."""
         if not self.cfg.provenance.ledger:
             return
-        from kmodel.provenance.ledger import LEDGER_FILE, Ledger
+        from kmodel.provenance.ledger import Ledger
 
-        if resume and (self.run_dir / LEDGER_FILE).exists():
+        if self.ledger_exists(resume):
             self.ledger = Ledger.open(self.run_dir)
         else:
-            self.ledger = Ledger.create(self.run_dir, self.cfg, self.model, self.tokenizer, self.data_manifest)
+            weights = self.model.state_dict() if initial_weights is None else initial_weights
+            self.ledger = Ledger.create(self.run_dir, self.cfg, weights, self.tokenizer, self.data_manifest, self.device)
 
     # --- one step ----------------------------------------------------------------------------------------
     def next_micro_batch(self) -> Batch:

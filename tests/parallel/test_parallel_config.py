@@ -20,10 +20,11 @@ DS = ["parallel.backend=deepspeed"]
     [
         (["parallel.world_size=2"], "need backend: deepspeed"),
         (DS + ["parallel.world_size=4", "parallel.expert_parallel_size=3"], r"expert_parallel_size \(3\) does not divide world_size \(4\)"),
-        (DS + ["parallel.world_size=3", "parallel.expert_parallel_size=3"], r"does not divide model.num_experts \(8\)"),
+        (DS + ["parallel.world_size=3", "parallel.expert_parallel_size=3", "parallel.zero_stage=1"], r"does not divide model.num_experts \(8\)"),
         (DS + ["parallel.world_size=2", "parallel.global_batch_size=24"], "not divisible by micro_batch_size x world_size = 16"),
         (DS + ["parallel.world_size=2", "parallel.global_batch_size=32"], "set train.grad_accum_steps to 2"),
         (DS + ["parallel.world_size=2", "parallel.expert_parallel_size=2", "parallel.zero_stage=3"], "zero_stage 3 with expert_parallel_size"),
+        (DS + ["parallel.world_size=2", "parallel.expert_parallel_size=2"], "expert_parallel_size > 1 needs zero_stage 1 or 2"),
         (DS + ["parallel.zero_stage=2", "parallel.offload_params=true"], "offload_params needs zero_stage 3"),
         (DS + ["parallel.offload_optimizer=true"], "offload_optimizer needs zero_stage 1, 2 or 3"),
     ],

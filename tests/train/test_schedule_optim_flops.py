@@ -85,6 +85,9 @@ def test_active_params_count_top_k_of_the_experts():
     sparse = build_model(load_config(RECIPE, SMALL))  # k = 2 of 8
     experts = sum(p.numel() for n, p in sparse.named_parameters() if ".experts." in n)
     assert active_matmul_params(sparse) == pytest.approx(matmul + mtp_head - experts * (1 - 2 / 8))
+    # An expert-parallel rank holding 2 of the 8 experts reports the same model FLOPs (MFU is per model).
+    shard = build_model(load_config(RECIPE, SMALL), experts=(2, 2))
+    assert active_matmul_params(shard) == pytest.approx(active_matmul_params(sparse))
 
 
 def test_attention_flops_respect_the_sliding_window():
