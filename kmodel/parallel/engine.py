@@ -30,6 +30,7 @@ Checkpoints gather the expert shards, so they keep the one-process format and re
 
 from __future__ import annotations
 
+import collections
 import math
 from pathlib import Path
 from typing import Any
@@ -43,6 +44,7 @@ from kmodel.data import Batch
 from kmodel.parallel.deepspeed_config import deepspeed_config, uses_bf16
 from kmodel.model import build_model
 from kmodel.parallel import expert_parallel as xp
+from kmodel.provenance.ledger import sorted_weights_sha256
 from kmodel.train.optim import adamw
 from kmodel.train.trainer import LOSS_KEYS, Trainer
 
@@ -215,7 +217,8 @@ class DeepSpeedTrainer(Trainer):
 
     # --- topology-free state ------------------------------------------------------------------------------------
     def full_weights(self) -> dict[str, torch.Tensor]:
-        """fp32 weights under their global names, gathered from ZeRO (collective: every rank calls it)."""
+        """fp32 weights under their global names, gathered from ZeRO and the expert shards (collective: every
+        rank calls it; only rank 0, the writer, keeps the tensors)."""
         from deepspeed.utils import safe_get_full_fp32_param
 
         params = dict(self.model.named_parameters())
@@ -227,11 +230,13 @@ class DeepSpeedTrainer(Trainer):
                 full = self.experts.full_master(params[name])
             else:
                 full = safe_get_full_fp32_param(params[name])
-            weights[name] = full.detach().float().cpu().contiguous()
+            if self.rank == 0:
+                weights[name] = full.detach().float().cpu().contiguous()
         return weights
 
     def optimizer_state(self) -> dict[str, Any]:
-        """The one-process AdamW state_dict, moments gathered from ZeRO (collective: every rank calls it)."""
+        """The one-process AdamW state_dict, moments gathered from ZeRO and the expert optimizer (collective:
+        every rank calls it; only rank 0 keeps the moments)."""
         from deepspeed.utils import safe_get_full_optimizer_state
 
         base = self._base_optimizer()
@@ -247,8 +252,9 @@ class DeepSpeedTrainer(Trainer):
                     else:
                         moments = {k: safe_get_full_optimizer_state(param, k) for k in ADAM_MOMENTS}
                     step = next(iter(base.state.values()))["step"]
-                    state[index] = {"step": step.detach().cpu().clone(),
-                                    **{k: v.detach().float().cpu() for k, v in moments.items()}}
+                    if self.rank == 0:
+                        state[index] = {"step": step.detach().cpu().clone(),
+                                        **{k: v.detach().float().cpu() for k, v in moments.items()}}
                 index += 1
         return {"state": state, "param_groups": groups}
 
@@ -277,11 +283,17 @@ class DeepSpeedTrainer(Trainer):
 
     # --- rank 0 writes -------------------------------------------------------------------------------------------
     def start_ledger(self, resume: bool) -> None:
-        initial = None
+        init_hash = None
         if self.groups is not None and self.cfg.provenance.ledger and not self.ledger_exists(resume):
-            initial = xp.full_state_dict(self.model, self.groups)  # genesis hashes the full initial model (collective)
+            # The genesis hash covers the full initial model: expert tensors are gathered one at a time, in
+            # name order, and hashed on rank 0 as they arrive (collective).
+            tensors = xp.full_state_items(self.model, self.groups)
+            if self.rank == 0:
+                init_hash = sorted_weights_sha256(tensors)
+            else:
+                collections.deque(tensors, maxlen=0)
         if self.rank == 0:
-            super().start_ledger(resume, initial)
+            super().start_ledger(resume, init_hash)
 
     def log(self, record: dict[str, Any]) -> None:
         if self.rank == 0:

@@ -21,6 +21,7 @@ expert-data-parallel group and divided by W — the same average over the global
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -178,18 +179,17 @@ def synchronize_router_load(model: nn.Module, group=None) -> None:
 
 
 @torch.no_grad()
-def full_state_dict(model: nn.Module, groups: Groups) -> dict[str, torch.Tensor]:
-    """The model's state with every expert tensor gathered to full size, global expert order (topology-free)."""
-    state = {}
-    for name, tensor in model.state_dict().items():
-        if is_expert_param(name):
-            tensor = gather_experts(tensor, groups)
-        state[name] = tensor.detach().cpu().contiguous()
-    return state
+def full_state_items(model: nn.Module, groups: Groups) -> Iterator[tuple[str, torch.Tensor]]:
+    """The model's state in name order, one tensor at a time, every expert tensor gathered to full size in
+    global expert order (collective: every rank of the group must consume it to the end)."""
+    state = model.state_dict()
+    for name in sorted(state):
+        tensor = gather_experts(state[name], groups) if is_expert_param(name) else state[name]
+        yield name, tensor.detach().cpu().contiguous()
 
 
 def shard_state_dict(full: dict[str, torch.Tensor], groups: Groups) -> dict[str, torch.Tensor]:
-    """This rank's slice of a full (topology-free) state dict: the inverse of full_state_dict."""
+    """This rank's slice of a full (topology-free) state dict: the inverse of `full_state_items`."""
     return {name: shard_rows(name, t, groups) if is_expert_param(name) else t for name, t in full.items()}
 
 

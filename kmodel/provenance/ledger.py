@@ -369,13 +369,14 @@ class Ledger:
         cls,
         run_dir: str | Path,
         cfg,
-        model: torch.nn.Module | dict[str, torch.Tensor],
+        model: torch.nn.Module | str,
         tokenizer: Any | None,
         data_manifest: Any,
         device: torch.device | None = None,
     ) -> Ledger:
-        """Start the ledger of a fresh run; `model` (a module or its full state) must still hold the
-        seed-derived initial weights. `device` (default: the module's) is recorded in the environment."""
+        """Start the ledger of a fresh run; `model` must still hold the seed-derived initial weights (or is the
+        sha256 of the full initial weights, `weights_sha256`, when no process holds them all). `device`
+        (default: the module's) is recorded in the environment."""
         run_dir = Path(run_dir)
         path = run_dir / LEDGER_FILE
         if path.exists():
@@ -397,7 +398,7 @@ class Ledger:
             "tokenizer_sha256": tokenizer.fingerprint() if tokenizer is not None else None,
             "data_manifest": data_manifest,
             "seed": cfg.seed,
-            "init_weights_sha256": weights_sha256(model),
+            "init_weights_sha256": model if isinstance(model, str) else weights_sha256(model),
         }
         genesis["hash"] = record_hash(genesis)
         _append_line(path, genesis)

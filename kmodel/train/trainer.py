@@ -195,18 +195,18 @@ class Trainer:
 
         return resume and (self.run_dir / LEDGER_FILE).exists()
 
-    def start_ledger(self, resume: bool, initial_weights: dict[str, torch.Tensor] | None = None) -> None:
-        """The provenance ledger hook: genesis for a fresh run (hashing `initial_weights`, default the model's
-        state), continuation for a resumed one."""
+    def start_ledger(self, resume: bool, init_weights_sha256: str | None = None) -> None:
+        """The provenance ledger hook: genesis for a fresh run (the initial weights' hash: given by an engine
+        whose ranks hold shards, else of the model's state), continuation for a resumed one."""
         if not self.cfg.provenance.ledger:
             return
-        from kmodel.provenance.ledger import Ledger
+        from kmodel.provenance.ledger import Ledger, weights_sha256
 
         if self.ledger_exists(resume):
             self.ledger = Ledger.open(self.run_dir)
         else:
-            weights = self.model.state_dict() if initial_weights is None else initial_weights
-            self.ledger = Ledger.create(self.run_dir, self.cfg, weights, self.tokenizer, self.data_manifest, self.device)
+            init_hash = weights_sha256(self.model) if init_weights_sha256 is None else init_weights_sha256
+            self.ledger = Ledger.create(self.run_dir, self.cfg, init_hash, self.tokenizer, self.data_manifest, self.device)
 
     # --- one step ----------------------------------------------------------------------------------------
     def next_micro_batch(self) -> Batch:

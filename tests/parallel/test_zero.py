@@ -104,6 +104,8 @@ def test_expert_parallel_matches_one_process(tmp_path, reference, reference_dir)
         assert got[step] == pytest.approx(loss, rel=1e-5), step
     norms = [json.loads(line).get("grad_norm") for line in open(tmp_path / "metrics.jsonl", encoding="utf-8")]
     assert max(n for n in norms if n is not None) > 1.0  # train.grad_clip = 1.0 clipped some steps
+    genesis = [json.loads(open(d / "ledger.jsonl", encoding="utf-8").readline()) for d in (tmp_path, reference_dir)]
+    assert genesis[0]["init_weights_sha256"] == genesis[1]["init_weights_sha256"]  # sharded init == full init
     final = "checkpoints/step_0000004"
     ours, theirs = read_weights(tmp_path / final), read_weights(reference_dir / final)
     assert ours.keys() == theirs.keys()
