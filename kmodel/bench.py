@@ -9,7 +9,6 @@ BENCHMARKS = {
     "attention": ("kmodel.kernels.attention.bench", "Triton hybrid attention vs SDPA / FlexAttention / flash-attn"),
     "moe": ("kmodel.kernels.moe.bench", "MoE layer: fused Triton kernels vs per-expert loop / grouped_mm / reference"),
     "ops": ("kmodel.kernels.loss.bench", "RMSNorm and fused linear + cross-entropy vs PyTorch"),
-    "model": ("kmodel.model.bench", "a training step of a recipe's model, kmodel vs transformers"),
 }
 
 

@@ -266,8 +266,9 @@ def activation_bytes(cfg: Config, *, element_bytes: int, fused_loss: bool) -> fl
     kept += 2 * m.hidden_size  # final norm input and output
     if m.num_nextn_predict_layers:
         kept += 5 * m.hidden_size  # hnorm/enorm inputs and outputs, concatenation
-    # an unfused loss keeps the fp32 logits and their log-softmax for each head (main + MTP)
-    loss = 0.0 if fused_loss else tokens * m.vocab_size * 4 * 2 * (1 + m.num_nextn_predict_layers)
+    # an unfused loss (the reference) keeps the fp32 logits of each head (main + MTP); its backward
+    # recomputes the softmax from them
+    loss = 0.0 if fused_loss else tokens * m.vocab_size * 4 * (1 + m.num_nextn_predict_layers)
     return tokens * kept * element_bytes + loss
 
 

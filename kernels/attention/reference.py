@@ -92,13 +92,19 @@ def attention(
         window = None  # the window covers everything causal attention can see
     scale = head_dim**-0.5 if scale is None else scale
     gqa = q_heads != kv_heads
+    v_dim = v.shape[-1]
+    if v_dim < head_dim:
+        # MLA's values are narrower than its queries/keys. SDPA's fused kernels need one head dim (otherwise it
+        # falls back to a path that stores the score matrix); zero columns of v leave the first v_dim outputs as
+        # they are, and the result is cut back below.
+        v = F.pad(v, (0, head_dim - v_dim))
     # SDPA wants (batch, heads, seq, head_dim).
     qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
     doc = None if cu_seqlens is None else document_ids(cu_seqlens, batch, seq)
 
     if window is None and doc is None and sinks is None:
         out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal, scale=scale, enable_gqa=gqa)
-        return out.transpose(1, 2)
+        return out.transpose(1, 2)[..., :v_dim]
 
     positions = torch.arange(seq, device=q.device)
     reach = seq if window is None else window - 1  # how far back (and, non-causal, ahead) a query can see
@@ -116,4 +122,4 @@ def attention(
                 qt[:, :, start:stop], kt[:, :, k_start:k_stop], vt[:, :, k_start:k_stop], mask, scale=scale, sinks=sinks
             )
         )
-    return torch.cat(blocks, dim=2).transpose(1, 2)
+    return torch.cat(blocks, dim=2).transpose(1, 2)[..., :v_dim]

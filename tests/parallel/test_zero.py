@@ -29,9 +29,9 @@ def _losses(run_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
 
 
-def _distributed(run_dir, zero_stage: int, extra: list[str] = (), resume: bool = False) -> None:
-    sets = TINY + ["parallel.backend=deepspeed", "parallel.world_size=2", f"parallel.zero_stage={zero_stage}", *extra]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+def _distributed(run_dir, zero_stage: int, extra: list[str] = (), resume: bool = False, procs: int = 2) -> None:
+    sets = TINY + ["parallel.backend=deepspeed", f"parallel.world_size={procs}", f"parallel.zero_stage={zero_stage}", *extra]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
            "-m", "kmodel.parallel.entry", RECIPE, "--out", str(run_dir), *(["--resume"] if resume else [])]
     for s in sets:
         cmd += ["--set", s]
@@ -110,6 +110,17 @@ def test_expert_parallel_matches_one_process(tmp_path, reference, reference_dir)
     ours, theirs = read_weights(tmp_path / final), read_weights(reference_dir / final)
     assert ours.keys() == theirs.keys()
     for name, tensor in theirs.items():  # one process vs ZeRO-2 EP=1 differ by ~3e-6 (summation order)
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=2e-5, msg=name)
+
+
+def test_expert_data_parallel_groups_of_two(tmp_path, reference, reference_dir):
+    """4 processes, EP=2: two expert-parallel groups, so each expert shard lives on 2 ranks whose gradients
+    are summed over the expert-data-parallel group. Micro-batch 1 keeps the global batch of the reference."""
+    _distributed(tmp_path, 1, EP + ["train.micro_batch_size=1"], procs=4)
+    assert _losses(tmp_path) == pytest.approx(reference, rel=1e-5)
+    final = "checkpoints/step_0000004"
+    ours, theirs = read_weights(tmp_path / final), read_weights(reference_dir / final)
+    for name, tensor in theirs.items():
         torch.testing.assert_close(ours[name], tensor, rtol=0, atol=2e-5, msg=name)
 
 

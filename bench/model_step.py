@@ -1,17 +1,21 @@
 """Benchmark: one forward+backward training step of a recipe's model, kmodel vs transformers.
 
+A script of the repository, not of the installed package: transformers is only a baseline (and a test
+dependency), and the `kmodel` package never imports another project's model code.
+
 The same weights (exported through `kmodel export hf`), the same batch and the same loss (next-token
 cross-entropy; MTP and auxiliary losses off on both sides, as transformers' classes compute neither).
 Each contender runs in a fresh process so its peak resident memory is its own. Writes a markdown table
 and JSON under bench/results/ naming the device.
 
-    kmodel bench model [--recipe R] [--batch B] [--seq S] [--repeats N]
+    python bench/model_step.py [--recipe R] [--batch B] [--seq S] [--repeats N]   (from the repository root)
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -23,12 +27,12 @@ from pathlib import Path
 
 import torch
 
-FAIR = ["model.num_nextn_predict_layers=0", "model.aux_loss_coef=0", "model.router_z_loss_coef=0",
+FAIR = ["model.num_nextn_predict_layers=0", "model.aux_loss_coef=0", "model.router_z_loss_coef=0", "model.logits_z_loss_coef=0",
         "model.router_bias_update_rate=0"]
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="kmodel bench model", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="bench/model_step.py", description=__doc__.split("\n\n")[0])
     p.add_argument("--recipe", default="recipes/tiny-ko-moe.yaml", help="recipe whose model is timed")
     p.add_argument("--batch", type=int, default=8, help="sequences per step")
     p.add_argument("--seq", type=int, default=256, help="tokens per sequence")
@@ -89,12 +93,13 @@ def main(argv: list[str] | None = None) -> int:
     from kmodel.model import build_model
 
     cfg = load_config(args.recipe, FAIR)
+    load_before = os.getloadavg()[0]  # other jobs on the machine skew CPU timings: the table says how busy it was
     with tempfile.TemporaryDirectory() as tmp:
         save_checkpoint(Path(tmp) / "ckpt", build_model(cfg), cfg)
         family = export_hf(Path(tmp) / "ckpt", Path(tmp) / "ckpt" / "hf")
         results = {}
         for contender in ("kmodel", "transformers"):
-            cmd = [sys.executable, "-m", "kmodel.model.bench", "--contender", contender, "--checkpoint",
+            cmd = [sys.executable, str(Path(__file__).resolve()), "--contender", contender, "--checkpoint",
                    str(Path(tmp) / "ckpt"), "--batch", str(args.batch), "--seq", str(args.seq),
                    "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(args.threads)]
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)
@@ -110,7 +115,10 @@ def main(argv: list[str] | None = None) -> int:
     lines = [
         f"# Training step: {cfg.name} forward+backward, batch {args.batch} x {args.seq} tokens",
         "",
-        f"Device: {device}; torch {torch.__version__}; median of {args.repeats} steps after {args.warmup} warm-up.",
+        f"Device: {device}; torch {torch.__version__}; median of {args.repeats} steps after {args.warmup} warm-up; "
+        f"load average {load_before:.2f} before the run ({time.strftime('%Y-%m-%d')}).",
+        "Same weights (exported through `kmodel export hf`), same batch, next-token cross-entropy only on both sides "
+        "(MTP, balance, router and logit z-losses off: transformers computes none of them).",
         "",
         "| implementation | median step (s) | tokens/s | peak RSS (MiB) |",
         "|---|---|---|---|",
