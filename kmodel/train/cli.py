@@ -138,7 +138,7 @@ def _add_demo(sub) -> None:
         help="the end-to-end CPU demo: train the tiny Korean MoE, evaluate, generate",
         description="Train recipes/tiny-ko-moe.yaml on the bundled Korean/English/code corpus with the shipped "
         "Korean tokenizer, evaluate on the held-out split, generate Korean continuations, and print where the run "
-        "directory, plots and metrics are. About 3.5 minutes on two idle CPU cores.",
+        "directory, plots and metrics are. About 3 minutes on two idle CPU cores.",
     )
     p.add_argument("--out", metavar="DIR", help="run directory (default: runs/demo-<date>-<time>)")
     p.add_argument("--max-steps", type=int, metavar="N", help="train for N steps instead of the recipe's")
