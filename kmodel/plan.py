@@ -203,36 +203,49 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
 # --- memory -----------------------------------------------------------------------------------------
 
 
+def _sublayer_ends_elements(cfg: ModelConfig) -> int:
+    """Elements per token an attention or MLP sublayer keeps at its two ends, by norm placement: the input its
+    first projections read (h); the input norm's own input (pre, sandwich: h more; the norm's output is what the
+    projections read); the output norm's input, i.e. the sublayer's output (post, sandwich: h more; the norm's
+    output only feeds the residual add, which keeps nothing). pre and post: 2h; sandwich: 3h."""
+    placement = cfg.norm_placement
+    return cfg.hidden_size * (1 + (placement in ("pre", "sandwich")) + (placement in ("post", "sandwich")))
+
+
 def _attention_activation_elements(cfg: ModelConfig) -> int:
-    """Elements one attention block keeps per token: the input norm's input and output (2h), then
-    GQA: q, k, v (twice with QK-norm: before and after it) and the attention output;
+    """Elements one attention block keeps per token: its ends (`_sublayer_ends_elements`), then
+    GQA: q, k, v as the attention kernel reads them (after QK-norm and RoPE), q and k once more before their
+    QK-norm (the norm keeps its input; v has no norm, so it is kept once), and the attention output;
     MLA: the query latent and its norm (low-rank query only), kv_a's output (the latent and the shared RoPE key,
     kept as one tensor), the normed latent, the per-head q and k (nope + rope), kv_b's output (the per-head
     no-RoPE key and value: the value is a view of it, so all of it stays) and the attention output."""
-    h, n = cfg.hidden_size, cfg.num_attention_heads
+    ends, n = _sublayer_ends_elements(cfg), cfg.num_attention_heads
     if cfg.attention_kind == "mla":
         qk, v = attention_head_dims(cfg)
         rq, rkv = cfg.q_lora_rank, cfg.kv_lora_rank
         query_latent = 0 if rq is None else 2 * rq
         latent = (rkv + cfg.qk_rope_head_dim) + rkv
         heads = 2 * n * qk + n * (cfg.qk_nope_head_dim + v) + n * v
-        return 2 * h + query_latent + latent + heads
-    d = cfg.head_dim
-    qkv = (n + 2 * cfg.num_key_value_heads) * d
-    return 2 * h + qkv * (2 if cfg.qk_norm else 1) + n * d
+        return ends + query_latent + latent + heads
+    d, nkv = cfg.head_dim, cfg.num_key_value_heads
+    qk = (n + nkv) * d
+    return ends + qk * (2 if cfg.qk_norm else 1) + nkv * d + n * d
 
 
 def activation_elements_per_token(cfg: ModelConfig, sparse: bool) -> dict[str, float]:
     """Elements one decoder layer keeps for backward per token, by part (see docs/parallel.md)."""
     h = cfg.hidden_size
     attention = _attention_activation_elements(cfg)
+    ends = _sublayer_ends_elements(cfg)
+    # A plain-torch SwiGLU MLP keeps gate out, up out, silu(gate) and their product: 4 x intermediate.
     if not sparse:
-        return {"attention": attention, "mlp": 2 * h + 3 * cfg.intermediate_size}
+        return {"attention": attention, "mlp": ends + 4 * cfg.intermediate_size}
     k, im = cfg.num_experts_per_tok, cfg.moe_intermediate_size
     routed = k * (2 * h + 3 * im)  # permuted copy in, gate/up out, product, expert out
-    shared = 3 * im * cfg.num_shared_experts
+    shared = 4 * im * cfg.num_shared_experts
     router = 2 * cfg.num_experts * 2  # fp32 logits and scores, counted in 2-byte units
-    return {"attention": attention, "mlp": 2 * h + routed + shared + router}
+    output_norm = h if cfg.post_mlp_norm else 0  # A.X K1: its input, routed + shared output summed
+    return {"attention": attention, "mlp": ends + routed + shared + router + output_norm}
 
 
 @dataclass(frozen=True)
@@ -524,6 +537,16 @@ def _count(n: float) -> str:
     return f"{n / 1e9:.2f} B" if n >= 1e8 else f"{n / 1e6:.2f} M"
 
 
+def _kv_cache_layers(m: ModelConfig, context: int) -> str:
+    """What the layers keep in the inference KV cache of a `context`-token sequence, in words (as kv_cache_bytes)."""
+    sliding = m.layer_types.count("sliding_attention")
+    full = len(m.layer_types) - sliding
+    if not sliding:
+        return f"no sliding-window layers: every layer keeps all {context} positions"
+    kept = f"sliding layers ({sliding}) keep {min(context, m.sliding_window)} positions"
+    return kept + (f", full layers ({full}) all {context}" if full else "")
+
+
 def format_plan(plan: Plan, cfg: Config) -> str:
     c, mem, a, g = plan.counts, plan.memory, plan.assumptions, GiB
     p = cfg.parallel
@@ -544,7 +567,8 @@ def format_plan(plan: Plan, cfg: Config) -> str:
         f"  total             {mem.total / g:9.2f} GiB of {plan.usable_bytes / g:.2f} usable"
         + (f"; {mem.cpu_offloaded / g:.2f} GiB offloaded to CPU" if mem.cpu_offloaded else ""),
         f"  inference KV cache per {cfg.model.max_position_embeddings}-token sequence: "
-        f"{plan.kv_cache_bytes_per_seq / g:.3f} GiB (sliding layers keep {cfg.model.sliding_window} keys)",
+        f"{plan.kv_cache_bytes_per_seq / g:.3f} GiB "
+        f"({_kv_cache_layers(cfg.model, cfg.model.max_position_embeddings)})",
         "communication per GPU per step:",
         f"  ZeRO dense        {plan.zero_dense_bytes / g:9.2f} GiB",
         f"  ZeRO experts      {plan.zero_expert_bytes / g:9.2f} GiB",

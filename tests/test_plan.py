@@ -116,10 +116,34 @@ def test_hand_computed_zero2_memory():
 
 def test_hand_computed_activations():
     cfg = config_from_dict(SMALL)  # seq_len: max_position_embeddings 4096 (no data section)
-    # per token: attention 2*8 + (2+2)*4 + 2*4 = 40, MLP 2*8 + 3*16 = 64, final norm 16 -> 120 elements
-    assert activation_bytes(cfg, element_bytes=2, fused_loss=True) == 2 * 4096 * 120 * 2
+    # per token: attention 2*8 + (2+2)*4 + 2*4 = 40, MLP 2*8 + 4*16 = 80, final norm 16 -> 136 elements
+    assert activation_bytes(cfg, element_bytes=2, fused_loss=True) == 2 * 4096 * 136 * 2
     # an unfused loss adds the fp32 logits (the backward recomputes the softmax): tokens * vocab * 4
-    assert activation_bytes(cfg, element_bytes=2, fused_loss=False) == 2 * 4096 * (120 * 2 + 16 * 4)
+    assert activation_bytes(cfg, element_bytes=2, fused_loss=False) == 2 * 4096 * (136 * 2 + 16 * 4)
+
+
+def test_hand_computed_extra_norm_activations():
+    """Output norms keep their input (the sublayer's output, hidden 8); their own output only feeds the residual add."""
+    def small(**model):
+        return config_from_dict({**SMALL, "model": {**SMALL["model"], **model}})
+
+    # post: the projections read the residual stream (8) and the output norm keeps its input (8): as pre, 40 / 80
+    assert activation_elements_per_token(small(norm_placement="post").model, False) == {"attention": 40, "mlp": 80}
+    # sandwich (Peri-LN): input norm's input 8 + its output 8 + output norm's input 8 on each sublayer
+    # attention 3*8 + q 2*4 + k 4 + v 4 + out 2*4 = 48; MLP 3*8 + 4*16 = 88; + final norm 16 -> 152 per token
+    assert activation_elements_per_token(small(norm_placement="sandwich").model, False) == {"attention": 48, "mlp": 88}
+    assert activation_bytes(small(norm_placement="sandwich"), element_bytes=2, fused_loss=True) == 2 * 4096 * 152 * 2
+
+    # one MoE layer: 4 experts of 6, top-2, one shared expert. MLP part: norm in/out 2*8 = 16; routed 2 x (copy in 8
+    # + gate/up 12 + product 6 + expert out 8) = 68; shared (plain SwiGLU) 4*6 = 24; router logits + scores
+    # 2*4 fp32 = 16 -> 124
+    moe = {"num_experts": 4, "num_experts_per_tok": 2, "moe_intermediate_size": 6, "num_shared_experts": 1}
+    assert activation_elements_per_token(small(**moe).model, True)["mlp"] == 124
+    # A.X K1's post_mlp_norm keeps the summed routed + shared output, 8 more
+    assert activation_elements_per_token(small(**moe, post_mlp_norm=True).model, True)["mlp"] == 132
+    # with sandwich as well, the layer's output norm keeps post_mlp_norm's output: 8 more again
+    both = small(**moe, post_mlp_norm=True, norm_placement="sandwich").model
+    assert activation_elements_per_token(both, True) == {"attention": 48, "mlp": 140}
 
 
 def test_hand_computed_mla():
@@ -135,10 +159,10 @@ def test_hand_computed_mla():
 
     # activations per token: norm in/out 2*8=16, query latent + its norm 2*4=8, kv_a output (latent + RoPE key)
     # 4+2=6, normed latent 4, q 2*4=8, k 2*4=8, kv_b output (nope key + value) 2*(2+3)=10, attention out 2*3=6
-    assert activation_elements_per_token(m, False) == {"attention": 66, "mlp": 2 * 8 + 3 * 16}
+    assert activation_elements_per_token(m, False) == {"attention": 66, "mlp": 2 * 8 + 4 * 16}
     assert activation_elements_per_token(full_q.model, False)["attention"] == 66 - 8
-    # 2 tokens x 8 positions, 2 layers x (66 + 64) + final norm 16 = 276 elements per token, 2 bytes each
-    assert activation_bytes(cfg, element_bytes=2, fused_loss=True) == 2 * 8 * 276 * 2
+    # 2 tokens x 8 positions, 2 layers x (66 + 80) + final norm 16 = 308 elements per token, 2 bytes each
+    assert activation_bytes(cfg, element_bytes=2, fused_loss=True) == 2 * 8 * 308 * 2
 
     # FLOPs per key: QK^T 2*2 heads*qk 4 = 16, PV 2*2 heads*v 3 = 12 -> 28. Keys a query sees: the sliding layer
     # min(i+1, 4) over i = 0..7 -> (1+2+3+4*5)/8 = 3.25, the full layer (1+...+8)/8 = 4.5
@@ -196,6 +220,19 @@ def test_plan_cli(capsys):
     assert "expert_parallel_size (64) does not divide the 24 GPUs" in capsys.readouterr().err
 
 
+def test_plan_cli_kv_cache_line_with_and_without_a_sliding_window(capsys):
+    # tiny/qwen3-moe has no sliding window; tiny-ko-moe has 3 sliding layers (window 64) and 1 full, 1024 positions
+    assert main(["plan", "recipes/tiny/qwen3-moe.yaml", "--nodes", "1", "--gpus-per-node", "1"]) == 0
+    out = capsys.readouterr().out
+    assert "GiB (no sliding-window layers: every layer keeps all 1024 positions)\n" in out
+    assert "None" not in out and "sliding layers" not in out
+    assert main(["plan", TINY, "--nodes", "1", "--gpus-per-node", "1"]) == 0
+    assert "GiB (sliding layers (3) keep 64 positions, full layers (1) all 1024)\n" in capsys.readouterr().out
+    # a window at least the context keeps everything on sliding layers too
+    assert main(["plan", TINY, "--nodes", "1", "--gpus-per-node", "1", "--set", "model.sliding_window=4096"]) == 0
+    assert "(sliding layers (3) keep 1024 positions, full layers (1) all 1024)" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("recipe", [TINY, TINY_MLA])
 def test_estimate_against_measured_cpu_peak(recipe):
     """fp32 tiny recipe, one AdamW step on CPU: weights, gradients and optimizer state measured exactly,
@@ -240,6 +277,32 @@ def test_kv_cache_of_mla_counts_the_compressed_latent():
     assert kv_cache_bytes(gqa, 100) == 2 * gqa.num_key_value_heads * gqa.head_dim * 2 * kept
 
 
+def _kept_per_token(cfg, layer_idx, run):
+    """fp32 elements per token that autograd keeps for backward while `run(layer, x, rope, positions)` runs on
+    layer `layer_idx` of the recipe's model (Triton norm and attention kernels interpreted on CPU, as on GPU),
+    counted by distinct storage, leaving out the weights and the RoPE tables (not per token)."""
+    model = build_model(cfg).train()
+    m, layer = cfg.model, model.layers[layer_idx]
+    batch, seq = 1, 16
+    positions = torch.arange(seq)
+    rope = model.rope_tables(positions)[m.layer_types[layer_idx]]
+    shared = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *rope)}
+    saved: dict[int, int] = {}
+
+    def keep(t):
+        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    x = torch.randn(batch, seq, m.hidden_size, requires_grad=True, generator=torch.Generator().manual_seed(0))
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
+        run(layer, x, rope, positions)
+    return sum(n for ptr, n in saved.items() if ptr not in shared) / (batch * seq * 4)
+
+
+def _attention_block(layer, x, rope, positions):
+    layer.self_attn(layer.attn_in_norm(x), rope, positions)
+
+
 @pytest.mark.parametrize("overrides", [[], ["model.q_lora_rank=null"]])
 def test_mla_attention_activations_equal_what_the_fused_kernels_keep(overrides, monkeypatch):
     """The tensors autograd keeps for one MLA attention block (input norm + LatentAttention) with the fused norm and
@@ -248,21 +311,70 @@ def test_mla_attention_activations_equal_what_the_fused_kernels_keep(overrides, 
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     cfg = load_config(TINY_MLA, ["kernels.attention=triton", "kernels.norm=triton", *overrides])
-    model = build_model(cfg).train()
-    m, layer = cfg.model, model.layers[0]
-    batch, seq = 1, 16
-    positions = torch.arange(seq)
-    rope = model.rope_tables(positions)[m.layer_types[0]]
-    shared = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *rope)}
-    saved: dict[int, int] = {}
-
-    def keep(t):
-        saved[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    x = torch.randn(batch, seq, m.hidden_size, requires_grad=True)
-    with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t):
-        layer.self_attn(layer.attn_in_norm(x), rope, positions)
-    kept = sum(n for ptr, n in saved.items() if ptr not in shared) / (batch * seq * 4)  # fp32 elements per token
+    m = cfg.model
+    kept = _kept_per_token(cfg, 0, _attention_block)
     norms = 3 if m.q_lora_rank is not None else 2  # attention input, (query latent), key/value latent
     assert kept == activation_elements_per_token(m, False)["attention"] + norms + m.num_attention_heads
+
+
+@pytest.mark.parametrize("qk_norm", [True, False])
+@pytest.mark.parametrize("layer_idx", [0, 3])  # tiny-ko-moe: a sliding RoPE layer, the global NoPE layer
+def test_gqa_attention_activations_equal_what_the_fused_kernels_keep(layer_idx, qk_norm, monkeypatch):
+    """One GQA attention block (input norm + Attention) with the Triton norm and attention kernels: exactly the
+    formula plus the kernels' fp32 statistics (input norm and per-head q/k norm rstd, per-head log-sum-exp)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    qk = f"model.qk_norm={str(qk_norm).lower()}"
+    cfg = load_config(TINY, ["kernels.attention=triton", "kernels.norm=triton", qk])
+    m = cfg.model
+    # hidden 128, 4 query heads and 2 key/value heads of 32: norm input + output 2*128 = 256, q 128, k 64, v 64,
+    # attention output 128 -> 640; QK-norm keeps q and k once more before the norm (v has none): + 192 -> 832
+    formula = activation_elements_per_token(m, False)["attention"]
+    assert formula == (832 if qk_norm else 640)
+    stats = 1 + (m.num_attention_heads + m.num_key_value_heads if qk_norm else 0) + m.num_attention_heads
+    assert _kept_per_token(cfg, layer_idx, _attention_block) == formula + stats
+
+
+def test_dense_mlp_activations_equal_what_autograd_keeps(monkeypatch):
+    """tiny-ko-moe's first (dense) layer's MLP block, input norm included: norm input + output 2H and the SwiGLU's
+    gate out, up out, silu(gate) and product 4I, plus the norm's fp32 rstd."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    cfg = load_config(TINY, ["kernels.norm=triton"])
+    m = cfg.model
+    formula = activation_elements_per_token(m, False)["mlp"]
+    assert formula == 2 * m.hidden_size + 4 * m.intermediate_size
+    assert _kept_per_token(cfg, 0, lambda layer, x, rope, positions: layer.mlp(layer.mlp_in_norm(x))) == formula + 1
+
+
+@pytest.mark.parametrize("overrides", [["model.norm_placement=post"], ["model.norm_placement=sandwich"],
+                                       ["model.post_mlp_norm=true"],
+                                       ["model.norm_placement=sandwich", "model.post_mlp_norm=true"]])
+def test_extra_norm_activations_equal_what_the_fused_kernels_keep(overrides, monkeypatch):
+    """A whole MoE decoder layer of tiny-ko-moe measured with and without the extra norms (reference MoE kernel, whose
+    kept bytes do not depend on the routing): the difference is the formula's difference plus one fp32 rstd per
+    token for each norm added. The norm weights are plain (not 1 + w, which makes a per-call copy of the weight)."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    from kmodel.model.norm import RMSNorm
+
+    def measure(extra):
+        cfg = load_config(TINY, ["kernels.attention=triton", "kernels.norm=triton", "kernels.moe=torch", *extra])
+        norms = []
+
+        def layer_forward(layer, x, rope, positions):
+            norms.append(sum(isinstance(mod, RMSNorm) for mod in layer.modules()))  # q/k norms included
+            layer(x, rope, positions)
+
+        kept = _kept_per_token(cfg, 1, layer_forward)  # layer 1: the first MoE layer
+        return cfg.model, norms[0], kept
+
+    base_model, base_norms, base_kept = measure([])
+    model, norms, kept = measure(overrides)
+    formula = sum(activation_elements_per_token(model, True).values())
+    base_formula = sum(activation_elements_per_token(base_model, True).values())
+    h = model.hidden_size
+    # by hand: 128 for each output norm added (post only moves the two norms: nothing added)
+    added = (2 * h if model.norm_placement == "sandwich" else 0) + (h if model.post_mlp_norm else 0)
+    assert formula - base_formula == added
+    assert kept - base_kept == formula - base_formula + (norms - base_norms)

@@ -32,13 +32,14 @@ from __future__ import annotations
 
 import collections
 import math
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from kmodel.checkpoint import step_dir_name
+from kmodel.checkpoint import CheckpointError, LazyTensor, TensorStream, load_weights_into, step_dir_name
 from kmodel.config import Config, ConfigError
 from kmodel.data import Batch
 from kmodel.parallel.deepspeed_config import deepspeed_config, uses_bf16
@@ -58,6 +59,13 @@ def joint_norm(dense: torch.Tensor | float, experts: torch.Tensor) -> torch.Tens
     if not (torch.isfinite(dense) and dense >= 0 and torch.isfinite(experts)):
         return torch.tensor(float("inf"), device=experts.device)
     return torch.sqrt(dense.square() + experts.float().square())
+
+
+def _read(value: torch.Tensor | LazyTensor, rows: slice | None = None) -> torch.Tensor:
+    """A checkpoint tensor (or a block of its rows), read from disk if it has not been yet."""
+    if isinstance(value, LazyTensor):
+        return value.load(rows)
+    return value if rows is None else value[rows]
 
 
 def clip_factor(total_norm: float, clip: float) -> float:
@@ -84,6 +92,7 @@ class DeepSpeedTrainer(Trainer):
         super().__init__(cfg, run_dir, **kwargs)
         self.engine = None
         self.experts: xp.ExpertOptimizer | None = None
+        self._restored: dict[torch.nn.Parameter, dict[str, Any]] = {}  # AdamW entries from `restore`
         # The one-process AdamW layout (group hyper-parameters, parameter order): checkpoints keep it.
         self._optimizer_groups = [
             ({k: v for k, v in group.items() if k != "params"}, list(group["params"])) for group in self.optimizer.param_groups
@@ -105,7 +114,7 @@ class DeepSpeedTrainer(Trainer):
         (under expert parallelism the expert shards' moments go to the ExpertOptimizer instead)."""
         import deepspeed
 
-        restored = {p: dict(s) for p, s in self.optimizer.state.items()}
+        restored, self._restored = self._restored, {}
         config = deepspeed_config(self.cfg, self.device.type)
         if config["bf16"]["enabled"]:
             self.amp_dtype = None  # DeepSpeed keeps bf16 weights (fp32 masters in the optimizer): no autocast
@@ -123,8 +132,10 @@ class DeepSpeedTrainer(Trainer):
         if self.experts is not None:
             self.experts.write_back()  # DeepSpeed's start-up broadcast overwrote every shard with rank 0's
             self._add_expert_norm_to_zero()
+            rows = self._expert_rows()
             for param in [p for p in restored if self.is_expert(p)]:
-                self.experts.load_state(param, restored.pop(param), ADAM_MOMENTS)
+                entry = restored.pop(param)
+                self.experts.load_state(param, entry["step"], {k: _read(entry[k], rows) for k in ADAM_MOMENTS})
         if restored:
             self._load_moments(restored)
 
@@ -167,8 +178,8 @@ class DeepSpeedTrainer(Trainer):
                 base.state[flat] = {"step": step.clone(), **{k: torch.zeros_like(flat) for k in ADAM_MOMENTS}}
         self._link_moments()
         for param, state in restored.items():
-            for key in ADAM_MOMENTS:
-                safe_set_full_optimizer_state(param, state[key].to(self.device), key)
+            for key in ADAM_MOMENTS:  # one full tensor at a time; ZeRO keeps this rank's partition of it
+                safe_set_full_optimizer_state(param, _read(state[key]).to(self.device), key)
 
     @property
     def tokens_per_step(self) -> int:
@@ -215,71 +226,104 @@ class DeepSpeedTrainer(Trainer):
             self.discard_step()
         return grad_norm, applied
 
-    # --- topology-free state ------------------------------------------------------------------------------------
-    def full_weights(self) -> dict[str, torch.Tensor]:
-        """fp32 weights under their global names, gathered from ZeRO and the expert shards (collective: every
-        rank calls it; only rank 0, the writer, keeps the tensors)."""
+    # --- topology-free state: streamed out, read back one tensor at a time -----------------------------------
+    def _full_specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Dtype and full (unsharded, unpartitioned) shape of every state_dict entry, from a meta-device model."""
+        with torch.device("meta"):
+            state = type(self.model)(self.cfg.model).state_dict()
+        return {name: (t.dtype, tuple(t.shape)) for name, t in state.items()}
+
+    def weight_stream(self) -> TensorStream:
+        """fp32 weights under their global names, in name order, each gathered from ZeRO or the expert shards
+        when the file writer asks for it (collective: every rank consumes the stream to the end)."""
         from deepspeed.utils import safe_get_full_fp32_param
 
-        params = dict(self.model.named_parameters())
-        weights = {}
-        for name, tensor in self.model.state_dict().items():
-            if name not in params:
-                full = tensor  # buffers: identical on every rank
-            elif self.is_expert(params[name]):
-                full = self.experts.full_master(params[name])
-            else:
-                full = safe_get_full_fp32_param(params[name])
-            if self.rank == 0:
-                weights[name] = full.detach().float().cpu().contiguous()
-        return weights
+        specs = self._full_specs()
+        params, state = dict(self.model.named_parameters()), self.model.state_dict()
+        names = sorted(specs)
 
-    def optimizer_state(self) -> dict[str, Any]:
-        """The one-process AdamW state_dict, moments gathered from ZeRO and the expert optimizer (collective:
-        every rank calls it; only rank 0 keeps the moments)."""
+        def values():
+            for name in names:
+                if name not in params:
+                    yield state[name].detach().cpu()  # buffers: identical on every rank
+                elif self.is_expert(params[name]):
+                    yield self.experts.full_master(params[name]).cpu()
+                else:
+                    yield safe_get_full_fp32_param(params[name]).detach().float().cpu()
+
+        return TensorStream([(n, *specs[n]) for n in names], values())
+
+    def moment_stream(self) -> TensorStream | None:
+        """AdamW's moments as optimizer.safetensors names them (`state.<index>.<key>`, the one-process
+        parameter order), gathered one at a time (collective); None before the first step."""
         from deepspeed.utils import safe_get_full_optimizer_state
 
-        base = self._base_optimizer()
+        if not self._base_optimizer().state:
+            return None
         self._link_moments()
+        specs, names = self._full_specs(), {p: n for n, p in self.model.named_parameters()}
+        params = [p for _, group in self._optimizer_groups for p in group]
+        entries = sorted((f"state.{i}.{key}", param, key) for i, param in enumerate(params) for key in ADAM_MOMENTS)
+
+        def values():
+            for _, param, key in entries:
+                if self.is_expert(param):
+                    yield self.experts.full_moment(param, key).cpu()
+                else:
+                    yield safe_get_full_optimizer_state(param, key).detach().float().cpu()
+
+        return TensorStream([(n, torch.float32, specs[names[p]][1]) for n, p, _ in entries], values())
+
+    def optimizer_state(self) -> dict[str, Any]:
+        """The one-process AdamW state_dict without its moments (those go through `moment_stream`)."""
+        base = self._base_optimizer()
+        step = next(iter(base.state.values()))["step"].detach().cpu().clone() if base.state else None
         state, groups, index = {}, [], 0
         for hyper, params in self._optimizer_groups:
             live = self.engine.optimizer.param_groups[len(groups)]
             groups.append({**hyper, "lr": live["lr"], "params": list(range(index, index + len(params)))})
-            for param in params:
-                if base.state:  # nothing before the first step
-                    if self.is_expert(param):
-                        moments = self.experts.full_moments(param, ADAM_MOMENTS)
-                    else:
-                        moments = {k: safe_get_full_optimizer_state(param, k) for k in ADAM_MOMENTS}
-                    step = next(iter(base.state.values()))["step"]
-                    if self.rank == 0:
-                        state[index] = {"step": step.detach().cpu().clone(),
-                                        **{k: v.detach().float().cpu() for k, v in moments.items()}}
+            for _ in params:
+                if step is not None:
+                    state[index] = {"step": step.clone()}
                 index += 1
         return {"state": state, "param_groups": groups}
 
     def save_checkpoint(self) -> Path:
+        """Every rank gathers; rank 0 writes each tensor as it arrives, so no process holds the whole model."""
         directory = self.checkpoints_dir / step_dir_name(self.step)
-        weights, state = self.full_weights(), self.state_dict()
+        state = self.state_dict()
+        weights, moments = self.weight_stream(), self.moment_stream()
         if self.rank == 0:
-            self.write_checkpoint(directory, weights, state)
+            self.write_checkpoint(directory, weights, state, moments)
+        else:  # same collectives, same order: the weights, then the moments
+            for stream in (weights, moments):
+                if stream is not None:
+                    collections.deque(stream.values, maxlen=0)
         dist.barrier()
         return directory
 
-    def load_weights(self, weights: dict[str, torch.Tensor], source: str) -> None:
-        super().load_weights(weights if self.groups is None else xp.shard_state_dict(weights, self.groups), source)
+    lazy_restore = True
+
+    def _expert_rows(self) -> slice | None:
+        if self.groups is None:
+            return None
+        first, count = xp.local_experts(self.cfg.model.num_experts, self.groups)
+        return slice(first, first + count)
+
+    def load_weights(self, weights: Mapping[str, torch.Tensor | LazyTensor], source: str) -> None:
+        """Each tensor read on its own; an expert-parallel rank reads only its experts' rows."""
+        rows = self._expert_rows()
+        load_weights_into(self.model, weights, source, None if rows is None else
+                          (lambda name: rows if xp.is_expert_param(name) else None))
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
-        """Under expert parallelism the plain AdamW holds expert shards: keep this rank's rows of their moments."""
-        if self.groups is not None:
-            names = {p: n for n, p in self.model.named_parameters()}
-            params = [p for _, group in self._optimizer_groups for p in group]
-            state = {**state, "state": {
-                i: {k: xp.shard_rows(names[params[i]], v, self.groups) if k in ADAM_MOMENTS and xp.is_expert_param(names[params[i]]) else v
-                    for k, v in s.items()}
-                for i, s in state["state"].items()
-            }}
-        super().load_optimizer_state(state)
+        """Keep the checkpoint's AdamW entries (moments unread) for `start_engine`, which places them one
+        tensor at a time into ZeRO's partitions and the expert optimizer."""
+        params = [p for _, group in self._optimizer_groups for p in group]
+        unknown = [i for i in state["state"] if not 0 <= int(i) < len(params)]
+        if unknown:
+            raise CheckpointError(f"the checkpoint's optimizer has entries {unknown[:5]} for a model with {len(params)} parameters")
+        self._restored = {params[int(i)]: entry for i, entry in state["state"].items()}
 
     # --- rank 0 writes -------------------------------------------------------------------------------------------
     def start_ledger(self, resume: bool) -> None:

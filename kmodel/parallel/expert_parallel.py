@@ -163,14 +163,6 @@ def gather_experts(tensor: torch.Tensor, groups: Groups) -> torch.Tensor:
     return torch.cat(parts)
 
 
-def shard_rows(name: str, tensor: torch.Tensor, groups: Groups) -> torch.Tensor:
-    """This rank's rows of a full stacked expert tensor: the inverse of `gather_experts`."""
-    if tensor.shape[0] % groups.ep_size:
-        raise ValueError(f"{name}: {tensor.shape[0]} experts cannot be split over {groups.ep_size} ranks")
-    local = tensor.shape[0] // groups.ep_size
-    return tensor[groups.ep_rank * local : (groups.ep_rank + 1) * local]
-
-
 @torch.no_grad()
 def synchronize_router_load(model: nn.Module, group=None) -> None:
     """Sum every MoE layer's token counts over the ranks so all of them take the same bias step."""
@@ -186,11 +178,6 @@ def full_state_items(model: nn.Module, groups: Groups) -> Iterator[tuple[str, to
     for name in sorted(state):
         tensor = gather_experts(state[name], groups) if is_expert_param(name) else state[name]
         yield name, tensor.detach().cpu().contiguous()
-
-
-def shard_state_dict(full: dict[str, torch.Tensor], groups: Groups) -> dict[str, torch.Tensor]:
-    """This rank's slice of a full (topology-free) state dict: the inverse of `full_state_items`."""
-    return {name: shard_rows(name, t, groups) if is_expert_param(name) else t for name, t in full.items()}
 
 
 def _accumulate_into(master: torch.Tensor, param: torch.Tensor) -> None:
@@ -265,14 +252,13 @@ class ExpertOptimizer:
     def full_master(self, param: nn.Parameter) -> torch.Tensor:
         return gather_experts(self.master_of[param], self.groups)
 
-    def full_moments(self, param: nn.Parameter, keys: tuple[str, ...]) -> dict[str, torch.Tensor]:
-        state = self.adamw.state[self.master_of[param]]
-        return {k: gather_experts(state[k], self.groups) for k in keys}
+    def full_moment(self, param: nn.Parameter, key: str) -> torch.Tensor:
+        return gather_experts(self.adamw.state[self.master_of[param]][key], self.groups)
 
-    def load_state(self, param: nn.Parameter, state: dict[str, torch.Tensor], keys: tuple[str, ...]) -> None:
-        """Restore the AdamW state of `param`'s shard (its rows of the moments, see `shard_rows`)."""
+    def load_state(self, param: nn.Parameter, step: torch.Tensor, moments: dict[str, torch.Tensor]) -> None:
+        """Restore the AdamW state of `param`'s shard: its rows of the moments."""
         master = self.master_of[param]
         self.adamw.state[master] = {
-            "step": state["step"].clone(),
-            **{k: state[k].to(master.device, torch.float32).clone() for k in keys},
+            "step": step.clone(),
+            **{k: v.to(master.device, torch.float32).clone() for k, v in moments.items()},
         }

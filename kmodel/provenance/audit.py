@@ -63,7 +63,9 @@ WEIGHT_LOADERS = {
     "safe_open": "safetensors file",
 }
 # kmodel functions that read only a run's own checkpoint directories (paths the user passes in).
-RUN_LOCAL_READERS = {("kmodel/checkpoint.py", "read_weights"), ("kmodel/checkpoint.py", "read_state")}
+RUN_LOCAL_READERS = {
+    ("kmodel/checkpoint.py", name) for name in ("read_state", "_read_tensors", "lazy_tensors", "load")
+}
 TRAINING_ENTRY_MODULES = ("kmodel.train.run", "kmodel.train.trainer", "kmodel.train.cli")
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx",
                    ".npz", ".npy", ".pkl", ".pickle")

@@ -39,6 +39,7 @@ from kmodel.checkpoint import (
     MODEL_FILE,
     STATE_FILE,
     CheckpointError,
+    LazyTensor,
     read_state,
     read_weights,
     sha256_file,
@@ -116,6 +117,8 @@ def object_sha256(value: Any) -> str:
 
 
 def _update_with_object(digest, value: Any, where: str) -> None:
+    if isinstance(value, LazyTensor):
+        value = value.load()  # read only now: a checkpoint's moments are hashed one tensor at a time
     if isinstance(value, torch.Tensor):
         _update_with_tensor(digest, value)
     elif isinstance(value, dict):
@@ -239,9 +242,9 @@ def _now() -> str:
 
 def checkpoint_hashes(checkpoint_dir: Path) -> dict[str, Any]:
     """What a checkpoint record pins: file hashes from manifest.json; the hash of the weights' content
-    (`weights_sha256`: the file's bytes also hold a header whose key order safetensors does not fix, so
-    only the content hash can be recomputed by a replay); and per-part hashes of state.pt (optimizer,
-    rng, scheduler, data position ... each top-level entry separately)."""
+    (`weights_sha256`, independent of how the file was laid out); and per-part hashes of the trainer state
+    (optimizer with its moments from optimizer.safetensors, rng, scheduler, data position ... each top-level
+    entry separately). Tensors are read and hashed one at a time."""
     manifest_path = checkpoint_dir / MANIFEST_FILE
     if not manifest_path.is_file():
         raise LedgerError(f"checkpoint {checkpoint_dir} has no {MANIFEST_FILE}; write the checkpoint before recording it")
@@ -251,7 +254,7 @@ def checkpoint_hashes(checkpoint_dir: Path) -> dict[str, Any]:
     state_parts: dict[str, str] = {}
     if STATE_FILE in manifest:
         try:
-            state = read_state(checkpoint_dir)
+            state = read_state(checkpoint_dir, lazy=True)
         except CheckpointError as error:
             raise LedgerError(str(error)) from None
         if isinstance(state, dict):
@@ -259,7 +262,8 @@ def checkpoint_hashes(checkpoint_dir: Path) -> dict[str, Any]:
         else:
             state_parts = {"state": object_sha256(state)}
     try:
-        weights = weights_sha256(read_weights(checkpoint_dir))
+        lazy = read_weights(checkpoint_dir, lazy=True)
+        weights = sorted_weights_sha256((name, lazy[name].load()) for name in sorted(lazy))
     except CheckpointError as error:
         raise LedgerError(str(error)) from None
     return {

@@ -21,6 +21,7 @@ import os
 import shutil
 import sys
 import time
+from collections.abc import Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -29,6 +30,8 @@ import torch
 
 from kmodel.checkpoint import (
     CheckpointError,
+    LazyTensor,
+    TensorStream,
     list_checkpoints,
     load_config_from_checkpoint,
     load_weights_into,
@@ -166,8 +169,8 @@ class Trainer:
         if saved.model != self.cfg.model:
             keys = [k for k, v in self.cfg.model.model_dump().items() if saved.model.model_dump()[k] != v]
             raise CheckpointError(f"checkpoint {ckpt} was trained with another model config (differs in model.{', model.'.join(keys)})")
-        self.load_weights(read_weights(ckpt), str(ckpt))
-        state = read_state(ckpt)
+        self.load_weights(read_weights(ckpt, lazy=True), str(ckpt))
+        state = read_state(ckpt, lazy=self.lazy_restore)
         changed = manifest_differences(state["data_manifest"], self.data_manifest)
         if changed:
             raise DataError(f"cannot resume from {ckpt}: the training data changed since: {'; '.join(changed)}")
@@ -182,8 +185,12 @@ class Trainer:
         self.step, self.tokens_seen, self.bad_steps = state["step"], state["tokens_seen"], state["bad_steps"]
         return ckpt
 
-    def load_weights(self, weights: dict[str, torch.Tensor], source: str) -> None:
-        """Full (topology-free) checkpoint weights into the model."""
+    # Whether `restore` hands the optimizer's moments to `load_optimizer_state` unread (LazyTensor), for an
+    # engine that places them one tensor at a time.
+    lazy_restore = False
+
+    def load_weights(self, weights: Mapping[str, torch.Tensor | LazyTensor], source: str) -> None:
+        """Full (topology-free) checkpoint weights into the model, one tensor at a time."""
         load_weights_into(self.model, weights, source)
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
@@ -301,9 +308,16 @@ class Trainer:
         self.write_checkpoint(directory, self.model, self.state_dict())
         return directory
 
-    def write_checkpoint(self, directory: Path, weights: torch.nn.Module | dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-        """Save, record in the ledger, rotate (an engine gathers `weights` and `state` on every rank first)."""
-        save_checkpoint(directory, weights, self.cfg, tokenizer=self.tokenizer, state=state)
+    def write_checkpoint(
+        self,
+        directory: Path,
+        weights: torch.nn.Module | TensorStream,
+        state: dict[str, Any],
+        optimizer_moments: TensorStream | None = None,
+    ) -> None:
+        """Save, record in the ledger, rotate (an engine passes the streams its ranks gather together)."""
+        save_checkpoint(directory, weights, self.cfg, tokenizer=self.tokenizer, state=state,
+                        optimizer_moments=optimizer_moments)
         if self.ledger is not None:
             r = self.last_record
             self.ledger.record_checkpoint(

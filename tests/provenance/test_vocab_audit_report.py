@@ -102,7 +102,8 @@ def test_audit_flags_model_code_on_the_training_path(tmp_path):
 def test_audit_of_this_checkout_finds_no_model_code_on_the_training_path():
     findings = static_audit() + dependency_findings()
     assert not [f for f in findings if f.status == FAIL], [f for f in findings if f.status == FAIL]
-    assert any(f.status == PASS and "read_weights" in f.detail for f in findings)
+    checkpoint_reads = [f for f in findings if f.kind == "weight-load" and f.where.startswith("kmodel/checkpoint.py")]
+    assert len(checkpoint_reads) == 4 and all(f.status == PASS for f in checkpoint_reads), checkpoint_reads
 
 
 def test_runtime_findings_separate_run_files_cache_and_outside_weights(tmp_path):
