@@ -46,7 +46,7 @@ from kmodel.parallel.deepspeed_config import deepspeed_config, uses_bf16
 from kmodel.model import build_model
 from kmodel.parallel import expert_parallel as xp
 from kmodel.provenance.ledger import sorted_weights_sha256
-from kmodel.train.optim import adamw
+from kmodel.train.optim import adamw, param_groups
 from kmodel.train.trainer import LOSS_KEYS, Trainer
 
 ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -118,10 +118,9 @@ class DeepSpeedTrainer(Trainer):
         config = deepspeed_config(self.cfg, self.device.type)
         if config["bf16"]["enabled"]:
             self.amp_dtype = None  # DeepSpeed keeps bf16 weights (fp32 masters in the optimizer): no autocast
-        optimizer = self.optimizer
         if self.groups is not None:
             self.experts = xp.ExpertOptimizer(self.model, self.groups, self.cfg.train)
-            optimizer = self._dense_optimizer()
+        optimizer = self._engine_optimizer()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.model, optimizer=optimizer, config=config, dist_init_required=False
         )
@@ -139,9 +138,18 @@ class DeepSpeedTrainer(Trainer):
         if restored:
             self._load_moments(restored)
 
-    def _dense_optimizer(self) -> torch.optim.AdamW:
-        """AdamW over the dense parameters only: what DeepSpeed optimises."""
-        return adamw(((n, p) for n, p in self.model.named_parameters() if not self.is_expert(p)), self.cfg.train)
+    def _engine_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over what DeepSpeed optimises (every parameter but the expert shards). With optimizer offload
+        the update runs on the CPU: DeepSpeed's vectorised CPU Adam in AdamW mode (ZeRO-Offload refuses a
+        plain torch optimizer there), same groups and hyper-parameters."""
+        train = self.cfg.train
+        named = [(n, p) for n, p in self.model.named_parameters() if not self.is_expert(p)]
+        if not self.cfg.parallel.offload_optimizer:
+            return adamw(named, train)
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(param_groups(named, train), lr=train.lr, betas=(train.beta1, train.beta2),
+                                eps=train.adam_eps, adamw_mode=True)
 
     def _add_expert_norm_to_zero(self) -> None:
         """Make ZeRO-1/2's global gradient norm the norm of dense and expert gradients together, so its clipping
@@ -171,11 +179,15 @@ class DeepSpeedTrainer(Trainer):
     def _load_moments(self, restored: dict[torch.Tensor, dict[str, torch.Tensor]]) -> None:
         from deepspeed.utils import safe_set_full_optimizer_state
 
-        base = self._base_optimizer()
+        base, zero = self._base_optimizer(), self.engine.optimizer
         step = next(iter(restored.values()))["step"]
-        for group in base.param_groups:  # AdamW creates its state lazily: allocate it, then fill the fragments
-            for flat in group["params"]:
-                base.state[flat] = {"step": step.clone(), **{k: torch.zeros_like(flat) for k in ADAM_MOMENTS}}
+        # Adam creates its state lazily: allocate it for ZeRO's flat fp32 partitions, then fill the fragments.
+        # ZeRO-3 keys the state by its (sub-)group flats, ZeRO-1/2 by one flat partition per group.
+        flats = getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups
+        for flat in flats:
+            # torch's AdamW counts steps in a float tensor, DeepSpeed's CPU Adam in a Python int
+            count = step.clone() if isinstance(base, torch.optim.AdamW) else int(step)
+            base.state[flat] = {"step": count, **{k: torch.zeros_like(flat) for k in ADAM_MOMENTS}}
         self._link_moments()
         for param, state in restored.items():
             for key in ADAM_MOMENTS:  # one full tensor at a time; ZeRO keeps this rank's partition of it
@@ -277,7 +289,8 @@ class DeepSpeedTrainer(Trainer):
     def optimizer_state(self) -> dict[str, Any]:
         """The one-process AdamW state_dict without its moments (those go through `moment_stream`)."""
         base = self._base_optimizer()
-        step = next(iter(base.state.values()))["step"].detach().cpu().clone() if base.state else None
+        # saved as torch's AdamW keeps it (a float tensor), whichever Adam ran
+        step = torch.tensor(float(next(iter(base.state.values()))["step"])) if base.state else None
         state, groups, index = {}, [], 0
         for hyper, params in self._optimizer_groups:
             live = self.engine.optimizer.param_groups[len(groups)]

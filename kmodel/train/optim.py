@@ -21,8 +21,8 @@ def decays(name: str, param: torch.Tensor, decay_embeddings: bool) -> bool:
     return decay_embeddings or name not in EMBEDDING_NAMES
 
 
-def adamw(named_params: Iterable[tuple[str, torch.Tensor]], train: TrainConfig) -> torch.optim.AdamW:
-    """AdamW over (name, tensor) pairs: one group that decays, one that does not (empty groups left out)."""
+def param_groups(named_params: Iterable[tuple[str, torch.Tensor]], train: TrainConfig) -> list[dict]:
+    """One group that decays, one that does not (empty groups left out)."""
     decay, no_decay = [], []
     for name, param in named_params:
         if param.requires_grad:
@@ -31,7 +31,12 @@ def adamw(named_params: Iterable[tuple[str, torch.Tensor]], train: TrainConfig) 
         {"params": decay, "weight_decay": train.weight_decay},
         {"params": no_decay, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW([g for g in groups if g["params"]], lr=train.lr, betas=(train.beta1, train.beta2),
+    return [g for g in groups if g["params"]]
+
+
+def adamw(named_params: Iterable[tuple[str, torch.Tensor]], train: TrainConfig) -> torch.optim.AdamW:
+    """AdamW over (name, tensor) pairs, grouped by `param_groups`."""
+    return torch.optim.AdamW(param_groups(named_params, train), lr=train.lr, betas=(train.beta1, train.beta2),
                              eps=train.adam_eps)
 
 

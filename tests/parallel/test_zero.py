@@ -146,3 +146,17 @@ def test_expert_parallel_in_bf16_tracks_data_parallel(tmp_path):
     ep1, ep2 = _losses(tmp_path / "ep1"), _losses(tmp_path / "ep2")
     assert ep1.keys() == ep2.keys() == {1, 2, 3, 4}
     assert ep2 == pytest.approx(ep1, rel=1e-3)
+
+
+@pytest.mark.parametrize("stage, offload", [(2, ["parallel.offload_optimizer=true"]),
+                                            (3, ["parallel.offload_optimizer=true", "parallel.offload_params=true"])],
+                         ids=["zero2-optimizer", "zero3-optimizer-and-params"])
+def test_offload_trains_and_resumes(tmp_path, reference, stage, offload):
+    """AdamW states (DeepSpeed's CPU Adam) and, with ZeRO-3, the weights in CPU memory: the same losses as one
+    process, also after a resume that puts the saved moments (and CPU Adam's integer step count) back."""
+    offload = [*offload, "provenance.ledger=false"]
+    _distributed(tmp_path, stage, offload)
+    assert _losses(tmp_path) == pytest.approx(reference, rel=1e-5)
+    _drop_checkpoint(tmp_path, 4)
+    _distributed(tmp_path, stage, offload, resume=True)
+    assert _losses(tmp_path) == pytest.approx(reference, rel=1e-5)
