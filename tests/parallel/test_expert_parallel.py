@@ -29,8 +29,8 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _model(skew: bool):
-    cfg = load_config("recipes/tiny-ko-moe.yaml", OVERRIDES)
+def _model(skew: bool, extra: list[str]):
+    cfg = load_config("recipes/tiny-ko-moe.yaml", OVERRIDES + extra)
     model = build_model(cfg)
     if skew:  # every token prefers experts 0..3, all held by rank 0: rank 1's experts stay idle
         for moe in model.moe_layers().values():
@@ -44,13 +44,13 @@ def _batch(cfg):
     return ids
 
 
-def _worker(rank: int, port: int, skew: bool, out: str) -> None:
+def _worker(rank: int, port: int, skew: bool, extra: list[str], out: str) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
     try:
         torch.set_num_threads(1)
         groups = xp.make_groups(2)
-        cfg, model = _model(skew)
+        cfg, model = _model(skew, extra)
         ids = _batch(cfg).chunk(WORLD)[rank]
         xp.shard_experts(model, groups)
         experts = xp.ExpertOptimizer(model, groups, cfg.train)
@@ -74,9 +74,9 @@ def _worker(rank: int, port: int, skew: bool, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _reference(skew: bool):
+def _reference(skew: bool, extra: list[str]):
     """EP=1, one process: the mean of the two ranks' losses over the same global batch."""
-    cfg, model = _model(skew)
+    cfg, model = _model(skew, extra)
     halves = _batch(cfg).chunk(WORLD)
     total = sum(model(h, h).loss for h in halves) / WORLD
     total.backward()
@@ -84,12 +84,16 @@ def _reference(skew: bool):
     return total.detach(), {n: p.grad for n, p in model.named_parameters()}, loads
 
 
-@pytest.mark.parametrize("skew", [False, True], ids=["balanced", "idle-rank"])
-def test_ep2_matches_ep1(tmp_path, skew):
+GPT_OSS_EXPERTS = ["model.expert_bias=true", "model.expert_activation=clamped_swiglu"]
+
+
+@pytest.mark.parametrize("skew, extra", [(False, []), (True, []), (False, GPT_OSS_EXPERTS)],
+                         ids=["balanced", "idle-rank", "expert-biases"])
+def test_ep2_matches_ep1(tmp_path, skew, extra):
     out = str(tmp_path / "ep2.pt")
     ctx = mp.get_context("spawn")
     port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, skew, out)) for r in range(WORLD)]
+    procs = [ctx.Process(target=_worker, args=(r, port, skew, extra, out)) for r in range(WORLD)]
     for p in procs:
         p.start()
     for p in procs:
@@ -101,7 +105,7 @@ def test_ep2_matches_ep1(tmp_path, skew):
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
 
     got = torch.load(out, weights_only=True)
-    loss, grads, loads = _reference(skew)
+    loss, grads, loads = _reference(skew, extra)
     torch.testing.assert_close(got["loss"], loss, rtol=1e-5, atol=1e-6)
     assert set(got["grads"]) == set(grads)
     for name, grad in grads.items():
