@@ -31,6 +31,7 @@ Checkpoints gather the expert shards, so they keep the one-process format and re
 from __future__ import annotations
 
 import collections
+import functools
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -97,6 +98,7 @@ class DeepSpeedTrainer(Trainer):
         self._optimizer_groups = [
             ({k: v for k, v in group.items() if k != "params"}, list(group["params"])) for group in self.optimizer.param_groups
         ]
+        self._optimizer_params = [p for _, group in self._optimizer_groups for p in group]  # index -> parameter
 
     def make_model(self) -> torch.nn.Module:
         if self.groups is None:
@@ -239,6 +241,7 @@ class DeepSpeedTrainer(Trainer):
         return grad_norm, applied
 
     # --- topology-free state: streamed out, read back one tensor at a time -----------------------------------
+    @functools.cached_property
     def _full_specs(self) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
         """Dtype and full (unsharded, unpartitioned) shape of every state_dict entry, from a meta-device model."""
         with torch.device("meta"):
@@ -250,7 +253,7 @@ class DeepSpeedTrainer(Trainer):
         when the file writer asks for it (collective: every rank consumes the stream to the end)."""
         from deepspeed.utils import safe_get_full_fp32_param
 
-        specs = self._full_specs()
+        specs = self._full_specs
         params, state = dict(self.model.named_parameters()), self.model.state_dict()
         names = sorted(specs)
 
@@ -273,9 +276,9 @@ class DeepSpeedTrainer(Trainer):
         if not self._base_optimizer().state:
             return None
         self._link_moments()
-        specs, names = self._full_specs(), {p: n for n, p in self.model.named_parameters()}
-        params = [p for _, group in self._optimizer_groups for p in group]
-        entries = sorted((f"state.{i}.{key}", param, key) for i, param in enumerate(params) for key in ADAM_MOMENTS)
+        specs, names = self._full_specs, {p: n for n, p in self.model.named_parameters()}
+        entries = sorted((f"state.{i}.{key}", param, key) for i, param in enumerate(self._optimizer_params)
+                         for key in ADAM_MOMENTS)
 
         def values():
             for _, param, key in entries:
@@ -332,7 +335,7 @@ class DeepSpeedTrainer(Trainer):
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         """Keep the checkpoint's AdamW entries (moments unread) for `start_engine`, which places them one
         tensor at a time into ZeRO's partitions and the expert optimizer."""
-        params = [p for _, group in self._optimizer_groups for p in group]
+        params = self._optimizer_params
         unknown = [i for i in state["state"] if not 0 <= int(i) < len(params)]
         if unknown:
             raise CheckpointError(f"the checkpoint's optimizer has entries {unknown[:5]} for a model with {len(params)} parameters")

@@ -136,7 +136,7 @@ def local_experts(num_experts: int, groups: Groups) -> tuple[int, int]:
 
 def attach_expert_parallel(model: nn.Module, groups: Groups) -> None:
     """Route every MoE layer's experts through the all-to-all; the model must hold this rank's shard
-    (`build_model(..., experts=local_experts(...))` or `shard_experts`)."""
+    (`build_model(..., experts=local_experts(...))`)."""
     for name, moe in ((n, m) for n, m in model.named_modules() if isinstance(m, MoE)):
         ep = ExpertParallel(groups, moe.cfg.num_experts)
         held = (moe.experts.first_expert, moe.experts.gate_up_proj.shape[0])
@@ -144,13 +144,6 @@ def attach_expert_parallel(model: nn.Module, groups: Groups) -> None:
             raise ValueError(f"{name} holds experts [{held[0]}, {sum(held)}) but rank {groups.ep_rank} of the "
                              f"expert-parallel group owns [{ep.first}, {ep.first + ep.local})")
         moe.expert_parallel = ep
-
-
-def shard_experts(model: nn.Module, groups: Groups) -> None:
-    """Cut a model holding every expert down to this rank's shard and route it through the all-to-all."""
-    for moe in (m for m in model.modules() if isinstance(m, MoE)):
-        moe.experts.keep_experts(*local_experts(moe.cfg.num_experts, groups))
-    attach_expert_parallel(model, groups)
 
 
 def gather_experts(tensor: torch.Tensor, groups: Groups) -> torch.Tensor:
@@ -202,11 +195,10 @@ class ExpertOptimizer:
     def __init__(self, model: nn.Module, groups: Groups, train: TrainConfig):
         self.groups = groups
         named = [(n, p) for n, p in model.named_parameters() if is_expert_param(n)]
-        self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.masters = [p.detach().float().clone().requires_grad_(p.requires_grad) for p in self.params]
         self.master_of = dict(zip(self.params, self.masters))
-        self.adamw = adamw(zip(self.names, self.masters), train)
+        self.adamw = adamw(((n, m) for (n, _), m in zip(named, self.masters)), train)
         for param, master in zip(self.params, self.masters):
             param.register_post_accumulate_grad_hook(partial(_accumulate_into, master))
 
@@ -229,7 +221,7 @@ class ExpertOptimizer:
                 master.grad = torch.zeros_like(master)
             dist.all_reduce(master.grad, group=self.groups.expert_dp_group)
             master.grad /= self.groups.world_size
-            squares += master.grad.float().pow(2).sum()
+            squares += master.grad.pow(2).sum()
         dist.all_reduce(squares, group=self.groups.ep_group)  # the other shards of the same experts' set
         return squares.sqrt()
 

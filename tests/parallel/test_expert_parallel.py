@@ -29,9 +29,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _model(skew: bool, extra: list[str]):
+def _model(skew: bool, extra: list[str], groups: xp.Groups | None = None):
+    """The tiny model, all experts, or this rank's shard of them routed through the all-to-all (`groups`)."""
     cfg = load_config("recipes/tiny-ko-moe.yaml", OVERRIDES + extra)
-    model = build_model(cfg)
+    if groups is None:
+        model = build_model(cfg)
+    else:
+        model = build_model(cfg, experts=xp.local_experts(cfg.model.num_experts, groups))
+        xp.attach_expert_parallel(model, groups)
     if skew:  # every token prefers experts 0..3, all held by rank 0: rank 1's experts stay idle
         for moe in model.moe_layers().values():
             moe.gate.e_score_correction_bias[:4] = 10.0
@@ -50,9 +55,8 @@ def _worker(rank: int, port: int, skew: bool, extra: list[str], out: str) -> Non
     try:
         torch.set_num_threads(1)
         groups = xp.make_groups(2)
-        cfg, model = _model(skew, extra)
+        cfg, model = _model(skew, extra, groups)
         ids = _batch(cfg).chunk(WORLD)[rank]
-        xp.shard_experts(model, groups)
         experts = xp.ExpertOptimizer(model, groups, cfg.train)
         loss = model(ids, ids).loss
         loss.backward()
