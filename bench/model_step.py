@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from kmodel.safe_path import python_command
+
 FAIR = ["model.num_nextn_predict_layers=0", "model.aux_loss_coef=0", "model.router_z_loss_coef=0", "model.logits_z_loss_coef=0",
         "model.router_bias_update_rate=0"]
 
@@ -99,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
         family = export_hf(Path(tmp) / "ckpt", Path(tmp) / "ckpt" / "hf")
         results = {}
         for contender in ("kmodel", "transformers"):
-            cmd = [sys.executable, str(Path(__file__).resolve()), "--contender", contender, "--checkpoint",
+            cmd = [*python_command(str(Path(__file__).resolve())), "--contender", contender, "--checkpoint",
                    str(Path(tmp) / "ckpt"), "--batch", str(args.batch), "--seq", str(args.seq),
                    "--repeats", str(args.repeats), "--warmup", str(args.warmup), "--threads", str(args.threads)]
             done = subprocess.run(cmd, capture_output=True, text=True, check=True)

@@ -14,10 +14,14 @@ This package knows torch and triton only, never the model.
 
 from __future__ import annotations
 
-import importlib
-from types import ModuleType
+from kmodel.safe_path import defer_bare_import
 
-import torch
+defer_bare_import(__name__, __file__)  # `import kernels` from the repository root means Hugging Face's package
+
+import importlib  # noqa: E402
+from types import ModuleType  # noqa: E402
+
+import torch  # noqa: E402
 
 OPS = ("attention", "norm", "loss", "moe")
 CHOICES = ("torch", "triton", "auto")

@@ -5,8 +5,13 @@ tok = Tokenizer.load(SHIPPED_TOKENIZER)
 ids = tok.encode("대화 상자를 엽니다.", add_bos=True)
 """
 
-from .errors import TokenizerError
-from .tokenizer import SHIPPED_TOKENIZER, Tokenizer, normalize
-from .train import train_tokenizer
+from kmodel.safe_path import defer_bare_import
+
+defer_bare_import(__name__, __file__)  # `import tokenizer` from the repository root means another package
+
+# Absolute imports: under a bare-name import the body goes on after another package has taken our place.
+from kmodel.tokenizer.errors import TokenizerError  # noqa: E402
+from kmodel.tokenizer.tokenizer import SHIPPED_TOKENIZER, Tokenizer, normalize  # noqa: E402
+from kmodel.tokenizer.train import train_tokenizer  # noqa: E402
 
 __all__ = ["SHIPPED_TOKENIZER", "Tokenizer", "TokenizerError", "normalize", "train_tokenizer"]

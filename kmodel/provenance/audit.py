@@ -30,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from kmodel.provenance.ledger import SOURCE_DIRS, source_root
+from kmodel.safe_path import python_command
 
 # Packages that ship model architectures or pretrained weights.
 MODEL_CODE_PACKAGES = {
@@ -319,7 +320,7 @@ def runtime_audit(recipe: str, overrides: list[str], steps: int = 2, timeout: fl
     with tempfile.TemporaryDirectory(prefix="kmodel-audit-") as tmp:
         run_dir = Path(tmp) / "run"
         result = subprocess.run(
-            [sys.executable, "-c", _CHILD, json.dumps([recipe, overrides, steps, str(run_dir)])],
+            python_command("-c", _CHILD, json.dumps([recipe, overrides, steps, str(run_dir)])),
             capture_output=True, text=True, timeout=timeout, check=False,
         )
         if result.returncode != 0:

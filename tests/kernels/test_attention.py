@@ -12,7 +12,6 @@ import json
 import math
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -27,6 +26,7 @@ from hypothesis import strategies as st  # noqa: E402
 
 from kmodel import kernels  # noqa: E402
 from kmodel.kernels.attention import compile_report, reference, triton_impl  # noqa: E402
+from kmodel.safe_path import python_command  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -289,7 +289,7 @@ def test_runs_when_triton_was_imported_before_the_flag():
         "torch.testing.assert_close(triton_impl.attention(q, k, v, window=7), "
         "reference.attention(q, k, v, window=7), atol=1e-5, rtol=1e-4); print('matched')"
     )
-    result = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True, timeout=300)
+    result = subprocess.run(python_command("-c", script), check=False, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0 and "matched" in result.stdout, result.stderr[-2000:]
 
 
@@ -434,7 +434,7 @@ def test_every_kernel_compiles_for_hopper(plain, tmp_path):
     code the interpreter accepts but the compiler rejects. A fresh process, since this one's triton library
     was built for the interpreter."""
     out = tmp_path / "compile"
-    command = [sys.executable, "-m", "kmodel.kernels.attention.compile_report", "--head-dim", "128", "--first-only"]
+    command = python_command("-m", "kmodel.kernels.attention.compile_report", "--head-dim", "128", "--first-only")
     command += ["--out", str(out)] + (["--plain"] if plain else [])
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=600, env=env)

@@ -11,7 +11,6 @@ import contextlib
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from kmodel.kernels.moe import reference, triton_impl  # noqa: E402
+from kmodel.safe_path import python_command  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 # Interpreter GEMM blocks are 32 rows by 128 columns. WIDE sizes span two column tiles, the second partial
@@ -590,7 +590,7 @@ def test_moe_benchmark_layers_compute_the_same_layer():
 
 def _compile_check(*args: str) -> subprocess.CompletedProcess:
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
-    command = [sys.executable, "-m", "kmodel.kernels.moe.compile_check", *args]
+    command = python_command("-m", "kmodel.kernels.moe.compile_check", *args)
     return subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200, check=False)
 
 

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import subprocess
-import sys
 import textwrap
 
 import pytest
@@ -16,6 +15,7 @@ if not torch.cuda.is_available():
 pytest.importorskip("triton")
 
 from kmodel.kernels.norm import reference, triton_impl  # noqa: E402
+from kmodel.safe_path import python_command  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -85,7 +85,7 @@ def test_kernels_follow_triton_interpret_set_after_import():
     )
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["CUDA_VISIBLE_DEVICES"] = ""
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    result = subprocess.run(python_command("-c", script), capture_output=True, text=True, env=env, timeout=300)
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 

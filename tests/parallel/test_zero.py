@@ -7,13 +7,13 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 import torch
 
 from kmodel.checkpoint import CheckpointError, read_weights
 from kmodel.config import load_config
+from kmodel.safe_path import python_command, safe_env
 from kmodel.train.run import train
 from kmodel.train.trainer import Trainer
 
@@ -31,11 +31,11 @@ def _losses(run_dir) -> dict[int, float]:
 
 def _distributed(run_dir, zero_stage: int, extra: list[str] = (), resume: bool = False, procs: int = 2) -> None:
     sets = TINY + ["parallel.backend=deepspeed", f"parallel.world_size={procs}", f"parallel.zero_stage={zero_stage}", *extra]
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
-           "-m", "kmodel.parallel.entry", RECIPE, "--out", str(run_dir), *(["--resume"] if resume else [])]
+    cmd = python_command("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+                         "-m", "kmodel.parallel.entry", RECIPE, "--out", str(run_dir), *(["--resume"] if resume else []))
     for s in sets:
         cmd += ["--set", s]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"}
+    env = safe_env({**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
     done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
 
