@@ -292,11 +292,22 @@ class DataSource(Section):
 
 
 class DataConfig(Section):
-    sources: list[DataSource] = Field(min_length=1)
+    sources: list[DataSource] = Field(
+        default_factory=list,
+        description="what to train on; with `prepared`, the prepared sources (by name) and their weights "
+        "(default: all of them, at the weights they were prepared with)",
+    )
+    prepared: str | None = Field(None, description="directory written by `kmodel data prepare` to train from")
     heldout: list[str] = Field(default_factory=list, description="files for the held-out evaluation")
     tokenizer: str = Field("shipped", description="tokenizer directory, or 'shipped' for kmodel's Korean tokenizer")
     seq_len: int = Field(256, gt=1)
     document_masking: bool = Field(False, description="packed documents never attend across each other")
+
+    @model_validator(mode="after")
+    def _check_sources(self) -> "DataConfig":
+        if not self.sources and self.prepared is None:
+            raise ValueError("data.sources is empty: name at least one source, or data.prepared")
+        return self
 
 
 class WandbConfig(Section):

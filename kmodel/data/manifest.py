@@ -1,24 +1,28 @@
-"""The data manifest: exactly which bytes a run trains and evaluates on.
+"""The data manifest: exactly which bytes a run trains and evaluates on, identified by content.
 
     {"format": "kmodel-data-manifest/1",
-     "sources": [{"name", "path", "weight", "text_key", "hub", "files": [{"path", "sha256", "bytes"}]}],
+     "sources": [{"name", "path", "weight", "text_key", "files": [{"path", "sha256", "bytes"}]}],
      "heldout": [{"path", "sha256", "bytes"}],
-     "merkle_root": hex}
+     "merkle_root": hex,
+     "prepared": {"path", "manifest_sha256", "shards_root", "content_key"}   (with data.prepared)}
 
-The Merkle root covers every listed file's content in order (training sources, then held-out files):
-leaf = sha256(0x00 || file digest), parent = sha256(0x01 || left || right), an unpaired last node moves
-up unchanged. Equal roots mean identical data in identical order; the provenance ledger records it.
+With `data.prepared` the source hashes come from the prepared directory's manifest (nothing is re-hashed,
+so start-up does not grow with the corpus); otherwise every source file is hashed. The Merkle root
+(kmodel.hashing.merkle_root) covers every file's content in order, training sources then held-out files;
+the provenance ledger records it. Paths are where the data was found, not what it is: two manifests name
+the same data when their sources' names, text keys and file hashes agree, wherever the files now live.
 """
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import Any
 
-from kmodel.checkpoint import sha256_file
 from kmodel.config import DataConfig
-from kmodel.data.sources import DataError, read_hub_texts, resolve_source
+from kmodel.data.prepare import hashed_sources
+from kmodel.data.shards import PreparedData
+from kmodel.data.sources import DataError
+from kmodel.hashing import merkle_root, sha256_file
 
 MANIFEST_FORMAT = "kmodel-data-manifest/1"
 
@@ -29,45 +33,58 @@ def file_entry(path: Path) -> dict[str, Any]:
     return {"path": str(path), "sha256": sha256_file(path), "bytes": path.stat().st_size}
 
 
-def merkle_root(digests: list[str]) -> str:
-    level = [hashlib.sha256(b"\x00" + bytes.fromhex(d)).digest() for d in digests]
-    if not level:
-        return hashlib.sha256(b"").hexdigest()
-    while len(level) > 1:
-        paired = [hashlib.sha256(b"\x01" + level[i] + level[i + 1]).digest() for i in range(0, len(level) - 1, 2)]
-        level = paired + level[len(paired) * 2 :]
-    return level[0].hex()
-
-
 def data_manifest(data: DataConfig) -> dict[str, Any]:
-    """Hash every file the data section names; a missing or unreadable file raises DataError naming it."""
-    sources = []
-    for source in data.sources:
-        resolved = resolve_source(source)
-        files = resolved.files if resolved.hub_name is None else read_hub_texts(resolved.hub_name, source.text_key)[1]
-        sources.append({
-            "name": resolved.label,
-            "path": source.path,
-            "weight": source.weight,
-            "text_key": source.text_key,
-            "hub": resolved.hub_name is not None,
-            "files": [file_entry(Path(f)) for f in files],
-        })
+    """The data section's manifest; a missing or unreadable file raises DataError naming it."""
     heldout = [file_entry(Path(p)) for p in data.heldout]
-    digests = [f["sha256"] for s in sources for f in s["files"]] + [f["sha256"] for f in heldout]
-    return {"format": MANIFEST_FORMAT, "sources": sources, "heldout": heldout, "merkle_root": merkle_root(digests)}
+    prepared = None
+    if data.prepared is not None:
+        prepared_data = PreparedData(data.prepared)
+        weights = {s.name or s.path: s.weight for s in data.sources}
+        sources = [{k: s[k] for k in ("name", "path", "text_key", "files")} | {"weight": weights.get(s["name"], s["weight"])}
+                   for s in prepared_data.sources if not weights or s["name"] in weights]
+        manifest = prepared_data.manifest
+        prepared = {"path": str(prepared_data.directory), "manifest_sha256": prepared_data.sha256,
+                    "shards_root": manifest["shards_root"], "content_key": manifest["content_key"]}
+    else:
+        sources = hashed_sources(data.sources)
+    digests = [f["sha256"] or "" for s in sources for f in s["files"]] + [f["sha256"] for f in heldout]
+    manifest = {"format": MANIFEST_FORMAT, "sources": sources, "heldout": heldout, "merkle_root": merkle_root(digests)}
+    if prepared is not None:
+        manifest["prepared"] = prepared
+    return manifest
+
+
+def _content(manifest: dict[str, Any]) -> dict[str, tuple[str, list[str]]]:
+    return {s["name"]: (s["text_key"], [f["sha256"] for f in s["files"]]) for s in manifest["sources"]}
 
 
 def manifest_differences(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Files whose content differs between two manifests, for a clear refusal to resume on changed data."""
-    def by_path(manifest):
-        entries = [f for s in manifest["sources"] for f in s["files"]] + list(manifest["heldout"])
-        return {f["path"]: f["sha256"] for f in entries}
-
-    old, new = by_path(recorded), by_path(current)
-    changed = [f"{p} (changed)" for p in old if p in new and old[p] != new[p]]
-    changed += [f"{p} (gone)" for p in old if p not in new]
-    changed += [f"{p} (new)" for p in new if p not in old]
-    if not changed and recorded["merkle_root"] != current["merkle_root"]:
-        changed.append("file order")
+    """How the data's content differs between two manifests (empty when only locations moved), for a clear
+    refusal to resume on changed data."""
+    old, new = _content(recorded), _content(current)
+    changed = [f"source {name!r} (gone)" for name in old if name not in new]
+    changed += [f"source {name!r} (new)" for name in new if name not in old]
+    for name in old.keys() & new.keys():
+        (old_key, old_files), (new_key, new_files) = old[name], new[name]
+        if old_key != new_key:
+            changed.append(f"source {name!r}: text_key {old_key!r} -> {new_key!r}")
+        elif old_files != new_files:
+            paths = [f["path"] for s in recorded["sources"] if s["name"] == name for f in s["files"]]
+            moved = [p for p, digest in zip(paths, old_files) if digest not in new_files]
+            changed.append(f"source {name!r}: " + (", ".join(f"{p} (changed)" for p in moved) if moved else
+                                                  f"files reordered or added ({len(old_files)} -> {len(new_files)})"))
+    old_heldout = [f["sha256"] for f in recorded["heldout"]]
+    new_heldout = [f["sha256"] for f in current["heldout"]]
+    if old_heldout != new_heldout:
+        changed += [f"{f['path']} (changed)" for f in recorded["heldout"] if f["sha256"] not in new_heldout] or ["held-out files"]
     return changed
+
+
+def relocations(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Files whose content is unchanged but found at another path ("old -> new")."""
+    def paths(manifest):
+        entries = [f for s in manifest["sources"] for f in s["files"]] + list(manifest["heldout"])
+        return {f["sha256"]: f["path"] for f in entries}
+
+    old, new = paths(recorded), paths(current)
+    return [f"{old[d]} -> {new[d]}" for d in old if d in new and old[d] != new[d]]

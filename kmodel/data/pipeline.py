@@ -1,22 +1,24 @@
-"""From a recipe's data section to batches: tokenizer, tokenized sources, the training mixture, held-out files."""
+"""From a recipe's data section to batches: tokenizer, prepared shards (given, or made on the fly into the
+token cache), the training mixture, held-out files. Every token a run reads comes through the shards."""
 
 from __future__ import annotations
 
+import shutil
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
-from kmodel.config import Config
-from kmodel.data.manifest import file_entry
-from kmodel.data.packing import Mixture, SourceStream
-from kmodel.data.sources import DataError, read_file_texts, read_hub_texts
-from kmodel.data.tokenized import TokenizedDocs, check_vocab, tokenize_cached
+import numpy as np
 
+from kmodel.config import Config, DataConfig, DataSource
+from kmodel.data.order import Mixture
+from kmodel.data.prepare import content_key, load_tokenizer, prepare
+from kmodel.data.shards import DOCS_SUFFIX, DOC_DTYPE, SHARDS_DIR, PreparedData
+from kmodel.data.sources import DataError
+from kmodel.data.tokenized import TokenizedDocs, check_vocab
 
-def load_tokenizer(spec: str):
-    """`shipped` (kmodel's Korean tokenizer) or a tokenizer directory."""
-    from kmodel.tokenizer import SHIPPED_TOKENIZER, Tokenizer
-
-    return Tokenizer.load(SHIPPED_TOKENIZER if spec == "shipped" else Path(spec))
+TOKEN_CACHE_DIR = "tokens"
 
 
 def checkpoint_tokenizer(checkpoint: Path, cfg: Config):
@@ -35,28 +37,60 @@ def checkpoint_tokenizer(checkpoint: Path, cfg: Config):
     return tokenizer
 
 
-def file_docs(path: str | Path, tokenizer: Any, cache_dir: Path | None, text_key: str = "text", sha256: str | None = None) -> TokenizedDocs:
-    """One local file's documents, tokenized (through the cache when `cache_dir` is given)."""
-    path = Path(path)
-    digest = sha256 or file_entry(path)["sha256"]
-    return tokenize_cached(digest, text_key, tokenizer, cache_dir, lambda: read_file_texts(path, text_key))
+def cached_prepare(data: DataConfig, sources: list[dict[str, Any]], tokenizer: Any, cache_dir: Path | None) -> PreparedData:
+    """Sources prepared into the token cache, keyed by their content and the tokenizer (any run, replay or
+    evaluation of the same bytes reuses the entry). Entries are small, so they are re-hashed on every use
+    and a damaged one is made again."""
+    if cache_dir is None:
+        cache_dir = Path(tempfile.mkdtemp(prefix="kmodel-tokens-"))
+    entry = Path(cache_dir) / TOKEN_CACHE_DIR / content_key(sources, tokenizer.fingerprint())
+    try:
+        prepared = PreparedData(entry)
+        damaged = prepared.verify()
+    except DataError as error:
+        prepared, damaged = None, [str(error)]
+    if prepared is not None and not damaged:
+        return prepared
+    if entry.exists() and prepared is not None:
+        print(f"warning: rebuilding damaged token cache {entry} ({damaged[0]})", file=sys.stderr)
+        shutil.rmtree(entry)
+    return prepare(data, entry, sources=sources, tokenizer=tokenizer, progress=False)
 
 
-def source_docs(entry: dict[str, Any], tokenizer: Any, cache_dir: Path | None) -> TokenizedDocs:
-    """A data-manifest source entry's documents, every file tokenized, in manifest order."""
-    key = entry["text_key"]
-    if entry["hub"]:
-        digest = "+".join(f["sha256"] for f in entry["files"])
-        return tokenize_cached(digest, key, tokenizer, cache_dir, lambda: read_hub_texts(entry["path"], key)[0])
-    return TokenizedDocs.concatenate([file_docs(f["path"], tokenizer, cache_dir, key, f["sha256"]) for f in entry["files"]])
+def prepared_data(data: DataConfig, manifest: dict[str, Any], tokenizer: Any, cache_dir: Path | None) -> PreparedData:
+    """The shards a run reads: data.prepared, else its sources prepared into the token cache."""
+    if data.prepared is not None:
+        prepared = PreparedData(data.prepared)
+    else:
+        prepared = cached_prepare(data, manifest["sources"], tokenizer, cache_dir)
+    prepared.check_tokenizer(tokenizer, f"data.tokenizer {data.tokenizer!r}")
+    return prepared
 
 
-def training_mixture(cfg: Config, tokenizer: Any, manifest: dict[str, Any], cache_dir: Path | None) -> Mixture:
-    """The recipe's weighted, packed, seed-ordered training rows (see kmodel.data.packing)."""
+def training_mixture(cfg: Config, tokenizer: Any, manifest: dict[str, Any], cache_dir: Path | None, stage: int = 0) -> Mixture:
+    """The recipe's weighted, packed, seed-ordered training rows (see kmodel.data.order)."""
     check_vocab(tokenizer, cfg.model.vocab_size)
-    streams = [
-        SourceStream(source_docs(entry, tokenizer, cache_dir), cfg.data.seq_len, cfg.seed, index, entry["name"])
-        for index, entry in enumerate(manifest["sources"])
-    ]
-    weights = [entry["weight"] for entry in manifest["sources"]]
-    return Mixture(streams, weights, cfg.seed, tokenizer.eos_id, cfg.data.document_masking)
+    prepared = prepared_data(cfg.data, manifest, tokenizer, cache_dir)
+    held = prepared.source_names()
+    for source in manifest["sources"]:
+        if source["name"] not in held:
+            raise DataError(f"data.sources names {source['name']!r}, which data.prepared {prepared.directory} does not "
+                            f"hold (it holds {', '.join(map(repr, held))})")
+    streams = [prepared.stream(source["name"]) for source in manifest["sources"]]
+    weights = [source["weight"] for source in manifest["sources"]]
+    return Mixture(streams, weights, cfg.seed, cfg.data.seq_len, tokenizer.eos_id, cfg.data.document_masking, stage)
+
+
+def file_docs(path: str | Path, tokenizer: Any, cache_dir: Path | None, text_key: str = "text") -> TokenizedDocs:
+    """One local file's documents, tokenized through the token cache and read back whole (evaluation)."""
+    data = DataConfig(sources=[DataSource(name="file", path=str(path), text_key=text_key)], tokenizer=str(tokenizer.directory))
+    from kmodel.data.prepare import hashed_sources
+
+    prepared = cached_prepare(data, hashed_sources(data.sources), tokenizer, cache_dir)
+    (source,) = prepared.sources
+    stream = prepared.stream(source["name"])
+    tokens = np.concatenate([np.fromfile(p, dtype=prepared.dtype) for p in stream.paths]).astype(np.int32)
+    folder = prepared.directory / SHARDS_DIR
+    doc_ends = [np.fromfile(folder / f"{shard['name']}{DOCS_SUFFIX}", dtype=DOC_DTYPE) + int(offset)
+                for shard, offset in zip(source["shards"], np.concatenate(([0], stream.ends[:-1])))]
+    return TokenizedDocs(tokens, np.concatenate(doc_ends), sum(s["text_bytes"] for s in source["shards"]))

@@ -335,10 +335,7 @@ class Trainer:
         if not self.cfg.data.heldout:
             return None
         if self._heldout is None:
-            self._heldout = {
-                path: file_docs(path, self.tokenizer, self.cache_dir, sha256=entry["sha256"])
-                for path, entry in zip(self.cfg.data.heldout, self.data_manifest["heldout"])
-            }
+            self._heldout = {path: file_docs(path, self.tokenizer, self.cache_dir) for path in self.cfg.data.heldout}
         per_file = {
             path: evaluate_docs(
                 self.model, docs, self.cfg.data.seq_len, self.cfg.train.micro_batch_size, self.tokenizer.pad_id,

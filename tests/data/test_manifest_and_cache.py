@@ -1,4 +1,4 @@
-"""The data manifest (file hashes + Merkle root) and the content-keyed token cache."""
+"""The data manifest (file hashes + Merkle root, data identified by content) and the content-keyed token cache."""
 
 from __future__ import annotations
 
@@ -10,8 +10,7 @@ import numpy as np
 import pytest
 
 from kmodel.config import load_config
-from kmodel.data import DataError, check_vocab, data_manifest, file_docs, load_tokenizer, manifest_differences, merkle_root
-from kmodel.data.tokenized import tokenize_cached
+from kmodel.data import DataError, check_vocab, data_manifest, file_docs, load_tokenizer, manifest_differences, merkle_root, relocations
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -58,7 +57,7 @@ def test_manifest_lists_every_file_and_pins_content(tmp_path):
     (tmp_path / "b.jsonl").write_text(json.dumps({"text": "changed"}) + "\n", encoding="utf-8")
     changed = data_manifest(cfg.data)
     assert changed["merkle_root"] != manifest["merkle_root"]
-    assert manifest_differences(manifest, changed) == [f"{tmp_path / 'b.jsonl'} (changed)"]
+    assert manifest_differences(manifest, changed) == [f"source 'b': {tmp_path / 'b.jsonl'} (changed)"]
 
 
 def test_manifest_names_a_missing_heldout_file(tmp_path):
@@ -67,29 +66,44 @@ def test_manifest_names_a_missing_heldout_file(tmp_path):
         data_manifest(cfg.data)
 
 
-def test_token_cache_is_reused_and_keyed_by_content_and_tokenizer(tmp_path, tokenizer):
-    reads = []
+def test_moved_data_is_the_same_data_and_changed_data_is_named(tmp_path):
+    cfg = _recipe(tmp_path, {"a.jsonl": "alpha", "b.jsonl": "beta", "h.jsonl": "held"})
+    recorded = data_manifest(cfg.data)
+    moved = tmp_path / "moved"
+    moved.mkdir()
+    for name in ("a.jsonl", "b.jsonl", "h.jsonl"):
+        (tmp_path / name).rename(moved / name)
+    cfg = _recipe(moved, {})
+    current = data_manifest(cfg.data)
+    assert manifest_differences(recorded, current) == []
+    assert relocations(recorded, current) == [f"{tmp_path / n} -> {moved / n}" for n in ("a.jsonl", "b.jsonl", "h.jsonl")]
 
-    def read():
-        reads.append(1)
-        return ["안녕하세요", "hello world"]
+    (moved / "b.jsonl").write_text(json.dumps({"text": "changed"}) + "\n", encoding="utf-8")
+    assert manifest_differences(recorded, data_manifest(cfg.data)) == [f"source 'b': {tmp_path / 'b.jsonl'} (changed)"]
 
-    first = tokenize_cached("ab" * 32, "text", tokenizer, tmp_path, read)
-    again = tokenize_cached("ab" * 32, "text", tokenizer, tmp_path, read)
-    assert len(reads) == 1
-    np.testing.assert_array_equal(first.tokens, again.tokens)
-    np.testing.assert_array_equal(first.doc_ends, again.doc_ends)
-    assert first.tokens[first.doc_ends[0] - 1] == tokenizer.eos_id and first.tokens[-1] == tokenizer.eos_id
-    assert first.text_bytes == len("안녕하세요".encode()) + len(b"hello world")
+
+def test_token_cache_is_reused_keyed_by_content_and_rebuilt_when_damaged(tmp_path, tokenizer):
+    path = tmp_path / "a.jsonl"
+    path.write_text("".join(json.dumps({"text": t}) + "\n" for t in ["안녕하세요", "hello world"]), encoding="utf-8")
+    first = file_docs(path, tokenizer, tmp_path)
+    entries = list((tmp_path / "tokens").iterdir())
+    assert len(entries) == 1
     expected = tokenizer.encode("안녕하세요", add_eos=True) + tokenizer.encode("hello world", add_eos=True)
     assert first.tokens.tolist() == expected
+    assert first.doc_ends.tolist() == [len(tokenizer.encode("안녕하세요", add_eos=True)), len(expected)]
+    assert first.text_bytes == len("안녕하세요".encode()) + len(b"hello world")
 
-    tokenize_cached("cd" * 32, "text", tokenizer, tmp_path, read)  # other content: another entry
-    assert len(reads) == 2
-    for entry in (tmp_path / "tokens").glob("*.npz"):
-        entry.write_bytes(b"damaged")
-    rebuilt = tokenize_cached("ab" * 32, "text", tokenizer, tmp_path, read)  # a damaged entry is rebuilt
-    assert len(reads) == 3 and rebuilt.tokens.tolist() == expected
+    copy = tmp_path / "elsewhere.jsonl"
+    copy.write_bytes(path.read_bytes())
+    file_docs(copy, tokenizer, tmp_path)  # the same bytes elsewhere: the same entry
+    assert list((tmp_path / "tokens").iterdir()) == entries
+    copy.write_text(json.dumps({"text": "other"}) + "\n", encoding="utf-8")
+    file_docs(copy, tokenizer, tmp_path)  # other content: another entry
+    assert len(list((tmp_path / "tokens").iterdir())) == 2
+
+    for shard in (entries[0] / "shards").glob("*.tokens"):
+        shard.write_bytes(b"\xff" * shard.stat().st_size)  # same size, other bytes
+    assert file_docs(path, tokenizer, tmp_path).tokens.tolist() == expected  # a damaged entry is rebuilt
 
 
 def test_file_docs_tokenizes_a_real_file(tmp_path, tokenizer):

@@ -10,7 +10,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from kmodel.config import DataSource
-from kmodel.data.sources import DataError, read_file_texts, resolve_source
+from kmodel.data.sources import DataError, file_parts, read_documents, read_file_texts, resolve_source
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -51,8 +51,9 @@ def test_bundled_corpus_reads_completely():
         ("broken.jsonl", b'{"text": "a"}\n{"text": "b"\n', r"broken\.jsonl is corrupt: line 2 is not valid JSON"),
         ("latin1.jsonl", '{"text": "café"}\n'.encode("latin-1"), r"latin1\.jsonl: not valid UTF-8 text \(line 1"),
         ("latin1.txt", "ok\ncafé\n".encode("latin-1"), r"latin1\.txt: not valid UTF-8 text \(line 2"),
-        ("nokey.jsonl", b'{"body": "a"}\n', r"nokey\.jsonl has no 'text' column \(columns: body\)"),
-        ("number.jsonl", b'{"text": 5}\n', r"number\.jsonl: record 1 has 'text' a int, not a string"),
+        ("nokey.jsonl", b'{"text": "a"}\n{"body": "a"}\n', r"nokey\.jsonl line 2 has no 'text' key \(keys: body\)"),
+        ("number.jsonl", b'{"text": 5}\n', r"number\.jsonl line 1 has 'text' a int, not a string"),
+        ("array.json", b'[{"text": "a"}, {"body": 1}]', r"array\.json record 2 has no 'text' key"),
         ("broken.parquet", b"PAR1 not really parquet", r"broken\.parquet is corrupt: .*[Pp]arquet"),
     ],
 )
@@ -91,3 +92,31 @@ def test_resolve_errors_name_the_source(tmp_path):
 def test_a_bare_name_is_a_hub_dataset():
     resolved = resolve_source(DataSource(path="someorg/korean-web"))
     assert resolved.hub_name == "someorg/korean-web" and resolved.files == ()
+
+
+def test_parts_of_a_line_file_hold_every_line_once(tmp_path):
+    texts = [f"문서 {i} " + "가" * (i % 7) for i in range(200)]
+    path = write_jsonl(tmp_path / "a.jsonl", [{"text": t} for t in texts])
+    for part_bytes in (1, 17, 100, 1000, 1 << 20):
+        parts = file_parts(path, part_bytes)
+        read = [t for start, stop in parts for t in read_documents(str(path), "text", start, stop)]
+        assert read == texts, part_bytes
+
+
+def test_parts_of_a_parquet_file_are_row_groups(tmp_path):
+    texts = [f"row {i}" for i in range(100)]
+    path = tmp_path / "a.parquet"
+    pq.write_table(pa.table({"text": texts}), path, row_group_size=10)
+    parts = file_parts(path, 1)
+    assert len(parts) == 10
+    assert [t for start, stop in parts for t in read_documents(str(path), "text", start, stop)] == texts
+
+
+def test_an_error_in_a_later_part_names_the_line_in_the_whole_file(tmp_path):
+    lines = [json.dumps({"text": f"doc {i}"}) for i in range(50)]
+    lines[37] = '{"text": broken'
+    path = tmp_path / "a.jsonl"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    start, stop = next((a, b) for a, b in file_parts(path, 64) if a > 0 and b > sum(len(x) + 1 for x in lines[:37]))
+    with pytest.raises(DataError, match=r"a\.jsonl is corrupt: line 38 is not valid JSON"):
+        list(read_documents(str(path), "text", start, stop))

@@ -190,7 +190,7 @@ def test_resume_refuses_another_recipe_and_changed_data(tiny, reference_run, tmp
     first = tmp_path / "first"
     train(cfg, first, max_steps=2, progress=False)
     changed.write_bytes(original.replace(b"def ", b"def  ", 1))
-    with pytest.raises(DataError, match=rf"the training data changed since: {changed} \(changed\)"):
+    with pytest.raises(DataError, match=rf"the training data changed since: source 'code': {changed} \(changed\)"):
         train(cfg, first, max_steps=4, resume=True, progress=False)
 
 
