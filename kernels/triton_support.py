@@ -57,11 +57,60 @@ def dot_precision(dtype: torch.dtype) -> str:
     return "tf32"
 
 
+def dot(a, b, acc=None, input_precision=None, _semantic=None):
+    """tl.dot for every kernel here, right under the interpreter too: call it as `dot(a, b, acc, input_precision=P)`.
+
+    Triton's interpreter keeps bf16 tiles as raw uint16 and multiplies those integers (a 32x32 bf16 product
+    comes out with relative error ~1e9), so there the operands are widened to fp32 first, which is exact:
+    the GPU's bf16 MMA also forms exact products and sums them in fp32. On the GPU this is tl.dot itself.
+
+    It is a Triton builtin (as tl.dot is) rather than a @triton.jit function, so kernel bodies can call it
+    whichever mode they are built in: the compiler passes `_semantic`; the interpreter runs the body as
+    Python with triton.language patched and passes nothing.
+    """
+    import triton.language as tl
+
+    if _semantic is not None:
+        return tl.dot(a, b, acc, input_precision=input_precision, _semantic=_semantic)
+    if a.dtype == tl.bfloat16 or b.dtype == tl.bfloat16:
+        a, b, input_precision = a.to(tl.float32), b.to(tl.float32), "ieee"
+    return tl.dot(a, b, acc, input_precision=input_precision)
+
+
+dot.__triton_builtin__ = True  # the mark tl.core.builtin sets: the compiler then calls it with `_semantic`
+
+
 _library_interpretable = False
 
 
+def _round_bf16_to_nearest_even() -> None:
+    """Make the interpreter round fp32 -> bf16 to nearest even, as the GPU does.
+
+    Triton 3.9's interpreter truncates instead (it passes no rounding mode to its own converter), a bias of up
+    to one bf16 unit towards zero at every cast and bf16 store; through a few layers of the tiny model that
+    moved logits by ~15% of their size and hid real bf16 differences behind it.
+    """
+    import numpy as np
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    cast = interpreter.InterpreterBuilder.cast_impl
+
+    def cast_impl(self, src, dst_type):
+        if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
+            return cast(self, src, dst_type)
+        bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
+        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
+        nan = np.isnan(src.data)
+        rounded[nan] = ((bits[nan] >> 16) | 0x40).astype(np.uint16)  # stay NaN (quiet) rather than round to inf
+        return interpreter.TensorHandle(rounded, tl.bfloat16)
+
+    interpreter.InterpreterBuilder.cast_impl = cast_impl
+
+
 def interpret_triton_library() -> None:
-    """Make triton.language's own @jit functions (tl.sum, tl.max, tl.sigmoid, ...) runnable by the interpreter.
+    """Make triton.language's own @jit functions (tl.sum, tl.max, tl.sigmoid, ...) runnable by the interpreter,
+    and its fp32 -> bf16 casts round as on the GPU (`_round_bf16_to_nearest_even`).
 
     triton wraps them when it is first imported, in the mode TRITON_INTERPRET gave then; if another module
     imported triton before the variable was set, they are compiler-only JITFunctions that the interpreter
@@ -71,6 +120,7 @@ def interpret_triton_library() -> None:
     global _library_interpretable
     if _library_interpretable:
         return
+    _round_bf16_to_nearest_even()
     import sys
 
     from triton.runtime.interpreter import InterpretedFunction

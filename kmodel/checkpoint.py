@@ -21,7 +21,6 @@ model far larger than one process's memory (kmodel.parallel.engine).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
 import os
@@ -39,30 +38,18 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from kmodel.config import Config, ConfigError, config_from_dict
+from kmodel.hashing import sha256_file
+from kmodel.rundir import CONFIG_FILE, checkpoint_dirs
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
-CONFIG_FILE = "config.yaml"
 STATE_FILE = "state.pt"
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_DIR = "tokenizer"
-STEP_PREFIX = "step_"
 
 
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, corrupt, or does not fit the model it is loaded into."""
-
-
-def step_dir_name(step: int) -> str:
-    return f"{STEP_PREFIX}{step:07d}"
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -210,13 +197,7 @@ def save_checkpoint(
 
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete checkpoints of a run directory (or of its checkpoints/ folder), oldest first."""
-    root = Path(run_dir)
-    if (root / "checkpoints").is_dir():
-        root = root / "checkpoints"
-    if not root.is_dir():
-        return []
-    found = [p for p in root.iterdir() if p.is_dir() and p.name.startswith(STEP_PREFIX) and (p / MODEL_FILE).is_file()]
-    return sorted(found, key=lambda p: p.name)
+    return [p for p in checkpoint_dirs(run_dir) if (p / MODEL_FILE).is_file()]
 
 
 def resolve_checkpoint(path: str | Path) -> Path:

@@ -17,8 +17,8 @@ from kmodel.checkpoint import (
     write_safetensors,
 )
 from kmodel.config import load_config
+from kmodel.hashing import object_sha256
 from kmodel.model import build_model
-from kmodel.provenance.ledger import object_sha256
 from kmodel.train.optim import build_optimizer
 
 SMALL = ["model.vocab_size=101", "model.hidden_size=32", "model.head_dim=8", "model.intermediate_size=48",

@@ -21,7 +21,7 @@ import torch
 import triton
 
 from kmodel.kernels.attention.reference import document_ids
-from kmodel.kernels.triton_support import interpret_triton_library
+from kmodel.kernels.triton_support import dot_precision, interpret_triton_library, interpreting, matmul_dtype
 
 _KERNEL_MODULE = "kmodel.kernels.attention.triton_kernels"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -59,11 +59,6 @@ _CUDA_CONFIGS = {
 }
 _AUTOTUNE_KEY = ["seq_len", "window", "CAUSAL", "HAS_WINDOW", "HAS_DOCS", "HEAD_DIM", "V_DIM", "DOT_PRECISION"]
 _autotuned: dict[tuple[str, int], triton.runtime.Autotuner] = {}
-
-
-def interpreting() -> bool:
-    """Whether triton runs kernels in its CPU interpreter (TRITON_INTERPRET=1), read now rather than cached."""
-    return bool(triton.knobs.runtime.interpret)
 
 
 def _kernels() -> ModuleType:
@@ -138,8 +133,8 @@ def _check_inputs(
             raise ValueError(f"{name} must be (batch, seq, heads, head_dim), got shape {tuple(t.shape)}")
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; triton attention supports {SUPPORTED_DTYPES}")
-        if t.dtype != q.dtype or t.device != q.device:
-            raise ValueError(f"{name} is {t.dtype} on {t.device} but q is {q.dtype} on {q.device}")
+        if t.device != q.device:
+            raise ValueError(f"{name} is on {t.device} but q is on {q.device}")
     if k.shape[:3] != v.shape[:3]:
         raise ValueError(f"k {tuple(k.shape)} and v {tuple(v.shape)} must match in batch, seq and heads")
     batch, seq, q_heads, head_dim = q.shape
@@ -158,6 +153,13 @@ def _check_inputs(
         )
 
 
+def _autocast(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """q, k, v in the dtype the kernels run in: autocast's when it is on (SDPA, the reference, casts all three
+    to it), else their common dtype. Cast outside the autograd Function, so gradients flow back through it."""
+    dtype = matmul_dtype("attention", q, k, v)
+    return q.to(dtype), k.to(dtype), v.to(dtype)
+
+
 def _check_sinks(sinks: torch.Tensor | None, q: torch.Tensor) -> None:
     if sinks is None:
         return
@@ -170,11 +172,6 @@ def _check_sinks(sinks: torch.Tensor | None, q: torch.Tensor) -> None:
 
 def _unit_last_stride(t: torch.Tensor) -> torch.Tensor:
     return t if t.stride(-1) == 1 else t.contiguous()
-
-
-def _dot_precision(dtype: torch.dtype) -> str:
-    # fp32 inputs are for testing: keep true fp32 products instead of tf32.
-    return "ieee" if dtype == torch.float32 else "tf32"
 
 
 def attention_forward(
@@ -207,7 +204,7 @@ def attention_forward(
         HAS_WINDOW=window is not None,
         HAS_DOCS=doc_bounds is not None,
         HAS_SINKS=sinks is not None,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype),
         **_dim_meta(head_dim, v_dim),
     )  # fmt: skip
 
@@ -246,7 +243,7 @@ def attention_backward(
         CAUSAL=causal,
         HAS_WINDOW=window is not None,
         HAS_DOCS=doc_bounds is not None,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype),
         **dims,
     )
     group = q_heads // kv_heads
@@ -320,6 +317,7 @@ def attention(
     cu_seqlens: torch.Tensor | None = None,
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    q, k, v = _autocast(q, k, v)
     _check_inputs(q, k, v, window)
     _check_sinks(sinks, q)
     batch, seq, _, head_dim = q.shape
@@ -370,6 +368,7 @@ def decode_attention(
     slots j <= its position with position - j < window. Equals `attention` over the whole sequence,
     restricted to its last `new` rows. Slots past cache_lens are never read. sinks: as in `attention`.
     """
+    q, k_cache, v_cache = _autocast(q, k_cache, v_cache)
     _check_inputs(q, k_cache, v_cache, window, same_seq=False)
     _check_sinks(sinks, q)
     batch, new_tokens, q_heads, head_dim = q.shape
@@ -405,7 +404,7 @@ def decode_attention(
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
         new_tokens, head_dim, v_dim, kv_heads, group, window or 0, scale * math.log2(math.e), split_len,
         HAS_WINDOW=window is not None, **dims,
-        DOT_PRECISION=_dot_precision(q.dtype),
+        DOT_PRECISION=dot_precision(q.dtype),
         BLOCK_M=max(16, triton.next_power_of_2(group * new_tokens)), BLOCK_N=block_n, num_warps=DECODE_NUM_WARPS,
     )  # fmt: skip
 

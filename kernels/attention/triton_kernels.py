@@ -24,6 +24,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from kmodel.kernels.triton_support import dot
+
 # How triton.jit built the kernels below: interpreted (CPU testing) or compiled.
 INTERPRETED = triton.knobs.runtime.interpret
 
@@ -194,7 +196,7 @@ def _fwd_blocks(
         k_pos = block * BLOCK_N + tl.arange(0, BLOCK_N)
         k = _load_rows(K, k_pos, cols, stride_ks, seq_len, head_dim, MASKED, EVEN_D)
         v = _load_rows(V, k_pos, v_cols, stride_vs, seq_len, v_dim, MASKED, EVEN_V)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        scores = dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             visible = _tile_visible(
                 q_pos[:, None], k_pos[None, :], k_pos[None, :], doc_lo[:, None], doc_hi[:, None],
@@ -205,7 +207,7 @@ def _fwd_blocks(
         p = tl.exp2(scores - new_max[:, None])
         correction = tl.exp2(row_max - new_max)
         row_sum = row_sum * correction + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=DOT_PRECISION)
+        acc = dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=DOT_PRECISION)
         row_max = new_max
     return acc, row_sum, row_max
 
@@ -394,7 +396,7 @@ def _dkdv_blocks(
         grad_out = _load_rows(GradOut + member * stride_gh, q_pos, v_cols, stride_gs, seq_len, v_dim, MASKED, EVEN_V)
         lse = _load_row_stat(Lse + member * seq_len, q_pos, seq_len, MASKED) * LOG2E
         delta = _load_row_stat(Delta + member * seq_len, q_pos, seq_len, MASKED)
-        scores_t = tl.dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        scores_t = dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             visible = _tile_visible(
                 q_pos[None, :], k_pos[:, None], q_pos[None, :], doc_lo[:, None], doc_hi[:, None],
@@ -402,10 +404,10 @@ def _dkdv_blocks(
             )  # fmt: skip
             scores_t = tl.where(visible, scores_t, float("-inf"))
         p_t = tl.exp2(scores_t - lse[None, :])
-        dv = tl.dot(p_t.to(grad_out.dtype), grad_out, dv, input_precision=DOT_PRECISION)
-        dp_t = tl.dot(v, tl.trans(grad_out), input_precision=DOT_PRECISION)
+        dv = dot(p_t.to(grad_out.dtype), grad_out, dv, input_precision=DOT_PRECISION)
+        dp_t = dot(v, tl.trans(grad_out), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
-        dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
+        dk = dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
     return dk, dv
 
 
@@ -552,7 +554,7 @@ def _dq_blocks(
         k_pos = block * BLOCK_N + tl.arange(0, BLOCK_N)
         k = _load_rows(K, k_pos, cols, stride_ks, seq_len, head_dim, MASKED, EVEN_D)
         v = _load_rows(V, k_pos, v_cols, stride_vs, seq_len, v_dim, MASKED, EVEN_V)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        scores = dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         if MASKED:
             visible = _tile_visible(
                 q_pos[:, None], k_pos[None, :], k_pos[None, :], doc_lo[:, None], doc_hi[:, None],
@@ -560,9 +562,9 @@ def _dq_blocks(
             )  # fmt: skip
             scores = tl.where(visible, scores, float("-inf"))
         p = tl.exp2(scores - lse[:, None])
-        dp = tl.dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
+        dp = dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
-        dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
+        dq = dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
     return dq
 
 
@@ -737,7 +739,7 @@ def attention_decode_kernel(
         in_cache = k_pos < stop
         k = _load_rows(KCache, k_pos, cols, stride_ks, stop, head_dim, True, EVEN_D)
         v = _load_rows(VCache, k_pos, v_cols, stride_vs, stop, v_dim, True, EVEN_V)
-        scores = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        scores = dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
         visible = in_cache[None, :] & (k_pos[None, :] <= q_pos[:, None])
         if HAS_WINDOW:
             visible = visible & (q_pos[:, None] - k_pos[None, :] < window)
@@ -746,7 +748,7 @@ def attention_decode_kernel(
         p = tl.exp2(scores - new_max[:, None])
         correction = tl.exp2(row_max - new_max)
         row_sum = row_sum * correction + tl.sum(p, 1)
-        acc = tl.dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=DOT_PRECISION)
+        acc = dot(p.to(v.dtype), v, acc * correction[:, None], input_precision=DOT_PRECISION)
         row_max = new_max
 
     seen = row_sum > 0

@@ -122,12 +122,13 @@ def grouped_swiglu(
     for expert, rows in enumerate(torch.split(x_sorted, tokens_per_expert.tolist())):
         if rows.shape[0] == 0:
             continue
+        # Biases join in the product's dtype, as nn.Linear's do (under autocast too: bf16 product, bf16 bias).
         gate_up = rows @ gate_up_proj[expert].t()
         if gate_up_bias is not None:
-            gate_up = gate_up + gate_up_bias[expert]
+            gate_up = gate_up + gate_up_bias[expert].to(gate_up.dtype)
         hidden = swiglu(gate_up[:, :inter], gate_up[:, inter:], activation, swiglu_alpha, swiglu_limit)
         out = hidden @ down_proj[expert].t()
-        outputs.append(out if down_bias is None else out + down_bias[expert])
+        outputs.append(out if down_bias is None else out + down_bias[expert].to(out.dtype))
     if not outputs:
         return x_sorted.new_zeros(0, down_proj.shape[1])
     return torch.cat(outputs)

@@ -47,7 +47,7 @@ import triton
 import triton.language as tl
 
 from kmodel.kernels.moe.reference import Routing
-from kmodel.kernels.triton_support import check_device, dot_precision, interpreting, lazy_kernel, matmul_dtype
+from kmodel.kernels.triton_support import check_device, dot, dot_precision, interpreting, lazy_kernel, matmul_dtype
 
 __all__ = ["Routing", "route", "permute", "grouped_swiglu", "combine", "moe_experts"]
 
@@ -492,10 +492,10 @@ def _grouped_mm_kernel(
         a = tl.load(a_row_ptrs[:, None] + k[None, :], mask=row_ok[:, None] & k_ok[None, :], other=0.0)
         b_ptrs = b_col_ptrs[None, :] + k[:, None] * stride_bk
         b_mask = k_ok[:, None] & col_ok[None, :]
-        acc = tl.dot(a, tl.load(b_ptrs, mask=b_mask, other=0.0), acc, input_precision=DOT_PRECISION)
+        acc = dot(a, tl.load(b_ptrs, mask=b_mask, other=0.0), acc, input_precision=DOT_PRECISION)
         if EPILOGUE == 1:
             b_up = tl.load(b_ptrs + N * stride_bn, mask=b_mask, other=0.0)
-            acc_up = tl.dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
+            acc_up = dot(a, b_up, acc_up, input_precision=DOT_PRECISION)
         if EPILOGUE == 2 and SCALE_ROWS and HAS_BIAS:
             k_bias = tl.load(expert_bias_ptr + expert.to(tl.int64) * stride_bias + k, mask=k_ok, other=0.0)
             bias_dot += tl.sum(a.to(tl.float32) * k_bias.to(tl.float32)[None, :], axis=1)
@@ -699,7 +699,7 @@ def _grouped_weight_grad_kernel(
             else:
                 input_rows = rows64
             inputs = tl.load(input_ptr + input_rows[:, None] * stride_input + qs[None, :], mask=in_mask, other=0.0)
-        acc = tl.dot(grad, inputs, acc, input_precision=DOT_PRECISION)
+        acc = dot(grad, inputs, acc, input_precision=DOT_PRECISION)
     out_ptrs = out_ptr + expert.to(tl.int64) * P * Q + ps[:, None] * Q + qs[None, :]
     tl.store(out_ptrs, acc.to(out_ptr.dtype.element_ty), mask=p_ok[:, None] & q_ok[None, :])
     if BIAS_GRAD:

@@ -40,13 +40,14 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kmodel.checkpoint import CheckpointError, LazyTensor, TensorStream, load_weights_into, step_dir_name
+from kmodel.checkpoint import CheckpointError, LazyTensor, TensorStream, load_weights_into
 from kmodel.config import Config, ConfigError
 from kmodel.data import Batch
+from kmodel.hashing import sorted_weights_sha256
 from kmodel.parallel.deepspeed_config import deepspeed_config, uses_bf16
 from kmodel.model import build_model
 from kmodel.parallel import expert_parallel as xp
-from kmodel.provenance.ledger import sorted_weights_sha256
+from kmodel.rundir import step_dir_name
 from kmodel.train.optim import adamw, param_groups
 from kmodel.train.trainer import LOSS_KEYS, Trainer
 

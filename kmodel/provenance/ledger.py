@@ -27,7 +27,6 @@ import os
 import platform
 import subprocess
 import sys
-from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -39,21 +38,16 @@ from kmodel.checkpoint import (
     MODEL_FILE,
     STATE_FILE,
     CheckpointError,
-    LazyTensor,
     read_state,
     read_weights,
-    sha256_file,
 )
-
-LEDGER_FILE = "ledger.jsonl"
-RUN_CONFIG_FILE = "config.yaml"
+from kmodel.hashing import canonical_json, object_sha256, sha256_bytes, sha256_file, sorted_weights_sha256, weights_sha256
+from kmodel.rundir import CONFIG_FILE, LEDGER_FILE
 SIGNATURE_FILE = "ledger.sig.json"
 GENESIS_PREV_HASH = "0" * 64
 RECORD_KINDS = ("genesis", "checkpoint", "resume")
 # Source folders whose uncommitted changes alter what a run executes (kmodel, kmodel.kernels, kmodel.tokenizer).
 SOURCE_DIRS = ("kmodel", "kernels", "tokenizer")
-# Prefixes that wrappers (DDP, torch.compile) put in front of parameter names.
-WRAPPER_PREFIXES = ("module.", "_orig_mod.")
 
 
 class LedgerError(RuntimeError):
@@ -63,77 +57,9 @@ class LedgerError(RuntimeError):
 # --- hashing ------------------------------------------------------------------------------------------
 
 
-def canonical_json(record: dict[str, Any]) -> bytes:
-    return json.dumps(record, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-
-
 def record_hash(record: dict[str, Any]) -> str:
     """sha256 of a record's canonical JSON, its own `hash` field left out."""
-    return hashlib.sha256(canonical_json({k: v for k, v in record.items() if k != "hash"})).hexdigest()
-
-
-def _tensor_bytes(tensor: torch.Tensor) -> bytes:
-    flat = tensor.detach().to("cpu").contiguous().reshape(-1)
-    return flat.view(torch.uint8).numpy().tobytes()
-
-
-def _update_with_tensor(digest, tensor: torch.Tensor) -> None:
-    digest.update(f"tensor:{tensor.dtype}:{tuple(tensor.shape)}:".encode())
-    digest.update(_tensor_bytes(tensor))
-
-
-def _strip_wrapper_prefix(name: str) -> str:
-    changed = True
-    while changed:
-        changed = False
-        for prefix in WRAPPER_PREFIXES:
-            if name.startswith(prefix):
-                name, changed = name[len(prefix):], True
-    return name
-
-
-def weights_sha256(model_or_state: torch.nn.Module | dict[str, torch.Tensor]) -> str:
-    """Hash of a model's state (names, dtypes, shapes, raw bytes, in name order), independent of the device
-    it lives on and of DDP / torch.compile name prefixes."""
-    state = model_or_state.state_dict() if isinstance(model_or_state, torch.nn.Module) else model_or_state
-    return sorted_weights_sha256(sorted((_strip_wrapper_prefix(name), tensor) for name, tensor in state.items()))
-
-
-def sorted_weights_sha256(named: Iterable[tuple[str, torch.Tensor]]) -> str:
-    """`weights_sha256` of (name, tensor) pairs already in name order, consumed one at a time (so a
-    generator can stream a model far larger than memory)."""
-    digest = hashlib.sha256()
-    for name, tensor in named:
-        digest.update(name.encode() + b"\0")
-        _update_with_tensor(digest, tensor)
-    return digest.hexdigest()
-
-
-def object_sha256(value: Any) -> str:
-    """Hash of a nested structure of dicts, lists, tensors and scalars (what state.pt holds)."""
-    digest = hashlib.sha256()
-    _update_with_object(digest, value, "")
-    return digest.hexdigest()
-
-
-def _update_with_object(digest, value: Any, where: str) -> None:
-    if isinstance(value, LazyTensor):
-        value = value.load()  # read only now: a checkpoint's moments are hashed one tensor at a time
-    if isinstance(value, torch.Tensor):
-        _update_with_tensor(digest, value)
-    elif isinstance(value, dict):
-        digest.update(f"dict:{len(value)}:".encode())
-        for key in sorted(value, key=repr):
-            digest.update(f"key:{key!r}:".encode())
-            _update_with_object(digest, value[key], f"{where}.{key}")
-    elif isinstance(value, (list, tuple)):
-        digest.update(f"{type(value).__name__}:{len(value)}:".encode())
-        for i, item in enumerate(value):
-            _update_with_object(digest, item, f"{where}[{i}]")
-    elif value is None or isinstance(value, (bool, int, float, str, bytes)):
-        digest.update(f"{type(value).__name__}:{value!r}:".encode())
-    else:
-        raise LedgerError(f"cannot hash {type(value).__name__} at state{where}; state.pt must hold tensors and plain containers")
+    return sha256_bytes(canonical_json({k: v for k, v in record.items() if k != "hash"}))
 
 
 def _finite_or_text(value: Any) -> float | str | None:
@@ -223,7 +149,7 @@ def _run_config(run_dir: Path) -> dict[str, Any]:
     bookkeeping keys such as train.max_steps, which the learning-rate schedule follows)."""
     from kmodel.config import ConfigError, config_from_dict
 
-    path = run_dir / RUN_CONFIG_FILE
+    path = run_dir / CONFIG_FILE
     if not path.is_file():
         return {"config_sha256": None, "config": None}
     try:
@@ -257,10 +183,11 @@ def checkpoint_hashes(checkpoint_dir: Path) -> dict[str, Any]:
             state = read_state(checkpoint_dir, lazy=True)
         except CheckpointError as error:
             raise LedgerError(str(error)) from None
-        if isinstance(state, dict):
-            state_parts = {str(key): object_sha256(value) for key, value in state.items()}
-        else:
-            state_parts = {"state": object_sha256(state)}
+        try:
+            parts = state.items() if isinstance(state, dict) else [("state", state)]
+            state_parts = {str(key): object_sha256(value) for key, value in parts}
+        except TypeError as error:
+            raise LedgerError(f"checkpoint {checkpoint_dir}: {error}") from None
     try:
         lazy = read_weights(checkpoint_dir, lazy=True)
         weights = sorted_weights_sha256((name, lazy[name].load()) for name in sorted(lazy))

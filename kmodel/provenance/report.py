@@ -17,6 +17,7 @@ from typing import Any
 
 from kmodel.provenance.ledger import LedgerError, checkpoint_records, read_records
 from kmodel.provenance.verify import FAIL, PASS, SKIP, WARN, Check, verify_run
+from kmodel.rundir import METRICS_FILE
 
 STATUS_COLOURS = {PASS: "#1a7f37", FAIL: "#cf222e", WARN: "#9a6700", SKIP: "#57606a"}
 STYLE = """
@@ -44,7 +45,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _loss_points(run_dir: Path) -> list[tuple[int, float]]:
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     if not path.is_file():
         return []
     points = []

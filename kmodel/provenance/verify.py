@@ -27,7 +27,6 @@ import torch
 import yaml
 
 from kmodel.checkpoint import (
-    CONFIG_FILE,
     TOKENIZER_DIR,
     CheckpointError,
     list_checkpoints,
@@ -35,8 +34,8 @@ from kmodel.checkpoint import (
     verify_manifest,
 )
 from kmodel.config import ConfigError, config_from_dict
+from kmodel.hashing import merkle_root, sorted_weights_sha256
 from kmodel.provenance.ledger import (
-    RUN_CONFIG_FILE,
     SIGNATURE_FILE,
     LedgerError,
     chain_problems,
@@ -47,8 +46,8 @@ from kmodel.provenance.ledger import (
     git_output,
     read_records,
     source_root,
-    sorted_weights_sha256,
 )
+from kmodel.rundir import CONFIG_FILE, METRICS_FILE, step_of
 
 PASS, FAIL, WARN, SKIP = "pass", "fail", "warn", "skip"
 # Hashes a checkpoint record pins, compared one by one so a report says which part differs.
@@ -149,7 +148,7 @@ def _config_checks(run_dir: Path, records: list[dict[str, Any]]) -> list[Check]:
             continue
         if fingerprint != record.get("config_sha256"):
             checks.append(Check(label, FAIL, "the recorded config does not hash to the recorded config_sha256"))
-    path = run_dir / RUN_CONFIG_FILE
+    path = run_dir / CONFIG_FILE
     if not path.is_file():
         checks.append(Check("config", FAIL, f"{path} is missing"))
         return checks
@@ -160,9 +159,9 @@ def _config_checks(run_dir: Path, records: list[dict[str, Any]]) -> list[Check]:
         return checks
     expected = recorded_config(records)
     if expected is not None and current.to_dict() == config_from_dict(expected).to_dict():
-        checks.append(Check("config", PASS, f"{RUN_CONFIG_FILE} is the recorded config (sha256 {current.fingerprint()[:16]}...)"))
+        checks.append(Check("config", PASS, f"{CONFIG_FILE} is the recorded config (sha256 {current.fingerprint()[:16]}...)"))
     else:
-        checks.append(Check("config", FAIL, f"{RUN_CONFIG_FILE} differs from the config the ledger last recorded"))
+        checks.append(Check("config", FAIL, f"{CONFIG_FILE} differs from the config the ledger last recorded"))
     return checks
 
 
@@ -231,7 +230,7 @@ def _tokenizer_checks(run_dir: Path, records: list[dict[str, Any]], cfg) -> list
 
 
 def _data_checks(genesis: dict[str, Any], cfg, data_root: str | Path | None) -> list[Check]:
-    from kmodel.data import DataError, data_manifest, manifest_differences, merkle_root
+    from kmodel.data import DataError, data_manifest, manifest_differences
 
     recorded = genesis.get("data_manifest")
     if not isinstance(recorded, dict) or "sources" not in recorded:
@@ -288,7 +287,7 @@ def _checkpoint_checks(run_dir: Path, records: list[dict[str, Any]], cfg) -> lis
             checks.append(Check(name, FAIL, "does not match its ledger record: " + ", ".join(wrong)))
         else:
             checks.append(Check(name, PASS, "files, model, optimizer, RNG and data-position hashes match the record"))
-    unrecorded = [c.name for c in list_checkpoints(run_dir) if _step_of(c.name) not in recorded_steps]
+    unrecorded = [c.name for c in list_checkpoints(run_dir) if step_of(c) not in recorded_steps]
     if unrecorded:
         checks.append(Check("unrecorded", FAIL, f"checkpoints on disk that the ledger never recorded: {', '.join(unrecorded)}"))
     else:
@@ -296,15 +295,10 @@ def _checkpoint_checks(run_dir: Path, records: list[dict[str, Any]], cfg) -> lis
     return checks
 
 
-def _step_of(directory_name: str) -> int | None:
-    digits = directory_name.rsplit("_", 1)[-1]
-    return int(digits) if digits.isdigit() else None
-
-
 def _metrics_check(run_dir: Path, records: list[dict[str, Any]]) -> Check:
-    path = run_dir / "metrics.jsonl"
+    path = run_dir / METRICS_FILE
     if not path.is_file():
-        return Check("metrics", SKIP, "no metrics.jsonl")
+        return Check("metrics", SKIP, f"no {METRICS_FILE}")
     logged = {}
     for line in path.read_text(encoding="utf-8").splitlines():
         try:

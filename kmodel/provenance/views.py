@@ -28,7 +28,8 @@ import torch
 import yaml
 from safetensors import SafetensorError, safe_open
 
-from kmodel.checkpoint import CONFIG_FILE, MODEL_FILE, TOKENIZER_DIR
+from kmodel.checkpoint import MODEL_FILE, TOKENIZER_DIR
+from kmodel.rundir import CONFIG_FILE
 
 
 class ViewError(ValueError):

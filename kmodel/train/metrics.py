@@ -15,7 +15,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-METRICS_FILE = "metrics.jsonl"
+from kmodel.rundir import METRICS_FILE
 
 
 def _json_safe(value: Any) -> Any:

@@ -5,9 +5,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from kmodel.rundir import PLOTS_DIR
 from kmodel.train.metrics import read_metrics
-
-PLOTS_DIR = "plots"
 
 
 def _series(records, key):

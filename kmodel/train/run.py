@@ -21,9 +21,9 @@ import yaml
 from kmodel.checkpoint import list_checkpoints
 from kmodel.config import Config, ConfigError, config_from_dict
 from kmodel.train.metrics import MetricsLog
-from kmodel.train.trainer import CHECKPOINTS_DIR, Trainer
+from kmodel.rundir import CHECKPOINTS_DIR, CONFIG_FILE
+from kmodel.train.trainer import Trainer
 
-CONFIG_FILE = "config.yaml"
 # Keys a resumed run may change: they steer logging and bookkeeping, or (max_steps) extend the schedule.
 RESUMABLE_CHANGES = (
     "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.eval_every",

@@ -7,10 +7,8 @@ import statistics
 from pathlib import Path
 
 from kmodel.checkpoint import list_checkpoints
-from kmodel.train.metrics import METRICS_FILE, read_metrics
-from kmodel.train.plots import PLOTS_DIR
-
-SUMMARY_FILE = "summary.txt"
+from kmodel.rundir import CHECKPOINTS_DIR, METRICS_FILE, PLOTS_DIR, SUMMARY_FILE
+from kmodel.train.metrics import read_metrics
 
 
 def _mean_of(records, key, count):
@@ -48,7 +46,7 @@ def summarize(run_dir: str | Path) -> str:
         lines.append(f"experts        max/mean load {worst:.2f} (worst layer, last step), {dead} dead")
     checkpoints = list_checkpoints(run_dir)
     lines += [
-        f"checkpoints    {', '.join(p.name for p in checkpoints) or 'none'} in {run_dir / 'checkpoints'}",
+        f"checkpoints    {', '.join(p.name for p in checkpoints) or 'none'} in {run_dir / CHECKPOINTS_DIR}",
         f"metrics        {run_dir / METRICS_FILE}",
         f"plots          {run_dir / PLOTS_DIR}",
     ]

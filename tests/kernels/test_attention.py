@@ -304,9 +304,9 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
         triton_impl.attention(q, kv[:, :5], kv[:, :5])
     with pytest.raises(ValueError, match="must match in batch, seq and heads"):
         triton_impl.attention(q, kv, kv[:, :, :1])
-    with pytest.raises(TypeError, match="k has dtype torch.float64"):
-        triton_impl.attention(q, kv.double(), kv)
-    with pytest.raises(ValueError, match="v is torch.float16"):
+    with pytest.raises(TypeError, match="q has dtype torch.float64"):
+        triton_impl.attention(q.double(), kv.double(), kv.double())
+    with pytest.raises(TypeError, match="inputs must share one dtype"):  # as SDPA: mixed only under autocast
         triton_impl.attention(q, kv, kv.half())
     with pytest.raises(ValueError, match=r"sinks must be one float logit per query head, \(4,\)"):
         triton_impl.attention(q, kv, kv, sinks=torch.zeros(2, device=DEVICE))

@@ -13,7 +13,6 @@ from kmodel.checkpoint import read_state, read_weights, save_checkpoint
 from kmodel.config import config_from_dict
 from kmodel.model import build_model
 from kmodel.provenance.ledger import (
-    LEDGER_FILE,
     Ledger,
     checkpoint_hashes,
     read_records,
@@ -26,6 +25,7 @@ from kmodel.provenance.replay import (
     replayable_segments,
 )
 from kmodel.provenance.verify import FAIL, PASS, SKIP, WARN, verify_run
+from kmodel.rundir import LEDGER_FILE
 
 
 def by_name(checks):
