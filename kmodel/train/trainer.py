@@ -39,7 +39,6 @@ from kmodel.checkpoint import (
     read_weights,
     resolve_checkpoint,
     save_checkpoint,
-    step_dir_name,
 )
 from kmodel.config import Config
 from kmodel.data import (
@@ -52,14 +51,15 @@ from kmodel.data import (
     manifest_differences,
     training_mixture,
 )
+from kmodel.hashing import weights_sha256
 from kmodel.model import build_model
+from kmodel.rundir import CHECKPOINTS_DIR, LEDGER_FILE, step_dir_name
 from kmodel.train.evaluate import combine_results, evaluate_docs
 from kmodel.train.flops import peak_flops, training_flops_per_token
 from kmodel.train.metrics import MetricsLog, WandbLog
 from kmodel.train.optim import build_optimizer
 from kmodel.train.schedule import lr_at
 
-CHECKPOINTS_DIR = "checkpoints"
 LOSS_KEYS = ("loss", "lm_loss", "mtp_loss", "aux_loss", "z_loss")
 
 
@@ -198,8 +198,6 @@ class Trainer:
         self.optimizer.load_state_dict(state)
 
     def ledger_exists(self, resume: bool) -> bool:
-        from kmodel.provenance.ledger import LEDGER_FILE
-
         return resume and (self.run_dir / LEDGER_FILE).exists()
 
     def start_ledger(self, resume: bool, init_weights_sha256: str | None = None) -> None:
@@ -207,7 +205,7 @@ class Trainer:
         whose ranks hold shards, else of the model's state), continuation for a resumed one."""
         if not self.cfg.provenance.ledger:
             return
-        from kmodel.provenance.ledger import Ledger, weights_sha256
+        from kmodel.provenance.ledger import Ledger
 
         if self.ledger_exists(resume):
             self.ledger = Ledger.open(self.run_dir)
