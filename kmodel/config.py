@@ -330,6 +330,21 @@ class TrainConfig(Section):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     adam_eps: float = Field(1e-8, gt=0)
+    optimizer: Literal["adamw", "muon"] = Field(
+        "adamw", description="muon: Muon on hidden weight matrices, AdamW on the rest (kmodel.train.muon)"
+    )
+    muon_momentum: float = Field(0.95, ge=0, lt=1)
+    muon_nesterov: bool = True
+    muon_ns_steps: int = Field(5, gt=0, description="Newton-Schulz iterations per Muon update")
+    muon_params: list[str] = Field(
+        default_factory=list, description="glob patterns of matrices moved to Muon (e.g. '*.mlp.gate.weight')"
+    )
+    adamw_params: list[str] = Field(
+        default_factory=list, description="glob patterns of matrices kept on AdamW under optimizer muon"
+    )
+    qk_clip_tau: float | None = Field(
+        None, gt=0, description="MuonClip: cap each head's max attention logit at tau (Kimi K2: 100); None: off"
+    )
     grad_clip: float = Field(1.0, ge=0, description="max global grad norm (0 disables)")
     dtype: Literal["auto", "fp32", "bf16"] = Field("auto", description="auto: bf16 autocast on CUDA, fp32 on CPU")
     device: Literal["auto", "cpu", "cuda"] = "auto"

@@ -39,7 +39,30 @@ class LayerCache:
             self.keys, self.values, self.positions = self.keys[:, start:], self.values[:, start:], self.positions[start:]
 
 
+@torch.no_grad()
+def max_logits(q: torch.Tensor, k: torch.Tensor, *, scale: float, window: int | None,
+               cu_seqlens: torch.Tensor | None, block: int = 256) -> torch.Tensor:
+    """(q_heads,) largest pre-softmax logit scale * q.k over the pairs the attention lets through (causal,
+    window, documents): MuonClip's per-head statistic. Query blocks bound the memory to block x seq."""
+    batch, seq, heads, _ = q.shape
+    k = k.repeat_interleave(heads // k.shape[2], dim=2)
+    positions = torch.arange(seq, device=q.device)
+    doc = None if cu_seqlens is None else reference.document_ids(cu_seqlens, batch, seq)
+    best = torch.full((heads,), -torch.inf, device=q.device)
+    for start in range(0, seq, block):
+        rows = slice(start, min(start + block, seq))
+        logits = torch.einsum("bqhd,bkhd->bhqk", q[:, rows].float(), k.float()) * scale
+        visible = reference.visibility_mask(positions[rows], positions, window=window, causal=True).expand(batch, 1, -1, -1)
+        if doc is not None:
+            visible = visible & (doc[:, None, rows, None] == doc[:, None, None, :])
+        best = torch.maximum(best, logits.masked_fill(~visible, -torch.inf).amax(dim=(0, 2, 3)))
+    return best
+
+
 class Attention(nn.Module):
+    # (heads,) running maximum of the training forwards' logits, tracked only while set (MuonClip sets it).
+    max_logits: torch.Tensor | None = None
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.num_heads = cfg.num_attention_heads
@@ -79,6 +102,9 @@ class Attention(nn.Module):
             q, k = self.q_norm(q), self.k_norm(k)
         if self.use_rope:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        if self.max_logits is not None and self.training and cache is None:
+            seen = max_logits(q, k, scale=self.scale, window=self.window, cu_seqlens=cu_seqlens)
+            self.max_logits = torch.maximum(self.max_logits.to(seen.device), seen)
 
         if cache is None or cache.keys is None:
             out = self.kernel.attention(

@@ -17,12 +17,14 @@ from torch import nn
 
 from kmodel.config import ModelConfig
 from kmodel.kernels.attention import reference
-from kmodel.model.attention import LayerCache
+from kmodel.model.attention import LayerCache, max_logits
 from kmodel.model.norm import RMSNorm
 from kmodel.model.rope import apply_rope, yarn_softmax_scale
 
 
 class LatentAttention(nn.Module):
+    max_logits: torch.Tensor | None = None  # (heads,) tracked only while set (MuonClip), as in Attention
+
     def __init__(self, cfg: ModelConfig, layer_idx: int):
         super().__init__()
         self.num_heads = cfg.num_attention_heads
@@ -82,6 +84,9 @@ class LatentAttention(nn.Module):
 
         if cache is None or cache.keys is None:
             keys, values = self.expand(latent, rope_key)
+            if self.max_logits is not None and self.training and cache is None:
+                seen = max_logits(q, keys, scale=self.scale, window=self.window, cu_seqlens=cu_seqlens)
+                self.max_logits = torch.maximum(self.max_logits.to(seen.device), seen)
             out = self.kernel.attention(q, keys, values, window=self.window, scale=self.scale, cu_seqlens=cu_seqlens)
             if cache is not None:
                 cache.extend(latent, rope_key, positions)

@@ -57,6 +57,7 @@ from kmodel.rundir import CHECKPOINTS_DIR, LEDGER_FILE, step_dir_name
 from kmodel.train.evaluate import combine_results, evaluate_docs
 from kmodel.train.flops import peak_flops, training_flops_per_token
 from kmodel.train.metrics import MetricsLog, WandbLog
+from kmodel.train.muon import QKClip
 from kmodel.train.optim import build_optimizer
 from kmodel.train.schedule import lr_at
 
@@ -117,6 +118,8 @@ class Trainer:
             apply_activation_checkpointing(self.model)
         self.model.train()
         self.optimizer = build_optimizer(self.model, cfg.train)
+        self.qk_clip = None if cfg.train.qk_clip_tau is None else QKClip(self.model, cfg.train.qk_clip_tau)
+        self.attention_logits: dict[str, list[float]] | None = None  # the last step's per-head maxima (MuonClip)
         self.flops_per_token = training_flops_per_token(self.model, cfg.data.seq_len)
         self.peak_flops = peak_flops(self.device)
 
@@ -237,10 +240,26 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         self.optimizer.step()
+        self.clip_attention_logits()
         self.model.end_step()  # MoE: aux-loss-free bias update and the step's router load
+
+    def clip_attention_logits(self, applied: bool = True) -> None:
+        """MuonClip after an update: read the step's per-head max logits and rescale the query/key weights of
+        heads above train.qk_clip_tau (a discarded step only resets the maxima)."""
+        if self.qk_clip is None:
+            return
+        logits = self.qk_clip.step_logits()
+        self.attention_logits = {name: value.tolist() for name, value in logits.items()}
+        if applied:
+            self.scale_rows(self.qk_clip.row_scales(logits))
+
+    def scale_rows(self, scales: dict[str, torch.Tensor]) -> None:
+        """Multiply rows of named parameters in place (engines override this to reach their master weights)."""
+        QKClip.apply(self.model, scales)
 
     def discard_step(self) -> None:
         """Drop a non-finite step: no update, and its router counts do not steer the balancing bias."""
+        self.clip_attention_logits(applied=False)
         for moe in self.model.moe_layers().values():
             moe.load.zero_()
 
@@ -286,6 +305,8 @@ class Trainer:
             "skipped": not finite,
             "router": self._router_record() if finite else None,
         }
+        if self.attention_logits is not None:
+            record["attention_logits"] = self.attention_logits
         self.last_record = record
         return record
 
