@@ -25,7 +25,10 @@ def _add_launch(sub) -> None:
         description="Build the command that starts parallel.world_size training processes for RECIPE: locally "
         "(deepspeed --num_gpus N, or torchrun), on several machines through a DeepSpeed hostfile (--hosts or "
         "--hostfile), or as a SLURM batch job (--slurm, rendered from launch/slurm.sbatch). Every rank runs "
-        "`python -m kmodel.parallel.entry RECIPE --out RUN_DIR --resume`, so a relaunch continues the run.",
+        "`python -m kmodel.parallel.entry RECIPE --out RUN_DIR --start-or-resume`: the first launch starts the run, "
+        "a relaunch resumes it from its latest checkpoint, and a directory whose history has no checkpoint is "
+        "refused. Without a GPU the ranks use DeepSpeed's CPU accelerator and gloo (DS_ACCELERATOR=cpu), so a "
+        "layout can be rehearsed on any machine with --launcher torchrun.",
     )
     p.add_argument("recipe", help="YAML recipe whose parallel: section sets the world size")
     p.add_argument("--out", required=True, help="run directory (checkpoints, logs, the rendered sbatch script)")
@@ -52,13 +55,23 @@ def _add_launch(sub) -> None:
 
 
 def _run_launch(args) -> int:
+    import os
+
+    import torch
+
     from kmodel.config import load_config
     from kmodel.parallel import launch
+    from kmodel.train.run import check_resumable, prepare_run, saved_config
 
-    cfg = load_config(args.recipe, args.overrides)
+    launch.validate_options(master_port=args.master_port, cpus_per_task=args.cpus_per_task,
+                            gpus_per_node=args.gpus_per_node)
+    cfg = load_config(args.recipe, args.overrides)  # refuses layouts the code cannot run (EP vs experts, ...)
     nodes, per_node = launch.layout(cfg, args.nodes, args.gpus_per_node)
     plan = launch.LaunchPlan(nodes, per_node, args.recipe, args.out, list(args.overrides), args.master_port)
     run_dir = Path(args.out)
+    state = launch.run_state(run_dir)  # history without checkpoints is refused here, before any process starts
+    if state != "start":
+        check_resumable(saved_config(run_dir), cfg, run_dir)
     files: dict[Path, str] = {}
     if args.slurm:
         script = launch.slurm_script(plan, cfg, time_limit=args.time, partition=args.partition, ib_hca=args.ib_hca,
@@ -66,35 +79,39 @@ def _run_launch(args) -> int:
                                      cpus_per_task=args.cpus_per_task)
         files[run_dir / "launch.sbatch"] = script
         command = ["sbatch", str(run_dir / "launch.sbatch")]
-    elif args.hosts or args.hostfile:
-        if args.hosts and args.hostfile:
+    elif args.hosts is not None or args.hostfile is not None:
+        if args.hosts is not None and args.hostfile is not None:
             raise ValueError("give --hosts or --hostfile, not both")
-        if args.hosts:
+        if args.hosts is not None:
             hosts = [h.strip() for h in args.hosts.split(",")]
-            if len(hosts) != nodes:
-                raise ValueError(f"--hosts names {len(hosts)} machines but --nodes is {nodes}")
             hostfile = run_dir / "hostfile"
             files[hostfile] = launch.hostfile_text(hosts, per_node)
+            if len(hosts) != nodes:
+                raise ValueError(f"--hosts names {len(hosts)} machines but --nodes is {nodes}")
         else:
             hostfile = Path(args.hostfile)
             if not hostfile.is_file():
                 raise FileNotFoundError(f"--hostfile {hostfile} does not exist")
             hosts = [line.split()[0] for line in hostfile.read_text().splitlines() if line.strip() and not line.startswith("#")]
+            if not hosts:
+                raise ValueError(f"--hostfile {hostfile} names no machine (one `host slots=N` line per machine)")
         command = launch.hostfile_command(plan, str(hostfile), args.master_addr or hosts[0])
     else:
         if nodes != 1:
             raise ValueError(f"--nodes {nodes} needs --hosts, --hostfile or --slurm")
         command = launch.local_command(plan, args.launcher)
+    env = launch.accelerator_env(torch.cuda.is_available())
 
     if args.dry_run:
         for path, text in files.items():
             print(f"# would write {path}:\n{text}")
-        print(" ".join(_quote(c) for c in command))
+        print(" ".join([*(f"{k}={v}" for k, v in env.items()), *(_quote(c) for c in command)]))
         return 0
-    run_dir.mkdir(parents=True, exist_ok=True)
+    if state == "start":  # config.yaml first: the ranks (and a requeued SLURM job) find a prepared run
+        prepare_run(cfg, run_dir, resume=False, max_steps=None, force=False)
     for path, text in files.items():
         path.write_text(text, encoding="utf-8")
-    return subprocess.call(command)
+    return subprocess.call(command, env={**os.environ, **env})
 
 
 def _quote(arg: str) -> str:

@@ -1,11 +1,13 @@
 """Per-rank entry point that `kmodel launch` starts under deepspeed or torchrun:
 
-    python -m kmodel.parallel.entry RECIPE --out RUN_DIR [--resume] [--force] [--set KEY=VALUE ...]
+    python -m kmodel.parallel.entry RECIPE --out RUN_DIR [--resume | --start-or-resume] [--force] [--set KEY=VALUE ...]
 
 Reads RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (and LOCAL_RANK) from the launcher, initialises
-torch.distributed (nccl on CUDA, gloo on CPU), lets rank 0 prepare the run directory (the others wait and
-stop with the same error when it fails), then every rank builds the DeepSpeedTrainer, restores the latest
-checkpoint when resuming, starts the engine and trains. Rank 0 prints the summary.
+torch.distributed (nccl on CUDA; gloo and DeepSpeed's CPU accelerator without a GPU), lets rank 0 prepare
+the run directory (the others wait and stop with the same error when it fails), then every rank builds the
+DeepSpeedTrainer, restores the latest checkpoint when resuming, starts the engine and trains. Rank 0 prints
+the summary. `--start-or-resume` (what `kmodel launch` passes) decides by the directory: see
+kmodel.parallel.launch.run_state.
 """
 
 from __future__ import annotations
@@ -21,7 +23,8 @@ import torch.distributed as dist
 
 from kmodel.config import load_config
 from kmodel.parallel.engine import DeepSpeedTrainer
-from kmodel.train.run import prepare_run, start
+from kmodel.parallel.launch import run_state
+from kmodel.train.run import check_resumable, prepare_run, saved_config, start, write_config
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -29,6 +32,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("recipe", help="YAML recipe (parallel.backend: deepspeed)")
     p.add_argument("--out", required=True, help="run directory, shared by all ranks")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")
+    p.add_argument("--start-or-resume", action="store_true",
+                   help="start a new run in an empty --out, begin one `kmodel launch` prepared, or resume from the "
+                   "latest checkpoint; refuse a directory with history but no checkpoint")
     p.add_argument("--force", action="store_true", help="delete a non-empty --out and start over")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a recipe key (repeatable)")
@@ -43,16 +49,31 @@ def init_distributed() -> None:
         raise RuntimeError(f"environment {missing} not set: start this module with deepspeed, torchrun or `kmodel launch`")
     if torch.cuda.is_available():
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    else:
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported: its CPU accelerator
     dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(minutes=30))
 
 
+def _prepare(args: argparse.Namespace, run_dir: Path):
+    """(config, resume): check and write the run directory as the command line asks."""
+    if args.start_or_resume and (args.resume or args.force):
+        raise ValueError("--start-or-resume decides by the directory itself; drop --resume / --force")
+    cfg = load_config(args.recipe, args.overrides)
+    state = run_state(run_dir) if args.start_or_resume else "resume" if args.resume else "start"
+    if state == "begin":  # prepared by `kmodel launch`: same recipe, nothing trained yet
+        check_resumable(saved_config(run_dir), cfg, run_dir)
+        write_config(run_dir, cfg)
+        return cfg, False
+    resume = state == "resume"
+    return prepare_run(cfg, run_dir, resume=resume, max_steps=None, force=args.force), resume
+
+
 def _prepare_on_rank0(args: argparse.Namespace, run_dir: Path):
-    """Rank 0 checks and writes the run directory; its config (or its error) is shared with every rank."""
+    """Rank 0 checks and writes the run directory; its (config, resume) or its error is shared with every rank."""
     message = [None]
     if dist.get_rank() == 0:
         try:
-            message[0] = prepare_run(load_config(args.recipe, args.overrides), run_dir,
-                                     resume=args.resume, max_steps=None, force=args.force)
+            message[0] = _prepare(args, run_dir)
         except Exception as error:  # re-raised below on every rank, so no rank waits forever
             message[0] = error
     dist.broadcast_object_list(message, src=0)
@@ -66,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
     init_distributed()
     try:
         run_dir = Path(args.out)
-        cfg = _prepare_on_rank0(args, run_dir)
+        cfg, resume = _prepare_on_rank0(args, run_dir)
         rank0 = dist.get_rank() == 0
         trainer = DeepSpeedTrainer(cfg, run_dir, progress=None if rank0 else False)
-        start(trainer, args.resume, writer=rank0)
+        start(trainer, resume, writer=rank0)
         trainer.start_engine()
         trainer.fit()
         summary = trainer.finish()

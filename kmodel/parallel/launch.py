@@ -1,8 +1,12 @@
 """Launch commands for a recipe: local multi-process, multi-node with a DeepSpeed hostfile, or SLURM.
 
-Every rank runs `python -m kmodel.parallel.entry RECIPE --out RUN_DIR --resume`; the launchers only
-differ in how they start those processes. The recipe's `parallel.world_size` is the number of ranks, so
-nodes x GPUs per node must equal it. The SLURM script is rendered from the readable template
+Every rank runs `python -m kmodel.parallel.entry RECIPE --out RUN_DIR --start-or-resume`; the launchers
+only differ in how they start those processes. `run_state` decides what such a rank does with RUN_DIR: start a
+new run (absent or empty directory), begin one `kmodel launch` prepared (config.yaml, no history yet), or
+resume from the latest checkpoint; a directory with history but no checkpoint is refused, since starting over
+would overwrite that history. Each launcher runs under `env PYTHONSAFEPATH=1` (kmodel.safe_path),
+so no rank started from the repository root imports our folders in place of installed packages. The
+recipe's `parallel.world_size` is the number of ranks, so nodes x GPUs per node must equal it. The SLURM script is rendered from the readable template
 launch/slurm.sbatch ({{name}} placeholders).
 """
 
@@ -14,10 +18,16 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kmodel.checkpoint import list_checkpoints
 from kmodel.config import Config
+from kmodel.rundir import RunDir
+from kmodel.safe_path import SAFE_PATH_ENV
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "launch"
 ENTRY_MODULE = "kmodel.parallel.entry"
+# Prefix of every launcher command: torchrun and DeepSpeed start the ranks with `python -m` themselves, and
+# DeepSpeed's multi-node runner forwards PYTHON* variables to the other nodes.
+SAFE_ENV_PREFIX = ["env", *(f"{key}={value}" for key, value in SAFE_PATH_ENV.items())]
 
 
 @dataclass
@@ -30,10 +40,52 @@ class LaunchPlan:
     master_port: int = 29500
 
     def entry_args(self) -> list[str]:
-        args = [self.recipe, "--out", self.run_dir, "--resume"]
+        args = [self.recipe, "--out", self.run_dir, "--start-or-resume"]
         for assignment in self.overrides:
             args += ["--set", assignment]
         return args
+
+
+class RunStateError(RuntimeError):
+    """A run directory a launched rank must not touch (history without checkpoints, foreign contents)."""
+
+
+def run_state(run_dir: str | Path) -> str:
+    """What `--start-or-resume` does with `run_dir`: "start" (absent or empty), "begin" (config.yaml written,
+    nothing trained yet) or "resume" (it has a checkpoint). Raises RunStateError for a directory whose history
+    (metrics.jsonl, ledger.jsonl) has no checkpoint to continue from, and for a non-empty non-run directory."""
+    run = RunDir(run_dir)
+    if not run.path.exists() or (run.path.is_dir() and not any(run.path.iterdir())):
+        return "start"
+    if not run.config.is_file():
+        raise RunStateError(f"{run.path} is not empty and has no {run.config.name}: not a kmodel run directory; "
+                            "give a new or empty --out")
+    if list_checkpoints(run.path):
+        return "resume"
+    history = [f.name for f in (run.metrics, run.ledger) if f.is_file() and f.stat().st_size > 0]
+    if history:
+        raise RunStateError(
+            f"{run.path} has a training history ({', '.join(history)}) but no checkpoint in {run.checkpoints}: "
+            "starting again from step 0 would overwrite it. Restore the checkpoints (an unmounted or renamed "
+            "folder?), or launch into a new --out directory"
+        )
+    return "begin"
+
+
+def validate_options(*, master_port: int, cpus_per_task: int, gpus_per_node: int | None) -> None:
+    """Numbers from the command line that no launcher could use, refused before anything starts."""
+    if not 1 <= master_port <= 65535:
+        raise ValueError(f"--master-port {master_port} is not a TCP port (1-65535)")
+    if cpus_per_task < 1:
+        raise ValueError(f"--cpus-per-task must be at least 1, got {cpus_per_task}")
+    if gpus_per_node is not None and gpus_per_node < 1:
+        raise ValueError(f"--gpus-per-node must be positive, got {gpus_per_node}")
+
+
+def accelerator_env(device_has_cuda: bool) -> dict[str, str]:
+    """On a machine without a GPU the ranks use DeepSpeed's CPU accelerator (and gloo), so a parallel layout
+    can be rehearsed anywhere; the launcher processes need it too, before they import DeepSpeed."""
+    return {} if device_has_cuda else {"DS_ACCELERATOR": "cpu"}
 
 
 def layout(cfg: Config, nodes: int, gpus_per_node: int | None) -> tuple[int, int]:
@@ -58,24 +110,25 @@ def layout(cfg: Config, nodes: int, gpus_per_node: int | None) -> tuple[int, int
 def local_command(plan: LaunchPlan, launcher: str) -> list[str]:
     """One machine, `gpus_per_node` processes."""
     if launcher == "deepspeed":
-        return ["deepspeed", "--num_gpus", str(plan.gpus_per_node), "--master_port", str(plan.master_port),
-                "--module", ENTRY_MODULE, *plan.entry_args()]
+        return [*SAFE_ENV_PREFIX, "deepspeed", "--num_gpus", str(plan.gpus_per_node),
+                "--master_port", str(plan.master_port), "--module", ENTRY_MODULE, *plan.entry_args()]
     if launcher == "torchrun":
-        return ["torchrun", "--standalone", "--nproc_per_node", str(plan.gpus_per_node),
+        return [*SAFE_ENV_PREFIX, "torchrun", "--standalone", "--nproc_per_node", str(plan.gpus_per_node),
                 "-m", ENTRY_MODULE, *plan.entry_args()]
     raise ValueError(f"unknown launcher {launcher!r}; use deepspeed or torchrun")
 
 
 def hostfile_text(hosts: list[str], slots: int) -> str:
     for host in hosts:
-        if not host or not re.fullmatch(r"[A-Za-z0-9_.\-]+", host):
-            raise ValueError(f"host name {host!r} is not a valid host name")
+        if not re.fullmatch(r"[A-Za-z0-9_.\-]+", host):
+            raise ValueError(f"host name {host!r} is not a valid host name; --hosts takes comma-separated machine names")
     return "".join(f"{host} slots={slots}\n" for host in hosts)
 
 
 def hostfile_command(plan: LaunchPlan, hostfile: str, master_addr: str) -> list[str]:
     """Several machines through DeepSpeed's pdsh/ssh runner and a hostfile (`host slots=N` per line)."""
-    return ["deepspeed", "--hostfile", hostfile, "--num_nodes", str(plan.nodes), "--num_gpus", str(plan.gpus_per_node),
+    return [*SAFE_ENV_PREFIX, "deepspeed", "--hostfile", hostfile, "--num_nodes", str(plan.nodes),
+            "--num_gpus", str(plan.gpus_per_node),
             "--master_addr", master_addr, "--master_port", str(plan.master_port),
             "--module", ENTRY_MODULE, *plan.entry_args()]
 

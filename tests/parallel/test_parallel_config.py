@@ -53,10 +53,11 @@ def test_launch_dry_runs(tmp_path, capsys):
     two = ["--set", "parallel.backend=deepspeed", "--set", "parallel.world_size=2"]
     assert main(["launch", TINY, "--out", str(tmp_path / "a"), "--dry-run", *two]) == 0
     line = capsys.readouterr().out.strip()
-    assert line.startswith("deepspeed --num_gpus 2 ") and "--module kmodel.parallel.entry recipes/tiny-ko-moe.yaml" in line
+    assert line.startswith("DS_ACCELERATOR=cpu ") and "deepspeed --num_gpus 2 " in line  # this machine has no GPU
+    assert "--module kmodel.parallel.entry recipes/tiny-ko-moe.yaml" in line and "--start-or-resume" in line
     assert "--set parallel.world_size=2" in line
     assert main(["launch", TINY, "--out", str(tmp_path / "a"), "--dry-run", "--launcher", "torchrun", *two]) == 0
-    assert capsys.readouterr().out.startswith("torchrun --standalone --nproc_per_node 2 -m kmodel.parallel.entry")
+    assert "torchrun --standalone --nproc_per_node 2 -m kmodel.parallel.entry" in capsys.readouterr().out
 
     recipe = "recipes/moe-30b-a3b-multinode.yaml"
     assert main(["launch", recipe, "--out", str(tmp_path / "b"), "--nodes", "2", "--hosts", "n1,n2", "--dry-run"]) == 0
@@ -82,5 +83,53 @@ def test_launch_layout_errors(tmp_path, capsys):
     assert "needs --hosts, --hostfile or --slurm" in capsys.readouterr().err
     assert main(["launch", recipe, "--out", str(tmp_path), "--nodes", "2", "--hosts", "a", "--dry-run"]) == 2
     assert "names 1 machines but --nodes is 2" in capsys.readouterr().err
+    # a layout the code cannot run is refused before anything starts: EP 3 does not divide 8 experts
+    ep3 = ["--set", "parallel.backend=deepspeed", "--set", "parallel.world_size=3", "--set", "parallel.zero_stage=1",
+           "--set", "parallel.expert_parallel_size=3"]
+    assert main(["launch", TINY, "--out", str(tmp_path / "ep"), "--launcher", "torchrun", *ep3]) == 2
+    assert "does not divide model.num_experts (8)" in capsys.readouterr().err
+    assert not (tmp_path / "ep").exists()
     with pytest.raises(ValueError, match=r"missing values \['b'\]"):
         render("{{a}} {{b}}", {"a": "1"})
+
+
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--hosts", ""], "'' is not a valid host name"),  # was: a 256-GPU command for one machine
+        (["--nodes", "2", "--hosts", "a,,b"], "'' is not a valid host name"),
+        (["--master-port", "99999"], "--master-port 99999 is not a TCP port"),
+        (["--master-port", "0"], "--master-port 0 is not a TCP port"),
+        (["--slurm", "--cpus-per-task", "0"], "--cpus-per-task must be at least 1"),
+        (["--gpus-per-node", "0"], "--gpus-per-node must be positive"),
+    ],
+)
+def test_launch_refuses_unusable_options(tmp_path, capsys, options, message):
+    recipe = "recipes/k-exaone-236b-a23b-multinode.yaml"
+    assert main(["launch", recipe, "--out", str(tmp_path / "run"), "--dry-run", *options]) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_run_state_of_a_launched_directory(tmp_path):
+    """What a `--start-or-resume` rank does with its directory; history without a checkpoint is refused."""
+    from kmodel.parallel.launch import RunStateError, run_state
+
+    run = tmp_path / "run"
+    assert run_state(run) == "start"
+    run.mkdir()
+    assert run_state(run) == "start"
+    (run / "notes.txt").write_text("x")
+    with pytest.raises(RunStateError, match="has no config.yaml: not a kmodel run directory"):
+        run_state(run)
+    (run / "notes.txt").unlink()
+    (run / "config.yaml").write_text("name: x\n")
+    assert run_state(run) == "begin"
+    (run / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')
+    with pytest.raises(RunStateError, match=r"training history \(metrics.jsonl\) but no checkpoint"):
+        run_state(run)
+    step = run / "checkpoints" / "step_0000002"
+    step.mkdir(parents=True)
+    with pytest.raises(RunStateError):  # an incomplete checkpoint is no checkpoint
+        run_state(run)
+    (step / "model.safetensors").write_bytes(b"")
+    assert run_state(run) == "resume"
