@@ -75,12 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
 def _rooms():
     """Rooms that bring their own sub-commands."""
     from kmodel import bench
+    from kmodel.data import cli as data_cli
     from kmodel.parallel import cli as parallel_cli
     from kmodel.provenance import cli as provenance_cli
     from kmodel.tokenizer import cli as tokenizer_cli
     from kmodel.train import cli as train_cli
 
-    return [train_cli, tokenizer_cli, parallel_cli, provenance_cli, bench]
+    return [train_cli, data_cli, tokenizer_cli, parallel_cli, provenance_cli, bench]
 
 
 def main(argv: list[str] | None = None) -> int:

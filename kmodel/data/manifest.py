@@ -88,3 +88,15 @@ def relocations(recorded: dict[str, Any], current: dict[str, Any]) -> list[str]:
 
     old, new = paths(recorded), paths(current)
     return [f"{old[d]} -> {new[d]}" for d in old if d in new and old[d] != new[d]]
+
+
+def without_locations(config: dict[str, Any]) -> dict[str, Any]:
+    """A config dict without where its data lives (source paths, held-out paths, data.prepared), for comparing
+    recipes on resume: the same bytes may be found elsewhere, and their content is checked against the
+    checkpoint's data manifest instead (manifest_differences)."""
+    data = config.get("data")
+    if not data:
+        return config
+    data = {**data, "prepared": None, "heldout": len(data.get("heldout") or []),
+            "sources": [{**source, "path": None} for source in data.get("sources") or []]}
+    return {**config, "data": data}

@@ -192,6 +192,7 @@ def prepare(
     out = Path(out)
     if workers < 1:
         raise DataError(f"--workers must be at least 1, got {workers}")
+    # None: a progress bar on a terminal and the throughput line; False: silent (the token cache).
     show = sys.stderr.isatty() if progress is None else progress
     tokenizer = load_tokenizer(data.tokenizer) if tokenizer is None else tokenizer
     with _locked(out):
@@ -213,7 +214,7 @@ def prepare(
         if show and done:
             print(f"{out}: {len(done)} of {len(parts)} shards already complete; preparing the other {len(todo)}",
                   file=sys.stderr)
-        done.update(_run_parts(todo, tokenizer, folder, workers, show))
+        done.update(_run_parts(todo, tokenizer, folder, workers, show, report=progress is not False))
         manifest = _manifest(sources, parts, done, tokenizer, key)
         write_json_atomic(out / MANIFEST_FILE, manifest)
     return PreparedData(out)
@@ -227,7 +228,7 @@ def _remove_leftovers(folder: Path, names: set[str]) -> None:
             entry.unlink()
 
 
-def _run_parts(todo: list[Part], tokenizer, folder: Path, workers: int, show: bool) -> dict[str, dict]:
+def _run_parts(todo: list[Part], tokenizer, folder: Path, workers: int, show: bool, report: bool) -> dict[str, dict]:
     from tqdm import tqdm
 
     if not todo:
@@ -259,7 +260,7 @@ def _run_parts(todo: list[Part], tokenizer, folder: Path, workers: int, show: bo
                 _drain(reports, bar)
     finally:
         bar.close()
-    if show:
+    if report:
         tokens = sum(r["tokens"] for r in records.values())
         seconds = time.perf_counter() - started
         print(f"tokenized {tokens:,} tokens in {len(records)} shards in {seconds:.1f} s "

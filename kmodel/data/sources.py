@@ -66,7 +66,8 @@ def resolve_source(source: DataSource) -> SourceFiles:
         if not found:
             raise DataError(f"data source {source.name or path!r}: directory {local} holds no {list(SUFFIXES)} file")
         return SourceFiles(source, tuple(found))
-    if local.is_absolute() or path.startswith(".") or local.suffix in SUFFIXES or path.count("/") > 1:
+    under_local_dir = "/" in path and local.parent.is_dir()  # "data/trian": the folder exists here, a typo
+    if local.is_absolute() or path.startswith(".") or local.suffix in SUFFIXES or path.count("/") > 1 or under_local_dir:
         # Looks like a local path, not a Hub "owner/name": say it is missing rather than try the network.
         raise DataError(f"data source {source.name or path!r}: {path} does not exist")
     return SourceFiles(source, hub_name=path)

@@ -7,7 +7,8 @@
 
 What changes against the one-process Trainer:
   data       a micro-batch step draws the *global* micro-batch (micro x world rows) from the one seed-ordered
-             stream and rank r keeps rows [r*micro, (r+1)*micro). Row j of optimizer step s is the same row
+             order and rank r reads only rows [r*micro, (r+1)*micro) through the memory-mapped shards (the
+             rank writing the ledger reads them all, to digest them). Row j of optimizer step s is the same row
              whatever the world size, so a run resumed with another world size (same global batch) continues
              the same stream; one process with accumulation a*w sees the same micro-batches, in order.
   step       engine.backward (loss / accumulation) then engine.step for every micro-batch; DeepSpeed
@@ -203,10 +204,11 @@ class DeepSpeedTrainer(Trainer):
     # --- one step --------------------------------------------------------------------------------------------
     def next_micro_batch(self) -> Batch:
         micro = self.cfg.train.micro_batch_size
-        batch = self.data.next_batch(micro * self.world)  # the global micro-batch, rank after rank
-        if self.ledger is not None:
-            self.ledger.observe_batch(batch.input_ids)
         rows = slice(self.rank * micro, (self.rank + 1) * micro)
+        if self.ledger is None:  # a rank reads only its rows of the global micro-batch
+            return self.data.next_batch(micro * self.world, keep=rows).to(self.device)
+        batch = self.data.next_batch(micro * self.world)  # the ledger digests the whole global micro-batch
+        self.ledger.observe_batch(batch.input_ids)
         segments = None if batch.segment_ids is None else batch.segment_ids[rows]
         return Batch(batch.input_ids[rows], batch.labels[rows], segments).to(self.device)
 

@@ -20,6 +20,7 @@ import yaml
 
 from kmodel.checkpoint import list_checkpoints
 from kmodel.config import Config, ConfigError, config_from_dict
+from kmodel.data.manifest import without_locations
 from kmodel.train.metrics import MetricsLog
 from kmodel.rundir import CHECKPOINTS_DIR, CONFIG_FILE
 from kmodel.train.trainer import Trainer
@@ -59,8 +60,9 @@ def global_batch(cfg: Config) -> int:
 
 def check_resumable(saved: Config, requested: Config, run_dir: Path) -> None:
     """Refuse a resume that changes anything but RESUMABLE_CHANGES, or the topology (TOPOLOGY_CHANGES) when the
-    global batch stays the same: checkpoints are topology-free and the data order follows the global batch."""
-    old, new = _flatten(saved.to_dict()), _flatten(requested.to_dict())
+    global batch stays the same: checkpoints are topology-free and the data order follows the global batch.
+    Data locations may change; the trainer checks the data's content against the checkpoint's."""
+    old, new = (_flatten(without_locations(c.to_dict())) for c in (saved, requested))
     changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
     allowed = RESUMABLE_CHANGES + (TOPOLOGY_CHANGES if global_batch(saved) == global_batch(requested) else ())
     refused = [k for k in changed if not k.startswith(allowed)]

@@ -49,6 +49,7 @@ from kmodel.data import (
     file_docs,
     load_tokenizer,
     manifest_differences,
+    relocations,
     training_mixture,
 )
 from kmodel.hashing import weights_sha256
@@ -177,6 +178,9 @@ class Trainer:
         changed = manifest_differences(state["data_manifest"], self.data_manifest)
         if changed:
             raise DataError(f"cannot resume from {ckpt}: the training data changed since: {'; '.join(changed)}")
+        moved = relocations(state["data_manifest"], self.data_manifest)
+        if moved:
+            print(f"note: the training data moved since {ckpt} (same content): {'; '.join(moved)}", file=sys.stderr)
         if state["scheduler"]["total_steps"] != self.total_steps:
             print(f"note: the learning-rate schedule now spans {self.total_steps} steps "
                   f"(was {state['scheduler']['total_steps']}); losses will differ from the original plan", file=sys.stderr)
