@@ -216,7 +216,7 @@ class QKClip:
             if bool((gamma == 1).all()) or getattr(attn, "q_norm", None) is not None:
                 continue
             for param, factor in qk_row_scales(attn, gamma).items():
-                scales[f"{name}.{param}"] = factor
+                scales[f"{name}.{param}" if name else param] = factor
         return scales
 
     @staticmethod

@@ -1,4 +1,5 @@
-"""PNG curves of a run from its metrics.jsonl: loss, learning rate, throughput, expert load per MoE layer."""
+"""PNG curves of a run from its metrics.jsonl: loss, learning rate, throughput, expert load per MoE layer, and
+with MuonClip the largest attention logit per layer."""
 
 from __future__ import annotations
 
@@ -58,6 +59,16 @@ def write_plots(run_dir: str | Path) -> list[Path]:
         ax2.plot(steps, [100 * m for m in mfu], color="tab:red", linewidth=1)
         ax2.set_ylabel("MFU (%)", color="tab:red")
     save(fig, "throughput.png")
+
+    clipped = [r for r in train if r.get("attention_logits")]
+    if clipped:  # MuonClip: each layer's largest per-head logit, against tau
+        fig, ax = plt.subplots(figsize=(7, 3.5))
+        for layer in clipped[-1]["attention_logits"]:
+            ax.plot([r["step"] for r in clipped], [max(r["attention_logits"][layer]) for r in clipped],
+                    linewidth=1, label=layer)
+        ax.set(xlabel="step", ylabel="max logit (over heads)", title="Attention logits (MuonClip)")
+        ax.legend(fontsize="x-small", ncol=2)
+        save(fig, "attention_logits.png")
 
     routed = [r for r in train if r.get("router")]
     if routed:
