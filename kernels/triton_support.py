@@ -13,6 +13,7 @@ Used by the moe, norm and loss Triton modules.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -137,12 +138,30 @@ def interpret_triton_library() -> None:
     _library_interpretable = True
 
 
+# Set by `replay_autotuning`: under the interpreter, autotuned launches replay triton.autotune's first call.
+_replayed_winner: int | None = None
+
+
+@contextlib.contextmanager
+def replay_autotuning(winner: int = 0):
+    """Under the interpreter, make every autotuned LazyKernel launch do what triton.autotune does on a GPU the
+    first time it meets a key: run every config on the live arguments (its benchmark), then the winner,
+    `configs[winner]`, once more. A kernel whose result depends on what an earlier config left in its
+    buffers (a partial-sum column only some block sizes write, say) then fails its test on the CPU too."""
+    global _replayed_winner
+    previous, _replayed_winner = _replayed_winner, winner
+    try:
+        yield
+    finally:
+        _replayed_winner = previous
+
+
 class LazyKernel:
     """A Triton kernel body plus how to launch it: `kernel[grid](*args, **kwargs)` as with triton.jit.
 
     configs/key: autotuning space and key (argument names) on GPU; None launches without autotuning.
     interpret_config: meta-parameters passed under the interpreter in place of autotuning (the grid function
-    sees them too, as it would see an autotuned config).
+    sees them too, as it would see an autotuned config); inside `replay_autotuning`, the configs instead.
     """
 
     def __init__(
@@ -176,6 +195,15 @@ class LazyKernel:
         kernel = self._kernel(interpret)[grid]
         if not interpret:
             return kernel
+        if _replayed_winner is not None and self.configs:
+            configs = list(self.configs)
+            sequence = [*configs, configs[_replayed_winner]]
+
+            def replay(*args, **kwargs):
+                for config in sequence:
+                    kernel(*args, **kwargs, **config.kwargs)
+
+            return replay
         return lambda *args, **kwargs: kernel(*args, **kwargs, **self.interpret_config)
 
 

@@ -84,7 +84,7 @@ def _variants(first_config_only: bool) -> list[Variant]:
     ):
         for meta, warps, stages in tuned(moe._grouped_mm_kernel):
             constants = dict(EPILOGUE=epilogue, GATHER_A=gather, SCALE_ROWS=scale, HAS_BIAS=bias, CLAMPED=clamped,
-                             DOT_PRECISION="tf32", BLOCK_M=64, **meta)
+                             DOT_PRECISION="tf32", PARTIAL_BLOCK_N=moe._narrowest_block_n(), BLOCK_M=64, **meta)
             name = (f"moe grouped mm epilogue={epilogue} gather={gather} scale={scale} bias={bias} "
                     f"clamped={clamped} {meta} w{warps} s{stages}")
             variants.append(Variant(name, moe._grouped_mm_kernel, constants, warps, stages))

@@ -447,8 +447,9 @@ def _grouped_mm_kernel(
     tiles_ptr, max_tiles, row_assignment_ptr, routing_weights_ptr, top_k,
     N, K, swiglu_alpha, swiglu_limit,
     stride_a, stride_be, stride_bk, stride_bn, stride_out, stride_gate_up, stride_weight_grad, stride_bias,
+    weight_grad_cols,
     EPILOGUE: tl.constexpr, GATHER_A: tl.constexpr, SCALE_ROWS: tl.constexpr, HAS_BIAS: tl.constexpr,
-    CLAMPED: tl.constexpr, DOT_PRECISION: tl.constexpr,
+    CLAMPED: tl.constexpr, DOT_PRECISION: tl.constexpr, PARTIAL_BLOCK_N: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One tile of one expert's rows times B[expert] (K, N), one BLOCK_N slice of columns, then the epilogue.
@@ -550,7 +551,15 @@ def _grouped_mm_kernel(
             partial = tl.sum(acc * act * up_term, axis=1)
             if HAS_BIAS:
                 partial += tl.where(pid_n == 0, bias_dot, 0.0)
-            tl.store(weight_grad_ptr + rows64 * stride_weight_grad + pid_n, partial, mask=row_ok)
+            # The buffer has a column per PARTIAL_BLOCK_N (the narrowest config's) slice: this slice covers
+            # SPAN of them and writes its partial into the first, zeros into the rest. Every column is then
+            # written by every run whatever its BLOCK_N, as it must be: autotuning runs several configs on
+            # this one buffer before the winner.
+            SPAN: tl.constexpr = BLOCK_N // PARTIAL_BLOCK_N
+            for j in tl.static_range(SPAN):
+                column = tl.zeros_like(rows) + (pid_n * SPAN + j)
+                tl.store(weight_grad_ptr + rows64 * stride_weight_grad + column, tl.where(j == 0, partial, 0.0),
+                         mask=row_ok & (column < weight_grad_cols))
             acc = acc * tl.load(routing_weights_ptr + assignment, mask=row_ok, other=0.0)[:, None]
         tl.store(out_ptrs + N, (acc * d_up_term).to(out_ptr.dtype.element_ty), mask=mask)
         tl.store(out_ptrs, (acc * up_term * d_act).to(out_ptr.dtype.element_ty), mask=mask)
@@ -591,10 +600,11 @@ def _grouped_mm(
     out_cols = 2 * n_dim if epilogue == _SWIGLU_BACKWARD else n_dim
     out = torch.empty(layout.num_rows, out_cols, dtype=a.dtype, device=a.device)
     scale_rows = routing_weights is not None
-    # Routing-weight gradient partials: one column per BLOCK_N slice of whichever config runs; unused columns
-    # of the buffer (sized for the narrowest config) stay 0.
+    # Routing-weight gradient partials: a column per slice of the narrowest config, each written by every run
+    # (see the kernel), so no zeroing and nothing left over from autotuning's earlier configs.
+    partial_block_n = _narrowest_block_n()
     weight_grad = (
-        torch.zeros(layout.num_rows, triton.cdiv(n_dim, _narrowest_block_n()), dtype=torch.float32, device=a.device)
+        torch.empty(layout.num_rows, triton.cdiv(n_dim, partial_block_n), dtype=torch.float32, device=a.device)
         if scale_rows else None
     )
     max_tiles = layout.tiles.shape[1]
@@ -612,9 +622,10 @@ def _grouped_mm(
             gate_up.stride(0) if gate_up is not None else 0,
             weight_grad.stride(0) if scale_rows else 0,
             bias.stride(0) if bias is not None else 0,
+            weight_grad.shape[1] if scale_rows else 0,
             EPILOGUE=epilogue, GATHER_A=gather, SCALE_ROWS=scale_rows, HAS_BIAS=bias is not None,
             CLAMPED=act.clamped and epilogue != _PLAIN, DOT_PRECISION=dot_precision(a.dtype),
-            BLOCK_M=layout.block_m,
+            PARTIAL_BLOCK_N=partial_block_n, BLOCK_M=layout.block_m,
         )
     if epilogue == _SWIGLU_FORWARD:
         return out, gate_up

@@ -1,7 +1,7 @@
 """Triton flash attention against the float64 PyTorch reference.
 
-On CPU the kernels run under TRITON_INTERPRET=1 in fp32 with tiny shapes (bf16 is wrong under the
-interpreter); the bf16/fp16 accuracy checks need a GPU. Inputs are fresh random draws every run; each
+On CPU the kernels run under TRITON_INTERPRET=1 in fp32 with tiny shapes (bf16 under autocast: test_autocast.py);
+the GPU-sized bf16/fp16 accuracy checks need a GPU. Inputs are fresh random draws every run; each
 failure message carries the seed that reproduces it.
 """
 
