@@ -94,8 +94,13 @@ class ModelConfig(Section):
     aux_loss_coef: float = Field(0.0, ge=0, description="load-balancing loss weight (0 disables)")
     aux_loss_kind: Literal["sequence", "batch"] = "sequence"
     router_z_loss_coef: float = Field(0.0, ge=0)
-    num_nextn_predict_layers: int = Field(0, ge=0, le=1, description="multi-token prediction layers (0 or 1)")
-    mtp_loss_coef: float = Field(0.3, ge=0)
+    num_nextn_predict_layers: int = Field(
+        0, ge=0, description="multi-token prediction depth: sequential MTP modules, module k predicts token i + k + 1"
+    )
+    mtp_loss_coef: float = Field(0.3, ge=0, description="MTP loss weight, split evenly over the depths (DeepSeek-V3)")
+    mtp_loss_weights: list[float] | None = Field(
+        None, description="one loss weight per MTP depth; when given, replaces mtp_loss_coef's even split"
+    )
     logits_z_loss_coef: float = Field(0.0, ge=0, description="z-loss on the output logits")
     # --- multi-head latent attention (DeepSeek-V3 / A.X K1; HF names) -----------------------------
     attention_kind: Literal["gqa", "mla"] = Field(
@@ -147,6 +152,7 @@ class ModelConfig(Section):
             )
         self._check_attention_kind()
         self._check_gpt_oss_features()
+        self._check_mtp()
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(
@@ -251,6 +257,27 @@ class ModelConfig(Section):
         else:  # gpt-oss's published values
             object.__setattr__(self, "swiglu_alpha", 1.702 if self.swiglu_alpha is None else self.swiglu_alpha)
             object.__setattr__(self, "swiglu_limit", 7.0 if self.swiglu_limit is None else self.swiglu_limit)
+
+    def _check_mtp(self) -> None:
+        weights = self.mtp_loss_weights
+        if weights is None:
+            return
+        if len(weights) != self.num_nextn_predict_layers:
+            raise ValueError(
+                f"mtp_loss_weights has {len(weights)} entries for num_nextn_predict_layers="
+                f"{self.num_nextn_predict_layers}; give one weight per depth"
+            )
+        if any(w < 0 for w in weights):
+            raise ValueError(f"mtp_loss_weights must be non-negative, got {weights}")
+
+    @property
+    def mtp_depth_weights(self) -> list[float]:
+        """The loss weight of each MTP depth: mtp_loss_weights, else mtp_loss_coef / depth for every depth
+        (DeepSeek-V3's lambda / D)."""
+        if self.mtp_loss_weights is not None:
+            return list(self.mtp_loss_weights)
+        depth = self.num_nextn_predict_layers
+        return [self.mtp_loss_coef / depth] * depth
 
     @property
     def q_heads_per_kv(self) -> int:

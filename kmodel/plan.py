@@ -141,8 +141,7 @@ def parameter_counts(cfg: ModelConfig) -> ParameterCounts:
     """Exact parameter counts of `kmodel.model.Model(cfg)`."""
     h, v = cfg.hidden_size, cfg.vocab_size
     layers = [t == "sparse" for t in cfg.mlp_layer_types]
-    if cfg.num_nextn_predict_layers:
-        layers.append(layers[-1])  # the MTP block copies the last layer's shape
+    layers += layers[-1:] * cfg.num_nextn_predict_layers  # each MTP depth's block copies the last layer's shape
     dense = expert = active_expert = 0
     for sparse in layers:
         d, e, a = _layer_params(cfg, sparse)
@@ -150,13 +149,11 @@ def parameter_counts(cfg: ModelConfig) -> ParameterCounts:
     embedding = v * h
     head = 0 if cfg.tie_word_embeddings else v * h
     dense += embedding + head + h  # + final norm
-    if cfg.num_nextn_predict_layers:
-        dense += 2 * h * h + 3 * h  # eh_proj, enorm, hnorm, its final norm
+    dense += cfg.num_nextn_predict_layers * (2 * h * h + 3 * h)  # per MTP depth: eh_proj, enorm, hnorm, its norm
     matmul = dense - embedding + active_expert
     if cfg.tie_word_embeddings:
         matmul += embedding  # the shared matrix is used as the head
-    if cfg.num_nextn_predict_layers:
-        matmul += v * h  # the head runs a second time for the MTP prediction
+    matmul += cfg.num_nextn_predict_layers * v * h  # the head runs again for each MTP depth's prediction
     # Norm weights and the router are elementwise or tiny; counting them as matmul changes nothing visible.
     return ParameterCounts(embedding, dense, expert, active_expert, matmul)
 
@@ -189,7 +186,7 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Forward FLOPs of QK^T and PV per token, summed over the layers (and the MTP block)."""
     qk, v = attention_head_dims(cfg)
     per_key = 2 * cfg.num_attention_heads * (qk + v)  # 2 * heads * qk for QK^T + 2 * heads * v for PV
-    types = list(cfg.layer_types) + ([cfg.layer_types[-1]] if cfg.num_nextn_predict_layers else [])
+    types = list(cfg.layer_types) + [cfg.layer_types[-1]] * cfg.num_nextn_predict_layers
     return sum(
         per_key * mean_keys_seen(seq_len, cfg.sliding_window if t == "sliding_attention" else None) for t in types
     )
@@ -268,8 +265,7 @@ def activation_bytes(cfg: Config, *, element_bytes: int, fused_loss: bool) -> fl
     m = cfg.model
     tokens = cfg.train.micro_batch_size * seq_len_of(cfg)
     layers = [t == "sparse" for t in m.mlp_layer_types]
-    if m.num_nextn_predict_layers:
-        layers.append(layers[-1])
+    layers += layers[-1:] * m.num_nextn_predict_layers
     per_layer = [sum(activation_elements_per_token(m, s).values()) for s in layers]
     if cfg.train.activation_checkpointing:
         # each layer keeps its input; one layer at a time is recomputed with all its activations
@@ -277,8 +273,7 @@ def activation_bytes(cfg: Config, *, element_bytes: int, fused_loss: bool) -> fl
     else:
         kept = sum(per_layer)
     kept += 2 * m.hidden_size  # final norm input and output
-    if m.num_nextn_predict_layers:
-        kept += 5 * m.hidden_size  # hnorm/enorm inputs and outputs, concatenation
+    kept += m.num_nextn_predict_layers * 5 * m.hidden_size  # per MTP depth: hnorm/enorm inputs and outputs, concatenation
     # an unfused loss (the reference) keeps the fp32 logits of each head (main + MTP); its backward
     # recomputes the softmax from them
     loss = 0.0 if fused_loss else tokens * m.vocab_size * 4 * (1 + m.num_nextn_predict_layers)
@@ -342,7 +337,7 @@ def all_to_all_bytes_per_step(cfg: Config, element_bytes: int) -> float:
     if ep == 1:
         return 0.0
     moe_layers = m.mlp_layer_types.count("sparse") + (
-        1 if m.num_nextn_predict_layers and m.mlp_layer_types[-1] == "sparse" else 0
+        m.num_nextn_predict_layers if m.mlp_layer_types[-1] == "sparse" else 0
     )
     tokens = cfg.train.micro_batch_size * seq_len_of(cfg)
     per_exchange = tokens * m.num_experts_per_tok * m.hidden_size * element_bytes * (ep - 1) / ep

@@ -66,8 +66,10 @@ class DecoderLayer(nn.Module):
 
 
 class MultiTokenPrediction(nn.Module):
-    """DeepSeek-V3-style MTP depth 1: position i combines the main model's hidden state with the
-    embedding of token i+1 and predicts token i+2, sharing the embedding and LM head."""
+    """One depth of DeepSeek-V3-style multi-token prediction. Depth k at position i fuses the previous depth's
+    hidden state at i (the main model's for k = 1) with the embedding of token i + k, runs one decoder layer and
+    predicts token i + k + 1 through the shared LM head. The projection's input is [embedding; hidden], the
+    order of DeepSeek-V3's and K-EXAONE's released MTP weights. The un-normalised output feeds depth k + 1."""
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -77,10 +79,9 @@ class MultiTokenPrediction(nn.Module):
         self.block = DecoderLayer(cfg, cfg.num_hidden_layers - 1)
         self.norm = RMSNorm.of(cfg, cfg.hidden_size)
 
-    def forward(self, hidden, next_embeds, rope, positions, cu_seqlens):
-        x = self.eh_proj(torch.cat((self.hnorm(hidden), self.enorm(next_embeds)), dim=-1))
-        x, aux = self.block(x, rope, positions, cu_seqlens)
-        return self.norm(x), aux
+    def forward(self, hidden, embeds, rope, positions, cu_seqlens=None, cache=None):
+        x = self.eh_proj(torch.cat((self.enorm(embeds), self.hnorm(hidden)), dim=-1))
+        return self.block(x, rope, positions, cu_seqlens, cache)
 
 
 def cu_seqlens_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -102,7 +103,8 @@ class Model(nn.Module):
         self.layers = nn.ModuleList(DecoderLayer(cfg, i) for i in range(cfg.num_hidden_layers))
         self.norm = RMSNorm.of(cfg, cfg.hidden_size)
         self.lm_head = None if cfg.tie_word_embeddings else nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
-        self.mtp = MultiTokenPrediction(cfg) if cfg.num_nextn_predict_layers else None
+        depth = cfg.num_nextn_predict_layers
+        self.mtp = nn.ModuleList(MultiTokenPrediction(cfg) for _ in range(depth)) if depth else None
         self.loss_kernel = loss_reference
 
     # --- kernels seam ---------------------------------------------------------------------------
@@ -135,6 +137,42 @@ class Model(nn.Module):
     def head_weight(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
 
+    def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
+        return self.embed_tokens(input_ids) * self.cfg.embedding_multiplier
+
+    def backbone(
+        self,
+        input_ids: torch.Tensor,
+        position_ids: torch.Tensor,
+        *,
+        cu_seqlens: torch.Tensor | None = None,
+        cache: list[LayerCache] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(scaled input embeddings, last hidden state before the final norm, summed MoE aux loss)."""
+        ropes = self.rope_tables(position_ids)
+        embeds = self.embed(input_ids)
+        x = embeds
+        aux = x.new_zeros((), dtype=torch.float32)
+        for i, layer in enumerate(self.layers):
+            rope = ropes[self.cfg.layer_types[i]]
+            x, layer_aux = layer(x, rope, position_ids, cu_seqlens, None if cache is None else cache[i])
+            aux = aux + layer_aux
+        return embeds, x, aux
+
+    def head_input(self, hidden: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
+        """What the shared LM head multiplies: the normalised hidden state times logits_scaling (the muP
+        output multiplier, which so reaches the fused loss too)."""
+        return norm(hidden) * self.cfg.logits_scaling
+
+    def logits(self, hidden: torch.Tensor, norm: RMSNorm | None = None) -> torch.Tensor:
+        """Logits (fp32 at least) from a hidden state before its norm: the final norm's, or an MTP depth's."""
+        x = self.head_input(hidden, self.norm if norm is None else norm)
+        return (x @ self.head_weight.t()).to(torch.promote_types(x.dtype, torch.float32))
+
+    def mtp_rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The MTP blocks copy the last layer, so they rotate with its layer type's table."""
+        return self.rope_tables(positions)[self.cfg.layer_types[-1]]
+
     def forward(
         self,
         input_ids: torch.Tensor,
@@ -149,53 +187,63 @@ class Model(nn.Module):
         -100 to ignore. segment_ids (batch, seq): document index per token for document masking.
         position_ids (seq,): absolute positions (generation with a cache); default 0..seq-1."""
         cfg = self.cfg
-        batch, seq = input_ids.shape
+        seq = input_ids.shape[1]
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device)
-        ropes = self.rope_tables(position_ids)
         cu_seqlens = None if segment_ids is None else cu_seqlens_from_segments(segment_ids)
-
-        embeds = self.embed_tokens(input_ids) * cfg.embedding_multiplier
-        x = embeds
-        aux = x.new_zeros((), dtype=torch.float32)
-        for i, layer in enumerate(self.layers):
-            rope = ropes[cfg.layer_types[i]]
-            x, layer_aux = layer(x, rope, position_ids, cu_seqlens, None if cache is None else cache[i])
-            aux = aux + layer_aux
-        hidden = x
-        # Scaling the final hidden state scales the logits (muP output multiplier) and reaches the fused loss too.
-        x = self.norm(x) * cfg.logits_scaling
+        embeds, hidden, aux = self.backbone(input_ids, position_ids, cu_seqlens=cu_seqlens, cache=cache)
 
         want_logits = labels is None if return_logits is None else return_logits
-        logits = (x @ self.head_weight.t()).to(torch.promote_types(x.dtype, torch.float32)) if want_logits else None
+        logits = self.logits(hidden) if want_logits else None
         if labels is None:
             return ModelOutput(logits=logits)
 
         lm_loss, z_loss = self.loss_kernel.linear_cross_entropy(
-            x.reshape(-1, cfg.hidden_size), self.head_weight, labels.reshape(-1)
+            self.head_input(hidden, self.norm).reshape(-1, cfg.hidden_size), self.head_weight, labels.reshape(-1)
         )
         loss = lm_loss + aux + cfg.logits_z_loss_coef * z_loss
         mtp_loss = None
-        if self.mtp is not None and seq > 1:
-            mtp_segments = None if segment_ids is None else segment_ids[:, :-1]
-            mtp_hidden, mtp_aux = self.mtp(
-                hidden[:, :-1],
-                embeds[:, 1:],
-                tuple(t[:-1] for t in ropes[cfg.layer_types[-1]]),
-                position_ids[:-1],
-                None if mtp_segments is None else cu_seqlens_from_segments(mtp_segments),
-            )
-            mtp_targets = labels[:, 1:]
-            if segment_ids is not None:  # token i+2 in another document is not predictable from i
-                crosses = segment_ids[:, 2:] != segment_ids[:, :-2]
-                mtp_targets = mtp_targets.clone()
-                mtp_targets[:, :-1][crosses] = -100
-            mtp_loss, _ = self.loss_kernel.linear_cross_entropy(
-                mtp_hidden.reshape(-1, cfg.hidden_size), self.head_weight, mtp_targets.reshape(-1)
-            )
-            aux = aux + mtp_aux
-            loss = loss + cfg.mtp_loss_coef * mtp_loss + mtp_aux
+        if self.mtp is not None:
+            losses, mtp_aux = self.mtp_losses(hidden, embeds, labels, position_ids, segment_ids)
+            if losses:
+                mtp_loss = torch.stack(losses).mean()
+                loss = loss + sum(w * l for w, l in zip(cfg.mtp_depth_weights, losses)) + mtp_aux
+                aux = aux + mtp_aux
         return ModelOutput(logits, loss, lm_loss, mtp_loss, aux, z_loss)
+
+    def mtp_losses(
+        self,
+        hidden: torch.Tensor,
+        embeds: torch.Tensor,
+        labels: torch.Tensor,
+        positions: torch.Tensor,
+        segment_ids: torch.Tensor | None = None,
+    ) -> tuple[list[torch.Tensor], torch.Tensor]:
+        """Cross-entropy of each MTP depth (depth k: position i predicts labels[:, i + k], the token i + k + 1),
+        and the depths' summed MoE aux loss. Depths with no position left in the sequence are skipped."""
+        cfg = self.cfg
+        seq = hidden.shape[1]
+        cos, sin = self.mtp_rope(positions)
+        losses, aux = [], hidden.new_zeros((), dtype=torch.float32)
+        h = hidden
+        for k, depth in enumerate(self.mtp, start=1):
+            n = seq - k  # positions whose token i + k is in the sequence
+            if n < 1:
+                break
+            segments = None if segment_ids is None else segment_ids[:, :n]
+            cu_seqlens = None if segments is None else cu_seqlens_from_segments(segments)
+            h, depth_aux = depth(h[:, :n], embeds[:, k:], (cos[:n], sin[:n]), positions[:n], cu_seqlens)
+            targets = labels[:, k:]
+            if segment_ids is not None:  # token i + k + 1 in another document is not predictable from i
+                crosses = segment_ids[:, k + 1 :] != segment_ids[:, : n - 1]
+                targets = targets.clone()
+                targets[:, :-1][crosses] = -100
+            loss, _ = self.loss_kernel.linear_cross_entropy(
+                self.head_input(h, depth.norm).reshape(-1, cfg.hidden_size), self.head_weight, targets.reshape(-1)
+            )
+            losses.append(loss)
+            aux = aux + depth_aux
+        return losses, aux
 
     # --- MoE balancing and statistics -------------------------------------------------------------
     def moe_layers(self) -> dict[str, MoE]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 
@@ -115,20 +116,29 @@ def _add_generate(sub) -> None:
     p.add_argument("--top-p", type=float, default=0.95, metavar="P",
                    help="nucleus sampling: sample from the smallest set of tokens with probability >= P (default 0.95)")
     p.add_argument("--seed", type=int, default=0, metavar="S", help="sampling seed (default 0)")
+    p.add_argument("--speculative", choices=["mtp"], default=None,
+                   help="mtp: self-speculative decoding, the model's MTP depths draft and one forward checks them "
+                   "(greedy: needs --temperature 0; the text equals plain greedy's); prints acceptance rate and "
+                   "tokens per forward")
     _add_device(p)
     p.set_defaults(func=_run_generate)
 
 
 def _run_generate(args) -> int:
-    from kmodel.train.generate import generate_text
+    from kmodel.train.generate import SpeculativeStats, generate_text
 
     if not 0 < args.top_p <= 1:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    if args.speculative and args.temperature > 0:
+        raise ValueError(f"--speculative {args.speculative} is greedy: add --temperature 0")
     _, model, tokenizer = _load_for_inference(args.checkpoint, args.device)
     for prompt in args.prompt:
+        stats = SpeculativeStats()
         text = generate_text(model, tokenizer, prompt, args.max_new_tokens, temperature=args.temperature,
-                             top_p=args.top_p, seed=args.seed)
+                             top_p=args.top_p, seed=args.seed, speculative=args.speculative, stats=stats)
         print(f"{prompt}{text}")
+        if args.speculative:
+            print(stats.summary(), file=sys.stderr)
     return 0
 
 

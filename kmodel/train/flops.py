@@ -46,8 +46,7 @@ def active_matmul_params(model: torch.nn.Module) -> float:
     head = cfg.hidden_size * cfg.vocab_size
     if cfg.tie_word_embeddings:
         total += head  # the embedding matrix doubles as the output projection
-    if cfg.num_nextn_predict_layers:
-        total += head  # the MTP prediction goes through the shared head again
+    total += cfg.num_nextn_predict_layers * head  # each MTP depth's prediction goes through the shared head again
     return total
 
 
