@@ -27,7 +27,8 @@ class ConfigError(ValueError):
 
 
 class Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # No NaN or infinity anywhere: `train.lr=.inf` would pass `gt=0` and fail much later, when JSON meets it.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class RopeScaling(Section):
@@ -164,6 +165,11 @@ class ModelConfig(Section):
             raise ValueError(f"head_dim ({self.head_dim}) must be even for rotary embeddings")
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window must be positive, got {self.sliding_window}")
+        if self.sliding_window is not None and self.sliding_window > self.max_position_embeddings:
+            raise ValueError(
+                f"sliding_window ({self.sliding_window}) exceeds max_position_embeddings ({self.max_position_embeddings}): "
+                "a window longer than the context is full attention; lower it or use full_attention layers"
+            )
 
         derived = _layer_types_from_pattern(self.sliding_window_pattern, n)
         if self.layer_types is None:
@@ -384,6 +390,15 @@ class TrainConfig(Section):
     max_bad_steps: int = Field(5, gt=0, description="consecutive non-finite steps before the run stops")
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
+    @model_validator(mode="after")
+    def _check_schedule(self) -> "TrainConfig":
+        if self.warmup_steps > self.max_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) exceeds max_steps ({self.max_steps}): the learning rate would "
+                f"never reach lr; lower warmup_steps (e.g. --set train.warmup_steps={self.max_steps // 10})"
+            )
+        return self
+
 
 class KernelsConfig(Section):
     attention: Literal["torch", "triton", "auto"] = "auto"
@@ -452,6 +467,12 @@ class Config(Section):
 
     @model_validator(mode="after")
     def _check_parallel_against_model(self) -> "Config":
+        if self.data is not None and self.data.seq_len > self.model.max_position_embeddings:
+            raise ValueError(
+                f"data.seq_len ({self.data.seq_len}) exceeds model.max_position_embeddings "
+                f"({self.model.max_position_embeddings}): positions beyond the context were never meant to be trained; "
+                "lower data.seq_len or raise max_position_embeddings (with rope_scaling for an extension)"
+            )
         p, ep = self.parallel, self.parallel.expert_parallel_size
         if ep > 1 and self.model.num_experts % ep:
             raise ValueError(
@@ -498,7 +519,13 @@ def apply_override(tree: dict[str, Any], assignment: str) -> None:
         if not isinstance(child, dict):
             raise ConfigError(f"--set {assignment!r}: {key!r} is not a section")
         node = child
-    node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    try:
+        node[keys[-1]] = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError as error:
+        problem = getattr(error, "problem", None) or str(error).splitlines()[0]
+        raise ConfigError(
+            f"--set {assignment!r}: the value {raw!r} is not valid YAML ({problem}); quote a string, close brackets"
+        ) from None
 
 
 def _field_names(model: type[BaseModel], loc: tuple) -> list[str]:
@@ -547,10 +574,14 @@ def config_from_dict(tree: dict[str, Any], source: str = "<dict>") -> Config:
 def load_config(path: str | Path, overrides: list[str] | None = None) -> Config:
     """Read a YAML recipe, apply `section.key=value` overrides, validate and resolve."""
     path = Path(path)
+    if path.is_dir():
+        raise ConfigError(f"recipe {path} is a directory; give the YAML file (e.g. {path / 'recipe.yaml'})")
     if not path.is_file():
         raise ConfigError(f"recipe {path} does not exist")
     try:
         tree = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as error:
+        raise ConfigError(f"recipe {path} is not UTF-8 text (byte {error.start}: {error.reason}); save it as UTF-8") from None
     except yaml.YAMLError as error:
         raise ConfigError(f"recipe {path} is not valid YAML: {error}") from None
     if not isinstance(tree, dict):

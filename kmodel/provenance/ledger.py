@@ -259,6 +259,9 @@ def chain_problems(records: list[dict[str, Any]]) -> list[str]:
         actual = record_hash(record)
         if record.get("hash") != actual:
             problems.append(f"{label}: its content does not match its hash (the record was edited)")
+        if record.get("kind") == "resume" and isinstance(record.get("resumed_from_step"), int):
+            # a resume from an older checkpoint (a newer one failed to verify) redoes the steps after it
+            previous_step = record["resumed_from_step"]
         if record.get("kind") == "checkpoint":
             step = record.get("step")
             if not isinstance(step, int) or step <= previous_step:
@@ -304,10 +307,13 @@ class Ledger:
         tokenizer: Any | None,
         data_manifest: Any,
         device: torch.device | None = None,
+        gap: dict[str, Any] | None = None,
     ) -> Ledger:
         """Start the ledger of a fresh run; `model` must still hold the seed-derived initial weights (or is the
         sha256 of the full initial weights, `weights_sha256`, when no process holds them all). `device`
-        (default: the module's) is recorded in the environment."""
+        (default: the module's) is recorded in the environment. `gap` starts a new chain for a run whose
+        ledger was lost or broken (`--ledger-gap`): what happened, the step and weights it continues from, and
+        the ledger set aside; the initial weights are then unknown (None), never the trained ones."""
         run_dir = Path(run_dir)
         path = run_dir / LEDGER_FILE
         if path.exists():
@@ -331,14 +337,18 @@ class Ledger:
             "seed": cfg.seed,
             "init_weights_sha256": model if isinstance(model, str) else weights_sha256(model),
         }
+        if gap is not None:
+            genesis["gap"] = {**gap, "weights_sha256": genesis["init_weights_sha256"]}
+            genesis["init_weights_sha256"] = None
         genesis["hash"] = record_hash(genesis)
         _append_line(path, genesis)
         return cls(run_dir, genesis)
 
     @classmethod
-    def open(cls, run_dir: str | Path) -> Ledger:
+    def open(cls, run_dir: str | Path, resumed_from_step: int | None = None) -> Ledger:
         """Resume appending to an existing ledger: the chain is checked first, a torn final line left by a
-        crash is cut off, and a `resume` record notes the code and environment now running."""
+        crash is cut off, and a `resume` record notes the code and environment now running and the step the
+        run continues from (an older checkpoint than the last recorded one when a newer one failed to load)."""
         run_dir = Path(run_dir)
         path = run_dir / LEDGER_FILE
         records, torn = read_records(path)
@@ -355,6 +365,7 @@ class Ledger:
             "kind": "resume",
             "time": _now(),
             "last_recorded_step": last[-1]["step"] if last else None,
+            **({} if resumed_from_step is None else {"resumed_from_step": int(resumed_from_step)}),
             "discarded_torn_bytes": torn,
             "code": code_state(),
             "environment": environment(),
@@ -395,6 +406,32 @@ class Ledger:
         record["hash"] = record_hash(record)
         _append_line(self.path, record)
         self.head = record
+
+
+def continuation_problem(run_dir: str | Path, has_checkpoints: bool) -> str | None:
+    """Why a resumed run cannot continue its ledger (missing while checkpoints exist, unreadable, broken
+    chain), or None when it can."""
+    path = Path(run_dir) / LEDGER_FILE
+    if not path.is_file():
+        if has_checkpoints:
+            return (f"{LEDGER_FILE} is missing but the run has checkpoints: a new genesis would record their "
+                    "trained weights as the initial weights")
+        return None
+    try:
+        problems = chain_problems(read_records(path)[0])
+    except LedgerError as error:
+        return str(error)
+    return f"ledger {path} is broken: {'; '.join(problems[:3])}" if problems else None
+
+
+def set_aside(run_dir: str | Path) -> dict[str, Any]:
+    """Move a broken ledger out of the way (to ledger.broken-<time>.jsonl) before a gap record starts a new
+    chain; returns what the gap record cites of it."""
+    path = Path(run_dir) / LEDGER_FILE
+    aside = path.with_name(f"{path.stem}.broken-{_now().replace(':', '')}{path.suffix}")
+    cited = {"path": aside.name, "sha256": sha256_file(path)}
+    os.replace(path, aside)
+    return cited
 
 
 class BatchDigest:

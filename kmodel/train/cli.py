@@ -32,7 +32,15 @@ def _add_train(sub) -> None:
     p.add_argument("--resume", action="store_true",
                    help="continue the run in DIR from its latest checkpoint (a recipe given must match the run's, "
                    "except bookkeeping keys such as train.max_steps)")
-    p.add_argument("--force", action="store_true", help="delete a non-empty DIR and start a fresh run in it")
+    p.add_argument("--force", action="store_true",
+                   help="delete the kmodel run in DIR and start a fresh one (only after the recipe and data load; "
+                   "never a directory holding the working directory, the recipe or the data)")
+    p.add_argument("--restart", action="store_true",
+                   help="with --resume: train again from step 0 when no checkpoint is left although the run has "
+                   "history (by default that is refused: unmounted or renamed checkpoints?)")
+    p.add_argument("--ledger-gap", action="store_true",
+                   help="with --resume: continue a run whose ledger.jsonl is missing or broken with a new chain "
+                   "whose first record states the gap (by default that is refused)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
     p.set_defaults(func=_run_train)
 
@@ -46,8 +54,8 @@ def _run_train(args) -> int:
     if args.recipe is None and args.overrides:
         raise ConfigError("--set needs a RECIPE; a resumed run without one keeps its config.yaml")
     cfg = load_config(args.recipe, args.overrides) if args.recipe else None
-    train(cfg, args.out, resume=args.resume, max_steps=args.max_steps, force=args.force,
-          progress=False if args.no_progress else None)
+    train(cfg, args.out, resume=args.resume, max_steps=args.max_steps, force=args.force, restart=args.restart,
+          ledger_gap=args.ledger_gap, recipe=args.recipe, progress=False if args.no_progress else None)
     return 0
 
 
@@ -89,8 +97,15 @@ def _run_eval(args) -> int:
     from kmodel.train.evaluate import evaluate_docs
     from kmodel.train.trainer import autocast_dtype
 
+    for name in ("max_batches", "batch_size"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
     cfg, model, tokenizer = _load_for_inference(args.checkpoint, args.device)
-    seq_len = args.seq_len or (cfg.data.seq_len if cfg.data else None)
+    context = cfg.model.max_position_embeddings
+    if args.seq_len is not None and not 1 < args.seq_len <= context:
+        raise ValueError(f"--seq-len must be between 2 and the model's context (max_position_embeddings {context}), "
+                         f"got {args.seq_len}")
+    seq_len = args.seq_len if args.seq_len is not None else (cfg.data.seq_len if cfg.data else None)
     if seq_len is None:
         raise ConfigError(f"{args.checkpoint}: its recipe has no data section; pass --seq-len")
     batch_size = args.batch_size or cfg.train.micro_batch_size

@@ -32,8 +32,9 @@ def demo_config(max_steps: int | None) -> Config:
     for source in cfg.data.sources:
         source.path = _anchored(source.path)
     cfg.data.heldout = [_anchored(p) for p in cfg.data.heldout]
-    if max_steps is not None:
-        cfg.train.max_steps = max_steps
+    if max_steps is not None:  # a shorter demo warms up within its steps
+        train = {**cfg.train.model_dump(), "max_steps": max_steps, "warmup_steps": min(cfg.train.warmup_steps, max_steps)}
+        cfg.train = type(cfg.train).model_validate(train)
     return cfg
 
 

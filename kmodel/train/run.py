@@ -6,29 +6,39 @@
     DIR/plots/           loss.png, lr.png, throughput.png, expert_load.png
     DIR/ledger.jsonl     the provenance ledger (provenance.ledger)
     DIR/summary.txt      the end-of-run summary
+    DIR/.lock            held (flock) by the process training in DIR: a second job is refused
+
+What a run never does: restart silently (a resume that finds no checkpoint where its history says there were
+some is refused, naming what is missing, unless --restart), delete what it did not write (--force empties only
+a kmodel run directory, after the recipe and the data validated, and never one holding the working directory,
+the recipe or the data), or throw records away (metrics a resume rewinds go to metrics.discarded.jsonl).
 """
 
 from __future__ import annotations
 
+import datetime
+import errno
+import fcntl
 import os
 import shutil
+import socket
 import sys
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from kmodel.checkpoint import list_checkpoints
+from kmodel.checkpoint import latest_valid_checkpoint, list_checkpoints
 from kmodel.config import Config, ConfigError, config_from_dict
 from kmodel.data.manifest import without_locations
-from kmodel.train.metrics import MetricsLog
-from kmodel.rundir import CHECKPOINTS_DIR, CONFIG_FILE
+from kmodel.train.metrics import MetricsLog, read_metrics
+from kmodel.rundir import CHECKPOINTS_DIR, CONFIG_FILE, LEDGER_FILE, LOCK_FILE, METRICS_FILE, RunDir, checkpoint_dirs, step_of
 from kmodel.train.trainer import Trainer
 
 # Keys a resumed run may change: they steer logging and bookkeeping, or (max_steps) extend the schedule.
 RESUMABLE_CHANGES = (
     "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.eval_every",
-    "train.eval_batches", "train.max_bad_steps", "train.wandb.",
+    "train.eval_batches", "train.max_bad_steps", "train.hang_timeout_s", "train.wandb.",
 )
 # Keys that only spread the same global batch (micro x accumulation x world) differently over processes.
 TOPOLOGY_CHANGES = ("parallel.", "train.micro_batch_size", "train.grad_accum_steps")
@@ -36,6 +46,10 @@ TOPOLOGY_CHANGES = ("parallel.", "train.micro_batch_size", "train.grad_accum_ste
 
 class RunDirError(RuntimeError):
     """A run directory that cannot be used as asked (not empty for a fresh run, nothing to resume, ...)."""
+
+
+# What a run that failed before its first step leaves behind; a fresh run may start over it without --force.
+UNSTARTED_CONTENTS = {CONFIG_FILE, LEDGER_FILE, METRICS_FILE, CHECKPOINTS_DIR}
 
 
 def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
@@ -80,16 +94,90 @@ def write_config(run_dir: Path, cfg: Config) -> None:
     os.replace(tmp, run_dir / CONFIG_FILE)
 
 
-def prepare_fresh(run_dir: Path, force: bool) -> None:
+def _contents(run_dir: Path) -> list[Path]:
+    """What a run directory holds besides its lock file."""
+    return sorted(p for p in run_dir.iterdir() if p.name != LOCK_FILE) if run_dir.is_dir() else []
+
+
+def _readable_config(run_dir: Path) -> bool:
+    try:
+        saved_config(run_dir)
+    except (RunDirError, ConfigError, yaml.YAMLError, UnicodeDecodeError, OSError):
+        return False
+    return True
+
+
+def _ledger_checkpoint_steps(run_dir: Path) -> list[int] | None:
+    """Steps the run's ledger records checkpoints at; None when there is no ledger or it cannot be read."""
+    from kmodel.provenance.ledger import LedgerError, checkpoint_records, read_records
+
+    if not (run_dir / LEDGER_FILE).is_file():
+        return None
+    try:
+        return [r["step"] for r in checkpoint_records(read_records(run_dir / LEDGER_FILE)[0])]
+    except LedgerError:
+        return None
+
+
+def never_started(run_dir: Path) -> bool:
+    """A run directory whose run failed before its first step: a readable config.yaml, at most a genesis-only
+    ledger, no metric record and no checkpoint directory."""
+    names = {p.name for p in _contents(run_dir)}
+    if not (CONFIG_FILE in names and names <= UNSTARTED_CONTENTS and _readable_config(run_dir)):
+        return False
+    ledger_clean = LEDGER_FILE not in names or _ledger_checkpoint_steps(run_dir) == []
+    return ledger_clean and not read_metrics(run_dir) and not checkpoint_dirs(run_dir)
+
+
+def _protected_paths(cfg: Config, recipe: str | Path | None) -> list[tuple[str, Path]]:
+    """What --force must never delete: the working directory, the recipe, the data and the tokenizer."""
+    named = [("the working directory", Path.cwd())]
+    if recipe is not None:
+        named.append(("the recipe", Path(recipe)))
+    if cfg.data is not None:
+        for source in cfg.data.sources:
+            fixed = source.path.split("*")[0].split("?")[0].split("[")[0]  # the part of a glob before its pattern
+            named.append((f"data source {source.name or source.path!r}", Path(fixed or ".")))
+        named += [("held-out file", Path(p)) for p in cfg.data.heldout]
+        if cfg.data.tokenizer != "shipped":
+            named.append(("the tokenizer", Path(cfg.data.tokenizer)))
+    return [(what, path.resolve()) for what, path in named]
+
+
+def check_fresh(run_dir: Path, cfg: Config, *, force: bool, recipe: str | Path | None = None) -> None:
+    """Refuse a fresh run in a directory holding anything but a run that never started; with --force, refuse
+    any directory that is not a kmodel run or that holds the working directory, the recipe or the data."""
     if run_dir.exists() and not run_dir.is_dir():
         raise RunDirError(f"{run_dir} exists and is not a directory")
-    if run_dir.is_dir() and any(run_dir.iterdir()):
-        if not force:
-            raise RunDirError(
-                f"{run_dir} is not empty; pass --resume to continue the run in it, or --force to delete it and start over"
-            )
+    contents = _contents(run_dir)
+    if not contents or never_started(run_dir):
+        return
+    if not force:
+        raise RunDirError(
+            f"{run_dir} is not empty; pass --resume to continue the run in it, or --force to delete it and start over"
+        )
+    if not _readable_config(run_dir):
+        shown = ", ".join(p.name for p in contents[:5]) + (" ..." if len(contents) > 5 else "")
+        raise RunDirError(
+            f"--force deletes only a kmodel run directory, and {run_dir} has no readable {CONFIG_FILE} (it holds "
+            f"{shown}); choose another --out"
+        )
+    target = run_dir.resolve()
+    for what, path in _protected_paths(cfg, recipe):
+        if path == target or target in path.parents:
+            raise RunDirError(f"--force would delete {what} ({path}), which is inside {run_dir}; choose another --out")
+
+
+def clear_fresh(run_dir: Path) -> None:
+    """Empty a run directory that `check_fresh` accepted (its lock file stays), creating it when absent."""
+    contents = _contents(run_dir)
+    if contents and not never_started(run_dir):
         print(f"--force: deleting the previous contents of {run_dir}", file=sys.stderr)
-        shutil.rmtree(run_dir)
+    for entry in contents:
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
     run_dir.mkdir(parents=True, exist_ok=True)
 
 
@@ -102,6 +190,140 @@ def remove_stale_partials(run_dir: Path) -> None:
                 shutil.rmtree(entry)
 
 
+# --- resuming: what the run directory says happened ---------------------------------------------------------
+
+
+def history(run_dir: Path, cfg: Config) -> list[str]:
+    """Evidence that a run wrote checkpoints before: ledger records, metrics past the first checkpoint, step
+    directories that are not complete."""
+    found = []
+    steps = _ledger_checkpoint_steps(run_dir)
+    if steps:
+        found.append(f"{LEDGER_FILE} records checkpoints at steps {steps[:6]}{' ...' if len(steps) > 6 else ''}")
+    reached = max((r["step"] for r in read_metrics(run_dir)), default=0)
+    if reached >= cfg.train.checkpoint_every:
+        found.append(f"{METRICS_FILE} records steps up to {reached} (a checkpoint was due every "
+                     f"{cfg.train.checkpoint_every} steps)")
+    incomplete = checkpoint_dirs(run_dir)
+    if incomplete:
+        found.append(f"{CHECKPOINTS_DIR}/ holds only incomplete {', '.join(p.name for p in incomplete[:3])}")
+    return found
+
+
+def check_resume_target(run_dir: Path, cfg: Config, *, restart: bool, ledger_gap: bool) -> None:
+    """Refuse a resume that would silently start over (history but no checkpoint) or continue a ledger that is
+    missing or broken; `restart` and `ledger_gap` are the explicit ways past each."""
+    checkpoints = list_checkpoints(run_dir)
+    if checkpoints and restart:
+        raise RunDirError(f"--restart trains again from step 0 only when no checkpoint is left, and {run_dir} has "
+                          f"{checkpoints[-1].name}; drop --restart to resume from it")
+    if not checkpoints:
+        evidence = history(run_dir, cfg)
+        if evidence and not restart:
+            folder = run_dir / CHECKPOINTS_DIR
+            where = "does not exist" if not folder.is_dir() else "holds no complete checkpoint"
+            raise RunDirError(
+                f"cannot resume {run_dir}: {folder} {where}, yet {'; '.join(evidence)}. If the checkpoint storage "
+                "is unmounted, renamed or moved, restore it and resume again; to train this run again from step 0 "
+                f"(its history stays in {METRICS_FILE}, {LEDGER_FILE}), pass --restart"
+            )
+    if cfg.provenance.ledger and not ledger_gap:
+        from kmodel.provenance.ledger import continuation_problem
+
+        problem = continuation_problem(run_dir, bool(checkpoints))
+        if problem:
+            raise RunDirError(
+                f"cannot resume {run_dir}: {problem}. Restore the ledger from a backup, or pass --ledger-gap to "
+                "continue with a new chain whose first record states the gap (provenance verify reports it)"
+            )
+
+
+def set_aside_unrecorded(run_dir: Path) -> None:
+    """A checkpoint is committed when the ledger records it: one renamed into place but never recorded (a kill
+    between the two) is moved aside as .step_N.unrecorded, and the run resumes from the last recorded one, so
+    the batches after it are digested again and verify and replay keep passing."""
+    recorded = _ledger_checkpoint_steps(run_dir)
+    if recorded is None:
+        return
+    last = max(recorded, default=0)
+    for ckpt in list_checkpoints(run_dir):
+        if step_of(ckpt) > last:
+            aside = ckpt.with_name(f".{ckpt.name}.unrecorded")
+            if aside.exists():
+                shutil.rmtree(aside)
+            os.replace(ckpt, aside)
+            print(f"warning: {ckpt} is not in the ledger (killed between saving and recording it): moved aside to "
+                  f"{aside.name}; resuming from the last recorded checkpoint (step {last})", file=sys.stderr)
+
+
+# --- the lock and operating-system errors ------------------------------------------------------------------
+
+
+class RunLock:
+    """An exclusive flock on DIR/.lock while a process trains in DIR. The kernel drops it when the process
+    ends, kill -9 included, so a stale lock never blocks a resume; a second live job is refused, naming the
+    holder. The directory is created (for a fresh run) and, when nothing else was put in it, removed again."""
+
+    def __init__(self, run_dir: str | Path, *, create: bool):
+        self.run_dir, self.create = Path(run_dir), create
+        self.path = RunDir(run_dir).lock
+        self._fd: int | None = None
+        self._made_dir = False
+
+    def __enter__(self) -> RunLock:
+        if not self.run_dir.is_dir() and not self.create:
+            return self  # nothing to lock: the resume is refused for the missing directory itself
+        try:
+            if not self.run_dir.exists():
+                self.run_dir.mkdir(parents=True)
+                self._made_dir = True
+            self._fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as error:
+            raise RunDirError(os_error_message(error, self.run_dir)) from None
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(self._fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(self._fd)
+            self._fd = None
+            raise RunDirError(
+                f"{self.run_dir} is in use by {holder}: two jobs must not write one run directory. Wait for it to "
+                "end (or stop it), or train into another --out"
+            ) from None
+        since = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+        os.ftruncate(self._fd, 0)
+        os.pwrite(self._fd, f"pid {os.getpid()} on {socket.gethostname()} since {since}\n".encode(), 0)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._fd is None:
+            return
+        if self._made_dir and not _contents(self.run_dir):
+            self.path.unlink(missing_ok=True)  # the run never wrote anything: leave no trace
+            self.run_dir.rmdir()
+        else:
+            os.ftruncate(self._fd, 0)
+        os.close(self._fd)  # releases the flock
+        self._fd = None
+
+
+def os_error_message(error: OSError, run_dir: Path) -> str:
+    """One line for an operating-system failure under the run directory, with what to do about it."""
+    where = error.filename or run_dir
+    if error.errno == errno.ENOSPC:
+        latest = list_checkpoints(run_dir)
+        kept = f"the latest complete checkpoint is {latest[-1]}" if latest else "no checkpoint was completed yet"
+        return (f"no space left on the device of {where}; {kept}. Free space (or lower train.keep_checkpoints), "
+                "then rerun with --resume")
+    if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+        return (f"cannot write {where}: {error.strerror}. Choose a writable --out, or fix the permissions or the "
+                "mount of its file system")
+    return f"{where}: {error.strerror or error}"
+
+
+# --- the run ------------------------------------------------------------------------------------------------
+
+
 def train(
     cfg: Config | None,
     out_dir: str | Path,
@@ -109,50 +331,127 @@ def train(
     resume: bool = False,
     max_steps: int | None = None,
     force: bool = False,
+    restart: bool = False,
+    ledger_gap: bool = False,
+    recipe: str | Path | None = None,
     progress: bool | None = None,
 ) -> Trainer:
     """Run (or continue) a training run in `out_dir`; returns the finished Trainer (its summary is printed).
 
     `cfg` may be None when resuming (the run's own config.yaml is used). `max_steps` sets train.max_steps,
-    which the learning-rate schedule spans."""
+    which the learning-rate schedule spans. `recipe` (the file `cfg` came from) is protected from --force.
+    The directory is locked for the whole run; nothing in it is written or deleted before the recipe, the
+    tokenizer and the data have been loaded."""
     run_dir = Path(out_dir)
-    cfg = prepare_run(cfg, run_dir, resume=resume, max_steps=max_steps, force=force)
-    trainer = Trainer(cfg, run_dir, progress=progress)
-    start(trainer, resume)
-    trainer.fit()
-    print(trainer.finish())
+    with RunLock(run_dir, create=not resume):
+        try:
+            cfg = check_request(cfg, run_dir, resume=resume, max_steps=max_steps, force=force, restart=restart,
+                                ledger_gap=ledger_gap, recipe=recipe)
+            trainer = Trainer(cfg, run_dir, progress=progress)
+            write_run(cfg, run_dir, resume=resume)
+            start(trainer, resume, ledger_gap=ledger_gap)
+            trainer.fit()
+            print(trainer.finish())
+        except OSError as error:
+            raise RunDirError(os_error_message(error, run_dir)) from None
     return trainer
 
 
-def prepare_run(cfg: Config | None, run_dir: Path, *, resume: bool, max_steps: int | None, force: bool) -> Config:
-    """Check the request against the run directory, clean or create it, write config.yaml; returns the config."""
+def with_max_steps(cfg: Config, max_steps: int) -> Config:
+    """`cfg` with train.max_steps replaced, validated as a whole (warmup_steps must still fit)."""
+    tree = cfg.to_dict()
+    tree["train"]["max_steps"] = max_steps
+    return config_from_dict(tree, f"--max-steps {max_steps}")
+
+
+def check_request(
+    cfg: Config | None,
+    run_dir: Path,
+    *,
+    resume: bool,
+    max_steps: int | None,
+    force: bool,
+    restart: bool = False,
+    ledger_gap: bool = False,
+    recipe: str | Path | None = None,
+) -> Config:
+    """The config the request runs with, after every check against the run directory; writes nothing."""
     if resume and force:
         raise RunDirError("--resume and --force contradict each other: --force deletes the run --resume continues")
+    if (restart or ledger_gap) and not resume:
+        raise RunDirError("--restart and --ledger-gap only apply with --resume")
     if resume:
         saved = saved_config(run_dir)
         cfg = saved.model_copy(deep=True) if cfg is None else cfg
     elif cfg is None:
         raise ConfigError("a fresh run needs a recipe")
     if max_steps is not None:
-        cfg.train.max_steps = max_steps
-    if resume:
-        check_resumable(saved, cfg, run_dir)
-        remove_stale_partials(run_dir)
-    else:
-        prepare_fresh(run_dir, force)
-    write_config(run_dir, cfg)
+        cfg = with_max_steps(cfg, max_steps)
+    if not resume:
+        check_fresh(run_dir, cfg, force=force, recipe=recipe)
+        return cfg
+    check_resumable(saved, cfg, run_dir)
+    check_resume_target(run_dir, cfg, restart=restart, ledger_gap=ledger_gap)
+    checkpoints = list_checkpoints(run_dir)
+    reached = step_of(checkpoints[-1]) if checkpoints else 0
+    if cfg.train.max_steps < reached:
+        raise ConfigError(
+            f"train.max_steps ({cfg.train.max_steps}) is below step {reached}, which {run_dir} has reached "
+            f"({checkpoints[-1].name}): a resumed run cannot shorten itself. Give --max-steps {reached} or more, "
+            "or start a new run directory"
+        )
     return cfg
 
 
-def start(trainer: Trainer, resume: bool, *, writer: bool = True) -> None:
-    """Restore the latest checkpoint when resuming and start the ledger; `writer` (rank 0) rewinds the metrics."""
+def write_run(cfg: Config, run_dir: Path, *, resume: bool) -> None:
+    """Clean (fresh) or tidy (resumed) the run directory and write config.yaml."""
+    if resume:
+        remove_stale_partials(run_dir)
+        if cfg.provenance.ledger:
+            set_aside_unrecorded(run_dir)
+    else:
+        clear_fresh(run_dir)
+    write_config(run_dir, cfg)
+
+
+def prepare_run(
+    cfg: Config | None,
+    run_dir: Path,
+    *,
+    resume: bool,
+    max_steps: int | None,
+    force: bool,
+    restart: bool = False,
+    ledger_gap: bool = False,
+    recipe: str | Path | None = None,
+) -> Config:
+    """Check the request against the run directory, clean or create it, write config.yaml; returns the config.
+    For callers that build their trainer afterwards (the distributed entry's rank 0): --force first checks that
+    the data can be read, since nothing may be deleted for a run that cannot start."""
+    cfg = check_request(cfg, run_dir, resume=resume, max_steps=max_steps, force=force, restart=restart,
+                        ledger_gap=ledger_gap, recipe=recipe)
+    if force and cfg.data is not None:
+        from kmodel.data import data_manifest
+
+        data_manifest(cfg.data)
+    write_run(cfg, run_dir, resume=resume)
+    return cfg
+
+
+def start(trainer: Trainer, resume: bool, *, writer: bool = True, ledger_gap: bool = False) -> None:
+    """Restore the latest checkpoint when resuming and start the ledger; `writer` (rank 0) rewinds the metrics
+    (the records dropped are kept in metrics.discarded.jsonl)."""
     run_dir = trainer.run_dir
-    checkpoints = list_checkpoints(run_dir) if resume else []
-    if checkpoints:
-        trainer.restore(checkpoints[-1])
-        print(f"resuming from {checkpoints[-1]} (step {trainer.step})", file=sys.stderr)
+    latest, skipped = latest_valid_checkpoint(run_dir, warn=True) if resume else (None, [])
+    if latest is None and skipped:
+        raise RunDirError(f"cannot resume {run_dir}: none of its {len(skipped)} checkpoints verifies (reasons above); "
+                          "nothing trains on unverified weights. Restore a good copy of one of them")
+    if latest is not None:
+        trainer.restore(latest)
+        print(f"resuming from {latest} (step {trainer.step})", file=sys.stderr)
     elif resume:
-        print(f"no checkpoint in {run_dir} yet: starting it from step 0", file=sys.stderr)
+        print(f"no checkpoint in {run_dir}: starting it from step 0", file=sys.stderr)
     if resume and writer:
         MetricsLog(run_dir).rewind(trainer.step)
+    trainer.ledger_gap = ledger_gap
     trainer.start_ledger(resume)

@@ -204,21 +204,39 @@ class Trainer:
         """A checkpoint's AdamW state_dict (full tensors, one entry per parameter) into the optimizer."""
         self.optimizer.load_state_dict(state)
 
+    # --ledger-gap: a resumed run whose ledger is missing or broken starts a new chain with a gap record
+    ledger_gap = False
+
+    def _ledger_gap_reason(self, resume: bool) -> str | None:
+        from kmodel.provenance.ledger import continuation_problem
+
+        if not (resume and self.ledger_gap):
+            return None
+        return continuation_problem(self.run_dir, self.step > 0)
+
     def ledger_exists(self, resume: bool) -> bool:
-        return resume and (self.run_dir / LEDGER_FILE).exists()
+        """Whether a resumed run continues the ledger on disk (not when --ledger-gap replaces it)."""
+        return resume and (self.run_dir / LEDGER_FILE).exists() and self._ledger_gap_reason(resume) is None
 
     def start_ledger(self, resume: bool, init_weights_sha256: str | None = None) -> None:
         """The provenance ledger hook: genesis for a fresh run (the initial weights' hash: given by an engine
-        whose ranks hold shards, else of the model's state), continuation for a resumed one."""
+        whose ranks hold shards, else of the model's state), continuation for a resumed one (noting the step
+        it continues from), or, with --ledger-gap, a new chain whose genesis states the gap."""
         if not self.cfg.provenance.ledger:
             return
-        from kmodel.provenance.ledger import Ledger
+        from kmodel.provenance.ledger import Ledger, set_aside
 
         if self.ledger_exists(resume):
-            self.ledger = Ledger.open(self.run_dir)
-        else:
-            init_hash = weights_sha256(self.model) if init_weights_sha256 is None else init_weights_sha256
-            self.ledger = Ledger.create(self.run_dir, self.cfg, init_hash, self.tokenizer, self.data_manifest, self.device)
+            self.ledger = Ledger.open(self.run_dir, resumed_from_step=self.step)
+            return
+        reason, gap = self._ledger_gap_reason(resume), None
+        if reason is not None:
+            previous = set_aside(self.run_dir) if (self.run_dir / LEDGER_FILE).exists() else None
+            gap = {"reason": reason, "resumed_from_step": self.step, "previous_ledger": previous}
+            print(f"--ledger-gap: {reason}; a new ledger starts at step {self.step} with a gap record", file=sys.stderr)
+        init_hash = weights_sha256(self.model) if init_weights_sha256 is None else init_weights_sha256
+        self.ledger = Ledger.create(self.run_dir, self.cfg, init_hash, self.tokenizer, self.data_manifest, self.device,
+                                    gap=gap)
 
     # --- one step ----------------------------------------------------------------------------------------
     def next_micro_batch(self) -> Batch:

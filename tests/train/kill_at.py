@@ -3,6 +3,8 @@
     python tests/train/kill_at.py step N  train ...   # dies as step N+1 begins (checkpoints up to N written)
     python tests/train/kill_at.py save NAME train ... # dies inside the save of checkpoint NAME, after its
                                                       # state.pt was written to the temporary directory
+    python tests/train/kill_at.py record N train ...  # dies after checkpoint N was renamed into place, before
+                                                      # the ledger recorded it
 """
 
 import os
@@ -38,6 +40,17 @@ elif mode == "save":
             die()
 
     torch.save = save_then_die
+elif mode == "record":
+    from kmodel.provenance.ledger import Ledger
+
+    record = Ledger.record_checkpoint
+
+    def die_before_recording(self, *, step, **kwargs):
+        if step == int(point):
+            die()
+        return record(self, step=step, **kwargs)
+
+    Ledger.record_checkpoint = die_before_recording
 else:
     sys.exit(f"unknown mode {mode!r}")
 sys.exit(main(argv))

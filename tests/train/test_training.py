@@ -172,7 +172,7 @@ def test_document_masking_trains(tiny, tmp_path):
 def test_a_fresh_run_refuses_a_non_empty_directory(tiny, tmp_path):
     (tmp_path / "precious.txt").write_text("keep me")
     with pytest.raises(RunDirError, match=r"is not empty; pass --resume .* or --force"):
-        train(tiny(), tmp_path, max_steps=1, progress=False)
+        train(tiny(), tmp_path, max_steps=2, progress=False)
     assert (tmp_path / "precious.txt").read_text() == "keep me"
 
 
