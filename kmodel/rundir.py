@@ -7,6 +7,8 @@
     DIR/ledger.jsonl     the provenance ledger (kmodel.provenance.ledger)
     DIR/summary.txt      the end-of-run summary
     DIR/.lock            held by the process training in DIR
+    DIR/run_id           a random id made at the first checkpoint; every checkpoint records it, so one copied
+                         in from another run is recognised
 
 This module names things and lists checkpoint directories (complete or not, by step); whether a checkpoint is
 complete and verifies is kmodel.checkpoint's business. It depends on nothing else in kmodel.
@@ -14,6 +16,8 @@ complete and verifies is kmodel.checkpoint's business. It depends on nothing els
 
 from __future__ import annotations
 
+import os
+import uuid
 from pathlib import Path
 
 CONFIG_FILE = "config.yaml"
@@ -23,6 +27,7 @@ PLOTS_DIR = "plots"
 LEDGER_FILE = "ledger.jsonl"
 SUMMARY_FILE = "summary.txt"
 LOCK_FILE = ".lock"
+RUN_ID_FILE = "run_id"
 STEP_PREFIX = "step_"
 
 
@@ -62,6 +67,28 @@ class RunDir:
     @property
     def lock(self) -> Path:
         return self.path / LOCK_FILE
+
+    @property
+    def run_id_file(self) -> Path:
+        return self.path / RUN_ID_FILE
+
+    def read_run_id(self) -> str | None:
+        """The run's id, or None for a run that has not saved a checkpoint yet (or predates run ids)."""
+        path = self.run_id_file
+        if not path.is_file():
+            return None
+        return path.read_text(encoding="utf-8").strip() or None
+
+    def run_id(self) -> str:
+        """The run's id, made (random, written atomically) when there is none yet."""
+        existing = self.read_run_id()
+        if existing is not None:
+            return existing
+        self.path.mkdir(parents=True, exist_ok=True)
+        tmp = self.path / f".{RUN_ID_FILE}.tmp-{os.getpid()}"
+        tmp.write_text(uuid.uuid4().hex + "\n", encoding="utf-8")
+        os.replace(tmp, self.run_id_file)
+        return self.read_run_id()
 
 
 def step_dir_name(step: int) -> str:

@@ -201,7 +201,7 @@ def test_init_command_and_load_model_round_trip(tmp_path):
     with pytest.raises(CheckpointError, match="does not fit this model config: shape mismatch"):
         load_weights_into(other, read_weights(out), str(out))
     (out / "model.safetensors").write_bytes(b"not a safetensors file")
-    with pytest.raises(CheckpointError, match="cannot read model.safetensors"):
+    with pytest.raises(CheckpointError, match="model.safetensors is truncated"):
         load_model(out)
 
 

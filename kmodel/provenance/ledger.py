@@ -38,6 +38,7 @@ from kmodel.checkpoint import (
     MODEL_FILE,
     STATE_FILE,
     CheckpointError,
+    Manifest,
     read_state,
     read_weights,
 )
@@ -174,7 +175,10 @@ def checkpoint_hashes(checkpoint_dir: Path) -> dict[str, Any]:
     manifest_path = checkpoint_dir / MANIFEST_FILE
     if not manifest_path.is_file():
         raise LedgerError(f"checkpoint {checkpoint_dir} has no {MANIFEST_FILE}; write the checkpoint before recording it")
-    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    try:
+        manifest = Manifest.read(checkpoint_dir).digests
+    except CheckpointError as error:
+        raise LedgerError(str(error)) from None
     if MODEL_FILE not in manifest:
         raise LedgerError(f"checkpoint {checkpoint_dir}: {MANIFEST_FILE} does not list {MODEL_FILE}")
     state_parts: dict[str, str] = {}

@@ -84,9 +84,9 @@ def test_genesis_and_checkpoint_records_chain(tmp_path, small):
     for previous, record in itertools.pairwise(records):
         assert record["prev_hash"] == previous["hash"] == record_hash(previous)
     second = records[2]
-    manifest = json.loads((tmp_path / "checkpoints/step_0000004/manifest.json").read_text())
-    assert second["model_sha256"] == manifest["model.safetensors"]
-    assert second["state_sha256"] == manifest["state.pt"]
+    manifest = json.loads((tmp_path / "checkpoints/step_0000004/manifest.json").read_text())["files"]
+    assert second["model_sha256"] == manifest["model.safetensors"]["sha256"]
+    assert second["state_sha256"] == manifest["state.pt"]["sha256"]
     assert second["batches"] == 2 and second["tokens"] == 32
     assert second["loss"] == pytest.approx(3.1) and second["grad_norm"] == 0.7
     assert second["checkpoint"] == "checkpoints/step_0000004"

@@ -79,7 +79,7 @@ def test_swapped_checkpoint_fails(run_copy):
     shutil.copy(ckpts / "step_0000002" / "model.safetensors", ckpts / "step_0000004" / "model.safetensors")
     manifest = json.loads((ckpts / "step_0000002" / "manifest.json").read_text())
     own = json.loads((ckpts / "step_0000004" / "manifest.json").read_text())
-    own["model.safetensors"] = manifest["model.safetensors"]
+    own["files"]["model.safetensors"] = manifest["files"]["model.safetensors"]
     (ckpts / "step_0000004" / "manifest.json").write_text(json.dumps(own, indent=1))
     failed = failures(verify_run(run_dir, check_init=False, data_root=data_root))
     assert [c.name for c in failed] == ["checkpoint 4"]
