@@ -38,8 +38,9 @@ ROW_MAX_START = tl.constexpr(-1.0e38)
 
 @triton.jit
 def _load_rows(base, rows, cols, row_stride, seq_len, head_dim, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
-    """A (len(rows), len(cols)) tile of a (seq, head_dim) slice; rows past seq_len and padded columns read 0."""
-    ptrs = base + rows[:, None] * row_stride + cols[None, :]
+    """A (len(rows), len(cols)) tile of a (seq, head_dim) slice; rows past seq_len and padded columns read 0.
+    Row offsets are 64-bit: rows * row_stride passes 2**31 at 256K tokens x 64 heads x 128."""
+    ptrs = base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :]
     if CHECK_ROWS:
         if EVEN_D:
             tile = tl.load(ptrs, mask=rows[:, None] < seq_len, other=0.0)
@@ -55,7 +56,7 @@ def _load_rows(base, rows, cols, row_stride, seq_len, head_dim, CHECK_ROWS: tl.c
 
 @triton.jit
 def _store_rows(base, tile, rows, cols, row_stride, seq_len, head_dim, EVEN_D: tl.constexpr):
-    ptrs = base + rows[:, None] * row_stride + cols[None, :]
+    ptrs = base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :]
     if EVEN_D:
         tl.store(ptrs, tile.to(base.dtype.element_ty), mask=rows[:, None] < seq_len)
     else:

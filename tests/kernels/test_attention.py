@@ -293,6 +293,43 @@ def test_runs_when_triton_was_imported_before_the_flag():
     assert result.returncode == 0 and "matched" in result.stdout, result.stderr[-2000:]
 
 
+_OFFSETS_PAST_INT32 = """
+import os, sys
+os.environ["TRITON_INTERPRET"] = "1"
+import torch
+from kmodel.kernels.attention import reference, triton_impl
+seq, heads, dim = 5, 2, 16
+row_stride = (1 << 29) + 64  # row 4 starts past 2**31 elements: an int32 offset wraps to a wild address
+numel = (seq - 1) * row_stride + heads * dim
+path = sys.argv[1]
+with open(path, "wb") as f:
+    f.truncate(numel * 4)  # sparse: only the pages the five rows touch ever get memory
+qkv = torch.from_file(path, shared=True, size=numel, dtype=torch.float32)
+qkv = qkv.as_strided((1, seq, heads, dim), (0, row_stride, dim, 1))
+compact = torch.randn(1, seq, heads, dim, generator=torch.Generator().manual_seed(0))
+qkv.copy_(compact)
+leaf = qkv.detach().requires_grad_()
+triton_impl.attention(leaf, leaf, leaf, window=3).square().sum().backward()
+want = compact.double().requires_grad_()
+reference.attention(want, want, want, window=3).square().sum().backward()
+got = triton_impl.attention(qkv, qkv, qkv, window=3)
+torch.testing.assert_close(got.double(), reference.attention(*(compact.double(),) * 3, window=3), atol=1e-5, rtol=1e-4)
+torch.testing.assert_close(leaf.grad.double(), want.grad, atol=1e-5, rtol=1e-4)
+print("matched")
+"""
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter mode only (a 8 GiB sparse file on the CPU)")
+def test_row_offsets_past_int32(tmp_path):
+    """Element offsets rows * row_stride pass 2**31 at 256K tokens x 64 heads x 128 (K-EXAONE's context): a
+    strided view over a sparse file puts row 4 past that for the price of five rows; forward and backward
+    (every kernel reading q, k and v) must read the right rows. int32 offsets wrapped (a segfault here), so it
+    runs in its own process."""
+    command = python_command("-c", _OFFSETS_PAST_INT32, str(tmp_path / "sparse.bin"))
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0 and "matched" in result.stdout, (result.returncode, result.stderr[-2000:])
+
+
 def test_bad_inputs_raise_clear_errors(monkeypatch):
     q = torch.zeros(1, 8, 4, 16, device=DEVICE)
     kv = torch.zeros(1, 8, 2, 16, device=DEVICE)
