@@ -93,6 +93,26 @@ def block_quotas(weights: list[float], labels: list[str]) -> np.ndarray:
     return quotas
 
 
+def block_layout(seed: int, stage: int, quotas: np.ndarray, block: int) -> tuple[np.ndarray, np.ndarray]:
+    """Source of every row of a block, and each row's index among its source's rows in the block."""
+    layout = np.repeat(np.arange(len(quotas)), quotas)
+    layout = layout[np.random.default_rng([seed, stage, _BLOCK_LAYOUT, block]).permutation(BLOCK_ROWS)]
+    within = np.empty(BLOCK_ROWS, dtype=np.int64)
+    for source in range(len(quotas)):
+        where = layout == source
+        within[where] = np.arange(int(where.sum()))
+    return layout, within
+
+
+def rows_per_source(seed: int, stage: int, quotas: np.ndarray, rows: int) -> list[int]:
+    """Rows each source gives in the first `rows` rows of a stage's order."""
+    full, rest = divmod(rows, BLOCK_ROWS)
+    counts = full * quotas
+    if rest:
+        counts = counts + np.bincount(block_layout(seed, stage, quotas, full)[0][:rest], minlength=len(quotas))
+    return [int(c) for c in counts]
+
+
 class Mixture:
     """Rows drawn from weighted token streams in the seed-determined order above; `rows_drawn` is the state."""
 
@@ -100,7 +120,9 @@ class Mixture:
                  document_masking: bool, stage: int = 0):
         self.streams, self.seed, self.seq_len, self.stage = streams, seed, seq_len, stage
         self.eos_id, self.document_masking = eos_id, document_masking
-        labels = [s.label for s in streams]
+        self.labels, self.weights = [s.label for s in streams], list(weights)
+        self.previous_stages: list[dict] = []
+        labels = self.labels
         self.windows = np.array([(s.num_tokens - 1) // seq_len for s in streams], dtype=np.int64)
         for label, stream, windows in zip(labels, streams, self.windows):
             if windows < 1:
@@ -113,17 +135,10 @@ class Mixture:
 
     # --- the order ---------------------------------------------------------------------------------------
     def _block(self, block: int) -> tuple[np.ndarray, np.ndarray]:
-        """Source of every row of a block, and each row's index among its source's rows in the block."""
         if block not in self._blocks:
-            layout = np.repeat(np.arange(len(self.streams)), self.quotas)
-            layout = layout[np.random.default_rng([self.seed, self.stage, _BLOCK_LAYOUT, block]).permutation(BLOCK_ROWS)]
-            within = np.empty(BLOCK_ROWS, dtype=np.int64)
-            for source in range(len(self.streams)):
-                where = layout == source
-                within[where] = np.arange(int(where.sum()))
             if len(self._blocks) >= 4:
                 self._blocks.clear()
-            self._blocks[block] = layout, within
+            self._blocks[block] = block_layout(self.seed, self.stage, self.quotas, block)
         return self._blocks[block]
 
     def _epoch(self, source: int, epoch: int) -> tuple[Permutation, int]:
@@ -173,17 +188,38 @@ class Mixture:
 
     def rows_per_source(self, rows: int | None = None) -> list[int]:
         """Rows each source has given in the first `rows` rows (default: those drawn so far)."""
-        rows = self.rows_drawn if rows is None else rows
-        full, rest = divmod(rows, BLOCK_ROWS)
-        counts = full * self.quotas
-        if rest:
-            counts = counts + np.bincount(self._block(full)[0][:rest], minlength=len(self.streams))
-        return [int(c) for c in counts]
+        return rows_per_source(self.seed, self.stage, self.quotas, self.rows_drawn if rows is None else rows)
 
-    def state_dict(self) -> dict[str, int]:
-        return {"rows_drawn": self.rows_drawn, "stage": self.stage}
+    # --- state and stages -------------------------------------------------------------------------------------
+    def order_record(self) -> dict:
+        """What determines the order (for the ledger): seed, stage, seq_len, weights, and the stages before."""
+        return {"seed": self.seed, "stage": self.stage, "seq_len": self.seq_len,
+                "weights": dict(zip(self.labels, self.weights)), "previous_stages": self.previous_stages}
 
-    def load_state_dict(self, state: dict[str, int]) -> None:
-        if int(state.get("stage", 0)) != self.stage:
-            raise DataError(f"the checkpoint's data position is in stage {state.get('stage', 0)}, this run is stage {self.stage}")
+    def stage_summary(self) -> dict:
+        """This stage as it ends here: its order and the rows and tokens each source gave."""
+        rows = self.rows_per_source()
+        return {"stage": self.stage, "seq_len": self.seq_len, "weights": dict(zip(self.labels, self.weights)),
+                "rows": self.rows_drawn, "tokens": {label: n * self.seq_len for label, n in zip(self.labels, rows)}}
+
+    def state_dict(self) -> dict:
+        return {"rows_drawn": self.rows_drawn, "stage": self.stage, "previous_stages": self.previous_stages,
+                "summary": self.stage_summary()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue at a checkpoint's position, in the checkpoint's stage."""
         self.rows_drawn = int(state["rows_drawn"])
+        self._enter_stage(int(state.get("stage", 0)), list(state.get("previous_stages", [])))
+
+    def start_stage(self, previous: dict) -> None:
+        """Begin the stage after the one a checkpoint of another run was in (`previous`: its data state): a new
+        order seeded by the next stage index, from row 0, with the stages so far recorded."""
+        summary = previous.get("summary") or {"stage": int(previous.get("stage", 0)), "rows": int(previous["rows_drawn"])}
+        self.rows_drawn = 0
+        self._enter_stage(int(previous.get("stage", 0)) + 1, list(previous.get("previous_stages", [])) + [summary])
+
+    def _enter_stage(self, stage: int, previous_stages: list[dict]) -> None:
+        if stage != self.stage:
+            self._blocks.clear()
+            self._epochs.clear()
+        self.stage, self.previous_stages = stage, previous_stages

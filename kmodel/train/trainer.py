@@ -192,6 +192,13 @@ class Trainer:
         self.step, self.tokens_seen, self.bad_steps = state["step"], state["tokens_seen"], state["bad_steps"]
         return ckpt
 
+    def start_stage(self, checkpoint: str | Path) -> None:
+        """The data side of a run continued from another run's checkpoint (a stage boundary, `--init-from`): this
+        recipe's weights and seq_len in a new order seeded by the next stage index, from its first row; the
+        stages before are carried in every checkpoint's data state and in the ledger's genesis. Call before
+        `start_ledger`."""
+        self.data.start_stage(read_state(resolve_checkpoint(checkpoint), lazy=True)["data"])
+
     # Whether `restore` hands the optimizer's moments to `load_optimizer_state` unread (LazyTensor), for an
     # engine that places them one tensor at a time.
     lazy_restore = False
@@ -235,7 +242,8 @@ class Trainer:
             gap = {"reason": reason, "resumed_from_step": self.step, "previous_ledger": previous}
             print(f"--ledger-gap: {reason}; a new ledger starts at step {self.step} with a gap record", file=sys.stderr)
         init_hash = weights_sha256(self.model) if init_weights_sha256 is None else init_weights_sha256
-        self.ledger = Ledger.create(self.run_dir, self.cfg, init_hash, self.tokenizer, self.data_manifest, self.device,
+        data = {**self.data_manifest, "order": self.data.order_record()}  # the data, and its order's stage
+        self.ledger = Ledger.create(self.run_dir, self.cfg, init_hash, self.tokenizer, data, self.device,
                                     gap=gap)
 
     # --- one step ----------------------------------------------------------------------------------------

@@ -113,6 +113,30 @@ def test_ranks_reading_their_rows_make_up_the_global_batch(tmp_path, world):
             np.testing.assert_array_equal(joined, getattr(expected[step], field).numpy())
 
 
-def test_a_checkpoint_of_another_stage_is_refused(tmp_path):
-    with pytest.raises(DataError, match=r"stage 1, this run is stage 0"):
-        mixture(tmp_path).load_state_dict({"rows_drawn": 5, "stage": 1})
+def test_a_stage_starts_a_new_order_and_records_the_stages_before(tmp_path):
+    first = mixture(tmp_path, seq=8)
+    first.next_batch(100)
+    ended = first.state_dict()
+    assert ended["summary"]["rows"] == 100 and sum(ended["summary"]["tokens"].values()) == 100 * 8
+    assert ended["summary"]["tokens"] == {f"s{i}": n * 8 for i, n in enumerate(first.rows_per_source())}
+
+    def second_stage():
+        mix = mixture(tmp_path, weights=(0.2, 0.8), seq=16)  # new weights and seq_len
+        mix.start_stage(ended)
+        return mix
+
+    second = second_stage()
+    assert second.stage == 1 and second.rows_drawn == 0
+    assert second.order_record()["previous_stages"] == [ended["summary"]]
+    assert second.order_record()["weights"] == {"s0": 0.2, "s1": 0.8} and second.order_record()["seq_len"] == 16
+    rows = second.next_batch(10).input_ids
+    np.testing.assert_array_equal(rows, second_stage().next_batch(10).input_ids)  # deterministic
+    unstaged = mixture(tmp_path, weights=(0.2, 0.8), seq=16)
+    assert not np.array_equal(rows, unstaged.next_batch(10).input_ids)  # another order than stage 0's
+
+    saved = second.state_dict()
+    expected = second.next_batch(6).input_ids
+    resumed = mixture(tmp_path, weights=(0.2, 0.8), seq=16)  # a resume within stage 1 restores the stage
+    resumed.load_state_dict(saved)
+    assert resumed.stage == 1 and resumed.previous_stages == [ended["summary"]]
+    np.testing.assert_array_equal(resumed.next_batch(6).input_ids, expected)
