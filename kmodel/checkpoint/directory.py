@@ -34,6 +34,7 @@ from kmodel.checkpoint.files import (
     write_bytes,
     write_safetensors,
 )
+from kmodel.checkpoint.index import INDEX_FILE, sharded_tensors
 from kmodel.config import Config, ConfigError, config_from_dict
 from kmodel.hashing import merkle_root
 from kmodel.rundir import CHECKPOINTS_DIR, CONFIG_FILE, RunDir, checkpoint_dirs, step_of
@@ -123,7 +124,8 @@ def verify_checkpoint(
     if not ckpt.is_dir():
         raise CheckpointError(f"checkpoint {ckpt} does not exist")
     manifest = Manifest.read(ckpt)
-    required = [MODEL_FILE, CONFIG_FILE] + ([STATE_FILE] if need_state else [])
+    weights = INDEX_FILE if INDEX_FILE in manifest.files else MODEL_FILE
+    required = [weights, CONFIG_FILE] + ([STATE_FILE] if need_state else [])
     unlisted = [name for name in required if name not in manifest.files]
     if unlisted:
         raise CheckpointError(f"checkpoint {ckpt} is incomplete: its {MANIFEST_FILE} lists no {', '.join(unlisted)}")
@@ -316,14 +318,29 @@ def verify_manifest(path: str | Path) -> None:
     verify_checkpoint(resolve_checkpoint(path))
 
 
-def _read_tensors(ckpt: Path, file: str, lazy: bool) -> dict[str, torch.Tensor] | dict[str, LazyTensor]:
-    tensors = lazy_tensors(ckpt / file)
+SINGLE_FILES = {"model": MODEL_FILE, "optimizer": OPTIMIZER_FILE}
+
+
+def tensor_files_of(manifest: Manifest, kind: str) -> list[str]:
+    """The files holding one kind of tensors (`model`, `optimizer`): the one file, or the index and the shards."""
+    if INDEX_FILE in manifest.files:
+        shards = [name for name in tensor_files(manifest.files) if name.startswith(f"{kind}-")]
+        return [INDEX_FILE, *shards]
+    return [SINGLE_FILES[kind]] if SINGLE_FILES[kind] in manifest.files else []
+
+
+def read_tensors(ckpt: Path, kind: str, lazy: bool) -> dict[str, torch.Tensor] | dict[str, LazyTensor]:
+    """One kind of tensors by global name, its files verified first; either layout."""
+    manifest = Manifest.read(ckpt)
+    verify_checkpoint(ckpt, files=tensor_files_of(manifest, kind))
+    tensors = sharded_tensors(ckpt, kind) if INDEX_FILE in manifest.files else lazy_tensors(ckpt / SINGLE_FILES[kind])
     return tensors if lazy else {name: t.load() for name, t in tensors.items()}
 
 
 def read_weights(path: str | Path, *, lazy: bool = False) -> dict[str, torch.Tensor] | dict[str, LazyTensor]:
-    """The model's tensors by name, verified against the manifest first (`lazy`: unread `LazyTensor`s)."""
-    return _read_tensors(verified(path, [MODEL_FILE]), MODEL_FILE, lazy)
+    """The model's tensors by global name, verified against the manifest first (`lazy`: unread tensors with
+    `load(rows=None)`), from either layout."""
+    return read_tensors(resolve_checkpoint(path), "model", lazy)
 
 
 def _rows_shape(shape: tuple[int, ...], rows: slice | None) -> tuple[int, ...]:
@@ -368,7 +385,7 @@ def load_weights_into(
 
 
 def _is_moment(value: Any) -> bool:
-    return isinstance(value, LazyTensor) or (isinstance(value, torch.Tensor) and value.ndim > 0)
+    return isinstance(value, torch.Tensor) and value.ndim > 0 or callable(getattr(value, "load", None))
 
 
 def read_state(path: str | Path, *, lazy: bool = False) -> dict[str, Any]:
@@ -379,17 +396,17 @@ def read_state(path: str | Path, *, lazy: bool = False) -> dict[str, Any]:
     manifest = Manifest.read(ckpt)
     if STATE_FILE not in manifest.files:
         raise CheckpointError(f"checkpoint {ckpt} has no trainer state ({STATE_FILE}): it holds weights only")
-    verify_checkpoint(ckpt, files=[n for n in (STATE_FILE, OPTIMIZER_FILE) if n in manifest.files])
+    verify_checkpoint(ckpt, files=[STATE_FILE])
     try:
         state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"checkpoint {ckpt}: cannot read {STATE_FILE}: {error}") from None
     entries = state.get("optimizer", {}).get("state", {}) if isinstance(state, dict) else {}
-    if OPTIMIZER_FILE in manifest.files:
-        for name, tensor in _read_tensors(ckpt, OPTIMIZER_FILE, lazy).items():
+    if tensor_files_of(manifest, "optimizer"):
+        for name, tensor in read_tensors(ckpt, "optimizer", lazy).items():
             _, index, key = name.split(".", 2)
             if int(index) not in entries:
-                raise CheckpointError(f"checkpoint {ckpt}: {OPTIMIZER_FILE} has {name}, but {STATE_FILE} no optimizer entry {index}")
+                raise CheckpointError(f"checkpoint {ckpt}: the optimizer tensors have {name}, but {STATE_FILE} no optimizer entry {index}")
             entries[int(index)][key] = tensor
     bare = [i for i, entry in entries.items() if not any(_is_moment(v) for v in entry.values())]
     if bare:
