@@ -142,21 +142,30 @@ def render(template: str, values: dict[str, str]) -> str:
     return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], template)
 
 
+def sbatch_value(text: str, what: str) -> str:
+    """A value for an #SBATCH line, double-quoted (sbatch splits directives on spaces, honouring quotes; the
+    shell never expands them)."""
+    if any(ch in text for ch in '"\n\r'):
+        raise ValueError(f"{what} {text!r} cannot go into an #SBATCH line (a double quote or a line break); rename it")
+    return f'"{text}"'
+
+
 def slurm_script(plan: LaunchPlan, cfg: Config, *, time_limit: str, partition: str | None, ib_hca: str,
                  socket_ifname: str, local_staging: str, cpus_per_task: int) -> str:
     template = (TEMPLATE_DIR / "slurm.sbatch").read_text(encoding="utf-8")
     return render(template, {
-        "job_name": cfg.name,
+        "job_name_sbatch": sbatch_value(cfg.name, "the recipe's name"),
+        "output_sbatch": sbatch_value(f"{plan.run_dir}/slurm-%j.out", "--out"),
         "nodes": str(plan.nodes),
         "gpus_per_node": str(plan.gpus_per_node),
         "cpus_per_task": str(cpus_per_task),
         "time_limit": time_limit,
-        "partition_line": f"#SBATCH --partition={partition}" if partition else "",
-        "run_dir": plan.run_dir,
+        "partition_line": f"#SBATCH --partition={sbatch_value(partition, '--partition')}" if partition else "",
+        "run_dir": shlex.quote(plan.run_dir),
         "master_port": str(plan.master_port),
-        "ib_hca": ib_hca,
-        "socket_ifname": socket_ifname,
-        "local_staging": local_staging,
+        "ib_hca": shlex.quote(ib_hca),
+        "socket_ifname": shlex.quote(socket_ifname),
+        "local_staging": shlex.quote(local_staging),
         "python": shlex.quote(sys.executable),
         "recipe": shlex.quote(plan.recipe),
         "overrides": " ".join(f"--set {shlex.quote(a)}" for a in plan.overrides),
