@@ -7,8 +7,20 @@ import json
 import sys
 
 from .corpus import DEFAULT_MIX, display_path
+from .corpus_build import (
+    MANIFEST_FILE,
+    SOURCES_BY_NAME,
+    build_corpus,
+    synthesize_corpus,
+)
 from .errors import TokenizerError
 from .evaluate import BASELINES, evaluate, load_encoders, markdown_report, save_report
+from .stream_train import (
+    BACKENDS,
+    DEFAULT_BACKEND,
+    DEFAULT_SAMPLE_CHARS,
+    train_streaming,
+)
 from .tokenizer import SHIPPED_TOKENIZER
 from .train import (
     DEFAULT_CHARACTER_COVERAGE,
@@ -27,7 +39,41 @@ def add_commands(subparsers) -> None:
         help="train and evaluate the Korean-first tokenizer",
         description="Train and evaluate kmodel tokenizers.",
     )
-    commands = tokenizer.add_subparsers(dest="tokenizer_command", metavar="{train,eval}", required=True)
+    commands = tokenizer.add_subparsers(
+        dest="tokenizer_command", metavar="{build-corpus,synthesize-corpus,train,eval}", required=True
+    )
+
+    build = commands.add_parser(
+        "build-corpus",
+        help="build the Korean/English/code corpus offline from Debian packages",
+        description="Extract text from Debian packages (help manuals, gettext catalogues, language packs, "
+        "documentation, source code), NFC-normalise and deduplicate it, and write OUT/train/*.jsonl, "
+        "OUT/heldout/*.jsonl (one tenth of each source's documents, all of an unseen domain's) and "
+        "OUT/manifest.json (packages, sha256, licence, counts per source).",
+    )
+    build.add_argument("--out", required=True, metavar="DIR", help="output directory (created if missing)")
+    build.add_argument(
+        "--debs", required=True, metavar="DIR", help="directory holding the .deb files (the download cache)"
+    )
+    build.add_argument(
+        "--download", action="store_true", help="fetch missing packages with `apt-get download` into --debs"
+    )
+    build.add_argument(
+        "--source", nargs="+", metavar="NAME", help=f"only these sources (default all: {', '.join(SOURCES_BY_NAME)})"
+    )
+    build.set_defaults(func=run_build_corpus)
+
+    synthesize = commands.add_parser(
+        "synthesize-corpus",
+        help="write a corpus of a given size from the built training documents, for measuring training at scale",
+        description="Repeat the training documents of a built corpus, in a fresh seeded order per pass and with "
+        "their lines shuffled after the first, until --bytes are written (JSON Lines).",
+    )
+    synthesize.add_argument("--train", required=True, metavar="DIR", help="the train/ directory of a built corpus")
+    synthesize.add_argument("--out", required=True, metavar="FILE", help="the .jsonl file to write")
+    synthesize.add_argument("--bytes", type=int, default=1_000_000_000, help="target size (default 1e9)")
+    synthesize.add_argument("--seed", type=int, default=0, help="seed of the document order (default 0)")
+    synthesize.set_defaults(func=run_synthesize_corpus)
 
     train = commands.add_parser(
         "train",
@@ -86,6 +132,26 @@ def add_commands(subparsers) -> None:
         metavar="N",
         help="cap on the characters sampled for training (default: all the mix allows)",
     )
+    train.add_argument(
+        "--stream",
+        action="store_true",
+        help="read the input line by line and train on a seeded sample of --sample-chars characters (never "
+        "the whole corpus in memory), with the learner of --backend; BPE only, no --morpheme-aware/--max-chars",
+    )
+    train.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default=DEFAULT_BACKEND,
+        help=f"with --stream: the BPE learner (default {DEFAULT_BACKEND}, chosen by measurement; see "
+        "docs/tokenizer.md). Both produce the same SentencePiece-format tokenizer",
+    )
+    train.add_argument(
+        "--sample-chars",
+        type=int,
+        default=DEFAULT_SAMPLE_CHARS,
+        metavar="N",
+        help=f"with --stream: characters in the training sample (default {DEFAULT_SAMPLE_CHARS:,})",
+    )
     train.add_argument("--seed", type=int, default=0, help="seed of the document sampling (default 0)")
     train.add_argument("--threads", type=int, metavar="N", help="SentencePiece trainer threads (default: all cores)")
     train.add_argument(
@@ -124,21 +190,61 @@ def add_commands(subparsers) -> None:
     evaluation.set_defaults(func=run_eval)
 
 
-def run_train(args: argparse.Namespace) -> int:
+def run_build_corpus(args: argparse.Namespace) -> int:
     try:
-        tok = train_tokenizer(
+        build_corpus(args.out, debs_dir=args.debs, download=args.download, sources=args.source)
+    except TokenizerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"corpus written to {args.out} (manifest: {args.out}/{MANIFEST_FILE})")
+    return 0
+
+
+def run_synthesize_corpus(args: argparse.Namespace) -> int:
+    try:
+        record = synthesize_corpus(args.train, args.out, args.bytes, seed=args.seed)
+    except TokenizerError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 1
+    print(f"wrote {record['bytes']:,} bytes, {record['documents']:,} documents ({record['passes']} passes) to {args.out}")
+    return 0
+
+
+def _train(args: argparse.Namespace):
+    if args.stream:
+        if args.input is None:
+            raise TokenizerError("--stream needs --input (the .jsonl files of a built corpus)")
+        if args.model_type != "bpe" or args.morpheme_aware or args.max_chars is not None:
+            raise TokenizerError("--stream trains BPE only; drop --model-type/--morpheme-aware/--max-chars")
+        return train_streaming(
             args.out,
+            args.input,
             vocab_size=args.vocab_size,
             mix=args.mix,
-            inputs=args.input,
-            model_type=args.model_type,
+            backend=args.backend,
+            sample_chars=args.sample_chars,
             character_coverage=args.character_coverage,
-            morpheme_aware=args.morpheme_aware,
-            max_characters=args.max_chars,
             seed=args.seed,
             num_threads=args.threads,
-            skip_invalid_lines=args.skip_invalid_lines,
         )
+    return train_tokenizer(
+        args.out,
+        vocab_size=args.vocab_size,
+        mix=args.mix,
+        inputs=args.input,
+        model_type=args.model_type,
+        character_coverage=args.character_coverage,
+        morpheme_aware=args.morpheme_aware,
+        max_characters=args.max_chars,
+        seed=args.seed,
+        num_threads=args.threads,
+        skip_invalid_lines=args.skip_invalid_lines,
+    )
+
+
+def run_train(args: argparse.Namespace) -> int:
+    try:
+        tok = _train(args)
     except (TokenizerError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -160,6 +160,15 @@ class TrainingSample:
     def characters(self) -> int:
         return sum(self.characters_by_lang.values())
 
+    def describe(self) -> dict:
+        """The sample's record in tokenizer metadata."""
+        return {
+            "sha256": self.sha256,
+            "characters_by_lang": self.characters_by_lang,
+            "documents_by_lang": self.documents_by_lang,
+            "excluded_documents_by_lang": self.excluded_by_lang,
+        }
+
 
 def draw_sample(
     files: list[CorpusFile], mix: dict[str, float], *, seed: int = 0, max_characters: int | None = None

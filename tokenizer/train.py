@@ -26,8 +26,6 @@ import sentencepiece
 from . import special_tokens
 from .corpus import (
     DEFAULT_MIX,
-    CorpusFile,
-    TrainingSample,
     default_training_files,
     display_path,
     draw_sample,
@@ -36,7 +34,13 @@ from .corpus import (
 )
 from .errors import TokenizerError
 from .morphemes import MORPHEME_DELIMITER, mark_morpheme_boundaries
-from .tokenizer import HF_TOKENIZER_FILE, METADATA_FILE, METADATA_FORMAT, MODEL_FILE, Tokenizer
+from .tokenizer import (
+    HF_TOKENIZER_FILE,
+    METADATA_FILE,
+    METADATA_FORMAT,
+    MODEL_FILE,
+    Tokenizer,
+)
 
 MODEL_TYPES = ("bpe", "unigram")
 DEFAULT_VOCAB_SIZE = 8192
@@ -155,8 +159,7 @@ def train_tokenizer(
         mix=weights,
         max_characters=max_characters,
         seed=seed,
-        files=files,
-        sample=sample,
+        corpus={"files": [corpus_file.describe() for corpus_file in files], "sample": sample.describe()},
         training_seconds=training_seconds,
     )
     (out / MODEL_FILE).write_bytes(model_bytes)
@@ -231,8 +234,7 @@ def _metadata(
     mix: dict[str, float],
     max_characters: int | None,
     seed: int,
-    files: list[CorpusFile],
-    sample: TrainingSample,
+    corpus: dict,
     training_seconds: float,
 ) -> dict:
     processor = sentencepiece.SentencePieceProcessor()
@@ -265,15 +267,7 @@ def _metadata(
             "allow_whitespace_only_pieces": True,
             "max_sentence_bytes": MAX_SENTENCE_BYTES,
         },
-        "corpus": {
-            "files": [corpus_file.describe() for corpus_file in files],
-            "sample": {
-                "sha256": sample.sha256,
-                "characters_by_lang": sample.characters_by_lang,
-                "documents_by_lang": sample.documents_by_lang,
-                "excluded_documents_by_lang": sample.excluded_by_lang,
-            },
-        },
+        "corpus": corpus,
         "sentencepiece_version": sentencepiece.__version__,
         "training_seconds": round(training_seconds, 2),
     }

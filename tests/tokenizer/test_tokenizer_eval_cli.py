@@ -66,7 +66,7 @@ def test_every_option_has_help_text():
     add_commands(subparsers)
     tokenizer = subparsers.choices["tokenizer"]
     commands = next(a for a in tokenizer._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(commands.choices) == {"train", "eval"}
+    assert set(commands.choices) == {"build-corpus", "synthesize-corpus", "train", "eval"}
     for command in commands.choices.values():
         for action in command._actions:
             assert action.help, f"{command.prog}: {action.dest} has no help"
