@@ -20,7 +20,6 @@ from types import ModuleType
 import torch
 import triton
 
-from kmodel.kernels.attention.reference import document_ids
 from kmodel.kernels.triton_support import dot_precision, interpret_triton_library, interpreting, matmul_dtype
 
 _KERNEL_MODULE = "kmodel.kernels.attention.triton_kernels"
@@ -57,7 +56,10 @@ _CUDA_CONFIGS = {
         256: [(128, 16, 8, 3), (128, 32, 8, 2), (64, 16, 8, 2)],
     },
 }
-_AUTOTUNE_KEY = ["seq_len", "window", "CAUSAL", "HAS_WINDOW", "HAS_DOCS", "HEAD_DIM", "V_DIM", "DOT_PRECISION"]
+# Tuned per power-of-two bucket of the sequence length and window (`_tuning_buckets`), not per exact value.
+_AUTOTUNE_KEY = [
+    "seq_bucket", "window_bucket", "CAUSAL", "HAS_WINDOW", "HAS_DOCS", "HEAD_DIM", "V_DIM", "DOT_PRECISION"
+]
 _autotuned: dict[tuple[str, int], triton.runtime.Autotuner] = {}
 
 
@@ -76,6 +78,12 @@ def _kernels() -> ModuleType:
         module = importlib.reload(module)
         _autotuned.clear()
     return module
+
+
+def _tuning_buckets(seq: int, window: int | None) -> tuple[int, int]:
+    """The autotune key's sequence length and window, each rounded up to a power of two: generation meets a new
+    prompt length at nearly every call, and an exact key would benchmark every config again each time."""
+    return triton.next_power_of_2(seq), 0 if window is None else triton.next_power_of_2(window)
 
 
 def _padded_head_dim(head_dim: int) -> int:
@@ -110,14 +118,20 @@ def _launch(name: str, grid, head_dim: int, *args, **meta) -> None:
 def document_bounds(cu_seqlens: torch.Tensor, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
     """int32 (batch, seq) [start, end) of every token's document inside its batch row.
 
-    cu_seqlens: cumulative document lengths over the flattened batch*seq tokens, as in the reference.
+    cu_seqlens: cumulative document lengths over the flattened batch*seq tokens, as in the reference. Computed
+    on the device without reading a value on the host (a packed batch's attention call used to wait for three
+    such reads); its values are checked by device-side asserts.
     """
     if cu_seqlens.dtype.is_floating_point or cu_seqlens.dtype == torch.bool:
         raise TypeError(f"cu_seqlens must hold integers, got {cu_seqlens.dtype}")
+    if cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
+        raise ValueError(f"cu_seqlens must be 1-D with at least 2 entries, got shape {tuple(cu_seqlens.shape)}")
+    total = batch * seq
     cu = cu_seqlens.to(torch.int64)
-    if cu.dim() == 1 and bool((cu.diff() < 0).any()):
-        raise ValueError(f"cu_seqlens must not decrease; got {cu.tolist()}")
-    doc = document_ids(cu, batch, seq)
+    torch._assert_async((cu[0] == 0) & (cu[-1] == total), f"cu_seqlens must start at 0 and end at batch*seq={total}")
+    torch._assert_async((cu.diff() >= 0).all(), "cu_seqlens must not decrease")
+    positions = torch.arange(total, device=cu.device)
+    doc = (torch.searchsorted(cu, positions, right=True) - 1).view(batch, seq)
     row_start = torch.arange(batch, device=cu.device)[:, None] * seq
     start = (cu[doc] - row_start).clamp_(min=0)
     end = (cu[doc + 1] - row_start).clamp_(max=seq)
@@ -200,6 +214,7 @@ def attention_forward(
         q, k, v, out, lse, doc_start, doc_end, sinks,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         seq, head_dim, v_dim, q_heads, q_heads // k.shape[2], window or 0, scale * math.log2(math.e),
+        *_tuning_buckets(seq, window),
         CAUSAL=causal,
         HAS_WINDOW=window is not None,
         HAS_DOCS=doc_bounds is not None,
@@ -255,7 +270,7 @@ def attention_backward(
         q, k, v, grad_out, lse, delta, grad_k, grad_v, doc_start, doc_end,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
         *grad_k.stride()[:3], *grad_v.stride()[:3],
-        seq, head_dim, v_dim, kv_heads, group, window or 0, qk_scale, scale,
+        seq, head_dim, v_dim, kv_heads, group, window or 0, qk_scale, scale, *_tuning_buckets(seq, window),
         **meta,
     )  # fmt: skip
     _launch(
@@ -264,7 +279,7 @@ def attention_backward(
         max(head_dim, v_dim),
         q, k, v, grad_out, lse, delta, grad_q, doc_start, doc_end,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *grad_q.stride()[:3],
-        seq, head_dim, v_dim, q_heads, group, window or 0, qk_scale, scale,
+        seq, head_dim, v_dim, q_heads, group, window or 0, qk_scale, scale, *_tuning_buckets(seq, window),
         **meta,
     )  # fmt: skip
     if sinks is not None:

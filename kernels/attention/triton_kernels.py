@@ -12,6 +12,8 @@ serve the key side of the dK/dV kernel.
 
 With sinks, each query head's sink logit seeds its online softmax (weight 1 at that logit, no value).
 
+seq_bucket and window_bucket are read by no kernel: they are the autotune key (`triton_impl._tuning_buckets`).
+
 Every program walks only the partner blocks its window / causal limit / document can reach, in three runs:
 masked edge blocks below, unmasked interior blocks whose every pair is visible, masked edge blocks above.
 
@@ -242,6 +244,8 @@ def attention_fwd_kernel(
     group,
     window,
     qk_scale,
+    seq_bucket,
+    window_bucket,
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_DOCS: tl.constexpr,
@@ -450,6 +454,8 @@ def attention_bwd_dkdv_kernel(
     window,
     qk_scale,
     sm_scale,
+    seq_bucket,
+    window_bucket,
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_DOCS: tl.constexpr,
@@ -603,6 +609,8 @@ def attention_bwd_dq_kernel(
     window,
     qk_scale,
     sm_scale,
+    seq_bucket,
+    window_bucket,
     CAUSAL: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
     HAS_DOCS: tl.constexpr,

@@ -330,6 +330,41 @@ def test_row_offsets_past_int32(tmp_path):
     assert result.returncode == 0 and "matched" in result.stdout, (result.returncode, result.stderr[-2000:])
 
 
+def test_document_bounds_read_nothing_on_the_host():
+    """Packed documents: the bounds are computed on the device. Meta tensors have no values, so any host read
+    (bool(), int(), .tolist(): each a GPU sync) raises; before, three did per attention call."""
+    cu = torch.tensor([0, 5, 5, 13, 20, 24])
+    start, end = triton_impl.document_bounds(cu.to("meta"), 2, 12)
+    assert start.shape == end.shape == (2, 12) and start.dtype == torch.int32
+    start, end = triton_impl.document_bounds(cu, 2, 12)
+    doc = reference.document_ids(cu, 2, 12)
+    assert torch.equal(start, (cu[doc] - torch.tensor([[0], [12]])).clamp(min=0).int())
+    assert torch.equal(end, (cu[doc + 1] - torch.tensor([[0], [12]])).clamp(max=12).int())
+
+
+def test_autotune_key_buckets_sequence_length_and_window(monkeypatch):
+    """The attention kernels are tuned per power-of-two bucket of length and window: prompts of 17..32 tokens
+    share one tuning instead of benchmarking every config at each new length (generation). The key is formed
+    as triton.autotune forms it, from the launch's arguments."""
+    keys = []
+
+    def record(name, grid, head_dim, *args, **meta):
+        arg_names = getattr(triton_impl._kernels(), name).arg_names
+        named = {**dict(zip(arg_names, args)), **meta}
+        keys.append((name, tuple(named[key] for key in triton_impl._AUTOTUNE_KEY)))
+
+    monkeypatch.setattr(triton_impl, "_launch", record)
+    q = torch.zeros(1, 40, 2, 16, device=DEVICE)
+    for seq in (17, 20, 31, 32, 33):
+        for window in (None, 5, 7):
+            triton_impl.attention_forward(
+                q[:, :seq], q[:, :seq], q[:, :seq], q[:, :seq], torch.zeros(1, 2, seq, device=DEVICE),
+                window=window, causal=True, scale=0.25, doc_bounds=None,
+            )
+    distinct = {key for _, key in keys}
+    assert len(distinct) == 2 * 2, distinct  # lengths in {32, 64} x windows in {none, 8}; exact: 5 x 3
+
+
 def test_bad_inputs_raise_clear_errors(monkeypatch):
     q = torch.zeros(1, 8, 4, 16, device=DEVICE)
     kv = torch.zeros(1, 8, 2, 16, device=DEVICE)
@@ -353,13 +388,14 @@ def test_bad_inputs_raise_clear_errors(monkeypatch):
     with pytest.raises(ValueError, match="exceed the supported 256"):
         big = torch.zeros(1, 2, 1, 512, device=DEVICE)
         triton_impl.attention(big, big, big)
-    with pytest.raises(ValueError, match="end at batch"):
-        triton_impl.attention(q, kv, kv, cu_seqlens=torch.tensor([0, 3, 7], device=DEVICE))
-    with pytest.raises(ValueError, match="must not decrease"):
-        triton_impl.attention(q, kv, kv, cu_seqlens=torch.tensor([0, 5, 3, 8], device=DEVICE))
     with pytest.raises(TypeError, match="cu_seqlens must hold integers"):
         triton_impl.attention(q, kv, kv, cu_seqlens=torch.tensor([0.0, 8.0], device=DEVICE))
     if DEVICE == "cpu":
+        # Device-side asserts (no host sync): on CPU they raise at once; on CUDA they would end the context.
+        with pytest.raises(RuntimeError, match="end at batch"):
+            triton_impl.attention(q, kv, kv, cu_seqlens=torch.tensor([0, 3, 7], device=DEVICE))
+        with pytest.raises(RuntimeError, match="must not decrease"):
+            triton_impl.attention(q, kv, kv, cu_seqlens=torch.tensor([0, 5, 3, 8], device=DEVICE))
         monkeypatch.setenv("TRITON_INTERPRET", "0")
         with pytest.raises(RuntimeError, match="needs CUDA"):
             triton_impl.attention(q, kv, kv)
