@@ -120,19 +120,24 @@ class Muon(torch.optim.Optimizer):
     """Muon groups (`"muon": True`, each parameter described by `views[i]` = its `matrix_view`) and AdamW
     groups (`"muon": False`) in one optimizer, so a single learning rate schedule drives both.
 
-    A Muon group's parameters are whole matrices here. A distributed engine whose parameters are flat
-    shards of several matrices sets `group["sharded"]` to an object with `directions_to_updates(directions)`
-    (see kmodel.parallel.muon_zero): it turns this rank's shard of the directions into this rank's shard of
-    the orthogonalised updates, running each matrix's Newton-Schulz once, on one owner rank."""
+    A Muon group's parameters are whole matrices here. When a distributed engine replaces a group's
+    parameters by flat pieces of its matrices (ZeRO partitions, expert-optimizer shards), it registers
+    `layouts[first piece]`: an object whose `directions_to_updates(directions)` turns this rank's pieces of the
+    directions into its pieces of the orthogonalised updates, running each matrix's Newton-Schulz once, on
+    one owner rank (kmodel.parallel.muon_zero). `view_of` keeps each original matrix parameter's view."""
 
     def __init__(self, groups: list[dict], *, lr: float, momentum: float, nesterov: bool, ns_steps: int,
                  betas: tuple[float, float], eps: float):
         defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, betas=betas, eps=eps,
                         weight_decay=0.0, muon=False)
         super().__init__(groups, defaults)
+        self.view_of: dict[torch.Tensor, tuple[int, int, int]] = {}
         for group in self.param_groups:
-            if group["muon"] and len(group["views"]) != len(group["params"]):
-                raise ValueError("a Muon group needs one matrix view per parameter")
+            if group["muon"]:
+                if len(group["views"]) != len(group["params"]):
+                    raise ValueError("a Muon group needs one matrix view per parameter")
+                self.view_of.update(zip(group["params"], group["views"]))
+        self.layouts: dict[torch.Tensor, object] = {}
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
@@ -150,7 +155,9 @@ class Muon(torch.optim.Optimizer):
         return loss
 
     def _muon_step(self, group: dict) -> None:
-        params = [p for p in group["params"] if p.grad is not None or group.get("sharded")]
+        layout = self.layouts.get(group["params"][0]) if group["params"] else None
+        # a sharded group's pieces all join the exchange, with or without a gradient
+        params = [p for p in group["params"] if p.grad is not None or layout is not None]
         directions = []
         for param in params:
             state = self.state[param]
@@ -160,12 +167,14 @@ class Muon(torch.optim.Optimizer):
             state["step"] += 1
             grad = param.grad if param.grad is not None else torch.zeros_like(param)
             directions.append(momentum_direction(grad, state["momentum_buffer"], group["momentum"], group["nesterov"]))
-        sharded = group.get("sharded")
-        if sharded is not None:
-            updates = sharded.directions_to_updates(directions)
+        if layout is not None:
+            updates = layout.directions_to_updates(directions)
         else:
-            views = [v for p, v in zip(group["params"], group["views"]) if p.grad is not None]
-            updates = orthogonalized(directions, views, group["ns_steps"])
+            unknown = [tuple(p.shape) for p in params if p not in self.view_of]
+            if unknown:
+                raise RuntimeError(f"Muon was handed pieces {unknown[:3]} that are not its matrices (a ZeRO partition?) "
+                                   "without a layout: call kmodel.parallel.muon_zero.attach_to_zero after deepspeed.initialize")
+            updates = orthogonalized(directions, [self.view_of[p] for p in params], group["ns_steps"])
         for param, update in zip(params, updates):
             param.mul_(1 - group["lr"] * group["weight_decay"])
             param.add_(update.view_as(param), alpha=-group["lr"])

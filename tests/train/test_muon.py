@@ -16,19 +16,11 @@ from kmodel.train import Trainer
 from kmodel.train.metrics import read_metrics
 from kmodel.train.muon import Muon, matrix_view, newton_schulz, orthogonalized
 from kmodel.train.optim import build_optimizer, uses_muon
+from muon_checks import assert_muon_update
 
 
 def muon_train(**overrides) -> TrainConfig:
     return TrainConfig(optimizer="muon", **overrides)
-
-
-def assert_muon_update(before: torch.Tensor, after: torch.Tensor, lr: float, weight_decay: float, view) -> None:
-    """The applied update is Muon's: every singular value of each matrix's update is close to 0.2 sqrt(max(m, n))
-    (an SGD or AdamW update has a spread-out spectrum). Shared with the distributed tests."""
-    count, rows, cols = view
-    update = (before * (1 - lr * weight_decay) - after) / lr
-    singular = torch.linalg.svdvals(update.reshape(count, rows, cols).double()) / (0.2 * math.sqrt(max(rows, cols)))
-    assert singular.min() > 0.5 and singular.max() < 1.3, (singular.min(), singular.max())
 
 
 def test_newton_schulz_flattens_the_spectrum_for_wide_tall_and_batched_matrices():
