@@ -77,9 +77,9 @@ def content_key(sources: list[dict[str, Any]], tokenizer_sha256: str) -> str:
     }))
 
 
-def hashed_sources(sources: list[DataSource], workers: int = 1) -> list[dict[str, Any]]:
-    """Each source resolved to its files with their sha256 (hashed by `workers` processes); Hub sources are
-    named by `hub:NAME` and hashed by content as they are read."""
+def hashed_sources(sources: list[DataSource], pool=None) -> list[dict[str, Any]]:
+    """Each source resolved to its files with their sha256 (hashed in parallel by `pool` when given); Hub
+    sources are named by `hub:NAME` and hashed by content as they are read."""
     resolved = [resolve_source(s) for s in sources]
     labels = [r.label for r in resolved]
     twice = sorted({name for name in labels if labels.count(name) > 1})
@@ -89,11 +89,7 @@ def hashed_sources(sources: list[DataSource], workers: int = 1) -> list[dict[str
     for f in files:
         if not f.is_file():
             raise DataError(f"data file {f} does not exist")
-    if workers > 1 and len(files) > 1:
-        with multiprocessing.get_context("spawn").Pool(min(workers, len(files))) as pool:
-            digests = pool.map(sha256_file, files)
-    else:
-        digests = [sha256_file(f) for f in files]
+    digests = pool.map(sha256_file, files) if pool is not None else [sha256_file(f) for f in files]
     by_path = dict(zip(files, digests))
     out = []
     for r in resolved:
@@ -124,9 +120,7 @@ _worker: dict[str, Any] = {}
 
 
 def _init_worker(tokenizer, folder: str, progress) -> None:
-    """Per process: the tokenizer (loaded from its directory in a worker process), the token dtype, the folder."""
-    if isinstance(tokenizer, str):
-        tokenizer = load_tokenizer(tokenizer)
+    """Per process: the tokenizer, the token dtype, the shard folder, where progress goes."""
     _worker.update(tokenizer=tokenizer, dtype=token_dtype(tokenizer.vocab_size), folder=Path(folder), progress=progress)
 
 
@@ -195,8 +189,8 @@ def prepare(
     # None: a progress bar on a terminal and the throughput line; False: silent (the token cache).
     show = sys.stderr.isatty() if progress is None else progress
     tokenizer = load_tokenizer(data.tokenizer) if tokenizer is None else tokenizer
-    with _locked(out):
-        sources = hashed_sources(data.sources, workers) if sources is None else sources
+    with _locked(out), _workers(workers, tokenizer, out / SHARDS_DIR) as (pool, reports):
+        sources = hashed_sources(data.sources, pool) if sources is None else sources
         key = content_key(sources, tokenizer.fingerprint())
         if (out / MANIFEST_FILE).is_file():
             existing = PreparedData(out)
@@ -206,7 +200,6 @@ def prepare(
                     f"{existing.manifest.get('content_key')}, this recipe's is {key}); choose another --out")
             return existing
         folder = out / SHARDS_DIR
-        folder.mkdir(parents=True, exist_ok=True)
         parts = plan_parts(sources, tokenizer.fingerprint(), part_bytes)
         _remove_leftovers(folder, {p.name for p in parts})
         done = {p.name: r for p in parts if (r := read_shard_record(folder, p.name, p.key, verify=True))}
@@ -214,7 +207,13 @@ def prepare(
         if show and done:
             print(f"{out}: {len(done)} of {len(parts)} shards already complete; preparing the other {len(todo)}",
                   file=sys.stderr)
-        done.update(_run_parts(todo, tokenizer, folder, workers, show, report=progress is not False))
+        started = time.perf_counter()
+        made = _run_parts(todo, pool, reports, show)
+        if made and progress is not False:
+            tokens, seconds = sum(r["tokens"] for r in made.values()), time.perf_counter() - started
+            print(f"tokenized {tokens:,} tokens into {len(made)} shards in {seconds:.1f} s ({tokens / seconds:,.0f} "
+                  f"tokens/s, {workers} worker{'s' * (workers > 1)})", file=sys.stderr)
+        done.update(made)
         manifest = _manifest(sources, parts, done, tokenizer, key)
         write_json_atomic(out / MANIFEST_FILE, manifest)
     return PreparedData(out)
@@ -228,43 +227,48 @@ def _remove_leftovers(folder: Path, names: set[str]) -> None:
             entry.unlink()
 
 
-def _run_parts(todo: list[Part], tokenizer, folder: Path, workers: int, show: bool, report: bool) -> dict[str, dict]:
+@contextmanager
+def _workers(workers: int, tokenizer, folder: Path):
+    """(pool, progress queue): `workers` forked processes holding the tokenizer (forked, so nothing is imported
+    or loaded again), or no pool and the tokenizer set up in this process."""
+    folder.mkdir(parents=True, exist_ok=True)
+    if workers == 1:
+        reports: Any = queue.SimpleQueue()
+        _init_worker(tokenizer, str(folder), reports)
+        try:
+            yield None, reports
+        finally:
+            _worker.clear()
+        return
+    context = multiprocessing.get_context("fork")
+    reports = context.Queue()
+    with context.Pool(workers, initializer=_init_worker, initargs=(tokenizer, str(folder), reports)) as pool:
+        yield pool, reports
+
+
+def _run_parts(todo: list[Part], pool, reports, show: bool) -> dict[str, dict]:
     from tqdm import tqdm
 
     if not todo:
         return {}
-    started = time.perf_counter()
     bar = tqdm(unit="tok", unit_scale=True, dynamic_ncols=True, disable=not show, desc="tokenizing")
     records: dict[str, dict] = {}
     try:
-        if workers == 1:
-            reports: queue.SimpleQueue = queue.SimpleQueue()
-            _init_worker(tokenizer, str(folder), reports)
-            try:
-                for part in todo:
-                    records[part.name] = _make_shard(part)
-                    _drain(reports, bar)
-                    bar.set_postfix(shards=f"{len(records)}/{len(todo)}")
-            finally:
-                _worker.clear()
-        else:
-            context = multiprocessing.get_context("spawn")
-            reports = context.Queue()
-            with context.Pool(workers, initializer=_init_worker, initargs=(str(tokenizer.directory), str(folder), reports)) as pool:
-                pending = {part.name: pool.apply_async(_make_shard, (part,)) for part in todo}
-                while pending:
-                    _drain(reports, bar, timeout=0.2)
-                    for name in [n for n, r in pending.items() if r.ready()]:
-                        records[name] = pending.pop(name).get()  # a worker's DataError is raised here
-                        bar.set_postfix(shards=f"{len(records)}/{len(todo)}")
+        if pool is None:
+            for part in todo:
+                records[part.name] = _make_shard(part)
                 _drain(reports, bar)
+                bar.set_postfix(shards=f"{len(records)}/{len(todo)}")
+        else:
+            pending = {part.name: pool.apply_async(_make_shard, (part,)) for part in todo}
+            while pending:
+                _drain(reports, bar, timeout=0.2)
+                for name in [n for n, r in pending.items() if r.ready()]:
+                    records[name] = pending.pop(name).get()  # a worker's DataError is raised here
+                    bar.set_postfix(shards=f"{len(records)}/{len(todo)}")
+            _drain(reports, bar)
     finally:
         bar.close()
-    if report:
-        tokens = sum(r["tokens"] for r in records.values())
-        seconds = time.perf_counter() - started
-        print(f"tokenized {tokens:,} tokens in {len(records)} shards in {seconds:.1f} s "
-              f"({tokens / seconds:,.0f} tokens/s, {workers} worker{'s' * (workers > 1)})", file=sys.stderr)
     return records
 
 

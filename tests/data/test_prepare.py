@@ -34,7 +34,7 @@ def corpus(tmp_path: Path, documents: int = 60) -> Path:
     folder = tmp_path / "corpus"
     folder.mkdir()
     for name in ("ko_libreoffice_help.jsonl", "code_python_stdlib.jsonl"):
-        lines = (REPO / "data/corpus/train" / name).read_text(encoding="utf-8").splitlines()[:documents]
+        lines = (REPO / "data/corpus/train" / name).read_text(encoding="utf-8").rstrip("\n").split("\n")[:documents]
         (folder / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder
 
@@ -59,7 +59,7 @@ def test_shards_hold_every_document_tokenized_with_eos_and_the_manifest_pins_the
     path = folder / "ko_libreoffice_help.jsonl"
     assert ko["files"] == [{"path": str(path), "sha256": sha256_file(path), "bytes": path.stat().st_size}]
 
-    texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").splitlines()]
+    texts = [json.loads(line)["text"] for line in path.read_text(encoding="utf-8").rstrip("\n").split("\n")]
     expected = [tokenizer.encode(t, add_eos=True) for t in texts]
     shards = tmp_path / "out" / SHARDS_DIR
     tokens = np.concatenate([np.fromfile(shards / f"{s['name']}{TOKENS_SUFFIX}", dtype="<u2") for s in ko["shards"]])
@@ -147,7 +147,7 @@ def test_another_recipe_into_a_prepared_directory_is_refused(tmp_path):
 def test_bad_input_is_named_with_file_and_line(tmp_path):
     folder = corpus(tmp_path)
     path = folder / "code_python_stdlib.jsonl"
-    lines = path.read_text(encoding="utf-8").splitlines()
+    lines = path.read_text(encoding="utf-8").rstrip("\n").split("\n")
     lines[30] = '{"text": "cut'
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=rf"{path} is corrupt: line 31 is not valid JSON"):
@@ -161,7 +161,7 @@ def test_two_workers_make_the_same_shards_as_one(tmp_path):
     two = prepare(recipe(folder).data, tmp_path / "two", workers=2, part_bytes=10_000, progress=False)
     assert one.manifest == two.manifest
 
-    lines = (folder / "ko_libreoffice_help.jsonl").read_text(encoding="utf-8").splitlines()
+    lines = (folder / "ko_libreoffice_help.jsonl").read_text(encoding="utf-8").rstrip("\n").split("\n")
     lines[50] = '{"body": "no text"}'
     (folder / "ko_libreoffice_help.jsonl").write_text("\n".join(lines) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"ko_libreoffice_help\.jsonl line 51 has no 'text' key"):

@@ -34,7 +34,7 @@ def token_cache(tmp_path, monkeypatch):
 def corpus(folder: Path) -> Path:
     folder.mkdir(parents=True)
     for name in ("ko_libreoffice_help.jsonl", "code_python_stdlib.jsonl"):
-        lines = (REPO / "data/corpus/train" / name).read_text(encoding="utf-8").splitlines()[:40]
+        lines = (REPO / "data/corpus/train" / name).read_text(encoding="utf-8").rstrip("\n").split("\n")[:40]
         (folder / name).write_text("\n".join(lines) + "\n", encoding="utf-8")
     return folder
 
