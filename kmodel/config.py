@@ -388,6 +388,10 @@ class TrainConfig(Section):
     eval_every: int = Field(0, ge=0, description="held-out eval every N steps (0: only at the end)")
     eval_batches: int = Field(8, gt=0)
     max_bad_steps: int = Field(5, gt=0, description="consecutive non-finite steps before the run stops")
+    hang_timeout_s: float = Field(
+        1200, gt=0, description="a step (eval and checkpoint included) longer than this is a hang: every rank dumps "
+        "its Python stacks to DIR/hang/ and exits non-zero, so the job restarts from its newest checkpoint",
+    )
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 
     @model_validator(mode="after")

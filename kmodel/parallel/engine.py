@@ -358,6 +358,13 @@ class DeepSpeedTrainer(Trainer):
         if self.rank == 0:
             super().start_ledger(resume, init_hash)
 
+    def stop_requested(self, signals) -> int:
+        """A stop signal seen by any rank stops every rank after the same step (one small all-reduce per step),
+        so their checkpoint collectives line up."""
+        received = torch.tensor([signals.received or 0], dtype=torch.int64, device=self.device)
+        dist.all_reduce(received, op=dist.ReduceOp.MAX)
+        return int(received.item())
+
     def log(self, record: dict[str, Any]) -> None:
         if self.rank == 0:
             super().log(record)

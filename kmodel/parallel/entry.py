@@ -13,6 +13,7 @@ kmodel.parallel.launch.run_state.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime
 import os
 import sys
@@ -24,7 +25,8 @@ import torch.distributed as dist
 from kmodel.config import load_config
 from kmodel.parallel.engine import DeepSpeedTrainer
 from kmodel.parallel.launch import run_state
-from kmodel.train.run import check_resumable, prepare_run, saved_config, start, write_config
+from kmodel.train.run import RunLock, check_resumable, prepare_run, saved_config, start, write_config
+from kmodel.train.watch import TrainingInterrupted
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -68,11 +70,13 @@ def _prepare(args: argparse.Namespace, run_dir: Path):
     return prepare_run(cfg, run_dir, resume=resume, max_steps=None, force=args.force), resume
 
 
-def _prepare_on_rank0(args: argparse.Namespace, run_dir: Path):
-    """Rank 0 checks and writes the run directory; its (config, resume) or its error is shared with every rank."""
+def _prepare_on_rank0(args: argparse.Namespace, run_dir: Path, held: contextlib.ExitStack):
+    """Rank 0 locks (for as long as `held`), checks and writes the run directory; its (config, resume) or its
+    error is shared with every rank."""
     message = [None]
     if dist.get_rank() == 0:
         try:
+            held.enter_context(RunLock(run_dir, create=True))
             message[0] = _prepare(args, run_dir)
         except Exception as error:  # re-raised below on every rank, so no rank waits forever
             message[0] = error
@@ -87,15 +91,21 @@ def main(argv: list[str] | None = None) -> int:
     init_distributed()
     try:
         run_dir = Path(args.out)
-        cfg, resume = _prepare_on_rank0(args, run_dir)
+        held = contextlib.ExitStack()
+        cfg, resume = _prepare_on_rank0(args, run_dir, held)
         rank0 = dist.get_rank() == 0
         trainer = DeepSpeedTrainer(cfg, run_dir, progress=None if rank0 else False)
         start(trainer, resume, writer=rank0)
         trainer.start_engine()
-        trainer.fit()
-        summary = trainer.finish()
+        with held:
+            trainer.fit()
+            summary = trainer.finish()
         if rank0:
             print(summary)
+    except TrainingInterrupted as stopped:
+        if dist.get_rank() == 0:
+            print(f"kmodel: {stopped}", file=sys.stderr)
+        return 128 + stopped.signum
     finally:
         dist.destroy_process_group()
     return 0

@@ -48,14 +48,19 @@ def _add_train(sub) -> None:
 def _run_train(args) -> int:
     from kmodel.config import ConfigError, load_config
     from kmodel.train.run import train
+    from kmodel.train.watch import TrainingInterrupted
 
     if args.recipe is None and not args.resume:
         raise ConfigError("kmodel train needs a RECIPE (or --resume to continue the run in --out)")
     if args.recipe is None and args.overrides:
         raise ConfigError("--set needs a RECIPE; a resumed run without one keeps its config.yaml")
     cfg = load_config(args.recipe, args.overrides) if args.recipe else None
-    train(cfg, args.out, resume=args.resume, max_steps=args.max_steps, force=args.force, restart=args.restart,
-          ledger_gap=args.ledger_gap, recipe=args.recipe, progress=False if args.no_progress else None)
+    try:
+        train(cfg, args.out, resume=args.resume, max_steps=args.max_steps, force=args.force, restart=args.restart,
+              ledger_gap=args.ledger_gap, recipe=args.recipe, progress=False if args.no_progress else None)
+    except TrainingInterrupted as stopped:
+        print(f"kmodel train: {stopped}", file=sys.stderr)
+        return 128 + stopped.signum  # the shell's convention for "ended by a signal"
     return 0
 
 

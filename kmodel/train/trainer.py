@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 import os
 import shutil
+import signal
 import sys
 import time
 from collections.abc import Mapping
@@ -61,8 +62,16 @@ from kmodel.train.metrics import MetricsLog, WandbLog
 from kmodel.train.muon import QKClip
 from kmodel.train.optim import build_optimizer
 from kmodel.train.schedule import lr_at
+from kmodel.train.watch import HangWatchdog, StopSignals, TrainingInterrupted, directory_bytes, make_room
 
 LOSS_KEYS = ("loss", "lm_loss", "mtp_loss", "aux_loss", "z_loss")
+
+
+def delete_checkpoint(path: Path) -> None:
+    # Renamed first so a kill mid-delete never leaves a half-deleted directory under a checkpoint name.
+    doomed = path.with_name(f".{path.name}.deleting")
+    os.replace(path, doomed)
+    shutil.rmtree(doomed)
 
 
 class TrainingDiverged(RuntimeError):
@@ -365,6 +374,7 @@ class Trainer:
         optimizer_moments: TensorStream | None = None,
     ) -> None:
         """Save, record in the ledger, rotate (an engine passes the streams its ranks gather together)."""
+        self.make_room_for_checkpoint()
         save_checkpoint(directory, weights, self.cfg, tokenizer=self.tokenizer, state=state,
                         optimizer_moments=optimizer_moments)
         if self.ledger is not None:
@@ -373,10 +383,17 @@ class Trainer:
                 step=self.step, loss=r.get("loss"), lr=r.get("lr"), grad_norm=r.get("grad_norm"), checkpoint_dir=directory
             )
         for old in list_checkpoints(self.run_dir)[: -self.cfg.train.keep_checkpoints]:
-            # Renamed first so a kill mid-delete never leaves a half-deleted directory under a checkpoint name.
-            doomed = old.with_name(f".{old.name}.deleting")
-            os.replace(old, doomed)
-            shutil.rmtree(doomed)
+            delete_checkpoint(old)
+
+    def make_room_for_checkpoint(self) -> None:
+        """Before a save: room for one more checkpoint (the size of the newest, else of fp32 weights and two
+        AdamW moments), rotating the older ones first when the disk is short."""
+        checkpoints = list_checkpoints(self.run_dir)
+        if checkpoints:
+            need = directory_bytes(checkpoints[-1])
+        else:
+            need = 12 * sum(p.numel() for p in self.model.parameters())
+        make_room(self.checkpoints_dir, int(need * 1.05), checkpoints, delete_checkpoint)
 
     # --- evaluation ------------------------------------------------------------------------------------------
     def evaluate_heldout(self, max_batches: int | None) -> dict[str, Any] | None:
@@ -410,31 +427,60 @@ class Trainer:
             self.wandb = WandbLog(self.run_dir, self.cfg)
         bar = tqdm(total=stop, initial=self.step, unit="step", dynamic_ncols=True, disable=not self.progress,
                    desc=self.cfg.name)
+        signals = StopSignals()
+        watchdog = HangWatchdog(self.run_dir, self.rank, train.hang_timeout_s)
         try:
-            while self.step < stop:
-                record = self.train_step()
-                if record["skipped"] or self.step % train.log_every == 0 or self.step == stop:
-                    self.log(record)
-                if record["skipped"]:
-                    print(f"step {self.step}: non-finite loss {record['loss']} or grad norm {record['grad_norm']}; "
-                          f"skipped ({self.bad_steps} in a row)", file=sys.stderr)
-                    if self.bad_steps >= train.max_bad_steps:
-                        latest = list_checkpoints(self.run_dir)
-                        raise TrainingDiverged(
-                            f"{self.bad_steps} consecutive non-finite steps (train.max_bad_steps = {train.max_bad_steps}); "
-                            f"stopped at step {self.step}. Last good checkpoint: {latest[-1] if latest else 'none yet'}"
-                        )
-                bar.update(1)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
-                if train.eval_every and self.step % train.eval_every == 0 and self.step < stop:
-                    self._log_eval()
-                if self.step % train.checkpoint_every == 0 or self.step == stop:
-                    self.save_checkpoint()
+            with signals, watchdog:
+                self._loop(stop, bar, signals, watchdog)
         except BaseException:
             self._close_wandb()
             raise
         finally:
             bar.close()
+
+    def _loop(self, stop: int, bar, signals: StopSignals, watchdog: HangWatchdog) -> None:
+        train = self.cfg.train
+        while self.step < stop:
+            watchdog.beat(self.step)
+            record = self.train_step()
+            if record["skipped"] or self.step % train.log_every == 0 or self.step == stop:
+                self.log(record)
+            if record["skipped"]:
+                print(f"step {self.step}: non-finite loss {record['loss']} or grad norm {record['grad_norm']}; "
+                      f"skipped ({self.bad_steps} in a row)", file=sys.stderr)
+                if self.bad_steps >= train.max_bad_steps:
+                    latest = list_checkpoints(self.run_dir)
+                    raise TrainingDiverged(
+                        f"{self.bad_steps} consecutive non-finite steps (train.max_bad_steps = {train.max_bad_steps}); "
+                        f"stopped at step {self.step}. Last good checkpoint: {latest[-1] if latest else 'none yet'}"
+                    )
+            bar.update(1)
+            bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
+            if train.eval_every and self.step % train.eval_every == 0 and self.step < stop:
+                self._log_eval()
+            saved = self.step % train.checkpoint_every == 0 or self.step == stop
+            if saved:
+                self.save_checkpoint()
+            signum = self.stop_requested(signals)
+            if signum:
+                self.stop_for_signal(signum, saved)
+
+    # Rank of this process (engines set theirs): names its hang report.
+    rank = 0
+
+    def stop_requested(self, signals: StopSignals) -> int:
+        """The stop signal received (0: none); an engine makes every rank agree on it at the same step."""
+        return signals.received or 0
+
+    def stop_for_signal(self, signum: int, saved: bool) -> None:
+        """Checkpoint this step (unless just done), and stop with how to resume."""
+        if not saved:
+            self.save_checkpoint()
+        name = signal.Signals(signum).name
+        raise TrainingInterrupted(
+            f"stopped by {name} at step {self.step} with checkpoint {self.checkpoints_dir / step_dir_name(self.step)}; "
+            f"continue with: kmodel train --resume --out {self.run_dir}", signum
+        )
 
     def _log_eval(self, final: bool = False) -> None:
         result = self.evaluate_heldout(self.cfg.train.eval_batches)
