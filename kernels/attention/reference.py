@@ -7,6 +7,8 @@ lie in the same document (if cu_seqlens is given). Without causality the window 
 Attention sinks (gpt-oss): `sinks` (q_heads,) holds one learned logit per head that joins every softmax
 denominator without contributing a value, so a head can put weight "nowhere".
 
+`decode_attention` is the same attention for a few new tokens against a KV cache (generation).
+
 Exact and still efficient: global causal attention is one fused SDPA call; a sliding window is computed
 over query blocks, each against only the keys its window can reach, so memory grows with seq * window
 rather than seq ** 2.
@@ -123,3 +125,40 @@ def attention(
             )
         )
     return torch.cat(blocks, dim=2).transpose(1, 2)[..., :v_dim]
+
+
+def decode_attention(
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    *,
+    cache_lens: torch.Tensor,
+    window: int | None = None,
+    scale: float | None = None,
+    sinks: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Causal attention of a few new tokens against a KV cache (generation).
+
+    q: (batch, new, q_heads, head_dim); k_cache, v_cache: (batch, capacity, kv_heads, head_dim | v_dim) holding
+    every row's keys at slots 0.. in consecutive position order, the new tokens' included; cache_lens: (batch,)
+    ints, the filled length of each row. Query t of row b sits at slot cache_lens[b] - new + t and sees the slots
+    j at or before it with (its slot - j) < window. Equals `attention` over each row's whole sequence, restricted
+    to its last `new` rows. Slots past cache_lens are never used (whatever they hold). sinks: as in `attention`.
+    """
+    batch, new, _, head_dim = q.shape
+    capacity = k_cache.shape[1]
+    scale = head_dim**-0.5 if scale is None else scale
+    slots = torch.arange(capacity, device=q.device)
+    lens = cache_lens.to(q.device)
+    query_slots = lens[:, None] - new + torch.arange(new, device=q.device)  # (batch, new)
+    distance = query_slots[:, :, None] - slots  # (batch, new, capacity)
+    visible = distance >= 0
+    if window is not None:
+        visible &= distance < window
+    filled = (slots < lens[:, None])[:, :, None, None]  # zero the unfilled slots: 0 * NaN would still be NaN
+    zero = torch.zeros((), dtype=k_cache.dtype, device=k_cache.device)
+    k_cache, v_cache = torch.where(filled, k_cache, zero), torch.where(filled, v_cache, zero.to(v_cache.dtype))
+    out = masked_attention(
+        q.transpose(1, 2), k_cache.transpose(1, 2), v_cache.transpose(1, 2), visible[:, None], scale=scale, sinks=sinks
+    )
+    return out.transpose(1, 2)

@@ -347,7 +347,7 @@ def attention(
     return FlashAttention.apply(q, k, v, sinks, window, bool(causal), scale, doc_start, doc_end)
 
 
-# Decode: at most this many rows (query heads of a group x new tokens) per program; more is a prefill.
+# Decode: at most this many rows (query heads of a group x new tokens) per program; more take several launches.
 MAX_DECODE_ROWS = 128
 # Fixed decode key blocks per padded head dim on CUDA (memory-bound, so not autotuned), 4 warps.
 DECODE_BLOCK_N = {64: 64, 128: 64, 256: 32}
@@ -375,13 +375,11 @@ def decode_attention(
     scale: float | None = None,
     sinks: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Causal attention of a few new tokens against a KV cache (generation; forward only).
+    """Causal attention of a few new tokens against a KV cache (generation; forward only); see
+    `reference.decode_attention` for the semantics.
 
-    q: (batch, new, q_heads, head_dim); k_cache, v_cache: (batch, capacity, kv_heads, head_dim | v_dim) holding
-    every row's keys at slots 0.. in position order, the new tokens' included; cache_lens: (batch,) ints,
-    the filled length of each row. Query t of row b sits at position cache_lens[b] - new + t and sees the
-    slots j <= its position with position - j < window. Equals `attention` over the whole sequence,
-    restricted to its last `new` rows. Slots past cache_lens are never read. sinks: as in `attention`.
+    Reads no value on the host (cache_lens is checked by a device assert). More new tokens than one launch
+    takes (MAX_DECODE_ROWS rows of query heads x tokens per kv head) are done in consecutive launches.
     """
     q, k_cache, v_cache = _autocast(q, k_cache, v_cache)
     _check_inputs(q, k_cache, v_cache, window, same_seq=False)
@@ -391,16 +389,21 @@ def decode_attention(
     group = q_heads // kv_heads
     if cache_lens.shape != (batch,) or cache_lens.dtype.is_floating_point or cache_lens.dtype == torch.bool:
         raise ValueError(f"cache_lens must be ({batch},) integers, got {tuple(cache_lens.shape)} {cache_lens.dtype}")
-    if group * new_tokens > MAX_DECODE_ROWS:
-        raise ValueError(
-            f"{new_tokens} new tokens x {group} query heads per kv head exceed {MAX_DECODE_ROWS} rows; "
-            "use attention() for a prefill"
-        )
     cache_lens = cache_lens.to(q.device)
-    if bool(((cache_lens < new_tokens) | (cache_lens > capacity)).any()):
-        raise ValueError(
-            f"cache_lens must lie in [new tokens={new_tokens}, capacity={capacity}]; got {cache_lens.tolist()}"
-        )
+    torch._assert_async(
+        ((cache_lens >= new_tokens) & (cache_lens <= capacity)).all(),
+        f"cache_lens must lie in [new tokens={new_tokens}, capacity={capacity}]",
+    )
+    per_launch = max(1, MAX_DECODE_ROWS // group)
+    if new_tokens > per_launch:  # query t sees slots up to its own: a chunk's rows end where its last token is
+        chunks = []
+        for first in range(0, new_tokens, per_launch):
+            last = min(first + per_launch, new_tokens)
+            chunks.append(decode_attention(
+                q[:, first:last], k_cache, v_cache, cache_lens=cache_lens - (new_tokens - last),
+                window=window, scale=scale, sinks=sinks,
+            ))  # fmt: skip
+        return torch.cat(chunks, dim=1)
     scale = head_dim**-0.5 if scale is None else float(scale)
     q, k_cache, v_cache = (_unit_last_stride(t) for t in (q, k_cache, v_cache))
 

@@ -113,12 +113,12 @@ class Attention(nn.Module):
             if cache is not None:
                 cache.extend(k, v, positions)
         else:
-            # Few new queries against the cache: an explicit (new, kept + new) mask is small here.
-            keys, values, key_positions = cache.extend(k, v, positions)
-            mask = reference.visibility_mask(positions, key_positions, window=self.window, causal=True)
-            out = reference.masked_attention(
-                q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask, scale=self.scale, sinks=self.sinks
-            ).transpose(1, 2)
+            # New queries against the cache, through the kernel seam (the cache's positions are consecutive).
+            keys, values, _ = cache.extend(k, v, positions)
+            lens = torch.full((batch,), keys.shape[1], device=q.device)
+            out = self.kernel.decode_attention(
+                q, keys, values, cache_lens=lens, window=self.window, scale=self.scale, sinks=self.sinks
+            )
         if cache is not None:
             cache.trim(self.window)
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.head_dim))

@@ -92,12 +92,10 @@ class LatentAttention(nn.Module):
                 cache.extend(latent, rope_key, positions)
         else:
             # The cache holds latents: expand the kept positions (and the new ones) to keys and values.
-            latents, rope_keys, key_positions = cache.extend(latent, rope_key, positions)
+            latents, rope_keys, _ = cache.extend(latent, rope_key, positions)
             keys, values = self.expand(latents, rope_keys)
-            mask = reference.visibility_mask(positions, key_positions, window=self.window, causal=True)
-            out = reference.masked_attention(
-                q.transpose(1, 2), keys.transpose(1, 2), values.transpose(1, 2), mask, scale=self.scale
-            ).transpose(1, 2)
+            lens = torch.full((batch,), keys.shape[1], device=q.device)
+            out = self.kernel.decode_attention(q, keys, values, cache_lens=lens, window=self.window, scale=self.scale)
         if cache is not None:
             cache.trim(self.window)
         return self.o_proj(out.reshape(batch, seq, self.num_heads * self.v_dim))
