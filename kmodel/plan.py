@@ -7,9 +7,12 @@ derives each formula). Units: parameters and elements are counts, memory is byte
     plan = make_plan(cfg, Cluster(nodes=32, gpus_per_node=8, gpu=GPUS["h100-80gb"]))
     print(format_plan(plan))                               # raises PlanError when it does not fit
 
-Assumptions (each one a field of `Assumptions`, printed with every plan): bf16 weights and gradients with
-fp32 Adam master weights and moments (12 bytes per parameter) under DeepSpeed's mixed precision; fp32
-training keeps 4-byte weights and gradients and 8 bytes of moments. Routing is balanced (every expert
+Assumptions (each one a field of `Assumptions`, printed with every plan; `Assumptions.for_config` reads them
+from the recipe): bf16 weights and gradients with fp32 Adam master weights and moments (12 bytes per
+parameter) under DeepSpeed's mixed precision; fp32 training under DeepSpeed keeps 4-byte weights and gradients
+and, in ZeRO's partitions, its own fp32 master copy besides the 8 bytes of moments (12 bytes); one process
+without DeepSpeed updates the weights in place (8 bytes of moments). The memory categories are the ones the
+trainer measures (kmodel.train.memory.CATEGORIES), so a CPU fp32 rehearsal checks the plan. Routing is balanced (every expert
 gets k/E of the tokens). Attention is a fused kernel that stores no score matrix; sliding layers see at
 most `sliding_window` keys, which is counted in the attention FLOPs and in the inference KV cache. Multi-head
 latent attention (MLA) is counted as training runs it: its latent is expanded to per-head keys and values.
@@ -22,6 +25,8 @@ import math
 from dataclasses import dataclass, replace
 
 from kmodel.config import Config, ModelConfig
+from kmodel.train.flops import PEAK_BF16_FLOPS, attention_head_dims, flops_per_token
+from kmodel.train.memory import CATEGORIES
 
 GiB = 1024**3
 
@@ -39,10 +44,10 @@ class GPU:
     network_gbps: float  # GB/s per GPU across nodes (one NIC per GPU)
 
 
-GPUS = {
-    "h100-80gb": GPU("h100-80gb", 80 * GiB, 989.0, 450.0, 50.0),  # SXM5, NVLink 4, 8x 400 Gb/s NDR
-    "h200-141gb": GPU("h200-141gb", 141 * GiB, 989.0, 450.0, 50.0),
-    "a100-80gb": GPU("a100-80gb", 80 * GiB, 312.0, 300.0, 25.0),  # SXM4, NVLink 3, 8x 200 Gb/s HDR
+GPUS = {  # peaks from kmodel.train.flops, the table training MFU uses
+    "h100-80gb": GPU("h100-80gb", 80 * GiB, PEAK_BF16_FLOPS["H100"] / 1e12, 450.0, 50.0),  # SXM5, NVLink 4, 8x 400 Gb/s NDR
+    "h200-141gb": GPU("h200-141gb", 141 * GiB, PEAK_BF16_FLOPS["H200"] / 1e12, 450.0, 50.0),
+    "a100-80gb": GPU("a100-80gb", 80 * GiB, PEAK_BF16_FLOPS["A100"] / 1e12, 300.0, 25.0),  # SXM4, NVLink 3, 8x 200 Gb/s HDR
 }
 
 
@@ -67,11 +72,19 @@ class Assumptions:
     optimizer_bytes: int = 12  # fp32 master + Adam m and v
 
     @classmethod
-    def for_dtype(cls, dtype: str, **overrides) -> "Assumptions":
-        """Bytes per parameter for the recipe's train.dtype ('fp32' keeps no separate master copy)."""
+    def for_dtype(cls, dtype: str, *, master_copy: bool = False, **overrides) -> "Assumptions":
+        """Bytes per parameter for train.dtype: bf16 always has fp32 masters (12 optimizer bytes); fp32 has a
+        separate master copy only under DeepSpeed (`master_copy`: ZeRO's fp32 partitions), else 8."""
         if dtype == "fp32":
-            return cls(param_bytes=4, grad_bytes=4, optimizer_bytes=8, **overrides)
+            return cls(param_bytes=4, grad_bytes=4, optimizer_bytes=12 if master_copy else 8, **overrides)
         return cls(**overrides)
+
+    @classmethod
+    def for_config(cls, cfg: Config, **overrides) -> "Assumptions":
+        """The recipe's real dtypes: train.dtype, where 'auto' is fp32 on a CPU run and bf16 otherwise."""
+        t = cfg.train
+        dtype = t.dtype if t.dtype != "auto" else ("fp32" if t.device == "cpu" else "bf16")
+        return cls.for_dtype(dtype, master_copy=cfg.parallel.backend == "deepspeed", **overrides)
 
 
 # --- parameters -------------------------------------------------------------------------------------
@@ -141,7 +154,7 @@ def parameter_counts(cfg: ModelConfig) -> ParameterCounts:
     """Exact parameter counts of `kmodel.model.Model(cfg)`."""
     h, v = cfg.hidden_size, cfg.vocab_size
     layers = [t == "sparse" for t in cfg.mlp_layer_types]
-    layers += layers[-1:] * cfg.num_nextn_predict_layers  # each MTP depth's block copies the last layer's shape
+    layers += [cfg.mtp_mlp_type == "sparse"] * cfg.num_nextn_predict_layers  # one block per MTP depth
     dense = expert = active_expert = 0
     for sparse in layers:
         d, e, a = _layer_params(cfg, sparse)
@@ -166,35 +179,10 @@ def seq_len_of(cfg: Config) -> int:
 # --- compute ----------------------------------------------------------------------------------------
 
 
-def mean_keys_seen(seq_len: int, window: int | None) -> float:
-    """Average keys a causal query attends to over positions 0..seq_len-1 (itself included)."""
-    if window is None or window >= seq_len:
-        return (seq_len + 1) / 2
-    # positions < window see i+1 keys, the rest see `window`
-    return (window * (window + 1) / 2 + (seq_len - window) * window) / seq_len
-
-
-def attention_head_dims(cfg: ModelConfig) -> tuple[int, int]:
-    """(query/key dims, value dims) per head: head_dim for both under GQA; nope + rope and v_head_dim for MLA,
-    whose keys and values are expanded from the latent to every head before the attention product."""
-    if cfg.attention_kind == "mla":
-        return cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
-    return cfg.head_dim, cfg.head_dim
-
-
-def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Forward FLOPs of QK^T and PV per token, summed over the layers (and the MTP block)."""
-    qk, v = attention_head_dims(cfg)
-    per_key = 2 * cfg.num_attention_heads * (qk + v)  # 2 * heads * qk for QK^T + 2 * heads * v for PV
-    types = list(cfg.layer_types) + [cfg.layer_types[-1]] * cfg.num_nextn_predict_layers
-    return sum(
-        per_key * mean_keys_seen(seq_len, cfg.sliding_window if t == "sliding_attention" else None) for t in types
-    )
-
-
 def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
-    """Training FLOPs per token without recomputation: 3 x forward (forward + backward at twice the cost)."""
-    return 3 * (2 * parameter_counts(cfg).matmul_active + attention_flops_per_token(cfg, seq_len))
+    """Training FLOPs per token without recomputation, by the trainer's formula (kmodel.train.flops) applied to
+    the config's parameter counts."""
+    return flops_per_token(parameter_counts(cfg).matmul_active, cfg, seq_len)
 
 
 # --- memory -----------------------------------------------------------------------------------------
@@ -257,7 +245,11 @@ class Memory:
 
     @property
     def total(self) -> float:
-        return self.params + self.grads + self.optimizer + self.activations
+        return sum(self.by_category().values())
+
+    def by_category(self) -> dict[str, float]:
+        """Bytes per GPU under the trainer's category names (kmodel.train.memory.CATEGORIES)."""
+        return {name: getattr(self, name) for name in CATEGORIES}
 
 
 def activation_bytes(cfg: Config, *, element_bytes: int, fused_loss: bool) -> float:
@@ -265,7 +257,7 @@ def activation_bytes(cfg: Config, *, element_bytes: int, fused_loss: bool) -> fl
     m = cfg.model
     tokens = cfg.train.micro_batch_size * seq_len_of(cfg)
     layers = [t == "sparse" for t in m.mlp_layer_types]
-    layers += layers[-1:] * m.num_nextn_predict_layers
+    layers += [m.mtp_mlp_type == "sparse"] * m.num_nextn_predict_layers
     per_layer = [sum(activation_elements_per_token(m, s).values()) for s in layers]
     if cfg.train.activation_checkpointing:
         # each layer keeps its input; one layer at a time is recomputed with all its activations
@@ -280,21 +272,35 @@ def activation_bytes(cfg: Config, *, element_bytes: int, fused_loss: bool) -> fl
     return tokens * kept * element_bytes + loss
 
 
+EXPERT_GRAD_BYTES = 4  # the expert optimizer keeps its reduce-scattered gradient pieces in fp32 (ZeRO-2)
+
+
 def memory_per_gpu(cfg: Config, world: int, assume: Assumptions, *, fused_loss: bool) -> Memory:
     """ZeRO stage s shards optimizer states (s>=1), gradients (s>=2) and weights (s=3) over the
-    data-parallel group: all ranks for dense parameters, world/EP ranks for each expert shard."""
+    data-parallel group: all ranks for dense parameters, world/EP ranks for each expert shard.
+
+    Under expert parallelism (EP > 1) a rank holds E/EP experts; their fp32 masters and moments are sharded
+    over the expert-data-parallel group (world/EP ranks) from ZeRO-1 on, their reduced gradients from
+    ZeRO-2 on (in fp32), and their weights are never sharded further (ZeRO-3 with EP is refused)."""
     p = cfg.parallel
     counts = parameter_counts(cfg.model)
     ep = p.expert_parallel_size
-    dense, expert = counts.dense, counts.expert / ep  # parameters this rank is responsible for
+    if ep == 1:  # the experts are ordinary data-parallel parameters
+        dense, expert = counts.total, 0.0
+    else:
+        dense, expert = counts.dense, counts.expert / ep  # parameters this rank is responsible for
     edp = world // ep
 
-    def sharded(stage_from: int) -> float:
-        return dense / world + expert / edp if p.zero_stage >= stage_from else dense + expert
+    def dense_part(stage_from: int) -> float:
+        return dense / world if p.zero_stage >= stage_from else dense
 
-    params = sharded(3) * assume.param_bytes
-    grads = sharded(2) * assume.grad_bytes
-    optimizer = sharded(1) * assume.optimizer_bytes
+    def expert_part(stage_from: int) -> float:
+        return expert / edp if p.zero_stage >= stage_from else expert
+
+    params = (dense_part(3) + expert) * assume.param_bytes
+    expert_grad_bytes = EXPERT_GRAD_BYTES if p.zero_stage >= 2 else assume.grad_bytes
+    grads = dense_part(2) * assume.grad_bytes + expert_part(2) * expert_grad_bytes
+    optimizer = (dense_part(1) + expert_part(1)) * assume.optimizer_bytes
     offloaded = 0.0
     if p.offload_optimizer:
         offloaded += optimizer
@@ -337,7 +343,7 @@ def all_to_all_bytes_per_step(cfg: Config, element_bytes: int) -> float:
     if ep == 1:
         return 0.0
     moe_layers = m.mlp_layer_types.count("sparse") + (
-        m.num_nextn_predict_layers if m.mlp_layer_types[-1] == "sparse" else 0
+        m.num_nextn_predict_layers if m.mtp_mlp_type == "sparse" else 0
     )
     tokens = cfg.train.micro_batch_size * seq_len_of(cfg)
     per_exchange = tokens * m.num_experts_per_tok * m.hidden_size * element_bytes * (ep - 1) / ep
@@ -398,9 +404,9 @@ def make_plan(cfg: Config, cluster: Cluster, assume: Assumptions | None = None, 
     world = cluster.world_size
     _check_layout(cfg, world)
     if assume is None:
-        assume = Assumptions.for_dtype("fp32" if t.dtype == "fp32" else "bf16")
+        assume = Assumptions.for_config(cfg)
     counts = parameter_counts(m)
-    fused_loss = cfg.kernels.loss != "torch"
+    fused_loss = uses_fused_loss(cfg)
     memory = memory_per_gpu(cfg, world, assume, fused_loss=fused_loss)
     ep = p.expert_parallel_size
     seq = seq_len_of(cfg)
@@ -442,6 +448,11 @@ def make_plan(cfg: Config, cluster: Cluster, assume: Assumptions | None = None, 
         token_budget=budget,
         kv_cache_bytes_per_seq=kv_cache_bytes(m, m.max_position_embeddings),
     )
+
+
+def uses_fused_loss(cfg: Config) -> bool:
+    """kernels.loss 'auto' is the Triton loss on CUDA and the reference (which keeps the logits) on a CPU run."""
+    return cfg.kernels.loss == "triton" or (cfg.kernels.loss == "auto" and cfg.train.device != "cpu")
 
 
 def _check_layout(cfg: Config, world: int) -> None:
@@ -514,18 +525,50 @@ def suggestions(cfg: Config, cluster: Cluster, assume: Assumptions | None) -> li
 
 
 def check_fits(plan: Plan, cfg: Config) -> None:
+    """Raise PlanError naming how far the plan overflows, by category, and the changes that would fit."""
     if plan.fits:
         return
     mem, gib = plan.memory, GiB
-    parts = {"parameters": mem.params, "gradients": mem.grads, "optimizer states": mem.optimizer, "activations": mem.activations}
+    parts = mem.by_category()
     largest = max(parts, key=parts.get)
     fixes = suggestions(cfg, plan.cluster, plan.assumptions)
     hint = ("; these changes would fit: " + ", ".join(fixes)) if fixes else "; no single change fits: add nodes and raise EP together"
+    breakdown = ", ".join(f"{k} {v / gib:.1f}" for k, v in parts.items())
     raise PlanError(
         f"{cfg.name} does not fit on {plan.cluster.nodes} node(s) x {plan.cluster.gpus_per_node} {plan.cluster.gpu.name}: "
-        f"{mem.total / gib:.1f} GiB per GPU needed, {plan.usable_bytes / gib:.1f} GiB usable "
-        f"(largest: {largest} {parts[largest] / gib:.1f} GiB){hint}"
+        f"{mem.total / gib:.1f} GiB per GPU needed ({breakdown}), {plan.usable_bytes / gib:.1f} GiB usable: "
+        f"over by {(mem.total - plan.usable_bytes) / gib:.1f} GiB; the largest category is {largest} "
+        f"({parts[largest] / gib:.1f} GiB){hint}"
     )
+
+
+def plan_json(plan: Plan, cfg: Config) -> dict:
+    """The plan as `kmodel plan --json` prints it: bytes and seconds per GPU, categories as the trainer's
+    `{"kind": "memory"}` records name them."""
+    p, mem, a = cfg.parallel, plan.memory, plan.assumptions
+    return {
+        "recipe": cfg.name,
+        "cluster": {"nodes": plan.cluster.nodes, "gpus_per_node": plan.cluster.gpus_per_node,
+                    "gpu": plan.cluster.gpu.name, "world_size": plan.cluster.world_size},
+        "parallel": {"zero_stage": p.zero_stage, "expert_parallel_size": p.expert_parallel_size,
+                     "expert_data_parallel_size": plan.cluster.world_size // p.expert_parallel_size,
+                     "micro_batch_size": cfg.train.micro_batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
+                     "activation_checkpointing": cfg.train.activation_checkpointing,
+                     "offload_optimizer": p.offload_optimizer, "offload_params": p.offload_params},
+        "memory_bytes": {**mem.by_category(), "total": mem.total, "usable": plan.usable_bytes,
+                         "cpu_offloaded": mem.cpu_offloaded},
+        "fits": plan.fits,
+        "communication_bytes": {"zero_dense": plan.zero_dense_bytes, "zero_expert": plan.zero_expert_bytes,
+                                "expert_all_to_all": plan.all_to_all_bytes},
+        "time_s": {"compute": plan.compute_s, "exposed_communication": plan.comm_s, "step": plan.step_s},
+        "mfu": plan.mfu,
+        "tokens_per_step": plan.tokens_per_step,
+        "tokens_per_day": plan.tokens_per_day,
+        "days": plan.days,
+        "assumptions": {"param_bytes": a.param_bytes, "grad_bytes": a.grad_bytes, "optimizer_bytes": a.optimizer_bytes,
+                        "kernel_efficiency": a.kernel_efficiency, "zero_overlap": a.zero_overlap,
+                        "memory_headroom": a.memory_headroom},
+    }
 
 
 def _count(n: float) -> str:

@@ -142,13 +142,18 @@ def _add_plan(sub) -> None:
                    help="share of ZeRO communication hidden behind compute (default 0.5)")
     p.add_argument("--memory-headroom", type=float, default=0.9,
                    help="usable share of GPU memory after CUDA context and fragmentation (default 0.9)")
+    p.add_argument("--json", action="store_true",
+                   help="print the plan as JSON: bytes per GPU by category (params, grads, optimizer, activations, "
+                   "as the trainer's memory records name them), communication, step time, MFU")
     _add_overrides(p)
     p.set_defaults(func=_run_plan)
 
 
 def _run_plan(args) -> int:
     from kmodel.config import load_config
-    from kmodel.plan import GPUS, Assumptions, Cluster, check_fits, format_plan, make_plan, with_parallel
+    import json
+
+    from kmodel.plan import GPUS, Assumptions, Cluster, check_fits, format_plan, make_plan, plan_json, with_parallel
 
     for name in ("nodes", "gpus_per_node"):
         if getattr(args, name) <= 0:
@@ -157,15 +162,16 @@ def _run_plan(args) -> int:
         value = getattr(args, name)
         if not 0 < value <= 1 and not (name == "zero_overlap" and value == 0):
             raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1], got {value}")
-    cfg = load_config(args.recipe, args.overrides)
+    # the cluster sets the world size before the recipe is validated (EP must divide it)
+    cfg = load_config(args.recipe, [*args.overrides, f"parallel.world_size={args.nodes * args.gpus_per_node}"])
     cluster = Cluster(args.nodes, args.gpus_per_node, GPUS[args.gpu])
     cfg = with_parallel(cfg, cluster.world_size)
-    assume = Assumptions.for_dtype(
-        "fp32" if cfg.train.dtype == "fp32" else "bf16",
-        kernel_efficiency=args.efficiency, zero_overlap=args.zero_overlap, memory_headroom=args.memory_headroom,
+    assume = Assumptions.for_config(
+        cfg, kernel_efficiency=args.efficiency, zero_overlap=args.zero_overlap, memory_headroom=args.memory_headroom,
     )
     plan = make_plan(cfg, cluster, assume, args.tokens)
-    print(format_plan(plan, cfg))
+    print(json.dumps(plan_json(plan, cfg), indent=2) if args.json else format_plan(plan, cfg))
     check_fits(plan, cfg)
-    print("fits: yes")
+    if not args.json:
+        print("fits: yes")
     return 0

@@ -23,7 +23,9 @@ What changes against the one-process Trainer:
 Expert parallelism (parallel.expert_parallel_size P > 1, ZeRO-1/2): every rank builds only its E/P routed
 experts per MoE layer (nothing bigger is allocated) and its MoE layers exchange tokens by all-to-all
 (kmodel.parallel.expert_parallel). DeepSpeed gets the dense parameters only; the expert shards have their
-own AdamW (ExpertOptimizer: fp32 masters, gradients averaged over the expert-data-parallel group). Clipping
+own AdamW (ExpertOptimizer: fp32 masters, reduced gradients and moments sharded over the expert-data-parallel
+group as ZeRO-1/2 shard the dense ones: gradients reduce-scattered, the owned piece updated, weights
+all-gathered). Clipping
 stays joint: ZeRO's global-norm computation is extended with the experts' share, so DeepSpeed clips (or
 skips, when non-finite) with the norm of all parameters and the experts are scaled by the same factor.
 Checkpoints gather the expert shards, so they keep the one-process format and resume on any EP size.
@@ -32,6 +34,7 @@ Checkpoints gather the expert shards, so they keep the one-process format and re
 from __future__ import annotations
 
 import collections
+import contextlib
 import functools
 import math
 from collections.abc import Mapping
@@ -49,6 +52,7 @@ from kmodel.parallel.deepspeed_config import deepspeed_config, uses_bf16
 from kmodel.model import build_model
 from kmodel.parallel import expert_parallel as xp
 from kmodel.rundir import step_dir_name
+from kmodel.train.memory import SavedActivations, record_key, tensors_bytes
 from kmodel.train.optim import adamw, param_groups
 from kmodel.train.trainer import LOSS_KEYS, Trainer
 
@@ -96,6 +100,7 @@ class DeepSpeedTrainer(Trainer):
         self.engine = None
         self.experts: xp.ExpertOptimizer | None = None
         self._restored: dict[torch.nn.Parameter, dict[str, Any]] = {}  # AdamW entries from `restore`
+        self._activations_peak: int | None = 0  # measured over this process's first step; None once logged
         # The one-process AdamW layout (group hyper-parameters, parameter order): checkpoints keep it.
         self._optimizer_groups = [
             ({k: v for k, v in group.items() if k != "params"}, list(group["params"])) for group in self.optimizer.param_groups
@@ -110,7 +115,7 @@ class DeepSpeedTrainer(Trainer):
         return model
 
     def is_expert(self, param: torch.nn.Parameter) -> bool:
-        return self.experts is not None and param in self.experts.master_of
+        return self.experts is not None and param in self.experts
 
     # --- the engine ----------------------------------------------------------------------------------------
     def start_engine(self) -> None:
@@ -123,7 +128,7 @@ class DeepSpeedTrainer(Trainer):
         if config["bf16"]["enabled"]:
             self.amp_dtype = None  # DeepSpeed keeps bf16 weights (fp32 masters in the optimizer): no autocast
         if self.groups is not None:
-            self.experts = xp.ExpertOptimizer(self.model, self.groups, self.cfg.train)
+            self.experts = xp.ExpertOptimizer(self.model, self.groups, self.cfg.train, zero_stage=self.cfg.parallel.zero_stage)
         optimizer = self._engine_optimizer()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.model, optimizer=optimizer, config=config, dist_init_required=False
@@ -214,8 +219,14 @@ class DeepSpeedTrainer(Trainer):
 
     def forward_backward(self, batch: Batch) -> dict[str, float]:
         """engine.backward scales by 1/accumulation; engine.step between micro-batches only counts them."""
-        out = self.engine(batch.input_ids, batch.labels, segment_ids=batch.segment_ids)
-        self.engine.backward(out.loss)
+        meter = SavedActivations() if self._activations_peak is not None else contextlib.nullcontext()
+        with meter:
+            out = self.engine(batch.input_ids, batch.labels, segment_ids=batch.segment_ids)
+            self.engine.backward(out.loss)
+        if self._activations_peak is not None:
+            self._activations_peak = max(self._activations_peak, meter.peak_bytes)
+        if self.experts is not None:
+            self.experts.reduce_micro_batch()
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()
         keys = [k for k in LOSS_KEYS if getattr(out, k) is not None]
@@ -224,6 +235,7 @@ class DeepSpeedTrainer(Trainer):
         return dict(zip(keys, (values / self.world).tolist()))
 
     def update(self, lr: float, losses: dict[str, float]) -> tuple[float, bool]:
+        grads_bytes = self._grads_bytes() if self._activations_peak is not None else None  # at the boundary
         if self.experts is not None:
             self._expert_norm = self.experts.reduce_gradients()  # read by ZeRO's norm inside engine.step
         for group in self.engine.optimizer.param_groups:
@@ -236,12 +248,59 @@ class DeepSpeedTrainer(Trainer):
             if applied:
                 self.experts.step(lr, clip_factor(grad_norm, self.cfg.train.grad_clip))
             self.experts.zero_grad()
+        if grads_bytes is not None:  # after the first update, which allocates the optimizer states
+            self._log_memory(grads_bytes)
         if applied:
             xp.synchronize_router_load(self.model)
             self.model.end_step()
         else:
             self.discard_step()
         return grad_norm, applied
+
+    # --- memory: what each rank holds, by category (kmodel.train.memory), logged once -----------------------
+    def _dense_params(self) -> list[torch.nn.Parameter]:
+        return [p for p in self.model.parameters() if not self.is_expert(p)]
+
+    def _grads_bytes(self) -> int:
+        """Gradients held at the step boundary, before the update: the module's (full: ZeRO-1 between reductions,
+        expert shards under ZeRO-1) and ZeRO's partitions (ZeRO-2: the reduced partition; ZeRO-3: its flat
+        buffer of partitions), plus the experts' owned reduced gradients."""
+        zero = self.engine.optimizer
+        held = [p.grad for p in self._dense_params()]
+        flat = getattr(zero, "grad_partitions_flat_buffer", None)
+        if flat is not None:  # ZeRO-3: every partition is a view of this buffer
+            held.append(flat)
+        else:
+            for value in getattr(zero, "averaged_gradients", {}).values():
+                held += value if isinstance(value, list) else [value]
+        experts = self.experts.held_bytes()["grads"] if self.experts is not None else 0
+        return tensors_bytes(held) + experts
+
+    def _params_and_optimizer_bytes(self) -> tuple[int, int]:
+        """Weights (ZeRO-3: this rank's partitions) and fp32 masters + optimizer moments (ZeRO's partitions)."""
+        zero, base = self.engine.optimizer, self._base_optimizer()
+        params = tensors_bytes(getattr(p, "ds_tensor", p) for p in self._dense_params())
+        masters = getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups
+        moments = [t for state in base.state.values() for t in state.values() if isinstance(t, torch.Tensor) and t.ndim]
+        optimizer = tensors_bytes([*masters, *moments])
+        if self.experts is not None:
+            held = self.experts.held_bytes()
+            params, optimizer = params + held["params"], optimizer + held["optimizer"]
+        return params, optimizer
+
+    def _log_memory(self, grads_bytes: int) -> None:
+        """After the first step: every rank's record (collective), written by rank 0 in rank order."""
+        params, optimizer = self._params_and_optimizer_bytes()
+        values = {"params": params, "grads": grads_bytes, "optimizer": optimizer, "activations": self._activations_peak}
+        record = {"kind": "memory", "step": self.step + 1, "rank": self.rank,
+                  **{record_key(k): int(v) for k, v in values.items()}}
+        if self.device.type == "cuda":
+            record["cuda_max_allocated_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        records = [None] * self.world
+        dist.all_gather_object(records, record)
+        for r in records:
+            self.log(r)
+        self._activations_peak = None
 
     # --- topology-free state: streamed out, read back one tensor at a time -----------------------------------
     @functools.cached_property
@@ -286,7 +345,7 @@ class DeepSpeedTrainer(Trainer):
         def values():
             for _, param, key in entries:
                 if self.is_expert(param):
-                    yield self.experts.full_moment(param, key).cpu()
+                    yield self.experts.full_state(param, key).cpu()
                 else:
                     yield safe_get_full_optimizer_state(param, key).detach().float().cpu()
 

@@ -16,14 +16,15 @@ Backward runs the two payload exchanges in reverse with the split sizes swapped.
 
 Gradients: dense gradients are averaged over all W ranks; an expert shard's gradient already sums the
 contributions of its EP group's tokens (through the all-to-all backward), so it is summed over the
-expert-data-parallel group and divided by W — the same average over the global batch.
+expert-data-parallel group and divided by W — the same average over the global batch. The sum is a
+reduce-scatter: each of the W/P ranks of that group keeps, updates and stores (fp32 master, moments) only
+its 1/(W/P) of every expert tensor, and all-gathers the updated weights (ExpertOptimizer).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -31,7 +32,7 @@ from torch import nn
 
 from kmodel.config import TrainConfig
 from kmodel.model.moe import MoE
-from kmodel.train.optim import adamw
+from kmodel.train.optim import adamw_over_groups, param_groups
 
 
 @dataclass
@@ -173,84 +174,189 @@ def full_state_items(model: nn.Module, groups: Groups) -> Iterator[tuple[str, to
         yield name, tensor.detach().cpu().contiguous()
 
 
-def _accumulate_into(master: torch.Tensor, param: torch.Tensor) -> None:
-    """Move a module parameter's freshly accumulated gradient into its fp32 master's gradient."""
-    if master.grad is None:
-        master.grad = param.grad.float()
-    else:
-        master.grad += param.grad
-    param.grad = None
+@dataclass(frozen=True)
+class OwnedSlice:
+    """Where a rank's piece of a stacked expert tensor sits in the global tensor: the rows (global experts)
+    its expert-parallel shard holds, and within that block, flattened, the elements [start, stop) it owns."""
+
+    rows: slice
+    start: int
+    stop: int
+
+
+class _Shard:
+    """One stacked expert tensor of this rank's experts (`param`, `numel` elements) and the 1/D of it this rank
+    owns in its expert-data-parallel group of D ranks: elements [start, start + size) of the flattened tensor,
+    padded with zeros to D x size so every rank's piece has the same length."""
+
+    def __init__(self, name: str, param: nn.Parameter, position: int, ranks: int):
+        self.name, self.param = name, param
+        self.numel = param.numel()
+        self.size = -(-self.numel // ranks)
+        self.start = position * self.size
+        self.stop = min(self.start + self.size, self.numel)
+        self.master = self.take(param.detach())  # fp32 master of the owned elements
+        self.grad: torch.Tensor | None = None  # fp32, owned elements, reduced over the group
+
+    def padded(self, full: torch.Tensor, ranks: int) -> torch.Tensor:
+        flat = full.detach().reshape(-1).float()
+        return torch.nn.functional.pad(flat, (0, ranks * self.size - self.numel))
+
+    def take(self, full: torch.Tensor) -> torch.Tensor:
+        """This rank's owned elements of a full (local-shard) tensor, fp32, padded to `size`."""
+        piece = full.detach().reshape(-1)[self.start:self.stop].float()
+        return torch.nn.functional.pad(piece, (0, self.size - piece.numel())).clone()
 
 
 class ExpertOptimizer:
-    """AdamW over this rank's expert shards, outside DeepSpeed: ZeRO would average their gradients over every
-    rank (mixing different experts) and its start-up broadcast would overwrite them with rank 0's shard.
+    """The optimizer of this rank's expert shards, outside DeepSpeed (ZeRO would average their gradients over
+    every rank, mixing different experts, and its start-up broadcast would overwrite them with rank 0's), with
+    its state sharded the way ZeRO shards dense state: over the expert-data-parallel group (the D = W/P ranks
+    holding the same experts), each rank owns 1/D of every stacked expert tensor.
 
-    fp32 master copies take the update (DeepSpeed casts the module's copies to bf16 for compute); every
-    gradient accumulated on a module expert parameter moves into its master's fp32 gradient at once.
-    Per optimizer step: `reduce_gradients` (collective) completes the average over the global batch and
-    returns the experts' share of the global gradient norm; `step` applies the clipping factor the caller
-    derived from the joint dense + expert norm, AdamW, and writes the masters back into the module."""
+      every rank   the module's expert weights (its E/P experts, compute dtype), as ZeRO-1/2 keep dense weights
+      owned 1/D    fp32 master weights and the optimizer's moments (ZeRO >= 1); the reduced fp32 gradient
+      gradients    ZeRO-1: accumulated in the module's .grad over the micro-batches, reduce-scattered at the
+                   step; ZeRO-2: reduce-scattered after every micro-batch (`reduce_micro_batch`), so between
+                   micro-batches only the owned 1/D is kept
 
-    def __init__(self, model: nn.Module, groups: Groups, train: TrainConfig):
-        self.groups = groups
+    Per optimizer step: `reduce_gradients` (collective) completes the average over the global batch and returns
+    the experts' share of the global gradient norm; `step` divides by the clipping factor the caller derived from
+    the joint dense + expert norm, updates the owned elements, and all-gathers the new weights into the module.
+    The update rule comes from `make_optimizer(param groups)` (default: kmodel.train.optim's AdamW); its groups
+    are decided on the full tensors (`param_groups`: decay or not) and hold the owned fp32 pieces, so any
+    elementwise rule applies unchanged."""
+
+    def __init__(self, model: nn.Module, groups: Groups, train: TrainConfig, *, zero_stage: int = 1,
+                 make_optimizer: Callable[[list[dict]], torch.optim.Optimizer] | None = None):
+        if zero_stage not in (1, 2):
+            raise ValueError(f"the expert optimizer shards like ZeRO-1 or ZeRO-2, not stage {zero_stage}")
+        self.groups, self.zero_stage = groups, zero_stage
+        self.dp_ranks = groups.world_size // groups.ep_size
+        self.dp_position = dist.get_rank() // groups.ep_size  # place in the group {i, i + P, i + 2P, ...}
         named = [(n, p) for n, p in model.named_parameters() if is_expert_param(n)]
-        self.params = [p for _, p in named]
-        self.masters = [p.detach().float().clone().requires_grad_(p.requires_grad) for p in self.params]
-        self.master_of = dict(zip(self.params, self.masters))
-        self.adamw = adamw(((n, m) for (n, _), m in zip(named, self.masters)), train)
-        for param, master in zip(self.params, self.masters):
-            param.register_post_accumulate_grad_hook(partial(_accumulate_into, master))
+        self.shards = [_Shard(n, p, self.dp_position, self.dp_ranks) for n, p in named]
+        self.shard_of = {s.param: s for s in self.shards}
+        param_groups_ = param_groups(named, train)
+        for group in param_groups_:
+            group["params"] = [self.shard_of[p].master for p in group["params"]]
+        self.optimizer = (make_optimizer or (lambda g: adamw_over_groups(g, train)))(param_groups_)
 
+    def __contains__(self, param: torch.Tensor) -> bool:
+        return param in self.shard_of
+
+    # --- gradients ---------------------------------------------------------------------------------------
     @torch.no_grad()
-    def write_back(self) -> None:
-        """Copy the masters into the module's parameters (cast to their dtype)."""
-        for param, master in zip(self.params, self.masters):
-            param.copy_(master)
+    def _reduce_into_owned(self, shard: _Shard) -> None:
+        """Reduce-scatter the module gradient (zeros where autograd left none, so every rank joins) over the
+        expert-data-parallel group; add this rank's piece to its fp32 gradient; free the full gradient."""
+        full = shard.param.grad if shard.param.grad is not None else torch.zeros_like(shard.param)
+        piece = shard.master.new_empty(shard.size)
+        dist.reduce_scatter_tensor(piece, shard.padded(full, self.dp_ranks), group=self.groups.expert_dp_group)
+        shard.grad = piece if shard.grad is None else shard.grad.add_(piece)
+        shard.param.grad = None
+
+    def reduce_micro_batch(self) -> None:
+        """After each micro-batch's backward (collective): ZeRO-2 keeps only its owned, reduced gradient."""
+        if self.zero_stage == 2:
+            for shard in self.shards:
+                self._reduce_into_owned(shard)
 
     @torch.no_grad()
     def reduce_gradients(self) -> torch.Tensor:
         """Average the shards' gradients over the global batch and return the norm of all experts' gradients.
 
         A shard's gradient already sums its expert-parallel group's tokens (through the all-to-all backward),
-        so it is summed over the expert-data-parallel group and divided by the world size. A master without a
-        gradient contributes zeros, so every rank joins every collective."""
-        squares = torch.zeros((), dtype=torch.float32, device=self.masters[0].device)
-        for master in self.masters:
-            if master.grad is None:
-                master.grad = torch.zeros_like(master)
-            dist.all_reduce(master.grad, group=self.groups.expert_dp_group)
-            master.grad /= self.groups.world_size
-            squares += master.grad.pow(2).sum()
-        dist.all_reduce(squares, group=self.groups.ep_group)  # the other shards of the same experts' set
+        so it is summed over the expert-data-parallel group and divided by the world size. The owned pieces
+        of all ranks partition every expert tensor once, so the norm is their squares summed over the world."""
+        if self.zero_stage == 1:
+            for shard in self.shards:
+                self._reduce_into_owned(shard)
+        squares = torch.zeros((), dtype=torch.float32, device=self.shards[0].master.device)
+        for shard in self.shards:
+            if shard.grad is None:  # ZeRO-2 with no micro-batch reduced (cannot happen in a step): zeros
+                shard.grad = torch.zeros_like(shard.master)
+            shard.grad /= self.groups.world_size
+            squares += shard.grad.pow(2).sum()
+        dist.all_reduce(squares)
         return squares.sqrt()
 
+    # --- the update --------------------------------------------------------------------------------------
     @torch.no_grad()
     def step(self, lr: float, clip_factor: float) -> None:
-        """AdamW on gradients divided by `clip_factor` (>= 1), then the module gets the new weights."""
-        for group in self.adamw.param_groups:
+        """The update on gradients divided by `clip_factor` (>= 1), then the module gets the new weights."""
+        for group in self.optimizer.param_groups:
             group["lr"] = lr
-        if clip_factor != 1.0:
-            for master in self.masters:
-                master.grad /= clip_factor
-        self.adamw.step()
+        for shard in self.shards:
+            shard.master.grad = shard.grad if clip_factor == 1.0 else shard.grad / clip_factor
+        self.optimizer.step()
         self.write_back()
 
+    @torch.no_grad()
+    def write_back(self) -> None:
+        """All-gather the owned master pieces over the expert-data-parallel group into the module's weights."""
+        for shard in self.shards:
+            shard.param.copy_(self._gather(shard, shard.master).view_as(shard.param))
+
     def zero_grad(self) -> None:
-        for param, master in zip(self.params, self.masters):
-            param.grad = master.grad = None
+        for shard in self.shards:
+            shard.param.grad = shard.grad = shard.master.grad = None
 
-    # --- topology-free state: full tensors in global expert order (collectives over the EP group) ---------
+    def _gather(self, shard: _Shard, piece: torch.Tensor) -> torch.Tensor:
+        """The full local-shard tensor (flattened, fp32) from every rank's owned piece (collective)."""
+        full = piece.new_empty(self.dp_ranks * shard.size)
+        dist.all_gather_into_tensor(full, piece.contiguous(), group=self.groups.expert_dp_group)
+        return full[:shard.numel]
+
+    # --- memory: bytes of what this rank holds -----------------------------------------------------------
+    def held_bytes(self) -> dict[str, int]:
+        """Module expert weights and their gradients as they are now; fp32 masters, reduced gradients and
+        optimizer state of the owned pieces."""
+        def size(t: torch.Tensor | None) -> int:
+            return 0 if t is None else t.numel() * t.element_size()
+
+        state = [t for s in self.shards for t in self.optimizer.state.get(s.master, {}).values()
+                 if isinstance(t, torch.Tensor) and t.ndim > 0]
+        return {
+            "params": sum(size(s.param) for s in self.shards),
+            "grads": sum(size(s.param.grad) + size(s.grad) for s in self.shards),
+            "optimizer": sum(size(s.master) for s in self.shards) + sum(size(t) for t in state),
+        }
+
+    # --- topology-free state ------------------------------------------------------------------------------
+    def owned_state(self) -> Iterator[tuple[str, str, tuple[int, ...], OwnedSlice, torch.Tensor]]:
+        """(parameter name, "master" or an optimizer-state key, global shape, the slice this rank owns, the
+        owned fp32 elements) for every expert tensor: what a checkpoint writer that saves per-rank shards needs
+        (the padding past `stop` is left out). Not collective."""
+        for shard in self.shards:
+            rows = slice(shard.param.shape[0] * self.groups.ep_rank, shard.param.shape[0] * (self.groups.ep_rank + 1))
+            shape = (shard.param.shape[0] * self.groups.ep_size, *shard.param.shape[1:])
+            owned = OwnedSlice(rows, shard.start, shard.stop)
+            count = shard.stop - shard.start
+            yield shard.name, "master", shape, owned, shard.master[:count]
+            for key, value in self.optimizer.state.get(shard.master, {}).items():
+                if isinstance(value, torch.Tensor) and value.ndim > 0:
+                    yield shard.name, key, shape, owned, value[:count]
+
     def full_master(self, param: nn.Parameter) -> torch.Tensor:
-        return gather_experts(self.master_of[param], self.groups)
+        """fp32 weights of all experts in global order (collective over both groups)."""
+        shard = self.shard_of[param]
+        return gather_experts(self._gather(shard, shard.master).view(param.shape), self.groups)
 
-    def full_moment(self, param: nn.Parameter, key: str) -> torch.Tensor:
-        return gather_experts(self.adamw.state[self.master_of[param]][key], self.groups)
+    def full_state(self, param: nn.Parameter, key: str) -> torch.Tensor:
+        """An optimizer-state tensor (e.g. AdamW's exp_avg) of all experts in global order (collective)."""
+        shard = self.shard_of[param]
+        return gather_experts(self._gather(shard, self.optimizer.state[shard.master][key]).view(param.shape), self.groups)
 
-    def load_state(self, param: nn.Parameter, step: torch.Tensor, moments: dict[str, torch.Tensor]) -> None:
-        """Restore the AdamW state of `param`'s shard: its rows of the moments."""
-        master = self.master_of[param]
-        self.adamw.state[master] = {
-            "step": step.clone(),
-            **{k: v.to(master.device, torch.float32).clone() for k, v in moments.items()},
+    def full_grad(self, param: nn.Parameter) -> torch.Tensor:
+        """The reduced gradient of all experts in global order (collective; after `reduce_gradients`)."""
+        shard = self.shard_of[param]
+        return gather_experts(self._gather(shard, shard.grad).view(param.shape), self.groups)
+
+    def load_state(self, param: nn.Parameter, step: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
+        """Restore the optimizer state of `param`'s shard from its rows of the full state tensors; this rank
+        keeps its owned elements."""
+        shard = self.shard_of[param]
+        self.optimizer.state[shard.master] = {
+            "step": step.clone(), **{k: shard.take(v.to(shard.master.device)) for k, v in state.items()}
         }

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from kmodel.checkpoint import list_checkpoints
 from kmodel.rundir import CHECKPOINTS_DIR, METRICS_FILE, PLOTS_DIR, SUMMARY_FILE
+from kmodel.train.memory import CATEGORIES, record_key
 from kmodel.train.metrics import read_metrics
 
 
@@ -36,6 +37,12 @@ def summarize(run_dir: str | Path) -> str:
     mfu = [r["mfu"] for r in train if r.get("mfu") is not None]
     if mfu:
         lines.append(f"MFU            {100 * statistics.median(mfu):.1f}% (median)")
+    memory = [r for r in records if r["kind"] == "memory"]
+    if memory:  # the largest value over the ranks, per category, as the planner predicts it (kmodel plan)
+        step = max(r["step"] for r in memory)
+        ranks = [r for r in memory if r["step"] == step]
+        parts = ", ".join(f"{c} {max(r[record_key(c)] for r in ranks) / 2**20:,.1f}" for c in CATEGORIES)
+        lines.append(f"memory         {parts} MiB (largest of {len(ranks)} rank(s), step {step})")
     if evals:
         e = evals[-1]
         lines.append(f"held-out       loss {e['loss']:.3f}, perplexity {e['perplexity']:.1f}, "

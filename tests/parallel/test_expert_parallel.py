@@ -64,7 +64,7 @@ def _worker(rank: int, port: int, skew: bool, extra: list[str], out: str) -> Non
         grads = {}
         for name, param in model.named_parameters():
             if xp.is_expert_param(name):
-                grads[name] = xp.gather_experts(experts.master_of[param].grad, groups)
+                grads[name] = experts.full_grad(param)
             else:  # dense: the plain data-parallel average (DeepSpeed's job in the trainer)
                 dist.all_reduce(param.grad)
                 grads[name] = param.grad / WORLD
