@@ -131,5 +131,5 @@ def test_run_state_of_a_launched_directory(tmp_path):
     step.mkdir(parents=True)
     with pytest.raises(RunStateError):  # an incomplete checkpoint is no checkpoint
         run_state(run)
-    (step / "model.safetensors").write_bytes(b"")
+    (step / "manifest.json").write_text("{}")  # a finished save (verifying it is the restore's business)
     assert run_state(run) == "resume"
