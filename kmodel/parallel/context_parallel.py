@@ -1,0 +1,245 @@
+"""Context parallelism: one sequence split over a group of ranks, with attention that knows sliding windows.
+
+Layout (causal zigzag). A sequence of S tokens is cut into 2·C chunks of L = S / (2·C) tokens for a group of C
+ranks; rank r holds chunks r and 2C−1−r, so every rank holds one early and one late chunk and does the same
+causal attention work. Rank r's local tokens are those two chunks, in that order.
+
+What each attention layer exchanges:
+- A sliding-window layer (window W) only needs, for each chunk, the W−1 keys and values just before it: the tail
+  of the previous chunk. Each rank sends the tails of its chunks to the owners of the following chunks (point to
+  point) and receives the tails it needs: (W−1) rows per chunk whose predecessor lives on another rank, instead of
+  the whole sequence. When W−1 exceeds a chunk the halo would span several chunks; that layer then gathers like a
+  global one (exact, counted as a gather).
+- A global layer gathers every rank's keys and values (all-gather; backward sums the gradients back, a
+  reduce-scatter). MLA gathers its compressed latent, which is what makes it cheap there; the caller decides what
+  `gather_sequence` gathers.
+Attention itself runs on the local queries against the keys they can see, with a mask built from global
+positions, so packed documents (`doc_ids` of the whole sequence), RoPE (the caller rotates with
+`ContextLayout.positions()`), NoPE and attention sinks are exact.
+
+Every exchange adds its bytes to `CommStats` by layer kind, so tests compare them with `halo_bytes` /
+`gather_bytes`, the formulas the planner uses.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import torch
+import torch.distributed as dist
+
+from kmodel.kernels.attention.reference import masked_attention, visibility_mask
+
+
+@dataclass(frozen=True)
+class ContextLayout:
+    """Where rank `rank` of a context-parallel group of `size` ranks sits in a sequence of `seq_len` tokens."""
+
+    seq_len: int
+    size: int
+    rank: int
+
+    def __post_init__(self) -> None:
+        if self.size <= 0 or not 0 <= self.rank < self.size:
+            raise ValueError(f"context-parallel rank {self.rank} is not in a group of {self.size}")
+        if self.seq_len % (2 * self.size):
+            raise ValueError(
+                f"sequence length {self.seq_len} is not divisible by 2 x context_parallel_size = {2 * self.size} "
+                f"(the zigzag layout cuts it into that many equal chunks); use a sequence length that is a multiple "
+                f"of {2 * self.size}"
+            )
+
+    @property
+    def chunk_len(self) -> int:
+        return self.seq_len // (2 * self.size)
+
+    def chunks(self, rank: int | None = None) -> tuple[int, int]:
+        rank = self.rank if rank is None else rank
+        return rank, 2 * self.size - 1 - rank
+
+    def owner(self, chunk: int) -> int:
+        return chunk if chunk < self.size else 2 * self.size - 1 - chunk
+
+    def positions(self, rank: int | None = None, device: torch.device | str | None = None) -> torch.Tensor:
+        """Global positions of a rank's local tokens, in local order."""
+        first, second = self.chunks(rank)
+        length = self.chunk_len
+        return torch.cat([torch.arange(c * length, (c + 1) * length, device=device) for c in (first, second)])
+
+    def shard(self, x: torch.Tensor, dim: int = 1) -> torch.Tensor:
+        """This rank's tokens of a whole-sequence tensor (`dim` is the sequence dimension)."""
+        return x.index_select(dim, self.positions(device=x.device))
+
+    def unshard(self, pieces: list[torch.Tensor], dim: int = 1) -> torch.Tensor:
+        """The whole sequence from every rank's local tensor (rank order)."""
+        order = torch.cat([self.positions(r) for r in range(self.size)])
+        full = torch.cat(pieces, dim=dim)
+        return full.index_select(dim, torch.argsort(order).to(full.device))
+
+
+@dataclass
+class CommStats:
+    """Bytes this rank received, by layer kind ("sliding", "global")."""
+
+    received: dict[str, int] = field(default_factory=lambda: defaultdict(int))
+
+    def add(self, kind: str, tensor: torch.Tensor) -> None:
+        self.received[kind] += tensor.numel() * tensor.element_size()
+
+
+def halo_bytes(layout: ContextLayout, window: int, row_bytes: int) -> int:
+    """Bytes rank `layout.rank` receives in one sliding-window layer's forward: W−1 rows for each of its chunks
+    whose predecessor chunk lives on another rank. `row_bytes`: one token position of the exchanged keys and values
+    (batch x kv heads x (k dim + v dim) x element size; MLA: batch x latent width x element size)."""
+    if window - 1 > layout.chunk_len:
+        return gather_bytes(layout, row_bytes)
+    remote = sum(1 for c in layout.chunks() if c > 0 and layout.owner(c - 1) != layout.rank)
+    return remote * (window - 1) * row_bytes
+
+
+def gather_bytes(layout: ContextLayout, row_bytes: int) -> int:
+    """Bytes one rank receives in one global layer's all-gather: every other rank's local tokens."""
+    return (layout.size - 1) * 2 * layout.chunk_len * row_bytes
+
+
+class _HaloExchange(torch.autograd.Function):
+    """Send the tail rows `sends[i] = (peer, start)` of x to their peers and receive `rows` rows from each peer in
+    `recv_from`. Backward sends the received rows' gradients back and adds what returns to x's gradient, so every
+    rank joins the backward exchange exactly as it joined the forward one."""
+
+    @staticmethod
+    def forward(ctx, x, group, sends, recv_from, rows):
+        ctx.group, ctx.sends, ctx.recv_from, ctx.rows, ctx.shape = group, sends, recv_from, rows, x.shape
+        shape = (x.shape[0], rows, *x.shape[2:])
+        incoming = [x.new_empty(shape) for _ in recv_from]
+        _exchange(group, [(peer, x.narrow(1, start, rows)) for peer, start in sends], list(zip(recv_from, incoming)))
+        return tuple(incoming)
+
+    @staticmethod
+    def backward(ctx, *grads):
+        shape = (ctx.shape[0], ctx.rows, *ctx.shape[2:])
+        grads = [torch.zeros(shape, dtype=g.dtype, device=g.device) if g is None else g.contiguous() for g in grads]
+        back = [grads[0].new_empty(shape) for _ in ctx.sends]
+        _exchange(ctx.group, list(zip(ctx.recv_from, grads)), [(peer, b) for (peer, _), b in zip(ctx.sends, back)])
+        grad_x = grads[0].new_zeros(ctx.shape)
+        for (_, start), b in zip(ctx.sends, back):
+            grad_x.narrow(1, start, ctx.rows).add_(b)
+        return grad_x, None, None, None, None
+
+
+def _exchange(group, sends: list[tuple[int, torch.Tensor]], recvs: list[tuple[int, torch.Tensor]]) -> None:
+    ops = [dist.P2POp(dist.isend, t.contiguous(), dist.get_global_rank(group, peer), group) for peer, t in sends]
+    ops += [dist.P2POp(dist.irecv, t, dist.get_global_rank(group, peer), group) for peer, t in recvs]
+    if ops:
+        for request in dist.batch_isend_irecv(ops):
+            request.wait()
+
+
+class _GatherSequence(torch.autograd.Function):
+    """All-gather along the sequence dimension (dim 1); backward sums the gradients over the group and keeps this
+    rank's slice (a reduce-scatter)."""
+
+    @staticmethod
+    def forward(ctx, group, x):
+        ctx.group, ctx.length = group, x.shape[1]
+        pieces = [torch.empty_like(x) for _ in range(dist.get_world_size(group))]
+        dist.all_gather(pieces, x.contiguous(), group=group)
+        return torch.cat(pieces, dim=1)
+
+    @staticmethod
+    def backward(ctx, grad):
+        grad = grad.contiguous()
+        rank = dist.get_rank(ctx.group)
+        if dist.get_backend(ctx.group) == "nccl":
+            pieces = list(grad.split(ctx.length, dim=1))
+            out = torch.empty_like(pieces[rank])
+            dist.reduce_scatter(out, [p.contiguous() for p in pieces], group=ctx.group)
+            return None, out
+        dist.all_reduce(grad, group=ctx.group)  # gloo has no reduce-scatter
+        return None, grad.narrow(1, rank * ctx.length, ctx.length).contiguous()
+
+
+def gather_sequence(x: torch.Tensor, layout: ContextLayout, group, stats: CommStats | None = None,
+                    kind: str = "global") -> tuple[torch.Tensor, torch.Tensor]:
+    """Every rank's local rows of `x` (batch, local, ...) and their global positions, differentiably."""
+    full = _GatherSequence.apply(group, x)
+    if stats is not None:
+        stats.received[kind] += (full.numel() - x.numel()) * x.element_size()
+    positions = torch.cat([layout.positions(r, x.device) for r in range(layout.size)])
+    return full, positions
+
+
+def halo(x: torch.Tensor, layout: ContextLayout, group, rows: int, stats: CommStats | None = None
+         ) -> list[torch.Tensor | None]:
+    """For each of this rank's two chunks, the `rows` rows of `x` (batch, local, ...) just before it, or None when
+    the chunk starts the sequence. Rows of a predecessor this rank holds itself are sliced locally."""
+    length = layout.chunk_len
+    local = {chunk: i for i, chunk in enumerate(layout.chunks())}
+    tail_start = {chunk: i * length + length - rows for chunk, i in local.items()}
+    sends = [(layout.owner(c + 1), tail_start[c]) for c in local
+             if c + 1 < 2 * layout.size and layout.owner(c + 1) != layout.rank]
+    remote = [c for c in local if c > 0 and c - 1 not in local]
+    received = dict(zip(remote, _HaloExchange.apply(x, group, sends, [layout.owner(c - 1) for c in remote], rows)))
+    halos: list[torch.Tensor | None] = []
+    for c in layout.chunks():
+        if c == 0:
+            halos.append(None)
+        elif c in received:
+            halos.append(received[c])
+            if stats is not None:
+                stats.add("sliding", received[c])
+        else:
+            halos.append(x.narrow(1, tail_start[c - 1], rows))
+    return halos
+
+
+def context_parallel_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    layout: ContextLayout,
+    group,
+    window: int | None = None,
+    scale: float | None = None,
+    doc_ids: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    stats: CommStats | None = None,
+) -> torch.Tensor:
+    """Causal attention of this rank's local queries (batch, local, q_heads, d) over the whole sequence's keys.
+
+    k, v: this rank's local keys/values (batch, local, kv_heads, d | d_v). window: sliding window or None (global).
+    doc_ids: (batch, seq_len) document index of every token of the whole sequence (packed documents), or None.
+    Equals `kmodel.kernels.attention.reference.attention` over the whole sequence, restricted to local rows.
+    """
+    head_dim = q.shape[-1]
+    scale = head_dim**-0.5 if scale is None else scale
+    length = layout.chunk_len
+    pos = layout.positions(device=q.device)
+    qt = q.transpose(1, 2)
+    if window is not None and window - 1 <= length:
+        kv = torch.cat([k, v], dim=-1)
+        halos = halo(kv, layout, group, window - 1, stats) if window > 1 else [None, None]
+        outs = []
+        for i, h in enumerate(halos):
+            rows = slice(i * length, (i + 1) * length)
+            keys = kv[:, rows] if h is None else torch.cat([h, kv[:, rows]], dim=1)
+            key_pos = pos[rows] if h is None else torch.cat([pos[rows][:1] - h.shape[1] + torch.arange(
+                h.shape[1], device=q.device), pos[rows]])
+            outs.append(_attend(qt[:, :, rows], keys, k.shape[-1], pos[rows], key_pos, window, doc_ids, scale, sinks))
+        return torch.cat(outs, dim=2).transpose(1, 2)
+    kind = "global" if window is None else "sliding"
+    kv, key_pos = gather_sequence(torch.cat([k, v], dim=-1), layout, group, stats, kind)
+    return _attend(qt, kv, k.shape[-1], pos, key_pos, window, doc_ids, scale, sinks).transpose(1, 2)
+
+
+def _attend(qt, kv, k_dim, q_pos, k_pos, window, doc_ids, scale, sinks) -> torch.Tensor:
+    keys, values = kv[..., :k_dim].transpose(1, 2), kv[..., k_dim:].transpose(1, 2)
+    mask = visibility_mask(q_pos, k_pos, window=window, causal=True).expand(qt.shape[0], 1, -1, -1)
+    if doc_ids is not None:
+        mask = mask & (doc_ids[:, None, q_pos, None] == doc_ids[:, None, None, k_pos])
+    if qt.shape[1] != keys.shape[1]:
+        group = qt.shape[1] // keys.shape[1]
+        keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
+    return masked_attention(qt, keys, values, mask, scale=scale, sinks=sinks)
