@@ -193,6 +193,11 @@ def initial_weights_sha256(cfg) -> str:
 
 
 def _init_check(genesis: dict[str, Any], cfg) -> Check:
+    gap = genesis.get("gap")
+    if gap is not None:  # --ledger-gap: the chain starts mid-run, from weights it cannot vouch for
+        return Check("init_weights", FAIL, f"the ledger starts after a gap at step {gap.get('resumed_from_step')} "
+                     f"({gap.get('reason')}): the weights it continued from ({str(gap.get('weights_sha256'))[:16]}...) "
+                     "are not covered by this chain")
     if cfg is None:
         return Check("init_weights", FAIL, "the genesis record holds no valid config to rebuild the model from")
     recomputed = initial_weights_sha256(cfg)
