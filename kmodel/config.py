@@ -142,6 +142,18 @@ class ModelConfig(Section):
     norm_weight_plus_one: bool = Field(
         False, description="Gemma-style norms: the weight is stored as w, applied as (1 + w), initialised to 0"
     )
+    # --- K-EXAONE 2.0 (vLLM's config names) ---------------------------------------------------------
+    sliding_windows: list[int | None] | None = Field(
+        None,
+        description="one entry per layer: the window of a sliding layer, null for a full layer (sets layer_types; "
+        "sliding_window becomes the largest)",
+    )
+    swiglu_limits: list[float | None] | None = Field(
+        None,
+        description="one entry per layer: clamp silu(gate) <= limit and |up| <= limit in the layer's SwiGLU (dense "
+        "MLP, shared and routed experts); null or 0: no clamp",
+    )
+    mtp_mlp_type: MlpType | None = Field(None, description="the MTP blocks' feed-forward (default: the last layer's)")
 
     @model_validator(mode="after")
     def _resolve_and_check(self) -> "ModelConfig":
@@ -171,6 +183,7 @@ class ModelConfig(Section):
                 "a window longer than the context is full attention; lower it or use full_attention layers"
             )
 
+        self._resolve_sliding_windows()
         derived = _layer_types_from_pattern(self.sliding_window_pattern, n)
         if self.layer_types is None:
             layer_types = derived or ["full_attention"] * n
@@ -199,6 +212,7 @@ class ModelConfig(Section):
         if len(mlp_types) != n:
             raise ValueError(f"mlp_layer_types has {len(mlp_types)} entries for num_hidden_layers={n}")
         object.__setattr__(self, "mlp_layer_types", mlp_types)
+        self._resolve_mtp_and_clamps()
 
         if self.num_experts:
             if self.moe_intermediate_size is None:
@@ -217,6 +231,57 @@ class ModelConfig(Section):
                     f"({self.topk_group}) groups of {self.num_experts // self.n_group}"
                 )
         return self
+
+    def _resolve_sliding_windows(self) -> None:
+        windows, n = self.sliding_windows, self.num_hidden_layers
+        if windows is None:
+            return
+        if len(windows) != n:
+            raise ValueError(f"sliding_windows has {len(windows)} entries for num_hidden_layers={n}")
+        bad = [(i, w) for i, w in enumerate(windows) if w is not None and w <= 0]
+        if bad:
+            raise ValueError(f"sliding_windows[{bad[0][0]}] is {bad[0][1]}: a window must be positive (null: full layer)")
+        types = ["full_attention" if w is None else "sliding_attention" for w in windows]
+        if self.layer_types is not None and list(self.layer_types) != types:
+            raise ValueError("layer_types and sliding_windows disagree (null windows are the full layers); give one")
+        if self.sliding_window_pattern is not None:
+            raise ValueError("sliding_window_pattern and sliding_windows both set the layer types; give one")
+        sized = [w for w in windows if w is not None]
+        largest = max(sized) if sized else None
+        if self.sliding_window is not None and self.sliding_window != largest:
+            raise ValueError(
+                f"sliding_window ({self.sliding_window}) must be the largest of sliding_windows ({largest}) or unset"
+            )
+        object.__setattr__(self, "layer_types", types)
+        object.__setattr__(self, "sliding_window", largest)
+
+    def _resolve_mtp_and_clamps(self) -> None:
+        n = self.num_hidden_layers
+        mtp_type = self.mtp_mlp_type or self.mlp_layer_types[-1]
+        if mtp_type == "sparse" and self.num_experts == 0:
+            raise ValueError("mtp_mlp_type 'sparse' needs routed experts (num_experts is 0)")
+        object.__setattr__(self, "mtp_mlp_type", mtp_type)
+        limits = self.swiglu_limits
+        if limits is None:
+            return
+        if len(limits) != n:
+            raise ValueError(f"swiglu_limits has {len(limits)} entries for num_hidden_layers={n}")
+        bad = [(i, v) for i, v in enumerate(limits) if v is not None and v < 0]
+        if bad:
+            raise ValueError(f"swiglu_limits[{bad[0][0]}] is {bad[0][1]}: a clamp must be positive (null or 0: none)")
+        if self.expert_activation != "swiglu":
+            raise ValueError("swiglu_limits clamp plain SwiGLU; expert_activation 'clamped_swiglu' has its own clamp")
+
+    def window_of(self, layer_idx: int) -> int | None:
+        """Keys a query of layer `layer_idx` sees (None: all): its own entry of sliding_windows, else
+        sliding_window on sliding layers."""
+        if self.layer_types[layer_idx] != "sliding_attention":
+            return None
+        return self.sliding_windows[layer_idx] if self.sliding_windows is not None else self.sliding_window
+
+    def swiglu_limit_of(self, layer_idx: int) -> float | None:
+        """The SwiGLU clamp of layer `layer_idx` (None: unclamped)."""
+        return (self.swiglu_limits[layer_idx] or None) if self.swiglu_limits is not None else None
 
     def _check_attention_kind(self) -> None:
         mla_keys = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")

@@ -8,6 +8,7 @@ Also: MLA's compressed generation cache reproduces the uncached forward, and con
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from pathlib import Path
@@ -223,7 +224,7 @@ def test_logits_and_gradients_match_transformers(case, seed, tmp_path):
     exported = {}
     for name, tensor in model.state_dict().items():
         hf_name = rename(name, cfg.model)
-        if hf_name is not None:
+        if hf_name is not None and not name.startswith("mtp."):  # MTP depths: test_mtp_depths_* below
             assert torch.equal(theirs[hf_name], transform(name, tensor, cfg.model)), name
             exported[name] = hf_name
     assert {n for n, _ in reference.named_parameters()} <= set(exported.values())
@@ -502,3 +503,112 @@ def test_plus_one_norms_start_at_zero_and_equal_plain_norms_at_init():
     assert all(torch.count_nonzero(shifted.get_parameter(name)) == 0 for name in norms)
     ids = torch.randint(0, 97, (1, 8), generator=torch.Generator().manual_seed(0))
     torch.testing.assert_close(shifted.eval()(ids).logits, plain.eval()(ids).logits, rtol=0, atol=0)
+
+
+# --- MTP depths through the export ---------------------------------------------------------------------
+
+
+def kmodel_depth_states(model, ids: torch.Tensor) -> list[torch.Tensor]:
+    """[main hidden before the final norm, depth 1 output, depth 2 output, ...] (un-normalised, kmodel's chain)."""
+    positions = torch.arange(ids.shape[1])
+    _, h, _ = model.backbone(ids, positions)
+    states = [h]
+    for k, depth in enumerate(model.mtp, start=1):
+        n = ids.shape[1] - k
+        h, _ = depth(h[:, :n], model.embed(ids[:, k:]), model.mtp_rope(positions[:n]), positions[:n])
+        states.append(h)
+    return states
+
+
+@pytest.mark.parametrize("depth", [1, 2])
+def test_mtp_depths_exported_to_deepseek_v3_are_read_back_by_transformers(depth, tmp_path, caplog):
+    """DeepSeek-V3 stores MTP depth k as layer num_hidden_layers + k. transformers' own MtpModel loads them
+    from the export and, given the same input hidden state, predicts the same logits as kmodel at every depth."""
+    from transformers.modeling_layers import MtpModel
+
+    rng = random.Random(f"mtp-{depth}")
+    section = deepseek_v3(rng) | {"num_nextn_predict_layers": depth, "first_k_dense_replace": 1}
+    cfg, model = build(section, depth)
+    save_checkpoint(tmp_path / "ckpt", model, cfg)
+    with caplog.at_level("WARNING", logger="kmodel.export.hf"):
+        export_hf(tmp_path / "ckpt", tmp_path / "hf", family="deepseek_v3")
+    assert ("normalised output" in caplog.text) == (depth > 1)
+    main = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, attn_implementation="eager")
+    n = cfg.model.num_hidden_layers
+    # The class names its MTP layers for the released 61-layer model only; point it at this model's.
+    main._keys_to_ignore_on_load_unexpected = [rf"model\.layers\.{n + k}\..*" for k in range(depth)]
+    mtp = MtpModel.from_pretrained(main).eval()
+    for k in range(depth):
+        ours = model.state_dict()
+        assert torch.equal(mtp.layers[k].eh_proj.weight, ours[f"mtp.{k}.eh_proj.weight"])
+        assert torch.equal(mtp.layers[k].post_norm.weight, ours[f"mtp.{k}.norm.weight"])
+
+    model.eval()
+    ids = torch.randint(0, cfg.model.vocab_size, (1, 11), generator=torch.Generator().manual_seed(depth))
+    with torch.no_grad():
+        states = kmodel_depth_states(model, ids)
+        for k in range(1, depth + 1):
+            seq = ids.shape[1] - k
+            theirs = mtp.forward_layer(
+                k - 1, states[k - 1][:, :seq], torch.arange(k, k + seq)[None], None, input_ids=ids[:, k:]
+            )
+            ref = mtp._project_to_logits(theirs)
+            ours = model.logits(states[k], model.mtp[k - 1].norm)
+            rel = (ours - ref).abs().max() / ref.abs().max()
+            assert rel < 1e-5, f"depth {k}: max relative logit error {rel:.2e}"
+
+
+def test_mtp_export_to_exaone_moe_keeps_one_dense_depth_else_says_it_drops(tmp_path, caplog):
+    """K-EXAONE's checkpoints hold one MTP module under `mtp.` (fc, pre_fc_norm_embedding, pre_fc_norm_hidden,
+    layers.0, norm) with a dense feed-forward: kmodel's depth-1 dense MTP is written there and read back
+    unchanged, and transformers' class loads the main model past it; other MTP shapes are dropped, saying so."""
+    from safetensors.torch import load_file
+
+    section = {
+        "vocab_size": 97, "hidden_size": 32, "intermediate_size": 48, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "rms_norm_eps": 1e-6, "max_position_embeddings": 128,
+        "sliding_window": 4, "layer_types": ["sliding_attention", "full_attention"], "rope_layers": "sliding",
+        "num_experts": 4, "num_experts_per_tok": 2, "num_shared_experts": 1, "moe_intermediate_size": 24,
+        "num_nextn_predict_layers": 1, "mtp_mlp_type": "dense",
+    }
+    cfg, model = build(section, 0)
+    save_checkpoint(tmp_path / "ckpt", model, cfg)
+    export_hf(tmp_path / "ckpt", tmp_path / "hf", family="exaone_moe")
+    written = load_file(tmp_path / "hf" / "model.safetensors")
+    ours = model.state_dict()
+    expected = {
+        "mtp.fc.weight": "mtp.0.eh_proj.weight",
+        "mtp.pre_fc_norm_embedding.weight": "mtp.0.enorm.weight",
+        "mtp.pre_fc_norm_hidden.weight": "mtp.0.hnorm.weight",
+        "mtp.norm.weight": "mtp.0.norm.weight",
+        "mtp.layers.0.input_layernorm.weight": "mtp.0.block.attn_in_norm.weight",
+        "mtp.layers.0.self_attn.q_norm.weight": "mtp.0.block.self_attn.q_norm.weight",
+        "mtp.layers.0.mlp.down_proj.weight": "mtp.0.block.mlp.down_proj.weight",
+    }
+    for hf_name, name in expected.items():
+        assert torch.equal(written[hf_name], ours[name]), hf_name
+    assert sum(k.startswith("mtp.") for k in written) == sum(k.startswith("mtp.") for k in ours)
+    config = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert config["num_nextn_predict_layers"] == 1 and config["mtp_layer_types"] == ["full_attention"]
+    reference = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, attn_implementation="eager")
+    ids = torch.randint(0, 97, (1, 9), generator=torch.Generator().manual_seed(0))
+    rel = (model.eval()(ids).logits - reference(ids).logits).abs().max() / reference(ids).logits.abs().max()
+    assert rel < 1e-4
+
+    for depth, mlp in ((2, "dense"), (1, "sparse")):
+        cfg, model = build(section | {"num_nextn_predict_layers": depth, "mtp_mlp_type": mlp}, 0)
+        out = tmp_path / f"{depth}-{mlp}"
+        save_checkpoint(out / "ckpt", model, cfg)
+        caplog.clear()
+        with caplog.at_level("WARNING", logger="kmodel.export.hf"):
+            export_hf(out / "ckpt", out / "hf", family="exaone_moe")
+        assert f"drops the {depth} MTP depth(s)" in caplog.text
+        assert not any(k.startswith("mtp.") for k in load_file(out / "hf" / "model.safetensors"))
+
+
+def test_families_without_mtp_names_say_they_drop_them(tmp_path, caplog):
+    cfg, model = build(axk1(random.Random("axk1-mtp")) | {"num_nextn_predict_layers": 2}, 0)
+    save_checkpoint(tmp_path / "ckpt", model, cfg)
+    with caplog.at_level("WARNING", logger="kmodel.export.hf"):
+        export_hf(tmp_path / "ckpt", tmp_path / "hf", family="axk1")
+    assert "drops the 2 MTP depth(s) (mtp.*): this class has no names for them" in caplog.text

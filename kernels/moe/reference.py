@@ -95,9 +95,12 @@ def swiglu(
     gate: torch.Tensor, up: torch.Tensor, activation: str = "swiglu", alpha: float = 1.702, limit: float = 7.0
 ) -> torch.Tensor:
     """swiglu: silu(gate) * up. clamped_swiglu (gpt-oss): gate * sigmoid(alpha * gate) * (up + 1), after
-    clamping gate to <= limit and up to [-limit, limit]."""
+    clamping gate to <= limit and up to [-limit, limit]. limited_swiglu (K-EXAONE 2.0's per-layer clamps):
+    silu(gate) clamped to <= limit, times up clamped to [-limit, limit]."""
     if activation == "swiglu":
         return F.silu(gate) * up
+    if activation == "limited_swiglu":
+        return F.silu(gate).clamp(max=limit) * up.clamp(-limit, limit)
     if activation == "clamped_swiglu":
         gate, up = gate.clamp(max=limit), up.clamp(-limit, limit)
         return gate * torch.sigmoid(alpha * gate) * (up + 1)

@@ -1,10 +1,12 @@
-"""transformers families beyond the model-core three: qwen3_moe, deepseek_v3, axk1 (A.X K1), hyperclovax,
-gpt_oss.
+"""The transformers families kmodel exports to: exaone_moe (K-EXAONE), solar_open, exaone4, qwen3_moe,
+deepseek_v3, axk1 (A.X K1), hyperclovax, gpt_oss.
 
-Each is a `Family` (see hf.py): what of a kmodel config the class cannot express, its config.json, and the
-name table. kmodel's MLA, MoE and dense-MLP parameters already carry the names these classes use, so the
-tables differ only in the norms and A.X K1's post-MoE norm; gpt-oss also stores its experts in another
-layout (`_gpt_oss_transform`).
+Each is a `Family` (kmodel/export/family.py): what of a kmodel config the class cannot express, its
+config.json, the name table, and what the export leaves out. kmodel's MLA, MoE and dense-MLP parameters
+already carry the names these classes use, so the tables differ mostly in the norms; gpt-oss also stores its
+experts in another layout (`_gpt_oss_transform`). MTP depths are kept where the class or the published
+checkpoints name them (DeepSeek-V3: extra layers after num_hidden_layers; K-EXAONE: `mtp.*`), else dropped
+with a note.
 """
 
 from __future__ import annotations
@@ -14,43 +16,163 @@ import re
 import torch
 
 from kmodel.config import Config, ModelConfig
-from kmodel.export.hf import Family, common_config, deepseek_style_moe_config, extras_problems, llama_style_rename, register
+from kmodel.export.family import (
+    MTP_NAME,
+    Family,
+    common_config,
+    deepseek_style_moe_config,
+    dense_layer_indices,
+    dense_only,
+    every_layer_sparse,
+    extras_problems,
+    global_rope,
+    hybrid_attention_config,
+    hybrid_attention_problems,
+    layer_rename,
+    llama_style_rename,
+    mtp_dropped,
+    needs_routed_experts,
+    needs_shared_expert,
+    no_shared_experts,
+    norm_placement_is,
+    qk_norm_is,
+    register,
+    router_is,
+    sigmoid_router,
+)
 
 # transformers' DeepSeek-V3 builds its latent norms (q_a_layernorm, kv_a_layernorm) with this fixed eps;
 # kmodel uses rms_norm_eps for every norm, so the two agree only when rms_norm_eps is this value.
 DEEPSEEK_LATENT_NORM_EPS = 1e-6
 
 
-def global_rope_problems(m: ModelConfig) -> list[str]:
-    if "sliding_attention" in m.layer_types or m.rope_layers != "all":
-        return ["sliding-window or NoPE layers (the class is global attention with RoPE on every layer)"]
-    return []
+# --- K-EXAONE (exaone_moe): hybrid sliding/global with NoPE global layers, sigmoid MoE + shared expert --------
 
 
-def dense_layer_indices(m: ModelConfig) -> list[int]:
-    return [i for i, kind in enumerate(m.mlp_layer_types) if kind == "dense"]
+def _exaone_moe_problems(m: ModelConfig) -> list[str]:
+    return [
+        *needs_routed_experts(m),
+        *needs_shared_expert(m),
+        *qk_norm_is(m, True, "K-EXAONE"),
+        *norm_placement_is(m, "pre", "K-EXAONE"),
+        *sigmoid_router(m),
+        *hybrid_attention_problems(m),
+        *extras_problems(m),
+    ]
+
+
+def _exaone_moe_keeps_mtp(m: ModelConfig) -> bool:
+    """K-EXAONE's checkpoints hold one MTP module (`mtp.fc`, `mtp.pre_fc_norm_embedding`,
+    `mtp.pre_fc_norm_hidden`, `mtp.layers.0`, `mtp.norm`; vLLM's exaone_moe_mtp) with a dense feed-forward."""
+    return m.num_nextn_predict_layers == 1 and m.mtp_mlp_type == "dense"
+
+
+def _exaone_moe_config(cfg: Config) -> dict:
+    m = cfg.model
+    config = {
+        **common_config(cfg),
+        **hybrid_attention_config(m),
+        "intermediate_size": m.intermediate_size,
+        "mlp_layer_types": m.mlp_layer_types,
+        "first_k_dense_replace": m.mlp_layer_types.index("sparse") if "sparse" in m.mlp_layer_types else m.num_hidden_layers,
+        "num_experts": m.num_experts,
+        "num_experts_per_tok": m.num_experts_per_tok,
+        "num_shared_experts": m.num_shared_experts,
+        "moe_intermediate_size": m.moe_intermediate_size,
+        "norm_topk_prob": m.norm_topk_prob,
+        "routed_scaling_factor": m.routed_scaling_factor,
+        "n_group": m.n_group,
+        "topk_group": m.topk_group,
+    }
+    if _exaone_moe_keeps_mtp(m):
+        config.update(num_nextn_predict_layers=1, mtp_layer_types=[m.layer_types[-1]])
+    return config
+
+
+EXAONE_MTP_NAMES = {
+    "eh_proj.weight": "fc.weight",
+    "enorm.weight": "pre_fc_norm_embedding.weight",
+    "hnorm.weight": "pre_fc_norm_hidden.weight",
+    "norm.weight": "norm.weight",
+}
+
+
+def _exaone_moe_rename(name: str, cfg: ModelConfig) -> str | None:
+    match = MTP_NAME.fullmatch(name)
+    if match is None:
+        return llama_style_rename(name, cfg)
+    if not _exaone_moe_keeps_mtp(cfg):
+        return None
+    rest = match.group(2)
+    if rest.startswith("block."):
+        return f"mtp.layers.{match.group(1)}.{layer_rename(rest.removeprefix('block.'), cfg)}"
+    return f"mtp.{EXAONE_MTP_NAMES[rest]}"
+
+
+def _exaone_moe_notes(m: ModelConfig) -> list[str]:
+    if not m.num_nextn_predict_layers or _exaone_moe_keeps_mtp(m):
+        return []
+    return [
+        f"drops the {m.num_nextn_predict_layers} MTP depth(s) (mtp.*): K-EXAONE's checkpoint layout holds one MTP "
+        f"module with a dense feed-forward (this config: depth {m.num_nextn_predict_layers}, "
+        f"mtp_mlp_type {m.mtp_mlp_type!r})"
+    ]
+
+
+# --- EXAONE 4.0: dense, post-norm, hybrid attention -----------------------------------------------------
+
+
+def _exaone4_problems(m: ModelConfig) -> list[str]:
+    return [
+        *dense_only(m, "EXAONE 4.0"),
+        *qk_norm_is(m, True, "EXAONE 4.0"),
+        *norm_placement_is(m, "post", "EXAONE 4.0"),
+        *hybrid_attention_problems(m),
+        *extras_problems(m),
+    ]
+
+
+def _exaone4_config(cfg: Config) -> dict:
+    return {**common_config(cfg), **hybrid_attention_config(cfg.model), "intermediate_size": cfg.model.intermediate_size}
+
+
+# --- Solar Open: global GQA, sigmoid MoE + shared expert on every layer, no QK-norm -------------------------
+
+
+def _solar_open_problems(m: ModelConfig) -> list[str]:
+    return [
+        *needs_routed_experts(m),
+        *needs_shared_expert(m),
+        *every_layer_sparse(m, "Solar Open"),
+        *qk_norm_is(m, False, "Solar Open"),
+        *norm_placement_is(m, "pre", "Solar Open"),
+        *global_rope(m),
+        *sigmoid_router(m),
+        *extras_problems(m),
+    ]
+
+
+def _solar_open_config(cfg: Config) -> dict:
+    return {**common_config(cfg), "attention_bias": False, **deepseek_style_moe_config(cfg.model)}
 
 
 # --- Qwen3-MoE: GQA + QK-norm, softmax top-k routing, no shared expert --------------------------------
 
 
 def _qwen3_moe_problems(m: ModelConfig) -> list[str]:
-    problems = []
-    if m.num_experts == 0:
-        problems.append("no routed experts (num_experts = 0)")
-    if m.num_shared_experts:
-        problems.append("shared experts (Qwen3-MoE has none)")
-    if m.router != "softmax":
-        problems.append(f"router {m.router!r} (Qwen3-MoE routes by softmax, then top-k)")
+    problems = [
+        *needs_routed_experts(m),
+        *no_shared_experts(m, "Qwen3-MoE"),
+        *router_is(m, "softmax", "by softmax, then top-k"),
+        *qk_norm_is(m, True, "Qwen3-MoE"),
+        *norm_placement_is(m, "pre", "Qwen3-MoE"),
+        *global_rope(m),
+    ]
     if m.n_group != 1:
         problems.append("group-limited routing (n_group > 1)")
     if m.routed_scaling_factor != 1.0:
         problems.append(f"routed_scaling_factor {m.routed_scaling_factor} (the class has none)")
-    if not m.qk_norm:
-        problems.append("qk_norm off")
-    if m.norm_placement != "pre":
-        problems.append(f"norm_placement {m.norm_placement!r} (Qwen3-MoE is pre-norm)")
-    return problems + global_rope_problems(m) + extras_problems(m)
+    return problems + extras_problems(m)
 
 
 def _qwen3_moe_config(cfg: Config) -> dict:
@@ -69,7 +191,7 @@ def _qwen3_moe_config(cfg: Config) -> dict:
     }
 
 
-def _qwen3_moe_rename(name: str, cfg: ModelConfig) -> str | None:
+def _softmax_routed_rename(name: str, cfg: ModelConfig) -> str | None:
     if name.endswith("mlp.gate.e_score_correction_bias"):
         return None  # softmax routing never reads kmodel's (sigmoid-only) correction bias
     return llama_style_rename(name, cfg)
@@ -83,19 +205,13 @@ def _latent_moe_problems(m: ModelConfig) -> list[str]:
     problems = []
     if m.attention_kind != "mla":
         problems.append(f"attention_kind {m.attention_kind!r} (the class uses multi-head latent attention)")
-    if m.num_experts == 0:
-        problems.append("no routed experts (num_experts = 0)")
-    if m.num_experts and m.num_shared_experts == 0:
-        problems.append("no shared expert (the class always has one)")
-    if m.router != "sigmoid":
-        problems.append(f"router {m.router!r} (the class routes with sigmoid scores + correction bias)")
+    problems += [*needs_routed_experts(m), *needs_shared_expert(m), *sigmoid_router(m)]
     if m.n_group > 1 and m.num_experts // m.n_group < 2:
         problems.append("expert groups of one (the class scores a group by its best two experts)")
-    if m.norm_placement != "pre":
-        problems.append(f"norm_placement {m.norm_placement!r} (the class is pre-norm)")
+    problems += norm_placement_is(m, "pre", "the class")
     if m.rms_norm_eps != DEEPSEEK_LATENT_NORM_EPS:
         problems.append(f"rms_norm_eps {m.rms_norm_eps} (the class's latent norms use {DEEPSEEK_LATENT_NORM_EPS})")
-    return problems + global_rope_problems(m)
+    return problems + global_rope(m)
 
 
 def _latent_moe_config(cfg: Config) -> dict:
@@ -124,12 +240,54 @@ def _deepseek_v3_problems(m: ModelConfig) -> list[str]:
     return problems + extras_problems(m, allow=("attention_kind", "rope_scaling"))
 
 
+def _deepseek_v3_keeps_mtp(m: ModelConfig) -> bool:
+    """DeepSeek-V3 stores MTP depth k as layer num_hidden_layers + k; transformers' MtpModel builds those
+    layers as MoE layers."""
+    return m.mtp_mlp_type == "sparse"
+
+
 def _deepseek_v3_config(cfg: Config) -> dict:
+    m = cfg.model
     return {
         **_latent_moe_config(cfg),
-        "first_k_dense_replace": len(dense_layer_indices(cfg.model)),
-        "num_nextn_predict_layers": 0,  # the export drops kmodel's MTP head
+        "first_k_dense_replace": len(dense_layer_indices(m)),
+        "num_nextn_predict_layers": m.num_nextn_predict_layers if _deepseek_v3_keeps_mtp(m) else 0,
     }
+
+
+DEEPSEEK_MTP_NAMES = {
+    "eh_proj.weight": "eh_proj.weight",
+    "enorm.weight": "enorm.weight",
+    "hnorm.weight": "hnorm.weight",
+    "norm.weight": "shared_head.norm.weight",
+}
+
+
+def _deepseek_v3_rename(name: str, cfg: ModelConfig) -> str | None:
+    match = MTP_NAME.fullmatch(name)
+    if match is None:
+        return llama_style_rename(name, cfg)
+    if not _deepseek_v3_keeps_mtp(cfg):
+        return None
+    layer, rest = cfg.num_hidden_layers + int(match.group(1)), match.group(2)
+    if rest.startswith("block."):
+        return f"model.layers.{layer}.{layer_rename(rest.removeprefix('block.'), cfg)}"
+    return f"model.layers.{layer}.{DEEPSEEK_MTP_NAMES[rest]}"
+
+
+def _deepseek_v3_notes(m: ModelConfig) -> list[str]:
+    depth = m.num_nextn_predict_layers
+    if not depth:
+        return []
+    if not _deepseek_v3_keeps_mtp(m):
+        return [f"drops the {depth} MTP depth(s) (mtp.*): DeepSeek-V3's MTP layers are MoE layers (mtp_mlp_type 'dense')"]
+    if depth > 1:
+        return [
+            "keeps all MTP depths as layers after num_hidden_layers; transformers' MtpModel feeds depth k + 1 with "
+            "depth k's normalised output, kmodel (as the DeepSeek-V3 paper) with the un-normalised one, so its "
+            "drafts from depth 2 on differ from kmodel's"
+        ]
+    return []
 
 
 def _axk1_problems(m: ModelConfig) -> list[str]:
@@ -163,17 +321,15 @@ HYPERCLOVAX_NORM_NAMES = {
 
 
 def _hyperclovax_problems(m: ModelConfig) -> list[str]:
-    problems = []
-    if m.num_experts:
-        problems.append("routed experts (HyperCLOVA X is dense)")
-    if m.qk_norm:
-        problems.append("qk_norm on (HyperCLOVA X has none)")
-    if m.norm_placement != "sandwich":
-        problems.append(f"norm_placement {m.norm_placement!r} (HyperCLOVA X is Peri-LN: 'sandwich')")
+    problems = [
+        *dense_only(m, "HyperCLOVA X"),
+        *qk_norm_is(m, False, "HyperCLOVA X"),
+        *norm_placement_is(m, "sandwich", "HyperCLOVA X's Peri-LN"),
+    ]
     if m.hidden_size % m.num_attention_heads:
         problems.append("hidden_size not divisible by num_attention_heads (the class requires it)")
     allowed = ("embedding_multiplier", "residual_multiplier", "attention_multiplier", "logits_scaling")
-    return problems + global_rope_problems(m) + extras_problems(m, allow=allowed)
+    return problems + global_rope(m) + extras_problems(m, allow=allowed)
 
 
 def _hyperclovax_config(cfg: Config) -> dict:
@@ -204,18 +360,12 @@ def _gpt_oss_problems(m: ModelConfig) -> list[str]:
     problems = [f"{key} off (every gpt-oss layer has it)" for key in GPT_OSS_FEATURES[:4] if not getattr(m, key)]
     if m.expert_activation != "clamped_swiglu":
         problems.append(f"expert_activation {m.expert_activation!r} (gpt-oss uses 'clamped_swiglu')")
-    if m.num_experts == 0 or "dense" in m.mlp_layer_types:
-        problems.append("dense layers (every gpt-oss layer is MoE)")
-    if m.num_shared_experts:
-        problems.append("shared experts (gpt-oss has none)")
+    problems += [*every_layer_sparse(m, "gpt-oss"), *no_shared_experts(m, "gpt-oss")]
     if m.router != "softmax" or not m.norm_topk_prob:
         problems.append("routing other than softmax + norm_topk_prob (gpt-oss: softmax over the top-k logits)")
     if m.n_group != 1 or m.routed_scaling_factor != 1.0:
         problems.append("group-limited routing or routed_scaling_factor (gpt-oss has neither)")
-    if m.qk_norm:
-        problems.append("qk_norm on (gpt-oss has none)")
-    if m.norm_placement != "pre":
-        problems.append(f"norm_placement {m.norm_placement!r} (gpt-oss is pre-norm)")
+    problems += [*qk_norm_is(m, False, "gpt-oss"), *norm_placement_is(m, "pre", "gpt-oss")]
     if m.rope_layers != "all":
         problems.append("NoPE layers (gpt-oss rotates every layer)")
     if m.rope_scaling is not None and m.rope_scaling.mscale_all_dim:
@@ -240,9 +390,8 @@ def _gpt_oss_config(cfg: Config) -> dict:
 
 
 def _gpt_oss_rename(name: str, cfg: ModelConfig) -> str | None:
-    if name.endswith("mlp.gate.e_score_correction_bias"):
-        return None  # softmax routing never reads kmodel's (sigmoid-only) correction bias
-    return llama_style_rename(name.replace(".mlp.gate.", ".mlp.router."), cfg)
+    renamed = _softmax_routed_rename(name, cfg)
+    return None if renamed is None else renamed.replace(".mlp.gate.", ".mlp.router.")
 
 
 def _gpt_oss_transform(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
@@ -257,8 +406,14 @@ def _gpt_oss_transform(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> tor
     return tensor
 
 
-register(Family("qwen3_moe", "Qwen3MoeForCausalLM", _qwen3_moe_problems, _qwen3_moe_config, _qwen3_moe_rename))
-register(Family("deepseek_v3", "DeepseekV3ForCausalLM", _deepseek_v3_problems, _deepseek_v3_config, llama_style_rename))
+# Registration order is the order `choose_family` tries when no family is named.
+register(Family("exaone_moe", "ExaoneMoeForCausalLM", _exaone_moe_problems, _exaone_moe_config, _exaone_moe_rename,
+                notes=_exaone_moe_notes))
+register(Family("solar_open", "SolarOpenForCausalLM", _solar_open_problems, _solar_open_config, llama_style_rename))
+register(Family("exaone4", "Exaone4ForCausalLM", _exaone4_problems, _exaone4_config, llama_style_rename))
+register(Family("qwen3_moe", "Qwen3MoeForCausalLM", _qwen3_moe_problems, _qwen3_moe_config, _softmax_routed_rename))
+register(Family("deepseek_v3", "DeepseekV3ForCausalLM", _deepseek_v3_problems, _deepseek_v3_config,
+                _deepseek_v3_rename, notes=_deepseek_v3_notes))
 register(Family("axk1", "AXK1ForCausalLM", _axk1_problems, _axk1_config, _axk1_rename))
 register(Family("hyperclovax", "HyperCLOVAXForCausalLM", _hyperclovax_problems, _hyperclovax_config, _hyperclovax_rename))
 register(Family("gpt_oss", "GptOssForCausalLM", _gpt_oss_problems, _gpt_oss_config, _gpt_oss_rename, _gpt_oss_transform))

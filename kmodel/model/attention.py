@@ -71,7 +71,7 @@ class Attention(nn.Module):
         base_scale = cfg.attention_multiplier if cfg.attention_multiplier is not None else self.head_dim**-0.5
         self.scale = base_scale * yarn_softmax_scale(cfg.rope_scaling)
         sliding = cfg.layer_types[layer_idx] == "sliding_attention"
-        self.window = cfg.sliding_window if sliding else None
+        self.window = cfg.window_of(layer_idx)
         self.use_rope = cfg.rope_layers == "all" or sliding
         bias = cfg.attention_bias
         self.q_proj = nn.Linear(cfg.hidden_size, self.num_heads * self.head_dim, bias=bias)

@@ -34,12 +34,16 @@ class ModelOutput(NamedTuple):  # a NamedTuple so ZeRO-3's hooks can find the te
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig, layer_idx: int):
+    """Attention and feed-forward of layer `layer_idx` (its window, RoPE, SwiGLU clamp); `sparse` overrides
+    the layer's feed-forward kind (the MTP blocks' mtp_mlp_type)."""
+
+    def __init__(self, cfg: ModelConfig, layer_idx: int, sparse: bool | None = None):
         super().__init__()
         self.self_attn = LatentAttention(cfg, layer_idx) if cfg.attention_kind == "mla" else Attention(cfg, layer_idx)
         self.residual_multiplier = cfg.residual_multiplier
-        sparse = cfg.mlp_layer_types[layer_idx] == "sparse"
-        self.mlp = MoE(cfg) if sparse else MLP(cfg.hidden_size, cfg.intermediate_size)
+        sparse = cfg.mlp_layer_types[layer_idx] == "sparse" if sparse is None else sparse
+        limit = cfg.swiglu_limit_of(layer_idx)
+        self.mlp = MoE(cfg, limit) if sparse else MLP(cfg.hidden_size, cfg.intermediate_size, limit)
         placement = cfg.norm_placement
 
         def norm_if(wanted: bool) -> RMSNorm | None:
@@ -76,7 +80,7 @@ class MultiTokenPrediction(nn.Module):
         self.enorm = RMSNorm.of(cfg, cfg.hidden_size)
         self.hnorm = RMSNorm.of(cfg, cfg.hidden_size)
         self.eh_proj = nn.Linear(2 * cfg.hidden_size, cfg.hidden_size, bias=False)
-        self.block = DecoderLayer(cfg, cfg.num_hidden_layers - 1)
+        self.block = DecoderLayer(cfg, cfg.num_hidden_layers - 1, sparse=cfg.mtp_mlp_type == "sparse")
         self.norm = RMSNorm.of(cfg, cfg.hidden_size)
 
     def forward(self, hidden, embeds, rope, positions, cu_seqlens=None, cache=None):
@@ -111,6 +115,11 @@ class Model(nn.Module):
     def use_kernels(self, choice: KernelsConfig, device: torch.device | str) -> None:
         """Point every module at the implementation the recipe's `kernels:` section picks."""
         impl = {op: kernels.resolve(getattr(choice, op), device) for op in kernels.OPS}
+        for op, feature in self.unsupported_by_triton().items():
+            if impl[op] == "triton":
+                if getattr(choice, op) == "triton":
+                    raise ValueError(f"kernels.{op}: triton does not implement {feature}; set kernels.{op}: torch")
+                impl[op] = "torch"  # auto: the reference implements it
         pick = {op: kernels.load(op, impl[op]) for op in kernels.OPS}
         for module in self.modules():
             if isinstance(module, (Attention, LatentAttention)):
@@ -120,6 +129,13 @@ class Model(nn.Module):
             elif isinstance(module, RMSNorm):
                 module.kernel = pick["norm"]
         self.loss_kernel = pick["loss"]
+
+    def unsupported_by_triton(self) -> dict[str, str]:
+        """Ops whose Triton kernel lacks a feature this config uses -> the feature, by its config name."""
+        missing = {}
+        if self.cfg.swiglu_limits is not None and any(self.cfg.swiglu_limits):
+            missing["moe"] = "the per-layer SwiGLU clamps (swiglu_limits)"
+        return missing
 
     # --- forward --------------------------------------------------------------------------------
     def rope_tables(self, positions: torch.Tensor) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:

@@ -32,7 +32,7 @@ class LatentAttention(nn.Module):
         self.kv_lora_rank = cfg.kv_lora_rank
         qk_head_dim = self.nope_dim + self.rope_dim
         sliding = cfg.layer_types[layer_idx] == "sliding_attention"
-        self.window = cfg.sliding_window if sliding else None
+        self.window = cfg.window_of(layer_idx)
         self.use_rope = cfg.rope_layers == "all" or sliding
         base_scale = cfg.attention_multiplier if cfg.attention_multiplier is not None else qk_head_dim**-0.5
         self.scale = base_scale * yarn_softmax_scale(cfg.rope_scaling)

@@ -19,16 +19,21 @@ from kmodel.model.norm import RMSNorm
 
 
 class MLP(nn.Module):
-    """SwiGLU: down(silu(gate(x)) * up(x))."""
+    """SwiGLU: down(silu(gate(x)) * up(x)); with `swiglu_limit`, silu(gate) <= limit and |up| <= limit
+    (the kernels' limited_swiglu)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int):
+    def __init__(self, hidden_size: int, intermediate_size: int, swiglu_limit: float | None = None):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
+        self.swiglu_limit = swiglu_limit
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.swiglu_limit is None:
+            return self.down_proj(F.silu(gate) * up)
+        return self.down_proj(reference.swiglu(gate, up, "limited_swiglu", limit=self.swiglu_limit))
 
 
 class Router(nn.Module):
@@ -51,7 +56,7 @@ class Experts(nn.Module):
 
     TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
 
-    def __init__(self, cfg: ModelConfig):
+    def __init__(self, cfg: ModelConfig, swiglu_limit: float | None = None):
         super().__init__()
         e, h, i = cfg.num_experts, cfg.hidden_size, cfg.moe_intermediate_size
         self.gate_up_proj = nn.Parameter(torch.empty(e, 2 * i, h))
@@ -60,6 +65,7 @@ class Experts(nn.Module):
         self.down_proj_bias = nn.Parameter(torch.empty(e, h)) if cfg.expert_bias else None
         self.first_expert = 0
         self.cfg = cfg
+        self.swiglu_limit = swiglu_limit
 
     @torch.no_grad()
     def keep_experts(self, first: int, count: int) -> None:
@@ -89,18 +95,21 @@ class Experts(nn.Module):
                 swiglu_alpha=self.cfg.swiglu_alpha,
                 swiglu_limit=self.cfg.swiglu_limit,
             )
+        elif self.swiglu_limit is not None:
+            options.update(activation="limited_swiglu", swiglu_limit=self.swiglu_limit)
         return options
 
 
 class MoE(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """`swiglu_limit` clamps the routed and the shared experts' SwiGLU (K-EXAONE 2.0's per-layer clamp)."""
+
+    def __init__(self, cfg: ModelConfig, swiglu_limit: float | None = None):
         super().__init__()
         self.cfg = cfg
         self.gate = Router(cfg)
-        self.experts = Experts(cfg)
-        self.shared_experts = (
-            MLP(cfg.hidden_size, cfg.moe_intermediate_size * cfg.num_shared_experts) if cfg.num_shared_experts else None
-        )
+        self.experts = Experts(cfg, swiglu_limit)
+        shared_width = cfg.moe_intermediate_size * cfg.num_shared_experts
+        self.shared_experts = MLP(cfg.hidden_size, shared_width, swiglu_limit) if cfg.num_shared_experts else None
         self.post_mlp_norm = RMSNorm.of(cfg, cfg.hidden_size) if cfg.post_mlp_norm else None
         # Assignments per expert in the current optimizer step, and in the last finished one (statistics).
         self.register_buffer("load", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
