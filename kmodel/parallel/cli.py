@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import shlex
-import subprocess
 from pathlib import Path
 
 
@@ -49,6 +48,9 @@ def _add_launch(sub) -> None:
     p.add_argument("--socket-ifname", default="^lo,docker", help="NCCL_SOCKET_IFNAME for bootstrap (default ^lo,docker)")
     p.add_argument("--local-staging", default="/local_scratch/kmodel",
                    help="node-local directory where checkpoints are staged before the copy to RUN_DIR")
+    p.add_argument("--max-restarts", type=int, default=0, metavar="N",
+                   help="restart a failed run (a crashed rank, or a hung one stopped by train.hang_timeout_s) up to N "
+                   "times, each from its newest checkpoint (default 0; SLURM jobs are requeued instead)")
     p.add_argument("--dry-run", action="store_true", help="print what would run (and the sbatch script) without running it")
     _add_overrides(p)
     p.set_defaults(func=_run_launch)
@@ -63,6 +65,8 @@ def _run_launch(args) -> int:
     from kmodel.parallel import launch
     from kmodel.train.run import check_resumable, prepare_run, saved_config
 
+    if args.max_restarts < 0:
+        raise ValueError(f"--max-restarts must be 0 or more, got {args.max_restarts}")
     launch.validate_options(master_port=args.master_port, cpus_per_task=args.cpus_per_task,
                             gpus_per_node=args.gpus_per_node)
     cfg = load_config(args.recipe, args.overrides)  # refuses layouts the code cannot run (EP vs experts, ...)
@@ -111,7 +115,7 @@ def _run_launch(args) -> int:
         prepare_run(cfg, run_dir, resume=False, max_steps=None, force=False)
     for path, text in files.items():
         path.write_text(text, encoding="utf-8")
-    return subprocess.call(command, env={**os.environ, **env})
+    return launch.run_with_restarts(command, {**os.environ, **env}, 0 if args.slurm else args.max_restarts)
 
 
 def _quote(arg: str) -> str:

@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import re
 import shlex
+import signal
+import subprocess
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -140,6 +142,21 @@ def render(template: str, values: dict[str, str]) -> str:
     if missing or unused:
         raise ValueError(f"template placeholders missing values {sorted(missing)}, values without placeholder {sorted(unused)}")
     return re.sub(r"\{\{(\w+)\}\}", lambda m: values[m.group(1)], template)
+
+
+def run_with_restarts(command: list[str], env: dict[str, str], max_restarts: int) -> int:
+    """Run a launcher command; when it fails (a rank crashed, or hung and was stopped by its watchdog), start it
+    again, up to `max_restarts` times. Every rank runs --start-or-resume, so each restart continues from the
+    newest checkpoint the ledger recorded. A launcher ended by SIGINT or SIGTERM (the user, the scheduler) is
+    not restarted."""
+    stopped = {-signal.SIGINT, -signal.SIGTERM, 128 + signal.SIGINT, 128 + signal.SIGTERM}
+    for attempt in range(max_restarts + 1):
+        status = subprocess.call(command, env=env)
+        if status == 0 or status in stopped or attempt == max_restarts:
+            return status
+        print(f"kmodel launch: the run exited with status {status}; restart {attempt + 1} of {max_restarts}, from "
+              "its newest checkpoint", file=sys.stderr)
+    return status
 
 
 def sbatch_value(text: str, what: str) -> str:

@@ -5,7 +5,7 @@
                     TrainingInterrupted, whose message says how to resume. A second Ctrl-C interrupts at once.
     HangWatchdog    every rank re-arms a timer at each step (its heartbeat); a step (its collectives included)
                     that outlasts train.hang_timeout_s is a hang: the rank writes the Python stacks of all its
-                    threads to DIR/hang/rank-R.txt and exits with status 1, so the launcher or scheduler restarts
+                    threads to DIR/hang/rank-R.pidP.txt and exits with status 1, so the launcher or scheduler restarts
                     the job from its newest checkpoint instead of idling every GPU until the time limit. The timer
                     runs in C (faulthandler), so it fires even when the rank is stuck inside a collective.
     make_room       before a checkpoint is written: when the file system lacks the space of one more
@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import faulthandler
+import os
 import shutil
 import signal
 import sys
@@ -67,11 +68,12 @@ class StopSignals:
 
 
 class HangWatchdog:
-    """faulthandler's one-shot timer, re-armed by `beat`: all threads' stacks to DIR/hang/rank-R.txt and
+    """faulthandler's one-shot timer, re-armed by `beat`: all threads' stacks to DIR/hang/rank-R.pidP.txt and
     exit(1) when `timeout_s` pass without a beat."""
 
     def __init__(self, run_dir: Path, rank: int, timeout_s: float):
-        self.path = Path(run_dir) / HANG_DIR / f"rank-{rank}.txt"
+        # one report per process, so a restarted job never overwrites the report of the one that hung
+        self.path = Path(run_dir) / HANG_DIR / f"rank-{rank}.pid{os.getpid()}.txt"
         self.rank, self.timeout_s = rank, timeout_s
         self._file = None
 
