@@ -11,10 +11,6 @@ computes. Writes the table as markdown and JSON under bench/results/, named afte
 from __future__ import annotations
 
 import argparse
-import json
-import platform
-import statistics
-import time
 from collections.abc import Callable
 from functools import partial
 from pathlib import Path
@@ -23,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from kmodel.kernels.attention import reference
+from kmodel.kernels.benchmarking import device_name, device_slug, environment, time_ms, write_results
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 CUDA_IMPLS = ["triton", "sdpa-flash", "sdpa-cudnn", "sdpa-efficient", "flex", "flash-attn", "reference"]
@@ -42,9 +39,11 @@ def visible_pairs(seq: int, window: int | None) -> int:
     return window * (window + 1) // 2 + (seq - window) * window
 
 
-def attention_flops(batch: int, seq: int, q_heads: int, head_dim: int, window: int | None) -> int:
-    """Forward FLOPs: two matmuls (QK^T and PV) of 2 * head_dim each per visible pair and query head."""
-    return 4 * batch * q_heads * head_dim * visible_pairs(seq, window)
+def attention_flops(
+    batch: int, seq: int, q_heads: int, head_dim: int, window: int | None, v_dim: int | None = None
+) -> int:
+    """Forward FLOPs: QK^T (2 * head_dim) and PV (2 * v_dim) per visible pair and query head."""
+    return 2 * batch * q_heads * (head_dim + (v_dim or head_dim)) * visible_pairs(seq, window)
 
 
 def _sdpa(backend_name: str | None) -> Callable:
@@ -142,27 +141,6 @@ def _forward_backward(impl: Callable, q, k, v, window, grad_out):
     impl(q, k, v, window).backward(grad_out)
 
 
-def time_ms(fn: Callable[[], object], device: torch.device, warmup: int, repeats: int) -> float:
-    """Median wall time of fn() in milliseconds, synchronising CUDA around each call."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    for _ in range(warmup):
-        fn()
-    sync()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        sync()
-        times.append((time.perf_counter() - start) * 1e3)
-    return statistics.median(times)
-
-
-def device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return torch.cuda.get_device_name(device)
-    return f"CPU {platform.processor() or platform.machine()} ({torch.get_num_threads()} threads)"
-
-
 def run_benchmark(args: argparse.Namespace) -> list[dict]:
     device = torch.device(args.device)
     dtype = DTYPES[args.dtype]
@@ -176,20 +154,20 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
         for seq in args.seq:
             gen = torch.Generator(device=device).manual_seed(seq)
             shape = (args.batch, seq)
+            v_dim = args.v_dim or args.head_dim
             q = torch.randn(*shape, args.q_heads, args.head_dim, generator=gen, device=device, dtype=dtype)
             k = torch.randn(*shape, args.kv_heads, args.head_dim, generator=gen, device=device, dtype=dtype)
-            v = torch.randn_like(k)
-            grad_out = torch.randn_like(q)
+            v = torch.randn(*shape, args.kv_heads, v_dim, generator=gen, device=device, dtype=dtype)
+            grad_out = torch.randn(*shape, args.q_heads, v_dim, generator=gen, device=device, dtype=dtype)
             q, k, v = (t.requires_grad_() for t in (q, k, v))
             for window in args.windows:
                 row = dict(impl=name, seq=seq, window=window or "global")
-                flops = attention_flops(args.batch, seq, args.q_heads, args.head_dim, window)
+                flops = attention_flops(args.batch, seq, args.q_heads, args.head_dim, window, v_dim)
 
                 try:
-                    fwd = time_ms(partial(_forward, impl, q, k, v, window), device, args.warmup, args.repeats)
-                    both = time_ms(
-                        partial(_forward_backward, impl, q, k, v, window, grad_out), device, args.warmup, args.repeats
-                    )
+                    timing = dict(warmup=args.warmup, iters=args.repeats)
+                    fwd = time_ms(partial(_forward, impl, q, k, v, window), device, **timing)
+                    both = time_ms(partial(_forward_backward, impl, q, k, v, window, grad_out), device, **timing)
                 except Unsupported as err:
                     row.update(note=str(err))
                 except (RuntimeError, torch.OutOfMemoryError) as err:  # a backend refusing a shape or dtype
@@ -205,13 +183,6 @@ def run_benchmark(args: argparse.Namespace) -> list[dict]:
                 rows.append(row)
                 print(" ".join(f"{key}={value}" for key, value in row.items()), flush=True)
     return rows
-
-
-def markdown_table(rows: list[dict], title: str) -> str:
-    columns = ["impl", "seq", "window", "fwd_ms", "fwd_tflops", "fwd_bwd_ms", "fwd_bwd_tflops", "note"]
-    lines = [f"# {title}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
-    lines += ["| " + " | ".join(str(row.get(c, "")) for c in columns) + " |" for row in rows]
-    return "\n".join(lines) + "\n"
 
 
 def _window(text: str) -> int | None:
@@ -240,7 +211,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch", type=int, default=1, help="batch size")
     parser.add_argument("--q-heads", type=int, default=32, help="query heads")
     parser.add_argument("--kv-heads", type=int, default=8, help="key/value heads (GQA when fewer than query heads)")
-    parser.add_argument("--head-dim", type=int, default=128, help="head dimension")
+    parser.add_argument("--head-dim", type=int, default=128, help="query/key head dimension")
+    parser.add_argument("--v-dim", type=int, help="value head dim if it differs (MLA: --head-dim 192 --v-dim 128)")
     parser.add_argument("--warmup", type=int, default=3, help="untimed calls first (compilation, autotuning)")
     parser.add_argument("--repeats", type=int, default=10, help="timed calls; the median is reported")
     parser.add_argument(
@@ -261,23 +233,22 @@ def main(argv: list[str] | None = None) -> int:
     if args.q_heads % args.kv_heads:
         raise SystemExit(f"--q-heads {args.q_heads} must be a multiple of --kv-heads {args.kv_heads}")
 
-    name = device_name(device)
     rows = run_benchmark(args)
-    shape = f"batch {args.batch}, {args.q_heads} q / {args.kv_heads} kv heads, head_dim {args.head_dim}, {args.dtype}"
-    title = f"Causal attention on {name} ({shape})"
+    dims = f"head_dim {args.head_dim}" + (f" (v {args.v_dim})" if args.v_dim else "")
+    shape = f"batch {args.batch}, {args.q_heads} q / {args.kv_heads} kv heads, {dims}, {args.dtype}"
+    notes = [
+        f"Median of {args.repeats} calls after {args.warmup} warm-up calls (compilation, autotuning). TFLOP/s counts "
+        f"the visible (query, key) pairs only, so a window is credited with the area it computes; forward+backward "
+        f"counts {1 + BACKWARD_FLOP_RATIO}x the forward's FLOPs.",
+    ]
     if device.type == "cpu":
-        title += " -- CPU smoke run: checks the script, not a performance figure"
-    table = markdown_table(rows, title)
-    print(table)
-
-    slug = "cpu" if device.type == "cpu" else name.lower().replace(" ", "_")
-    out = args.out or Path("bench/results") / f"attention_{slug}"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".md").write_text(table)
-    meta = dict(vars(args), device=name, out=str(out), torch=torch.__version__)
-    meta["flops_backward_ratio"] = BACKWARD_FLOP_RATIO
-    out.with_suffix(".json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=2, default=str) + "\n")
-    print(f"wrote {out.with_suffix('.md')} and {out.with_suffix('.json')}")
+        notes.insert(0, "CPU smoke run: checks the script, not a performance figure.")
+    columns = ["impl", "seq", "window", "fwd_ms", "fwd_tflops", "fwd_bwd_ms", "fwd_bwd_tflops", "note"]
+    out = args.out or Path("bench/results") / f"attention_{device_slug(device)}"
+    meta = dict(vars(args), out=str(out), flops_backward_ratio=BACKWARD_FLOP_RATIO, benchmark="attention")
+    meta["windows"] = [w or "global" for w in args.windows]
+    write_results(out.parent, out.name, f"Causal attention on {device_name(device)} ({shape})", notes, columns, rows,
+                  {**meta, **environment(device, DTYPES[args.dtype])})
     return 0
 
 

@@ -75,6 +75,7 @@ def compile_kernel(
     num_stages: int,
     *,
     head_dim: int = 128,
+    v_dim: int | None = None,
     dtype: str = "bf16",
     causal: bool = True,
     window: bool = True,
@@ -82,7 +83,9 @@ def compile_kernel(
     sinks: bool = True,
     arch: int = 90,
 ) -> dict:
-    """Compile one kernel config for sm_`arch`; returns its registers, spill stack and shared memory."""
+    """Compile one kernel config for sm_`arch`; returns its registers, spill stack, shared memory and whether its
+    dots became Hopper's asynchronous warpgroup MMA (`wgmma`) rather than `mma.sync`. v_dim: the padded value
+    head dim when it differs from head_dim (MLA: 256 for q/k, 128 for v)."""
     kernels = triton_impl._kernels()
     if kernels.INTERPRETED or not isinstance(triton.language.zeros, triton.runtime.JITFunction):
         raise RuntimeError(
@@ -96,7 +99,7 @@ def compile_kernel(
         HAS_DOCS=docs,
         HAS_SINKS=sinks,
         HEAD_DIM=head_dim,
-        V_DIM=head_dim,
+        V_DIM=v_dim or head_dim,
         EVEN_D=True,
         EVEN_V=True,
         DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
@@ -113,24 +116,31 @@ def compile_kernel(
     compiled = triton.compile(
         source, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps, "num_stages": num_stages}
     )
-    return {**_resources(compiled.asm["cubin"]), "shared_bytes": compiled.metadata.shared}
+    wgmma = "wgmma.mma_async" in compiled.asm["ptx"]
+    return {**_resources(compiled.asm["cubin"]), "shared_bytes": compiled.metadata.shared, "wgmma": wgmma}
 
 
-def launch_configs(head_dim: int) -> list[tuple[str, int, int, int, int]]:
-    """(kernel, BLOCK_M, BLOCK_N, num_warps, num_stages) of every config `triton_impl` may launch on CUDA."""
-    configs = [(name, *config) for name, per_dim in triton_impl._CUDA_CONFIGS.items() for config in per_dim[head_dim]]
+def launch_configs(head_dim: int, v_dim: int | None = None) -> list[tuple[str, int, int, int, int]]:
+    """(kernel, BLOCK_M, BLOCK_N, num_warps, num_stages) of every config `triton_impl` may launch on CUDA for
+    these padded head dims (v_dim: the value head dim, by default head_dim)."""
+    v_dim = v_dim or head_dim
+    configs = [
+        (name, *config)
+        for name in triton_impl._CUDA_CONFIGS
+        for config in triton_impl.cuda_configs(name, head_dim, v_dim)
+    ]
     # Fixed launches, at triton's default 3 stages (and 4 warps for delta); delta has no BLOCK_N.
     configs.append(("attention_bwd_delta_kernel", triton_impl.DELTA_BLOCK_M, 0, 4, 3))
     decode_rows = 16  # group x new tokens, padded: one token of a 4:1 GQA group
-    configs.append(
-        ("attention_decode_kernel", decode_rows, triton_impl.DECODE_BLOCK_N[head_dim], triton_impl.DECODE_NUM_WARPS, 3)
-    )
+    decode_block_n = triton_impl.DECODE_BLOCK_N[max(64, head_dim, v_dim)]
+    configs.append(("attention_decode_kernel", decode_rows, decode_block_n, triton_impl.DECODE_NUM_WARPS, 3))
     return configs
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--head-dim", type=int, nargs="+", default=[64, 128, 256], help="padded head dims to compile")
+    parser.add_argument("--v-dim", type=int, help="padded value head dim if narrower (MLA: --head-dim 256 --v-dim 128)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="q/k/v element type")
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability as an int (90 = Hopper)")
     parser.add_argument("--first-only", action="store_true", help="only each kernel's first config: a quick check")
@@ -143,21 +153,24 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     for head_dim in args.head_dim:
         seen = set()
-        for name, block_m, block_n, warps, stages in launch_configs(head_dim):
+        v_dim = args.v_dim or head_dim
+        for name, block_m, block_n, warps, stages in launch_configs(head_dim, v_dim):
             if args.first_only and name in seen:
                 continue
             seen.add(name)
             usage = compile_kernel(
-                name, block_m, block_n, warps, stages, head_dim=head_dim, dtype=args.dtype, arch=args.arch, **flags
+                name, block_m, block_n, warps, stages, head_dim=head_dim, v_dim=v_dim, dtype=args.dtype,
+                arch=args.arch, **flags,
             )
-            rows.append(dict(kernel=name, head_dim=head_dim, block_m=block_m, block_n=block_n,
+            rows.append(dict(kernel=name, head_dim=head_dim, v_dim=v_dim, block_m=block_m, block_n=block_n,
                              num_warps=warps, num_stages=stages, **usage))  # fmt: skip
             print(" ".join(f"{k}={v}" for k, v in rows[-1].items()), flush=True)
 
     features = "no mask features" if args.plain else "causal + window + documents + sinks"
     header = (
         f"Attention kernels compiled for sm_{args.arch}, {args.dtype}, {features}: registers, spills and shared "
-        "memory from ptxas; nothing was run or timed"
+        "memory from ptxas, wgmma = the dots compiled to Hopper's warpgroup MMA (else mma.sync); nothing was run "
+        "or timed"
     )
     columns = list(rows[0])
     lines = [f"# {header}", "", "| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]

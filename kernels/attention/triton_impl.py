@@ -57,10 +57,16 @@ _CUDA_CONFIGS = {
     },
 }
 # Tuned per power-of-two bucket of the sequence length and window (`_tuning_buckets`), not per exact value.
+# Where v is narrower than q/k (MLA: q/k 192 padded to 256, v 128) the dK/dV kernel fits 64-key blocks, whose
+# dots compile to Hopper's wgmma without spills; the hd256 list above keeps 32-key blocks (mma.sync), since
+# 64 spill there with v at 256 too. Keyed by the padded (q/k, v) head dims; compile_report checks both.
+_NARROW_V_CONFIGS = {
+    "attention_bwd_dkdv_kernel": {(256, 128): [(32, 64, 8, 2), (16, 64, 8, 3), (16, 64, 8, 2), (32, 64, 8, 3)]},
+}
 _AUTOTUNE_KEY = [
     "seq_bucket", "window_bucket", "CAUSAL", "HAS_WINDOW", "HAS_DOCS", "HEAD_DIM", "V_DIM", "DOT_PRECISION"
 ]
-_autotuned: dict[tuple[str, int], triton.runtime.Autotuner] = {}
+_autotuned: dict[tuple[str, int, int], triton.runtime.Autotuner] = {}
 
 
 def _kernels() -> ModuleType:
@@ -96,23 +102,29 @@ def _dim_meta(head_dim: int, v_dim: int) -> dict:
     return {"HEAD_DIM": padded, "V_DIM": v_padded, "EVEN_D": head_dim == padded, "EVEN_V": v_dim == v_padded}
 
 
-def _launch(name: str, grid, head_dim: int, *args, **meta) -> None:
-    """Launch kernel `name`: fixed blocks under the interpreter, autotuned on CUDA per padded head dim (the
-    larger of the q/k and v dims)."""
+def cuda_configs(name: str, head_dim: int, v_dim: int) -> list[tuple[int, int, int, int]]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates of kernel `name` for these padded head dims."""
+    narrow_v = _NARROW_V_CONFIGS.get(name, {}).get((head_dim, v_dim))
+    return narrow_v if narrow_v is not None else _CUDA_CONFIGS[name][max(64, head_dim, v_dim)]
+
+
+def _launch(name: str, grid, dims: dict, *args, **meta) -> None:
+    """Launch kernel `name`: fixed blocks under the interpreter, autotuned on CUDA per padded (q/k, v) head dims
+    (`dims`, from `_dim_meta`, also passed to the kernel)."""
     kernels = _kernels()
     if kernels.INTERPRETED:
         block_m, block_n = INTERPRETER_BLOCKS[name]
         blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n}
-        getattr(kernels, name)[grid(blocks)](*args, **meta, **blocks)
+        getattr(kernels, name)[grid(blocks)](*args, **meta, **dims, **blocks)
         return
-    padded = _padded_head_dim(head_dim)
-    if (name, padded) not in _autotuned:
+    shape = (name, dims["HEAD_DIM"], dims["V_DIM"])
+    if shape not in _autotuned:
         configs = [
             triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
-            for m, n, warps, stages in _CUDA_CONFIGS[name][max(64, padded)]
+            for m, n, warps, stages in cuda_configs(*shape)
         ]
-        _autotuned[name, padded] = triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(getattr(kernels, name))
-    _autotuned[name, padded][grid](*args, **meta)
+        _autotuned[shape] = triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(getattr(kernels, name))
+    _autotuned[shape][grid](*args, **meta, **dims)
 
 
 def document_bounds(cu_seqlens: torch.Tensor, batch: int, seq: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -210,7 +222,7 @@ def attention_forward(
     _launch(
         "attention_fwd_kernel",
         lambda meta: (triton.cdiv(seq, meta["BLOCK_M"]), batch * q_heads),
-        max(head_dim, v_dim),
+        _dim_meta(head_dim, v_dim),
         q, k, v, out, lse, doc_start, doc_end, sinks,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *out.stride()[:3],
         seq, head_dim, v_dim, q_heads, q_heads // k.shape[2], window or 0, scale * math.log2(math.e),
@@ -220,7 +232,6 @@ def attention_forward(
         HAS_DOCS=doc_bounds is not None,
         HAS_SINKS=sinks is not None,
         DOT_PRECISION=dot_precision(q.dtype),
-        **_dim_meta(head_dim, v_dim),
     )  # fmt: skip
 
 
@@ -259,14 +270,13 @@ def attention_backward(
         HAS_WINDOW=window is not None,
         HAS_DOCS=doc_bounds is not None,
         DOT_PRECISION=dot_precision(q.dtype),
-        **dims,
     )
     group = q_heads // kv_heads
     qk_scale = scale * math.log2(math.e)
     _launch(
         "attention_bwd_dkdv_kernel",
         lambda meta: (triton.cdiv(seq, meta["BLOCK_N"]), batch * kv_heads),
-        max(head_dim, v_dim),
+        dims,
         q, k, v, grad_out, lse, delta, grad_k, grad_v, doc_start, doc_end,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3],
         *grad_k.stride()[:3], *grad_v.stride()[:3],
@@ -276,7 +286,7 @@ def attention_backward(
     _launch(
         "attention_bwd_dq_kernel",
         lambda meta: (triton.cdiv(seq, meta["BLOCK_M"]), batch * q_heads),
-        max(head_dim, v_dim),
+        dims,
         q, k, v, grad_out, lse, delta, grad_q, doc_start, doc_end,
         *q.stride()[:3], *k.stride()[:3], *v.stride()[:3], *grad_out.stride()[:3], *grad_q.stride()[:3],
         seq, head_dim, v_dim, q_heads, group, window or 0, qk_scale, scale, *_tuning_buckets(seq, window),

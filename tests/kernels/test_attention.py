@@ -348,9 +348,9 @@ def test_autotune_key_buckets_sequence_length_and_window(monkeypatch):
     as triton.autotune forms it, from the launch's arguments."""
     keys = []
 
-    def record(name, grid, head_dim, *args, **meta):
+    def record(name, grid, dims, *args, **meta):
         arg_names = getattr(triton_impl._kernels(), name).arg_names
-        named = {**dict(zip(arg_names, args)), **meta}
+        named = {**dict(zip(arg_names, args)), **meta, **dims}
         keys.append((name, tuple(named[key] for key in triton_impl._AUTOTUNE_KEY)))
 
     monkeypatch.setattr(triton_impl, "_launch", record)
@@ -532,6 +532,23 @@ def test_every_kernel_compiles_for_hopper(plain, tmp_path):
     assert {row["kernel"] for row in rows} == {name for name, *_ in compile_report.launch_configs(128)}
     for row in rows:
         assert 0 < row["registers"] <= 255 and row["shared_bytes"] <= 227 * 1024, row
+
+
+@pytest.mark.slow
+def test_mla_backward_configs_compile_to_wgmma(tmp_path):
+    """MLA's q/k (192, padded to 256) with v at 128: every dK/dV config compiles for sm_90 to warpgroup MMA
+    (wgmma in the PTX), without spills; the old 32-key blocks compiled to mma.sync."""
+    out = tmp_path / "mla"
+    command = python_command("-m", "kmodel.kernels.attention.compile_report", "--head-dim", "256", "--v-dim", "128",
+                             "--out", str(out))  # fmt: skip
+    env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=900, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = [row for row in json.loads(out.with_suffix(".json").read_text())["rows"]
+            if row["kernel"] == "attention_bwd_dkdv_kernel"]  # fmt: skip
+    assert len(rows) == len(triton_impl.cuda_configs("attention_bwd_dkdv_kernel", 256, 128))
+    for row in rows:
+        assert row["wgmma"] and row["spill_stack_bytes"] == 0 and row["shared_bytes"] <= 227 * 1024, row
 
 
 def test_bench_visible_area_and_cpu_smoke_run(tmp_path):
