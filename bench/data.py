@@ -22,7 +22,6 @@ import json
 import os
 import platform
 import resource
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -182,7 +181,7 @@ def main() -> int:
 
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
     load = f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (the machine is shared)"
-    lines = [f"# Data path benchmark (CPU)", "", f"Machine: {machine}; {load}. Best of {args.repeats} runs, each in a fresh process.",
+    lines = ["# Data path benchmark (CPU)", "", f"Machine: {machine}; {load}. Best of {args.repeats} runs, each in a fresh process.",
              f"Corpus: the bundled one repeated {args.copies}x with distinct text ({corpus_bytes[f'{args.copies}x'] / 2**20:.1f} MiB); "
              "see bench/data.py.", "", "## Tokenizing the corpus (shipped ko-8k tokenizer)", "",
              "| contender | tokens | seconds | tokens/s | tokens/s per worker |", "|---|---:|---:|---:|---:|"]

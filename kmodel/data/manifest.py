@@ -40,6 +40,11 @@ def data_manifest(data: DataConfig) -> dict[str, Any]:
     if data.prepared is not None:
         prepared_data = PreparedData(data.prepared)
         weights = {s.name or s.path: s.weight for s in data.sources}
+        held = prepared_data.source_names()
+        for name in weights:
+            if name not in held:
+                raise DataError(f"data.sources names {name!r}, which data.prepared {prepared_data.directory} does not "
+                                f"hold (it holds {', '.join(map(repr, held))})")
         sources = [{k: s[k] for k in ("name", "path", "text_key", "files")} | {"weight": weights.get(s["name"], s["weight"])}
                    for s in prepared_data.sources if not weights or s["name"] in weights]
         manifest = prepared_data.manifest
@@ -47,11 +52,26 @@ def data_manifest(data: DataConfig) -> dict[str, Any]:
                     "shards_root": manifest["shards_root"], "content_key": manifest["content_key"]}
     else:
         sources = hashed_sources(data.sources)
-    digests = [f["sha256"] or "" for s in sources for f in s["files"]] + [f["sha256"] for f in heldout]
-    manifest = {"format": MANIFEST_FORMAT, "sources": sources, "heldout": heldout, "merkle_root": merkle_root(digests)}
+    manifest = {"format": MANIFEST_FORMAT, "sources": sources, "heldout": heldout}
+    manifest["merkle_root"] = _root(manifest)
     if prepared is not None:
         manifest["prepared"] = prepared
     return manifest
+
+
+def _root(manifest: dict[str, Any]) -> str:
+    """Merkle root over the source files then the held-out files (a Hub source not yet read has no hash)."""
+    digests = [f["sha256"] for s in manifest["sources"] for f in s["files"]] + [f["sha256"] for f in manifest["heldout"]]
+    return merkle_root([d for d in digests if d is not None])
+
+
+def with_prepared_hashes(manifest: dict[str, Any], prepared: dict[str, Any]) -> None:
+    """Fill in, from the prepared manifest, the hashes of Hub sources that were hashed as they were read."""
+    by_name = {s["name"]: s["files"] for s in prepared["sources"]}
+    for source in manifest["sources"]:
+        if any(f["sha256"] is None for f in source["files"]) and source["name"] in by_name:
+            source["files"] = [dict(f) for f in by_name[source["name"]]]
+    manifest["merkle_root"] = _root(manifest)
 
 
 def _content(manifest: dict[str, Any]) -> dict[str, tuple[str, list[str]]]:

@@ -13,8 +13,9 @@ import numpy as np
 
 from kmodel.config import Config, DataConfig, DataSource
 from kmodel.data.order import Mixture
-from kmodel.data.prepare import content_key, load_tokenizer, prepare
-from kmodel.data.shards import DOCS_SUFFIX, DOC_DTYPE, SHARDS_DIR, PreparedData
+from kmodel.data.manifest import with_prepared_hashes
+from kmodel.data.prepare import content_key, hashed_sources, load_tokenizer, prepare
+from kmodel.data.shards import DOC_DTYPE, DOCS_SUFFIX, MANIFEST_FILE, SHARDS_DIR, PreparedData
 from kmodel.data.sources import DataError
 from kmodel.data.tokenized import TokenizedDocs, check_vocab
 
@@ -47,11 +48,11 @@ def cached_prepare(data: DataConfig, sources: list[dict[str, Any]], tokenizer: A
     try:
         prepared = PreparedData(entry)
         damaged = prepared.verify()
-    except DataError as error:
-        prepared, damaged = None, [str(error)]
+    except DataError as error:  # no entry yet, or one whose manifest or shards are unusable
+        prepared, damaged = None, [str(error)] if (entry / MANIFEST_FILE).exists() else []
     if prepared is not None and not damaged:
         return prepared
-    if entry.exists() and prepared is not None:
+    if damaged:
         print(f"warning: rebuilding damaged token cache {entry} ({damaged[0]})", file=sys.stderr)
         shutil.rmtree(entry)
     return prepare(data, entry, sources=sources, tokenizer=tokenizer, progress=False)
@@ -68,14 +69,11 @@ def prepared_data(data: DataConfig, manifest: dict[str, Any], tokenizer: Any, ca
 
 
 def training_mixture(cfg: Config, tokenizer: Any, manifest: dict[str, Any], cache_dir: Path | None, stage: int = 0) -> Mixture:
-    """The recipe's weighted, packed, seed-ordered training rows (see kmodel.data.order)."""
+    """The recipe's weighted, packed, seed-ordered training rows (see kmodel.data.order). A Hub source's hash,
+    known once it has been read, is filled into `manifest` (the run's data manifest) here."""
     check_vocab(tokenizer, cfg.model.vocab_size)
     prepared = prepared_data(cfg.data, manifest, tokenizer, cache_dir)
-    held = prepared.source_names()
-    for source in manifest["sources"]:
-        if source["name"] not in held:
-            raise DataError(f"data.sources names {source['name']!r}, which data.prepared {prepared.directory} does not "
-                            f"hold (it holds {', '.join(map(repr, held))})")
+    with_prepared_hashes(manifest, prepared.manifest)
     streams = [prepared.stream(source["name"]) for source in manifest["sources"]]
     weights = [source["weight"] for source in manifest["sources"]]
     return Mixture(streams, weights, cfg.seed, cfg.data.seq_len, tokenizer.eos_id, cfg.data.document_masking, stage)
@@ -84,8 +82,6 @@ def training_mixture(cfg: Config, tokenizer: Any, manifest: dict[str, Any], cach
 def file_docs(path: str | Path, tokenizer: Any, cache_dir: Path | None, text_key: str = "text") -> TokenizedDocs:
     """One local file's documents, tokenized through the token cache and read back whole (evaluation)."""
     data = DataConfig(sources=[DataSource(name="file", path=str(path), text_key=text_key)], tokenizer=str(tokenizer.directory))
-    from kmodel.data.prepare import hashed_sources
-
     prepared = cached_prepare(data, hashed_sources(data.sources), tokenizer, cache_dir)
     (source,) = prepared.sources
     stream = prepared.stream(source["name"])

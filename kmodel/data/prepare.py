@@ -17,7 +17,6 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import multiprocessing
-import os
 import queue
 import sys
 import time
@@ -39,7 +38,7 @@ from kmodel.data.shards import (
     tokenizer_record,
     write_json_atomic,
 )
-from kmodel.data.sources import HUB_PREFIX, DataError, file_parts, read_documents, resolve_source, source_label
+from kmodel.data.sources import HUB_PREFIX, DataError, file_parts, read_documents, resolve_source
 from kmodel.hashing import canonical_json, merkle_root, sha256_bytes, sha256_file
 
 DEFAULT_PART_BYTES = 256 << 20  # input bytes per shard (about 60M tokens of Korean text)

@@ -42,10 +42,6 @@ class SourceFiles:
         return self.source.name or self.source.path
 
 
-def source_label(source: DataSource) -> str:
-    return source.name or source.path
-
-
 def _is_glob(path: str) -> bool:
     return any(ch in path for ch in "*?[")
 

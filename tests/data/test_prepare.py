@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -102,7 +101,7 @@ def test_training_on_prepared_data_reads_only_the_prepared_directory(tmp_path, t
     unknown = load_config(RECIPE, [f"data.prepared={tmp_path / 'out'}", "data.sources=[{name: web, path: x}]",
                                    "data.heldout=[]", "data.seq_len=32"])
     with pytest.raises(DataError, match=r"data.sources names 'web', which data.prepared .* does not hold \(it holds 'ko', 'code'\)"):
-        training_mixture(unknown, tokenizer, {**data_manifest(unknown.data), "sources": [{"name": "web", "weight": 1}]}, None)
+        data_manifest(unknown.data)
 
 
 def test_a_prepared_directory_of_another_tokenizer_is_refused_naming_both_hashes(tmp_path, tokenizer):

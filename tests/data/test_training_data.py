@@ -48,6 +48,7 @@ def losses(run_dir: Path) -> list[float]:
     return [r["loss"] for r in read_metrics(run_dir) if r["kind"] == "train"]
 
 
+@pytest.mark.slow
 def test_moved_data_resumes_with_the_same_losses_and_changed_data_is_refused(tmp_path, capsys):
     first_home = corpus(tmp_path / "a")
     reference, run = tmp_path / "reference", tmp_path / "run"
@@ -70,10 +71,11 @@ def test_moved_data_resumes_with_the_same_losses_and_changed_data_is_refused(tmp
 
     changed = third_home / "code_python_stdlib.jsonl"
     changed.write_bytes(changed.read_bytes().replace(b"def ", b"def  ", 1))
-    with pytest.raises(DataError, match=rf"the training data changed since: source 'code': .*code_python_stdlib\.jsonl \(changed\)"):
+    with pytest.raises(DataError, match=r"the training data changed since: source 'code': .*code_python_stdlib\.jsonl \(changed\)"):
         train(None, run, max_steps=8, resume=True, progress=False)
 
 
+@pytest.mark.slow
 def test_prepared_data_trains_and_resumes_exactly_like_the_sources(tmp_path):
     home = corpus(tmp_path / "corpus")
     prepared = tmp_path / "prepared"
@@ -89,6 +91,7 @@ def test_prepared_data_trains_and_resumes_exactly_like_the_sources(tmp_path):
     assert genesis["data_manifest"]["merkle_root"] == read_records(on_sources / LEDGER_FILE)[0][0]["data_manifest"]["merkle_root"]
 
 
+@pytest.mark.slow
 def test_a_stage_change_takes_new_weights_and_seq_len_and_is_recorded(tmp_path):
     home = corpus(tmp_path / "corpus")
     stage0 = tmp_path / "stage0"
@@ -110,3 +113,14 @@ def test_a_stage_change_takes_new_weights_and_seq_len_and_is_recorded(tmp_path):
     assert previous["stage"] == 0 and previous["rows"] == 4 and previous["seq_len"] == 32
     assert previous["weights"] == {"ko": 3.0, "code": 1.0} and sum(previous["tokens"].values()) == 4 * 32
     assert json.loads(json.dumps(order)) == order
+
+
+def test_a_resume_may_name_new_data_locations_but_no_other_data_change(tmp_path):
+    from kmodel.config import ConfigError
+    from kmodel.train.run import check_resumable
+
+    saved = load_config(RECIPE, SMALL + [sources(tmp_path / "a")])
+    check_resumable(saved, load_config(RECIPE, SMALL + [sources(tmp_path / "b")]), tmp_path)
+    check_resumable(saved, load_config(RECIPE, SMALL + [f"data.prepared={tmp_path}"] + [sources(tmp_path / "b")]), tmp_path)
+    with pytest.raises(ConfigError, match=r"data\.sources"):
+        check_resumable(saved, load_config(RECIPE, SMALL + [sources(tmp_path / "a", ko_weight=1)]), tmp_path)
