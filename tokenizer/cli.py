@@ -152,6 +152,12 @@ def add_commands(subparsers) -> None:
         metavar="N",
         help=f"with --stream: characters in the training sample (default {DEFAULT_SAMPLE_CHARS:,})",
     )
+    train.add_argument(
+        "--upsample",
+        action="store_true",
+        help="with --stream: give every language its --mix share of --sample-chars, repeating a language "
+        "that has less text (default: the scarcest language sets the total)",
+    )
     train.add_argument("--seed", type=int, default=0, help="seed of the document sampling (default 0)")
     train.add_argument("--threads", type=int, metavar="N", help="SentencePiece trainer threads (default: all cores)")
     train.add_argument(
@@ -226,6 +232,7 @@ def _train(args: argparse.Namespace):
             character_coverage=args.character_coverage,
             seed=args.seed,
             num_threads=args.threads,
+            upsample=args.upsample,
         )
     return train_tokenizer(
         args.out,

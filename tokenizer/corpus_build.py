@@ -295,6 +295,18 @@ SOURCES: tuple[Source, ...] = (
         plain_files("usr/share/doc/python3.11/html/_sources/**/*.txt", exclude=r"/_sources/reference/"),
     ),
     Source(
+        "en_docs_perl", "en", "Perl 5.36 documentation (POD)", ("perl-doc",), "GPL-1+ or Artistic (Larry Wall et al.)",
+        plain_files("usr/share/perl/*/pod/*.pod"),
+    ),
+    Source(
+        "en_docs_git", "en", "Git manual pages and guides (AsciiDoc sources)", ("git-doc",),
+        "GPL-2 (Junio C Hamano and the Git contributors)", plain_files("usr/share/doc/git-doc/*.txt"),
+    ),
+    Source(
+        "en_help_libreoffice", "en", "LibreOffice 7.4 help pages (English originals)", ("libreoffice-help-en-us",),
+        "MPL-2.0 (The Document Foundation)", markup_pages("usr/share/libreoffice/help/en-US/**/*.html"),
+    ),
+    Source(
         "en_help_gnome", "en", "GNOME desktop help (English originals)", ("gnome-user-docs",),
         "CC-BY-SA-3.0 (GNOME documentation project)", markup_pages("usr/share/help/C/**/*.page"),
     ),
@@ -357,10 +369,10 @@ def _line_key(line: str) -> bytes:
     return hashlib.blake2b(line.encode("utf-8"), digest_size=12).digest()
 
 
-def reserved_lines(heldout_dir: Path = BUNDLED_HELDOUT_DIR) -> set[bytes]:
+def reserved_lines(heldout_dir: Path | None = None) -> set[bytes]:
     """Keys of the bundled held-out lines, which no training document may contain."""
     keys = set()
-    for path in sorted(heldout_dir.glob("*.jsonl")):
+    for path in sorted((heldout_dir or BUNDLED_HELDOUT_DIR).glob("*.jsonl")):
         for line in path.read_text(encoding="utf-8").splitlines():
             if line.strip():
                 text = unicodedata.normalize("NFC", json.loads(line)["text"])

@@ -59,12 +59,13 @@ MAX_PIECE_CHARS = 16  # SentencePiece's default max_piece_length, kept for both 
 
 # The pre-split of the `hf` learner, on text whose spaces are U+2581: a space run gives all but its last
 # space to a whitespace-only piece, the last one leads the next word; a word is a run of one script's letters
-# (with combining marks), a single digit, or a run of punctuation/symbols that may end in newlines; other
-# whitespace (newlines, tabs) forms runs of its own.
+# (with combining marks) led by at most one space or punctuation character (`.append`, `(self`, `"대화`), a
+# single digit, or a run of punctuation/symbols that may end in newlines; other whitespace (newlines, tabs)
+# forms runs of its own. A space never follows another character inside a piece, as SentencePiece requires.
 _S = SPACE_SYMBOL
 HF_PRESPLIT = (
     rf"{_S}+(?={_S})"
-    rf"|{_S}?(?:\p{{Hangul}}[\p{{Hangul}}\p{{M}}]*|\p{{Han}}+|[\p{{Hiragana}}\p{{Katakana}}ー]+"
+    rf"|(?:{_S}|[^\p{{L}}\p{{M}}\p{{N}}\s{_S}])?(?:\p{{Hangul}}[\p{{Hangul}}\p{{M}}]*|\p{{Han}}+|[\p{{Hiragana}}\p{{Katakana}}ー]+"
     rf"|\p{{Latin}}[\p{{Latin}}\p{{M}}]*|\p{{L}}[\p{{L}}\p{{M}}]*)"
     rf"|{_S}?\p{{N}}"
     rf"|{_S}?[^\p{{L}}\p{{M}}\p{{N}}\s{_S}]+[\r\n]*"
@@ -76,10 +77,14 @@ HF_PRESPLIT = (
 # Streaming and sampling.
 
 
-def stream_documents(path: Path) -> Iterator[tuple[str, str]]:
-    """(lang, NFC text) of each JSON Lines record of `path`, read line by line."""
+def _check_file(path: Path) -> None:
     if not path.is_file():
         raise TokenizerError(f"corpus file {path} does not exist" if not path.exists() else f"{path} is not a file")
+
+
+def stream_documents(path: Path) -> Iterator[tuple[str, str]]:
+    """(lang, NFC text) of each JSON Lines record of `path`, read line by line."""
+    _check_file(path)
     with path.open("rb") as handle:
         for line_number, line in enumerate(handle, start=1):
             if not line.strip():
@@ -119,13 +124,18 @@ class LanguageSample:
 
 
 def sample_corpus(
-    paths: list[Path], mix: dict[str, float], sample_chars: int, seed: int
-) -> tuple[list[tuple[str, str]], dict]:
-    """One pass over `paths`: the (lang, text) documents of the sample, in a seeded order, and its record."""
+    paths: list[Path], mix: dict[str, float], sample_chars: int, seed: int, upsample: bool = False
+) -> tuple[list[str], dict]:
+    """One pass over `paths`: the texts of the sample, in a seeded order, and its record.
+
+    Without `upsample` the language in shortest supply for its weight sets the total. With it, every language
+    gets its share of `sample_chars`, a language with less text than its share being repeated a whole number
+    of times (the nearest to its share): its pairs then weigh in BPE as if it had that much text."""
     rng = random.Random(seed)
     samples = {lang: LanguageSample(weight * sample_chars) for lang, weight in mix.items()}
     files, excluded, order = [], Counter(), 0
     for path in paths:
+        _check_file(path)
         digest, documents, characters = hashlib.sha256(), 0, 0
         with path.open("rb") as raw:
             for block in iter(lambda: raw.read(1 << 20), b""):
@@ -147,25 +157,32 @@ def sample_corpus(
             f"--mix asks for language(s) {', '.join(map(repr, missing))} but "
             f"{', '.join(display_path(p) for p in paths)} has none"
         )
-    total = min(sample_chars, *(samples[lang].seen_characters / weight for lang, weight in mix.items()))
+    if upsample:
+        total = sample_chars
+    else:
+        total = min(sample_chars, *(samples[lang].seen_characters / weight for lang, weight in mix.items()))
     for lang, sample in samples.items():
         sample.trim(mix[lang] * total)
-    drawn = sorted(
-        ((order, lang, text) for lang, sample in samples.items() for _, order, text in sample.heap),
-    )
-    documents = [(lang, text) for _, lang, text in drawn]
-    digest = hashlib.sha256("\0".join(text for _, text in documents).encode("utf-8")).hexdigest()
+    repeats = {
+        lang: max(1, round(mix[lang] * total / sample.characters)) if upsample else 1
+        for lang, sample in samples.items()
+    }
+    drawn = sorted((order, lang, text) for lang, sample in samples.items() for _, order, text in sample.heap)
+    texts = [text for _, lang, text in drawn for _ in range(repeats[lang])]  # repeats share the str object
+    digest = hashlib.sha256("\0".join(text for _, _, text in drawn).encode("utf-8")).hexdigest()
     record = {
         "files": files,
         "sample": {
             "sha256": digest,
             "sample_chars": sample_chars,
+            "upsample": upsample,
             "characters_by_lang": {lang: samples[lang].characters for lang in sorted(samples)},
+            "repeats_by_lang": {lang: repeats[lang] for lang in sorted(samples)},
             "documents_by_lang": {lang: len(samples[lang].heap) for lang in sorted(samples)},
             "excluded_documents_by_lang": dict(sorted(excluded.items())),
         },
     }
-    return documents, record
+    return texts, record
 
 
 # The Hugging Face learner and its conversion to a SentencePiece model.
@@ -274,6 +291,7 @@ def train_streaming(
     character_coverage: float = DEFAULT_CHARACTER_COVERAGE,
     seed: int = 0,
     num_threads: int | None = None,
+    upsample: bool = False,
 ) -> Tokenizer:
     """Sample `inputs` in one streaming pass, learn a BPE vocabulary with `backend` and write a kmodel
     tokenizer directory to `out_dir`; returns the loaded Tokenizer."""
@@ -289,10 +307,8 @@ def train_streaming(
     threads = num_threads or os.cpu_count() or 1
 
     started = time.perf_counter()
-    documents, corpus_record = sample_corpus(paths, weights, sample_chars, seed)
+    texts, corpus_record = sample_corpus(paths, weights, sample_chars, seed, upsample)
     sampled = time.perf_counter()
-    texts = [text for _, text in documents]
-    del documents
     if backend == "sentencepiece":
         description = f"{sum(map(len, texts)):,} sampled characters from {', '.join(map(display_path, paths))}"
         model_bytes = _run_sentencepiece(
@@ -334,7 +350,9 @@ def train_streaming(
         corpus=corpus_record,
         training_seconds=finished - started,
     )
-    metadata["settings"].update({"backend": backend, "sample_chars": sample_chars, "streaming": True})
+    metadata["settings"].update(
+        {"backend": backend, "sample_chars": sample_chars, "upsample": upsample, "streaming": True}
+    )
     if backend == "hf":
         import tokenizers
 
