@@ -457,9 +457,11 @@ class Trainer:
             bar.update(1)
             bar.set_postfix(loss=f"{record['loss']:.3f}", tok_s=f"{record['tokens_per_s']:.0f}")
             if train.eval_every and self.step % train.eval_every == 0 and self.step < stop:
+                watchdog.beat(self.step)  # an evaluation and a save each get the whole timeout
                 self._log_eval()
             saved = self.step % train.checkpoint_every == 0 or self.step == stop
             if saved:
+                watchdog.beat(self.step)
                 self.save_checkpoint()
             signum = self.stop_requested(signals)
             if signum:
