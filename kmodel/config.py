@@ -104,8 +104,10 @@ class ModelConfig(Section):
     )
     logits_z_loss_coef: float = Field(0.0, ge=0, description="z-loss on the output logits")
     # --- multi-head latent attention (DeepSeek-V3 / A.X K1; HF names) -----------------------------
-    attention_kind: Literal["gqa", "mla"] = Field(
-        "gqa", description="gqa: grouped-query attention; mla: multi-head latent attention"
+    attention_kind: Literal["gqa", "mla", "differential"] = Field(
+        "gqa",
+        description="gqa: grouped-query attention; mla: multi-head latent attention; differential: Motif's grouped "
+        "differential attention",
     )
     q_lora_rank: int | None = Field(None, gt=0, description="mla: query compression rank (None: full-rank query)")
     kv_lora_rank: int | None = Field(None, gt=0, description="mla: key/value latent rank (what the KV cache stores)")
@@ -154,11 +156,22 @@ class ModelConfig(Section):
         "MLP, shared and routed experts); null or 0: no clamp",
     )
     mtp_mlp_type: MlpType | None = Field(None, description="the MTP blocks' feed-forward (default: the last layer's)")
+    # --- Motif-2 (Motif's config names) ----------------------------------------------------------------
+    num_noise_heads: int | None = Field(
+        None,
+        gt=0,
+        description="differential: noise query heads; the other num_attention_heads are signal heads, "
+        "num_attention_heads / num_noise_heads - 1 (grouped_ratio) per noise head",
+    )
+    attn_rms_norm_eps: float = Field(1e-5, gt=0, description="differential: eps of the RMSNorm over each head's 2 * head_dim")
+    mlp_activation: Literal["swiglu", "polynorm"] = Field(
+        "swiglu", description="dense MLP: down(act(gate) * up) with act = silu (swiglu) or PolyNorm (Motif)"
+    )
 
     @model_validator(mode="after")
     def _resolve_and_check(self) -> "ModelConfig":
         n = self.num_hidden_layers
-        if self.num_attention_heads % self.num_key_value_heads:
+        if self.attention_kind != "differential" and self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
                 f"num_key_value_heads ({self.num_key_value_heads})"
@@ -261,6 +274,7 @@ class ModelConfig(Section):
         if mtp_type == "sparse" and self.num_experts == 0:
             raise ValueError("mtp_mlp_type 'sparse' needs routed experts (num_experts is 0)")
         object.__setattr__(self, "mtp_mlp_type", mtp_type)
+        self._check_motif_mlp()
         limits = self.swiglu_limits
         if limits is None:
             return
@@ -285,10 +299,19 @@ class ModelConfig(Section):
 
     def _check_attention_kind(self) -> None:
         mla_keys = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
-        if self.attention_kind == "gqa":
+        if self.attention_kind != "mla":
             stray = [key for key in mla_keys if getattr(self, key) is not None]
             if stray:
-                raise ValueError(f"{', '.join(stray)} only apply to attention_kind 'mla' (attention_kind is 'gqa')")
+                raise ValueError(
+                    f"{', '.join(stray)} only apply to attention_kind 'mla' (attention_kind is {self.attention_kind!r})"
+                )
+        if self.attention_kind != "differential" and self.num_noise_heads is not None:
+            raise ValueError(
+                f"num_noise_heads only applies to attention_kind 'differential' (attention_kind is {self.attention_kind!r})"
+            )
+        if self.attention_kind == "differential":
+            self._check_differential()
+        if self.attention_kind != "mla":
             return
         missing = [key for key in mla_keys[1:] if getattr(self, key) is None]
         if missing:
@@ -310,11 +333,41 @@ class ModelConfig(Section):
             )
         object.__setattr__(self, "head_dim", qk_head_dim)
 
+    def _check_differential(self) -> None:
+        heads, noise, kv = self.num_attention_heads, self.num_noise_heads, self.num_key_value_heads
+        if noise is None:
+            raise ValueError("attention_kind 'differential' requires num_noise_heads")
+        if noise >= heads or (heads - noise) % noise:
+            raise ValueError(
+                f"num_noise_heads ({noise}) must divide the signal heads num_attention_heads - num_noise_heads "
+                f"({heads - noise}), which must be positive"
+            )
+        if kv % 2 or noise % (kv // 2):
+            raise ValueError(
+                f"num_key_value_heads ({kv}) must be even (signal and noise key per pair) and its pairs "
+                f"({kv // 2}) must divide num_noise_heads ({noise})"
+            )
+        if self.qk_norm:
+            raise ValueError("qk_norm: differential attention normalises each head's output instead; set qk_norm: false")
+
+    def _check_motif_mlp(self) -> None:
+        if self.mlp_activation == "swiglu":
+            return
+        if "sparse" in self.mlp_layer_types or (self.num_nextn_predict_layers and self.mtp_mlp_type == "sparse"):
+            raise ValueError(
+                "mlp_activation 'polynorm' applies to dense MLPs; routed experts with PolyNorm (Motif-3's grouped "
+                "PolyNorm) are not implemented: make every layer dense (num_experts: 0)"
+            )
+        if self.swiglu_limits is not None and any(self.swiglu_limits):
+            raise ValueError("swiglu_limits clamp SwiGLU; mlp_activation 'polynorm' has no such clamp")
+
     def _check_gpt_oss_features(self) -> None:
-        if self.attention_kind == "mla":
+        if self.attention_kind != "gqa":
             stray = [key for key in ("attention_bias", "attention_sinks") if getattr(self, key)]
             if stray:
-                raise ValueError(f"{', '.join(stray)} only apply to attention_kind 'gqa' (attention_kind is 'mla')")
+                raise ValueError(
+                    f"{', '.join(stray)} only apply to attention_kind 'gqa' (attention_kind is {self.attention_kind!r})"
+                )
         if self.num_experts == 0:
             stray = [key for key in ("router_bias", "expert_bias") if getattr(self, key)]
             if self.expert_activation != "swiglu":

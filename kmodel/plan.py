@@ -114,6 +114,8 @@ def _norms_per_layer(cfg: ModelConfig) -> int:
 def _attention_params(cfg: ModelConfig) -> int:
     if cfg.attention_kind == "mla":
         return _latent_attention_params(cfg)
+    if cfg.attention_kind == "differential":
+        return _differential_attention_params(cfg)
     h, d = cfg.hidden_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
     params = h * q + 2 * h * kv + q * h + (2 * d if cfg.qk_norm else 0)
@@ -136,12 +138,21 @@ def _latent_attention_params(cfg: ModelConfig) -> int:
     return query + kv + n * cfg.v_head_dim * h
 
 
+def _differential_attention_params(cfg: ModelConfig) -> int:
+    """Grouped differential attention (kmodel/model/diff_attention.py): q (h -> heads x d), k and v (h -> kv
+    heads x d), o (signal heads x 2d -> h), four lambda vectors of d, the per-head RMSNorm over 2d."""
+    h, d = cfg.hidden_size, cfg.head_dim
+    signal = cfg.num_attention_heads - cfg.num_noise_heads
+    return h * cfg.num_attention_heads * d + 2 * h * cfg.num_key_value_heads * d + signal * 2 * d * h + 4 * d + 2 * d
+
+
 def _layer_params(cfg: ModelConfig, sparse: bool) -> tuple[int, int, int]:
     """(dense, routed expert, active routed expert) parameters of one decoder layer."""
     h = cfg.hidden_size
     dense = _attention_params(cfg) + _norms_per_layer(cfg) * h
     if not sparse:
-        return dense + 3 * h * cfg.intermediate_size, 0, 0
+        polynorm = 4 if cfg.mlp_activation == "polynorm" else 0  # its 3 weights and bias
+        return dense + 3 * h * cfg.intermediate_size + polynorm, 0, 0
     im = cfg.moe_intermediate_size
     dense += cfg.num_experts * h + 3 * h * im * cfg.num_shared_experts  # router + shared experts
     dense += cfg.num_experts if cfg.router_bias else 0

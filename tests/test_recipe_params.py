@@ -53,6 +53,7 @@ PUBLISHED = [
     ("k-exaone-236b-a23b.yaml", 236, 23, False, NAME, "K-EXAONE-236B-A23B (main model)"),
     ("k-exaone-236b-a23b-multinode.yaml", 236, 23, False, NAME, "K-EXAONE-236B-A23B (main model)"),
     ("exaone-4.0-32b.yaml", 32, 32, False, NAME, "EXAONE-4.0-32B (dense)"),
+    ("motif-2-12.7b.yaml", 12.7, 12.7, False, CARD, "Motif-2-12.7B (the name; dense; its vocab is assumed)"),
 ]
 
 

@@ -247,6 +247,7 @@ def extras_problems(m: ModelConfig, *, allow: tuple[str, ...] = ()) -> list[str]
         "logits_scaling": m.logits_scaling != 1.0,
         "sliding_windows": m.sliding_windows is not None and len({w for w in m.sliding_windows if w}) > 1,
         "swiglu_limits": m.swiglu_limits is not None and any(m.swiglu_limits),
+        "mlp_activation": m.mlp_activation != "swiglu",
     }
     return [
         f"{key} {getattr(m, key)!r} (this class has no such feature)"

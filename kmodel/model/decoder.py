@@ -17,6 +17,7 @@ from kmodel import kernels
 from kmodel.config import Config, KernelsConfig, ModelConfig
 from kmodel.kernels.loss import reference as loss_reference
 from kmodel.model.attention import Attention, LayerCache
+from kmodel.model.diff_attention import DifferentialAttention
 from kmodel.model.init import init_parameters
 from kmodel.model.mla import LatentAttention
 from kmodel.model.moe import MLP, MoE
@@ -33,17 +34,20 @@ class ModelOutput(NamedTuple):  # a NamedTuple so ZeRO-3's hooks can find the te
     z_loss: torch.Tensor | None = None  # output-logits z-loss, unweighted
 
 
+ATTENTION_KINDS = {"gqa": Attention, "mla": LatentAttention, "differential": DifferentialAttention}
+
+
 class DecoderLayer(nn.Module):
     """Attention and feed-forward of layer `layer_idx` (its window, RoPE, SwiGLU clamp); `sparse` overrides
     the layer's feed-forward kind (the MTP blocks' mtp_mlp_type)."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, sparse: bool | None = None):
         super().__init__()
-        self.self_attn = LatentAttention(cfg, layer_idx) if cfg.attention_kind == "mla" else Attention(cfg, layer_idx)
+        self.self_attn = ATTENTION_KINDS[cfg.attention_kind](cfg, layer_idx)
         self.residual_multiplier = cfg.residual_multiplier
         sparse = cfg.mlp_layer_types[layer_idx] == "sparse" if sparse is None else sparse
         limit = cfg.swiglu_limit_of(layer_idx)
-        self.mlp = MoE(cfg, limit) if sparse else MLP(cfg.hidden_size, cfg.intermediate_size, limit)
+        self.mlp = MoE(cfg, limit) if sparse else MLP(cfg.hidden_size, cfg.intermediate_size, limit, cfg.mlp_activation)
         placement = cfg.norm_placement
 
         def norm_if(wanted: bool) -> RMSNorm | None:
@@ -122,7 +126,7 @@ class Model(nn.Module):
                 impl[op] = "torch"  # auto: the reference implements it
         pick = {op: kernels.load(op, impl[op]) for op in kernels.OPS}
         for module in self.modules():
-            if isinstance(module, (Attention, LatentAttention)):
+            if isinstance(module, tuple(ATTENTION_KINDS.values())):
                 module.kernel = pick["attention"]
             elif isinstance(module, MoE):
                 module.kernel = pick["moe"]

@@ -17,6 +17,11 @@ from torch import nn
 
 from kmodel.model.moe import Experts
 from kmodel.model.norm import RMSNorm
+from kmodel.model.polynorm import POLYNORM_INIT, PolyNorm
+
+# Parameters drawn with their own standard deviation instead of initializer_range: differential attention's
+# lambda vectors (the Differential Transformer's N(0, 0.1)).
+STD_BY_NAME = {"lambda_q1": 0.1, "lambda_k1": 0.1, "lambda_q2": 0.1, "lambda_k2": 0.1}
 
 
 def parameter_seed(seed: int, name: str) -> int:
@@ -32,12 +37,14 @@ def initial_value(name: str, shape: torch.Size, seed: int, std: float) -> torch.
 
 def constant_parameters(model: nn.Module) -> dict[str, float]:
     """Parameters that start at a constant instead: norm weights at the identity scale (1, or 0 for a
-    `plus_one` norm, which applies 1 + w) and biases (`bias`, `*_bias`) at 0."""
+    `plus_one` norm, which applies 1 + w), PolyNorm's weights at 1/3 and biases (`bias`, `*_bias`) at 0."""
     constants = {}
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
         if isinstance(module, RMSNorm):
             constants[prefix + "weight"] = 0.0 if module.plus_one else 1.0
+        if isinstance(module, PolyNorm):
+            constants[prefix + "weight"] = POLYNORM_INIT
         for name, _ in module.named_parameters(recurse=False):
             if name == "bias" or name.endswith("_bias"):
                 constants[prefix + name] = 0.0
@@ -72,7 +79,7 @@ def initial_values(model: nn.Module, seed: int, std: float, names: Iterable[str]
         elif name in experts:
             yield name, initial_expert_value(name, shape, experts[name], seed, std)
         else:
-            yield name, initial_value(name, shape, seed, std)
+            yield name, initial_value(name, shape, seed, STD_BY_NAME.get(name.rsplit(".", 1)[-1], std))
 
 
 def initial_state(model: nn.Module, seed: int, std: float) -> Iterator[tuple[str, torch.Tensor]]:

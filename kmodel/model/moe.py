@@ -16,21 +16,27 @@ from torch import nn
 from kmodel.config import ModelConfig
 from kmodel.kernels.moe import reference
 from kmodel.model.norm import RMSNorm
+from kmodel.model.polynorm import PolyNorm
 
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)); with `swiglu_limit`, silu(gate) <= limit and |up| <= limit
-    (the kernels' limited_swiglu)."""
+    (the kernels' limited_swiglu); with activation 'polynorm', down(polynorm(gate(x)) * up(x)) (Motif)."""
 
-    def __init__(self, hidden_size: int, intermediate_size: int, swiglu_limit: float | None = None):
+    def __init__(
+        self, hidden_size: int, intermediate_size: int, swiglu_limit: float | None = None, activation: str = "swiglu"
+    ):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.swiglu_limit = swiglu_limit
+        self.act_fn = PolyNorm() if activation == "polynorm" else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
+        if self.act_fn is not None:
+            return self.down_proj(self.act_fn(gate) * up)
         if self.swiglu_limit is None:
             return self.down_proj(F.silu(gate) * up)
         return self.down_proj(reference.swiglu(gate, up, "limited_swiglu", limit=self.swiglu_limit))
