@@ -615,6 +615,15 @@ class Config(Section):
             )
         return self
 
+    @model_validator(mode="after")
+    def _check_optimizer(self) -> "Config":
+        if self.train.optimizer == "muon" and self.parallel.offload_optimizer:
+            raise ValueError(
+                "train.optimizer muon with parallel.offload_optimizer is refused: ZeRO-Offload runs DeepSpeed's CPU "
+                "Adam, which has no Muon; set parallel.offload_optimizer=false or train.optimizer=adamw"
+            )
+        return self
+
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
 

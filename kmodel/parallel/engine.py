@@ -53,11 +53,10 @@ from kmodel.model import build_model
 from kmodel.parallel import expert_parallel as xp
 from kmodel.rundir import step_dir_name
 from kmodel.train.memory import SavedActivations, record_key, tensors_bytes
-from kmodel.train.optim import adamw, param_groups
+from kmodel.parallel.muon_zero import attach_to_zero, expert_muon, scale_master_rows
+from kmodel.train.muon import Muon
+from kmodel.train.optim import optimizer_for, param_groups, state_keys
 from kmodel.train.trainer import LOSS_KEYS, Trainer
-
-ADAM_MOMENTS = ("exp_avg", "exp_avg_sq")
-
 
 def joint_norm(dense: torch.Tensor | float, experts: torch.Tensor) -> torch.Tensor:
     """sqrt(dense^2 + experts^2); inf when either is invalid (DeepSpeed marks an invalid norm as -1 or
@@ -129,10 +128,14 @@ class DeepSpeedTrainer(Trainer):
             self.amp_dtype = None  # DeepSpeed keeps bf16 weights (fp32 masters in the optimizer): no autocast
         if self.groups is not None:
             self.experts = xp.ExpertOptimizer(self.model, self.groups, self.cfg.train, zero_stage=self.cfg.parallel.zero_stage)
+            if self.cfg.train.optimizer == "muon":  # the same rule on the expert shards (no state yet to carry over)
+                self.experts.optimizer = expert_muon(self.experts, self.cfg.train)
         optimizer = self._engine_optimizer()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
             model=self.model, optimizer=optimizer, config=config, dist_init_required=False
         )
+        if isinstance(optimizer, Muon):  # ZeRO flattened the matrices: Newton-Schulz on whole ones, at owners
+            attach_to_zero(self.engine.optimizer, optimizer)
         if self.cfg.parallel.zero_stage == 3:
             # The LM head weight is read by Model.forward itself (the fused loss takes the weight, not the
             # module), so ZeRO-3 must gather it for the top-level module's forward too.
@@ -143,7 +146,7 @@ class DeepSpeedTrainer(Trainer):
             rows = self._expert_rows()
             for param in [p for p in restored if self.is_expert(p)]:
                 entry = restored.pop(param)
-                self.experts.load_state(param, entry["step"], {k: _read(entry[k], rows) for k in ADAM_MOMENTS})
+                self.experts.load_state(param, entry["step"], {k: _read(v, rows) for k, v in entry.items() if k != "step"})
         if restored:
             self._load_moments(restored)
 
@@ -154,7 +157,7 @@ class DeepSpeedTrainer(Trainer):
         train = self.cfg.train
         named = [(n, p) for n, p in self.model.named_parameters() if not self.is_expert(p)]
         if not self.cfg.parallel.offload_optimizer:
-            return adamw(named, train)
+            return optimizer_for(named, train)
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
         return DeepSpeedCPUAdam(param_groups(named, train), lr=train.lr, betas=(train.beta1, train.beta2),
@@ -193,14 +196,21 @@ class DeepSpeedTrainer(Trainer):
         # Adam creates its state lazily: allocate it for ZeRO's flat fp32 partitions, then fill the fragments.
         # ZeRO-3 keys the state by its (sub-)group flats, ZeRO-1/2 by one flat partition per group.
         flats = getattr(zero, "fp32_partitioned_groups_flat", None) or zero.single_partition_of_fp32_groups
-        for flat in flats:
-            # torch's AdamW counts steps in a float tensor, DeepSpeed's CPU Adam in a Python int
-            count = step.clone() if isinstance(base, torch.optim.AdamW) else int(step)
-            base.state[flat] = {"step": count, **{k: torch.zeros_like(flat) for k in ADAM_MOMENTS}}
+        sub_groups = getattr(zero, "sub_group_to_group_id", None)  # ZeRO-3: flat i is a sub-group of a group
+        for index, flat in enumerate(flats):
+            group = index if sub_groups is None else sub_groups[index]
+            # torch's AdamW (and Muon) count steps in a float tensor, DeepSpeed's CPU Adam in a Python int
+            count = step.clone() if isinstance(base, torch.optim.AdamW | Muon) else int(step)
+            keys = state_keys(base.param_groups[group])  # AdamW's moments, or Muon's momentum
+            base.state[flat] = {"step": count, **{k: torch.zeros_like(flat) for k in keys}}
         self._link_moments()
         for param, state in restored.items():
-            for key in ADAM_MOMENTS:  # one full tensor at a time; ZeRO keeps this rank's partition of it
+            for key in (k for k in state if k != "step"):  # one full tensor at a time; ZeRO keeps its partition
                 safe_set_full_optimizer_state(param, _read(state[key]).to(self.device), key)
+
+    def scale_rows(self, scales: dict[str, torch.Tensor]) -> None:
+        """MuonClip's rescale on ZeRO's fp32 masters and the module weights (collective)."""
+        scale_master_rows(self.engine.optimizer, self.model, scales)
 
     @property
     def tokens_per_step(self) -> int:
@@ -251,6 +261,7 @@ class DeepSpeedTrainer(Trainer):
         if grads_bytes is not None:  # after the first update, which allocates the optimizer states
             self._log_memory(grads_bytes)
         if applied:
+            self.clip_attention_logits()
             xp.synchronize_router_load(self.model)
             self.model.end_step()
         else:
@@ -339,8 +350,9 @@ class DeepSpeedTrainer(Trainer):
             return None
         self._link_moments()
         specs, names = self._full_specs, {p: n for n, p in self.model.named_parameters()}
+        keys = {param: state_keys(hyper) for hyper, params in self._optimizer_groups for param in params}
         entries = sorted((f"state.{i}.{key}", param, key) for i, param in enumerate(self._optimizer_params)
-                         for key in ADAM_MOMENTS)
+                         for key in keys[param])
 
         def values():
             for _, param, key in entries:

@@ -15,7 +15,9 @@ find it). Newton-Schulz needs whole matrices:
 Each parameter has one owner (greedy by Newton-Schulz FLOPs, the same on every rank), so every matrix is
 orthogonalised exactly once per step, and each element crosses the network twice (2 x 4 bytes per Muon
 parameter per step, against an all-gather's W x). `attach_to_zero` wires this into DeepSpeed's ZeRO 1, 2 and
-3 optimizers after deepspeed.initialize; ZeRO stage 0 leaves the parameters whole, so Muon needs nothing.
+3 optimizers after deepspeed.initialize (ZeRO stage 0 leaves the parameters whole, so Muon needs nothing);
+`expert_muon` is the expert optimizer's update rule under `train.optimizer: muon`, over its expert-data-parallel
+group. `scale_master_rows` applies MuonClip's query/key rescale to ZeRO's fp32 masters and the module weights.
 """
 
 from __future__ import annotations
@@ -25,7 +27,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 
-from kmodel.train.muon import Muon, orthogonalized
+from kmodel.config import TrainConfig
+from kmodel.train.muon import Muon, QKClip, matrix_view, orthogonalized
+from kmodel.train.optim import muon_over_groups, param_groups, uses_muon
 
 
 @dataclass(frozen=True)
@@ -157,3 +161,51 @@ def attach_to_zero(zero, muon: Muon) -> int:
     elif any(p.ndim < 2 for g in muon.param_groups if g["muon"] for p in g["params"]):
         raise RuntimeError(f"Muon's matrices were flattened by {type(zero).__name__}, which kmodel cannot reassemble")
     return wired
+
+
+def expert_muon(experts, train: TrainConfig) -> Muon:
+    """Muon (and AdamW for the expert biases) over an ExpertOptimizer's owned pieces: every stacked expert tensor
+    is flattened and cut into D equal pieces over the expert-data-parallel group, rank r holding elements
+    [r * size, (r + 1) * size); each tensor's experts are orthogonalised, batched, on one rank of the group.
+    The split is decided on the full tensors, as for the dense model."""
+    matrices = [s for s in experts.shards if uses_muon(s.name, s.param, train)]
+    others = [s for s in experts.shards if s not in matrices]
+    groups = []
+    if matrices:
+        groups.append({"params": [s.master for s in matrices], "muon": True, "weight_decay": train.weight_decay,
+                       "views": [matrix_view(s.name, tuple(s.param.shape)) for s in matrices]})
+    master = {s.param: s.master for s in others}
+    for group in param_groups([(s.name, s.param) for s in others], train):
+        groups.append({**group, "params": [master[p] for p in group["params"]], "muon": False})
+    muon = muon_over_groups(groups, train)
+    if matrices:
+        fragments = [Fragment(i, r, i, 0, r * s.size, min(s.size, s.numel - r * s.size))
+                     for i, s in enumerate(matrices) for r in range(experts.dp_ranks) if s.numel > r * s.size]
+        muon.layouts[matrices[0].master] = ShardedMatrices(groups[0]["views"], fragments,
+                                                           experts.groups.expert_dp_group, train.muon_ns_steps)
+    return muon
+
+
+@torch.no_grad()
+def scale_master_rows(zero, model: torch.nn.Module, scales: dict[str, torch.Tensor]) -> None:
+    """MuonClip's row factors applied where a ZeRO engine keeps the truth: the fp32 master (gathered whole,
+    scaled, written back into this rank's partition) and the module's own weights (ZeRO-1/2: whole; ZeRO-3:
+    this rank's partition). Collective: every rank passes the same `scales` (the logits are all-reduced)."""
+    from deepspeed.utils import safe_get_full_fp32_param, safe_set_full_fp32_param
+
+    params = dict(model.named_parameters())
+    if not any(hasattr(params[name], attr) for name in scales for attr in ("_hp_mapping", "ds_id")):
+        QKClip.apply(model, scales)  # ZeRO stage 0: the module weights are the masters
+        return
+    for name in sorted(scales):
+        param = params[name]
+        full = safe_get_full_fp32_param(param)
+        full.mul_(scales[name].to(full).view((-1,) + (1,) * (full.ndim - 1)))
+        safe_set_full_fp32_param(param, full)
+        if hasattr(param, "ds_id"):  # ZeRO-3: the module holds only its partition
+            partition = param.ds_tensor
+            rank = zero._get_param_partition_rank(param)
+            piece = full.reshape(-1)[rank * partition.numel():(rank + 1) * partition.numel()]
+            partition.data[:piece.numel()].copy_(piece)
+        else:
+            param.data.copy_(full)

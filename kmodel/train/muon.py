@@ -41,6 +41,7 @@ from collections import defaultdict
 from collections.abc import Callable
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
 from kmodel.model.mla import LatentAttention
@@ -205,10 +206,15 @@ class QKClip:
             attn.max_logits = torch.full((attn.num_heads,), -math.inf)
 
     def step_logits(self) -> dict[str, torch.Tensor]:
-        """Each layer's per-head maximum logit over the step's forwards (fp32, CPU), then reset."""
-        logits = {}
-        for name, attn in self.layers.items():
-            logits[name] = attn.max_logits.detach().float().cpu()
+        """Each layer's per-head maximum logit over the step's forwards (fp32, CPU; the maximum over all ranks
+        when torch.distributed is initialised: collective), then reset."""
+        if not self.layers:
+            return {}
+        stacked = torch.cat([attn.max_logits.detach().float().reshape(-1) for attn in self.layers.values()])
+        if dist.is_available() and dist.is_initialized():
+            dist.all_reduce(stacked, op=dist.ReduceOp.MAX)
+        logits = dict(zip(self.layers, stacked.cpu().split([attn.num_heads for attn in self.layers.values()])))
+        for attn in self.layers.values():
             attn.max_logits = torch.full_like(attn.max_logits, -math.inf)
         return logits
 

@@ -82,8 +82,18 @@ def muon(named_params: Iterable[tuple[str, torch.Tensor]], train: TrainConfig) -
                        "views": [matrix_view(n, param_shape(p)) for n, p in matrices]})
     chosen = {id(p) for _, p in matrices}
     groups += [{**g, "muon": False} for g in param_groups([(n, p) for n, p in named if id(p) not in chosen], train)]
+    return muon_over_groups(groups, train)
+
+
+def muon_over_groups(groups: list[dict], train: TrainConfig) -> Muon:
+    """Muon over groups already formed (`"muon"` and, for Muon groups, `"views"` set), with the recipe's settings."""
     return Muon(groups, lr=train.lr, momentum=train.muon_momentum, nesterov=train.muon_nesterov,
                 ns_steps=train.muon_ns_steps, betas=(train.beta1, train.beta2), eps=train.adam_eps)
+
+
+def state_keys(group: dict) -> tuple[str, ...]:
+    """The per-parameter state tensors a group's parameters have (what a checkpoint saves for them)."""
+    return ("momentum_buffer",) if group.get("muon") else ("exp_avg", "exp_avg_sq")
 
 
 def optimizer_for(named_params: Iterable[tuple[str, torch.Tensor]], train: TrainConfig) -> torch.optim.Optimizer:

@@ -10,7 +10,7 @@ import torch
 from safetensors import safe_open
 
 from kmodel.checkpoint import list_checkpoints
-from kmodel.config import TrainConfig
+from kmodel.config import ConfigError, TrainConfig
 from kmodel.model import build_model
 from kmodel.train import Trainer
 from kmodel.train.metrics import read_metrics
@@ -134,3 +134,9 @@ def test_muon_trains_and_resumes_bit_exactly(tiny, tmp_path):
     with safe_open(str(list_checkpoints(straight)[-1] / "optimizer.safetensors"), "pt") as f:
         keys = list(f.keys())
     assert any(k.endswith(".momentum_buffer") for k in keys) and any(k.endswith(".exp_avg_sq") for k in keys)
+
+
+def test_muon_with_optimizer_offload_is_refused_by_name(tiny):
+    with pytest.raises(ConfigError, match="parallel.offload_optimizer"):
+        tiny("train.optimizer=muon", "parallel.backend=deepspeed", "parallel.world_size=2", "parallel.zero_stage=2",
+             "parallel.offload_optimizer=true")
