@@ -22,12 +22,14 @@ is a new order seeded by its stage index; the stages before it are carried in th
 from __future__ import annotations
 
 import hashlib
+import sys
 import numpy as np
 
 from kmodel.data.packing import Batch, rows_to_batch
 from kmodel.data.shards import TokenStream
 from kmodel.data.sources import DataError
 
+ORDER_FORMAT = "kmodel-order/1"  # bump when the order a position counts in changes
 BLOCK_ROWS = 4096
 FEISTEL_ROUNDS = 4
 _MASK64 = (1 << 64) - 1
@@ -203,11 +205,16 @@ class Mixture:
                 "rows": self.rows_drawn, "tokens": {label: n * self.seq_len for label, n in zip(self.labels, rows)}}
 
     def state_dict(self) -> dict:
-        return {"rows_drawn": self.rows_drawn, "stage": self.stage, "previous_stages": self.previous_stages,
-                "summary": self.stage_summary()}
+        return {"order": ORDER_FORMAT, "rows_drawn": self.rows_drawn, "stage": self.stage,
+                "previous_stages": self.previous_stages, "summary": self.stage_summary()}
 
     def load_state_dict(self, state: dict) -> None:
         """Continue at a checkpoint's position, in the checkpoint's stage."""
+        if state.get("order") != ORDER_FORMAT:
+            counted_in = state.get("order") or f"an order before {ORDER_FORMAT}"
+            print(f"warning: the checkpoint's data position counts rows of another order ({counted_in}); the run "
+                  f"continues at row {state['rows_drawn']} of {ORDER_FORMAT}, so the rows after the resume differ from "
+                  "the original plan", file=sys.stderr)
         self.rows_drawn = int(state["rows_drawn"])
         self._enter_stage(int(state.get("stage", 0)), list(state.get("previous_stages", [])))
 

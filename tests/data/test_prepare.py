@@ -190,3 +190,23 @@ def test_a_killed_prepare_resumes_keeping_its_complete_shards(tmp_path):
     assert not any(p.name.startswith(".") for p in shards.iterdir())
     reference = prepare(recipe(folder).data, tmp_path / "reference", part_bytes=int(0.01 * 2**20), progress=False)
     assert PreparedData(out).manifest == reference.manifest
+
+
+def test_a_hub_source_is_streamed_and_hashed_by_content(tmp_path, monkeypatch, tokenizer):
+    import datasets
+
+    rows = [{"text": "허브 문서 하나"}, {"text": "hub document two"}]
+    calls = []
+
+    def fake_load_dataset(name, split, streaming=False):
+        calls.append((name, split, streaming))
+        return iter(rows)
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    cfg = load_config(RECIPE, ["data.sources=[{name: web, path: someorg/korean-web}]", "data.heldout=[]"])
+    prepared = prepare(cfg.data, tmp_path / "out", progress=False)
+    assert calls == [("someorg/korean-web", "train", True)]  # streamed, never downloaded whole
+    (entry,) = prepared.sources[0]["files"]
+    assert entry["path"] == "hub:someorg/korean-web" and len(entry["sha256"]) == 64
+    assert sum(s["tokens"] for s in prepared.sources[0]["shards"]) == sum(
+        len(tokenizer.encode(r["text"], add_eos=True)) for r in rows)
