@@ -138,6 +138,13 @@ def interpret_triton_library() -> None:
     _library_interpretable = True
 
 
+def tuning_configs(configs: Sequence[Any]) -> list[Any]:
+    """The autotune candidates to use: all of them, or only the first with KMODEL_TRITON_CONFIGS=first (a quick
+    correctness pass, as `kmodel bench gpu` runs the tests: every config of every kernel variant would take
+    most of its time budget to compile)."""
+    return list(configs)[:1] if os.environ.get("KMODEL_TRITON_CONFIGS") == "first" else list(configs)
+
+
 # Set by `replay_autotuning`: under the interpreter, autotuned launches replay triton.autotune's first call.
 _replayed_winner: int | None = None
 
@@ -186,7 +193,7 @@ class LazyKernel:
             # knobs read TRITON_INTERPRET when jit wraps the body, which is now.
             kernel = triton.jit(self.body)
             if self.configs is not None and not interpret:
-                kernel = triton.autotune(configs=list(self.configs), key=self.key)(kernel)
+                kernel = triton.autotune(configs=tuning_configs(self.configs), key=self.key)(kernel)
             self._compiled[interpret] = kernel
         return self._compiled[interpret]
 

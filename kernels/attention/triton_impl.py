@@ -20,7 +20,13 @@ from types import ModuleType
 import torch
 import triton
 
-from kmodel.kernels.triton_support import dot_precision, interpret_triton_library, interpreting, matmul_dtype
+from kmodel.kernels.triton_support import (
+    dot_precision,
+    interpret_triton_library,
+    interpreting,
+    matmul_dtype,
+    tuning_configs,
+)
 
 _KERNEL_MODULE = "kmodel.kernels.attention.triton_kernels"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -121,7 +127,7 @@ def _launch(name: str, grid, dims: dict, *args, **meta) -> None:
     if shape not in _autotuned:
         configs = [
             triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
-            for m, n, warps, stages in cuda_configs(*shape)
+            for m, n, warps, stages in tuning_configs(cuda_configs(*shape))
         ]
         _autotuned[shape] = triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(getattr(kernels, name))
     _autotuned[shape][grid](*args, **meta, **dims)
