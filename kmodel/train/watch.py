@@ -94,6 +94,10 @@ class HangWatchdog:
         faulthandler.cancel_dump_traceback_later()
         self._file.close()
         self.path.unlink(missing_ok=True)  # no hang: leave no report
+        try:
+            self.path.parent.rmdir()  # nor an empty folder
+        except OSError:
+            pass  # other ranks' reports, or a report from before
 
 
 def directory_bytes(path: Path) -> int:

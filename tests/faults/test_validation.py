@@ -4,13 +4,12 @@ and leaves no run directory behind."""
 from __future__ import annotations
 
 import json
-import shutil
 
 import pytest
 
 from kmodel.config import ConfigError, load_config
 from kmodel.data import DataError
-from kmodel.train import train
+from kmodel.train import Trainer, train
 
 from conftest import run_cli, train_args
 
@@ -55,19 +54,21 @@ def test_a_set_value_that_is_not_yaml_is_a_config_error(tiny):
         load_config(tiny.recipe, ["data.heldout=[1,2"])
 
 
-def test_a_failed_fresh_run_does_not_block_the_corrected_rerun(tiny, tmp_path):
+def test_a_failed_fresh_run_does_not_block_the_corrected_rerun(tiny, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     with pytest.raises(DataError, match="does not exist"):
         train(tiny("data.sources=[{path: data/corpus/train/missing.jsonl}]"), run_dir, max_steps=2, progress=False)
     assert not run_dir.exists()  # the data is loaded before anything is written
-    # A run that got as far as config.yaml and its genesis record (a distributed rank 0 prepares the directory
-    # before the engine starts) is not "history": the corrected rerun starts over it without --force.
-    train(tiny(), run_dir, max_steps=2, progress=False)
-    genesis = (run_dir / "ledger.jsonl").read_text().splitlines()[0]
-    for name in ("metrics.jsonl", "checkpoints", "plots", "summary.txt"):
-        shutil.rmtree(run_dir / name) if (run_dir / name).is_dir() else (run_dir / name).unlink()
-    (run_dir / "ledger.jsonl").write_text(genesis + "\n")
-    train(tiny(), run_dir, max_steps=2, progress=False)
+
+    def out_of_memory(self):
+        raise RuntimeError("CUDA out of memory (simulated)")
+
+    with monkeypatch.context() as patch:  # fails in its first step: config.yaml and the genesis record written
+        patch.setattr(Trainer, "train_step", out_of_memory)
+        with pytest.raises(RuntimeError, match="out of memory"):
+            train(tiny(), run_dir, max_steps=2, progress=False)
+    assert sorted(p.name for p in run_dir.iterdir()) == [".lock", "config.yaml", "ledger.jsonl"]
+    train(tiny(), run_dir, max_steps=2, progress=False)  # the corrected rerun, without --force
     assert json.loads((run_dir / "ledger.jsonl").read_text().splitlines()[0])["kind"] == "genesis"
 
 
