@@ -68,6 +68,7 @@ _CUDA_CONFIGS = {
 # 64 spill there with v at 256 too. Keyed by the padded (q/k, v) head dims; compile_report checks both.
 _NARROW_V_CONFIGS = {
     "attention_bwd_dkdv_kernel": {(256, 128): [(32, 64, 8, 2), (16, 64, 8, 3), (16, 64, 8, 2), (32, 64, 8, 3)]},
+    "attention_bwd_dq_kernel": {(256, 128): [(128, 16, 8, 3), (64, 16, 8, 2)]},  # (128, 32, 8, 2) spills here
 }
 _AUTOTUNE_KEY = [
     "seq_bucket", "window_bucket", "CAUSAL", "HAS_WINDOW", "HAS_DOCS", "HEAD_DIM", "V_DIM", "DOT_PRECISION"
