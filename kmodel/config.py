@@ -502,6 +502,9 @@ class TrainConfig(Section):
     activation_checkpointing: bool = False
     checkpoint_every: int = Field(10, gt=0)
     keep_checkpoints: int = Field(3, gt=0)
+    async_checkpoint: bool = Field(
+        True, description="write checkpoints on a background thread from a snapshot while training continues"
+    )
     log_every: int = Field(1, gt=0)
     eval_every: int = Field(0, ge=0, description="held-out eval every N steps (0: only at the end)")
     eval_batches: int = Field(8, gt=0)

@@ -12,6 +12,7 @@ from .corpus_build import (
     SOURCES_BY_NAME,
     build_corpus,
     synthesize_corpus,
+    write_heldout_samples,
 )
 from .errors import TokenizerError
 from .evaluate import BASELINES, evaluate, load_encoders, markdown_report, save_report
@@ -60,6 +61,18 @@ def add_commands(subparsers) -> None:
     )
     build.add_argument(
         "--source", nargs="+", metavar="NAME", help=f"only these sources (default all: {', '.join(SOURCES_BY_NAME)})"
+    )
+    build.add_argument(
+        "--heldout-sample",
+        metavar="DIR",
+        help="also copy the first held-out documents of each source into DIR (small enough to commit)",
+    )
+    build.add_argument(
+        "--heldout-sample-chars",
+        type=int,
+        default=100_000,
+        metavar="N",
+        help="characters per source in --heldout-sample (default 100,000)",
     )
     build.set_defaults(func=run_build_corpus)
 
@@ -199,6 +212,8 @@ def add_commands(subparsers) -> None:
 def run_build_corpus(args: argparse.Namespace) -> int:
     try:
         build_corpus(args.out, debs_dir=args.debs, download=args.download, sources=args.source)
+        if args.heldout_sample:
+            write_heldout_samples(args.out, args.heldout_sample, args.heldout_sample_chars)
     except TokenizerError as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

@@ -537,6 +537,25 @@ def _write_source(source: Source, root: Path, out: Path, seen_lines: set[bytes],
     }
 
 
+def write_heldout_samples(corpus_dir: str | Path, out_dir: str | Path, max_chars: int) -> list[Path]:
+    """Copy the first held-out documents of each source, up to `max_chars` characters (at least one document),
+    into `out_dir`: a sample small enough to commit, so evaluations can be rerun from a clean clone."""
+    written = []
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    for path in sorted((Path(corpus_dir) / "heldout").glob("*.jsonl")):
+        taken, lines = 0, []
+        with path.open(encoding="utf-8") as handle:
+            for line in handle:
+                if lines and taken >= max_chars:
+                    break
+                lines.append(line)
+                taken += len(json.loads(line)["text"])
+        (out / path.name).write_text("".join(lines), encoding="utf-8")
+        written.append(out / path.name)
+    return written
+
+
 def synthesize_corpus(train_dir: str | Path, out_path: str | Path, target_bytes: int, *, seed: int = 0) -> dict:
     """Write a JSON Lines corpus of about `target_bytes` from the training documents, for measuring training
     at scale when the real corpus is smaller. Each pass reads the training files side by side, drawing the next

@@ -24,7 +24,12 @@ import sentencepiece
 from . import special_tokens
 from .corpus_build import MANIFEST_FILE
 from .evaluate import load_baseline
-from .stream_train import alphabet_for_coverage, learn_hf_merges, sample_corpus, sentencepiece_bpe_model
+from .stream_train import (
+    alphabet_for_coverage,
+    learn_hf_merges,
+    sample_corpus,
+    sentencepiece_bpe_model,
+)
 from .train import DEFAULT_CHARACTER_COVERAGE
 
 
@@ -72,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     train_files = sorted((args.corpus / "train").glob("*.jsonl"))
     rows = []
     for mix_spec in args.mix.split(";"):
-        mix = dict((lang, float(weight)) for lang, weight in (item.split("=") for item in mix_spec.split(",")))
+        mix = {lang: float(weight) for lang, weight in (item.split("=") for item in mix_spec.split(","))}
         total = sum(mix.values())
         mix = {lang: weight / total for lang, weight in mix.items()}
         started = time.perf_counter()
@@ -97,9 +102,12 @@ def main(argv: list[str] | None = None) -> int:
 
     load = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
     names = list(groups)
-    lines = [
+    summary = (
         f"Corpus {args.corpus}, HF BPE learner, sample {args.sample_chars:,} characters (upsampled to the mix), "
-        f"scored on up to {args.score_chars:,} held-out characters per file. Load: `{load}`.",
+        f"scored on up to {args.score_chars:,} held-out characters per file. Load: `{load}`."
+    )
+    lines = [
+        summary,
         "",
         "| mix | vocab | " + " | ".join(f"{n} c/t (x o200k)" for n in names) + " |",
         "|---|---|" + "---|" * len(names),

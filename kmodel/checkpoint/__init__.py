@@ -44,6 +44,7 @@ from kmodel.checkpoint.directory import (
     verify_checkpoint,
     verify_manifest,
 )
+from kmodel.checkpoint.index import INDEX_FILE
 from kmodel.checkpoint.files import (
     SAFETENSORS_DTYPES,
     TORCH_DTYPES,
@@ -56,7 +57,7 @@ from kmodel.checkpoint.files import (
 )
 
 __all__ = [
-    "MANIFEST_FILE", "MODEL_FILE", "OPTIMIZER_FILE", "SAFETENSORS_DTYPES", "STATE_FILE", "TOKENIZER_DIR", "TORCH_DTYPES",
+    "INDEX_FILE", "MANIFEST_FILE", "MODEL_FILE", "OPTIMIZER_FILE", "SAFETENSORS_DTYPES", "STATE_FILE", "TOKENIZER_DIR", "TORCH_DTYPES",
     "CheckpointError", "FileRecord", "LazyTensor", "Manifest", "TensorStream", "latest_valid_checkpoint",
     "lazy_tensors", "list_checkpoints", "load_config_from_checkpoint", "load_model", "load_weights_into",
     "model_state", "move_aside", "read_state", "read_weights", "resolve_checkpoint", "save_checkpoint",

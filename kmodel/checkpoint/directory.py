@@ -9,7 +9,6 @@ against the manifest first (`verified`); resume picks the newest checkpoint that
 from __future__ import annotations
 
 import datetime
-import io
 import json
 import os
 import shutil
@@ -267,6 +266,15 @@ def write_small_files(tmp: Path, cfg: Config, tokenizer: Any | None) -> dict[str
     return files
 
 
+def write_state(tmp: Path, state: dict[str, Any]) -> FileRecord:
+    """state.pt (small: the moments are in tensor files), fsynced, then hashed."""
+    path = tmp / STATE_FILE
+    torch.save(state, path)
+    with open(path, "rb+") as f:
+        os.fsync(f.fileno())
+    return FileRecord(file_sha256(path), path.stat().st_size)
+
+
 def save_checkpoint(
     directory: str | Path,
     model: torch.nn.Module | Mapping[str, torch.Tensor] | TensorStream,
@@ -297,9 +305,7 @@ def save_checkpoint(
             state, optimizer_moments = split_moments(state)
         if optimizer_moments is not None:
             files[OPTIMIZER_FILE] = write_safetensors(tmp / OPTIMIZER_FILE, optimizer_moments)
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        files[STATE_FILE] = write_bytes(tmp / STATE_FILE, buffer.getvalue())
+        files[STATE_FILE] = write_state(tmp, state)
     step = state.get("step") if isinstance(state, dict) and isinstance(state.get("step"), int) else step_of(final)
     return commit(tmp, final, files, step, run_id)
 

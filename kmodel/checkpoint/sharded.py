@@ -22,7 +22,6 @@ threads (kmodel.checkpoint.writer) while training continues: no collective runs 
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -35,14 +34,7 @@ from typing import Any
 
 import torch
 
-from kmodel.checkpoint.directory import (
-    STATE_FILE,
-    Manifest,
-    commit,
-    make_way,
-    run_id_for,
-    write_small_files,
-)
+from kmodel.checkpoint.directory import STATE_FILE, Manifest, commit, make_way, run_id_for, write_small_files, write_state
 from kmodel.checkpoint.files import (
     SAFETENSORS_DTYPES,
     TORCH_DTYPES,
@@ -178,9 +170,7 @@ def commit_sharded(
     files[INDEX_FILE] = write_bytes(tmp / INDEX_FILE, json.dumps(index, indent=1).encode())
     files.update(write_small_files(tmp, cfg, tokenizer))
     if state is not None:
-        buffer = io.BytesIO()
-        torch.save(state, buffer)
-        files[STATE_FILE] = write_bytes(tmp / STATE_FILE, buffer.getvalue())
+        files[STATE_FILE] = write_state(tmp, state)
     for rank in range(world):
         (tmp / f"{FRAGMENT_PREFIX}{rank:05d}.json").unlink()
     step = state.get("step") if isinstance(state, dict) and isinstance(state.get("step"), int) else step_of(final)

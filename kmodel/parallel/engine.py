@@ -15,10 +15,11 @@ What changes against the one-process Trainer:
              averages gradients over the ranks, clips (train.grad_clip) and applies AdamW at the boundary,
              and skips an update whose gradient norm is not finite. Router loads are summed over the ranks
              before model.end_step, so every rank takes the same aux-loss-free bias step.
-  logging    losses are averaged over the ranks; only rank 0 writes metrics, checkpoints, the ledger, plots.
+  logging    losses are averaged over the ranks; only rank 0 writes metrics, the ledger, plots.
   checkpoint every rank gathers the fp32 master weights and AdamW moments (safe_get_full_*: ZeRO 1/2
-             partitions, ZeRO-3 shards), rank 0 writes them in the one-process format: global names, full
-             tensors, the AdamW state_dict layout. A checkpoint from any world size restores into any other.
+             partitions, ZeRO-3 shards), keeps the whole tensors it owns (spread over the ranks by bytes) and
+             writes them as its shards, in the background; rank 0 commits (kmodel.checkpoint.sharded): global
+             names, the AdamW state_dict layout. A checkpoint from any world size restores into any other.
 
 Expert parallelism (parallel.expert_parallel_size P > 1, ZeRO-1/2): every rank builds only its E/P routed
 experts per MoE layer (nothing bigger is allocated) and its MoE layers exchange tokens by all-to-all
@@ -37,6 +38,7 @@ import collections
 import contextlib
 import functools
 import math
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -44,7 +46,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kmodel.checkpoint import CheckpointError, LazyTensor, TensorStream, load_weights_into
+from kmodel.checkpoint import CheckpointError, LazyTensor, TensorStream, load_weights_into, sharded
+from kmodel.checkpoint.writer import snapshot
 from kmodel.config import Config, ConfigError
 from kmodel.data import Batch
 from kmodel.hashing import sorted_weights_sha256
@@ -379,17 +382,36 @@ class DeepSpeedTrainer(Trainer):
         return {"state": state, "param_groups": groups}
 
     def save_checkpoint(self) -> Path:
-        """Every rank gathers; rank 0 writes each tensor as it arrives, so no process holds the whole model."""
+        """Every rank gathers the streams (collective) and keeps a copy of the tensors it owns (spread by bytes);
+        then, on the checkpoint writer (a background thread with train.async_checkpoint), writes them as its
+        shards, and rank 0 commits the checkpoint, records it and rotates (kmodel.checkpoint.sharded)."""
+        started = time.perf_counter()
+        self.checkpoint_writer.wait()
         directory = self.checkpoints_dir / step_dir_name(self.step)
-        state = self.state_dict()
-        weights, moments = self.weight_stream(), self.moment_stream()
+        state = snapshot(self.state_dict())
         if self.rank == 0:
-            self.write_checkpoint(directory, weights, state, moments)
-        else:  # same collectives, same order: the weights, then the moments
-            for stream in (weights, moments):
-                if stream is not None:
-                    collections.deque(stream.values, maxlen=0)
+            sharded.prepare(directory)
         dist.barrier()
+        streams = {}
+        for kind, stream in (("model", self.weight_stream()), ("optimizer", self.moment_stream())):
+            if stream is not None:  # same collectives, same order on every rank: the weights, then the moments
+                owned = sharded.owned_stream(stream, sharded.balanced_owners(stream.specs, self.world), self.rank)
+                streams[kind] = sharded.ShardStream(owned.pieces, [value.clone() for value in owned.values])
+        tmp, rank, world = sharded.tmp_dir(directory), self.rank, self.world
+
+        def write() -> int:
+            written = sum(r.bytes for r in sharded.write_rank(tmp, rank, world, streams).values())
+            if rank == 0:
+                manifest = sharded.commit_sharded(tmp, directory, world, self.cfg, state=state, tokenizer=self.tokenizer)
+                written = sum(r.bytes for r in manifest.files.values())
+            return written
+
+        if self.rank == 0:
+            self.submit_checkpoint(directory, started, write)
+        else:
+            self.checkpoint_writer.submit(self.step, started, write)
+        if not self.checkpoint_writer.asynchronous:
+            dist.barrier()
         return directory
 
     lazy_restore = True

@@ -34,6 +34,7 @@ import torch
 import yaml
 
 from kmodel.checkpoint import (
+    INDEX_FILE,
     MANIFEST_FILE,
     MODEL_FILE,
     STATE_FILE,
@@ -176,11 +177,12 @@ def checkpoint_hashes(checkpoint_dir: Path) -> dict[str, Any]:
     if not manifest_path.is_file():
         raise LedgerError(f"checkpoint {checkpoint_dir} has no {MANIFEST_FILE}; write the checkpoint before recording it")
     try:
-        manifest = Manifest.read(checkpoint_dir).digests
+        recorded = Manifest.read(checkpoint_dir)
+        manifest = recorded.digests
     except CheckpointError as error:
         raise LedgerError(str(error)) from None
-    if MODEL_FILE not in manifest:
-        raise LedgerError(f"checkpoint {checkpoint_dir}: {MANIFEST_FILE} does not list {MODEL_FILE}")
+    if MODEL_FILE not in manifest and INDEX_FILE not in manifest:
+        raise LedgerError(f"checkpoint {checkpoint_dir}: {MANIFEST_FILE} lists neither {MODEL_FILE} nor {INDEX_FILE}")
     state_parts: dict[str, str] = {}
     if STATE_FILE in manifest:
         try:
@@ -198,7 +200,8 @@ def checkpoint_hashes(checkpoint_dir: Path) -> dict[str, Any]:
     except CheckpointError as error:
         raise LedgerError(str(error)) from None
     return {
-        "model_sha256": manifest[MODEL_FILE],
+        "model_sha256": manifest.get(MODEL_FILE, recorded.tensor_root),  # sharded: the Merkle root of the shards
+        "tensor_root": recorded.tensor_root,
         "weights_sha256": weights,
         "state_sha256": manifest.get(STATE_FILE),
         "manifest_sha256": sha256_file(manifest_path),
@@ -381,8 +384,18 @@ class Ledger:
         """Fold one micro-batch's token ids into the digest of the batches since the last record."""
         self.batches.observe(input_ids)
 
-    def record_checkpoint(self, *, step: int, loss: Any, lr: Any, grad_norm: Any, checkpoint_dir: str | Path) -> dict[str, Any]:
-        """Append the record of a checkpoint just written, and start a new batch digest."""
+    def take_batches(self) -> BatchDigest:
+        """The digest of the batches since the last checkpoint record, a new one started: for a checkpoint written
+        in the background, whose record must cover the batches up to its snapshot only."""
+        taken, self.batches = self.batches, BatchDigest()
+        return taken
+
+    def record_checkpoint(self, *, step: int, loss: Any, lr: Any, grad_norm: Any, checkpoint_dir: str | Path,
+                          batches: BatchDigest | None = None) -> dict[str, Any]:
+        """Append the record of a checkpoint just written, covering `batches` (default: those digested since the
+        last record, and a new digest is started)."""
+        if batches is None:
+            batches = self.take_batches()
         checkpoint_dir = Path(checkpoint_dir)
         try:
             location = str(checkpoint_dir.resolve().relative_to(self.run_dir.resolve()))
@@ -392,9 +405,9 @@ class Ledger:
             "kind": "checkpoint",
             "time": _now(),
             "step": int(step),
-            "batches": self.batches.count,
-            "tokens": self.batches.tokens,
-            "batch_digest": self.batches.hexdigest(),
+            "batches": batches.count,
+            "tokens": batches.tokens,
+            "batch_digest": batches.hexdigest(),
             "loss": _finite_or_text(loss),
             "lr": _finite_or_text(lr),
             "grad_norm": _finite_or_text(grad_norm),
@@ -402,7 +415,6 @@ class Ledger:
             **checkpoint_hashes(checkpoint_dir),
         }
         self._append(record)
-        self.batches = BatchDigest()
         return self.head
 
     def _append(self, fields: dict[str, Any]) -> None:

@@ -37,8 +37,8 @@ from kmodel.train.trainer import Trainer
 
 # Keys a resumed run may change: they steer logging and bookkeeping, or (max_steps) extend the schedule.
 RESUMABLE_CHANGES = (
-    "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.log_every", "train.eval_every",
-    "train.eval_batches", "train.max_bad_steps", "train.hang_timeout_s", "train.wandb.",
+    "train.max_steps", "train.checkpoint_every", "train.keep_checkpoints", "train.async_checkpoint", "train.log_every",
+    "train.eval_every", "train.eval_batches", "train.max_bad_steps", "train.hang_timeout_s", "train.wandb.",
 )
 # Keys that only spread the same global batch (micro x accumulation x world) differently over processes.
 TOPOLOGY_CHANGES = ("parallel.", "train.micro_batch_size", "train.grad_accum_steps")

@@ -22,7 +22,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from contextlib import nullcontext
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from kmodel.checkpoint import (
     resolve_checkpoint,
     save_checkpoint,
 )
+from kmodel.checkpoint.writer import CheckpointWriter, snapshot
 from kmodel.config import Config
 from kmodel.data import (
     Batch,
@@ -138,6 +139,7 @@ class Trainer:
         self.bad_steps = 0  # consecutive non-finite steps
         self.last_record: dict[str, Any] = {}
         self.ledger = None
+        self.checkpoint_writer = CheckpointWriter(cfg.train.async_checkpoint)
         self.metrics = MetricsLog(self.run_dir)
         self.wandb = None
 
@@ -361,27 +363,46 @@ class Trainer:
         return self.run_dir / CHECKPOINTS_DIR
 
     def save_checkpoint(self) -> Path:
-        """Write step_NNNNNNN atomically, record it in the ledger, then drop checkpoints beyond the last K."""
+        """Snapshot the weights and state now; write step_NNNNNNN atomically, record it in the ledger and drop
+        checkpoints beyond the last K, on a background thread with train.async_checkpoint (one save in flight)."""
+        started = time.perf_counter()
+        self.checkpoint_writer.wait()
+        self.make_room_for_checkpoint()
         directory = self.checkpoints_dir / step_dir_name(self.step)
-        self.write_checkpoint(directory, self.model, self.state_dict())
+        weights = TensorStream.of(snapshot(self.model.state_dict()))
+        state = snapshot(self.state_dict())
+
+        def write() -> int:
+            manifest = save_checkpoint(directory, weights, self.cfg, tokenizer=self.tokenizer, state=state)
+            return sum(r.bytes for r in manifest.files.values())
+
+        self.submit_checkpoint(directory, started, write)
         return directory
 
-    def write_checkpoint(
-        self,
-        directory: Path,
-        weights: torch.nn.Module | TensorStream,
-        state: dict[str, Any],
-        optimizer_moments: TensorStream | None = None,
-    ) -> None:
-        """Save, record in the ledger, rotate (an engine passes the streams its ranks gather together)."""
-        self.make_room_for_checkpoint()
-        save_checkpoint(directory, weights, self.cfg, tokenizer=self.tokenizer, state=state,
-                        optimizer_moments=optimizer_moments)
-        if self.ledger is not None:
-            r = self.last_record
-            self.ledger.record_checkpoint(
-                step=self.step, loss=r.get("loss"), lr=r.get("lr"), grad_norm=r.get("grad_norm"), checkpoint_dir=directory
-            )
+    def submit_checkpoint(self, directory: Path, started: float, write: Callable[[], int]) -> None:
+        """Hand a save to the checkpoint writer, followed by its ledger record (with the batches digested up to
+        now and this step's losses) and the rotation; an engine's ranks pass their own `write`."""
+        step, r = self.step, self.last_record
+        batches = self.ledger.take_batches() if self.ledger is not None else None
+
+        def write_and_record() -> int:
+            written = write()
+            if self.ledger is not None:
+                self.ledger.record_checkpoint(step=step, loss=r.get("loss"), lr=r.get("lr"), grad_norm=r.get("grad_norm"),
+                                              checkpoint_dir=directory, batches=batches)
+            self.rotate_checkpoints()
+            return written
+
+        self.checkpoint_writer.submit(step, started, write_and_record)
+
+    def log_checkpoint_records(self, wait: bool = False) -> None:
+        """Metrics records of finished saves (stall and write time); `wait` for the one in flight first."""
+        if wait:
+            self.checkpoint_writer.wait()
+        for record in self.checkpoint_writer.finished():
+            self.log(record)
+
+    def rotate_checkpoints(self) -> None:
         for old in list_checkpoints(self.run_dir)[: -self.cfg.train.keep_checkpoints]:
             delete_checkpoint(old)
 
@@ -437,6 +458,7 @@ class Trainer:
             raise
         finally:
             bar.close()
+            self.log_checkpoint_records(wait=True)
 
     def _loop(self, stop: int, bar, signals: StopSignals, watchdog: HangWatchdog) -> None:
         train = self.cfg.train
@@ -463,6 +485,7 @@ class Trainer:
             if saved:
                 watchdog.beat(self.step)
                 self.save_checkpoint()
+            self.log_checkpoint_records()
             signum = self.stop_requested(signals)
             if signum:
                 self.stop_for_signal(signum, saved)
@@ -475,9 +498,10 @@ class Trainer:
         return signals.received or 0
 
     def stop_for_signal(self, signum: int, saved: bool) -> None:
-        """Checkpoint this step (unless just done), and stop with how to resume."""
+        """Checkpoint this step (unless just done), wait for it, and stop with how to resume."""
         if not saved:
             self.save_checkpoint()
+        self.log_checkpoint_records(wait=True)
         name = signal.Signals(signum).name
         raise TrainingInterrupted(
             f"stopped by {name} at step {self.step} with checkpoint {self.checkpoints_dir / step_dir_name(self.step)}; "

@@ -36,7 +36,7 @@ def comparable(run_dir: Path) -> list[tuple]:
     for r in read_metrics(run_dir):
         if r["kind"] == "train":
             out.append(("train", r["step"], r["tokens"], *(r[k] for k in LOSSES), json.dumps(r["router"])))
-        else:
+        elif r["kind"] == "eval":
             out.append(("eval", r["step"], r["loss"], r["bits_per_byte"], r["final"]))
     return out
 
