@@ -41,7 +41,7 @@ from kmodel.data.shards import (
 from kmodel.data.sources import HUB_PREFIX, DataError, file_parts, read_documents, resolve_source
 from kmodel.hashing import canonical_json, merkle_root, sha256_bytes, sha256_file
 
-DEFAULT_PART_BYTES = 256 << 20  # input bytes per shard (about 60M tokens of Korean text)
+DEFAULT_PART_BYTES = 256 << 20  # input bytes per shard (about 50M tokens of the bundled corpus's mix)
 ENCODE_BATCH_BYTES = 1 << 20  # text encoded per call, and the granularity of progress reports
 LOCK_FILE = ".prepare.lock"
 
@@ -281,19 +281,18 @@ def _drain(reports, bar, timeout: float | None = None) -> None:
 
 
 def _manifest(sources: list[dict[str, Any]], parts: list[Part], records: dict[str, dict], tokenizer, key: str) -> dict:
-    shards: list[list[dict]] = [[] for _ in sources]
+    out_sources = [{**source, "files": [dict(f) for f in source["files"]], "shards": []} for source in sources]
     documents: dict[str, int] = {}
     for part in parts:
         record = records[part.name]
-        shards[part.source].append({k: record[k] for k in ("name", "tokens", "documents", "text_bytes",
-                                                           "tokens_sha256", "docs_sha256")})
+        out_sources[part.source]["shards"].append({k: record[k] for k in ("name", "tokens", "documents", "text_bytes",
+                                                                          "tokens_sha256", "docs_sha256")})
         documents[part.path] = documents.get(part.path, 0) + record["documents"]
-        if "hub_sha256" in record:
-            sources[part.source]["files"][0]["sha256"] = record["hub_sha256"]
+        if "hub_sha256" in record:  # a Hub dataset is hashed by the content it streamed
+            out_sources[part.source]["files"][0]["sha256"] = record["hub_sha256"]
     empty = [path for path, count in documents.items() if count == 0]
     if empty:
         raise DataError(f"data file {empty[0]} holds no documents")
-    out_sources = [{**source, "shards": source_shards} for source, source_shards in zip(sources, shards)]
     manifest = {
         "format": PREPARED_FORMAT,
         "content_key": key,

@@ -40,6 +40,8 @@ MANIFEST_FILE = "manifest.json"
 SHARDS_DIR = "shards"
 TOKENS_SUFFIX, DOCS_SUFFIX, RECORD_SUFFIX = ".tokens", ".docs", ".json"
 DOC_DTYPE = np.dtype("<i8")
+# Memory maps a stream keeps open (each holds a file descriptor); the oldest is closed beyond this.
+OPEN_MAPS = 64
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -138,6 +140,8 @@ class TokenStream:
 
     def _map(self, shard: int) -> np.ndarray:
         if shard not in self._maps:
+            if len(self._maps) >= OPEN_MAPS:
+                del self._maps[next(iter(self._maps))]
             self._maps[shard] = np.memmap(self.paths[shard], dtype=self.dtype, mode="r", shape=(int(self.counts[shard]),))
         return self._maps[shard]
 

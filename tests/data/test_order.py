@@ -41,6 +41,16 @@ def test_stream_reads_across_shards_and_wraps_around(tmp_path):
     np.testing.assert_array_equal(stream.read(14, 6), np.concatenate([everything[14:], everything[:3]]))
 
 
+def test_a_stream_keeps_a_bounded_number_of_shards_mapped(tmp_path, monkeypatch):
+    from kmodel.data import shards
+
+    monkeypatch.setattr(shards, "OPEN_MAPS", 2)
+    stream = write_stream(tmp_path, "s", [4] * 6, doc_len=100)
+    for start in range(0, 24, 3):
+        np.testing.assert_array_equal(stream.read(start, 5), (np.arange(start, start + 5) % 24) + 10)
+        assert len(stream._maps) <= 2
+
+
 def mixture(folder, seed=0, weights=(0.6, 0.3, 0.1), seq=8, stage=0) -> Mixture:
     streams = [write_stream(folder, f"s{i}", [90, 70, 41], first_token=1000 * (i + 1)) for i in range(len(weights))]
     return Mixture(streams, list(weights), seed, seq, EOS, document_masking=True, stage=stage)
