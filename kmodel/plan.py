@@ -196,6 +196,56 @@ def model_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     return flops_per_token(parameter_counts(cfg).matmul_active, cfg, seq_len)
 
 
+# --- Muon (train.optimizer: muon) ---------------------------------------------------------------------
+
+MUON_SAVED_BYTES = 4  # Muon keeps one fp32 momentum per matrix element where AdamW keeps two fp32 moments
+NS_FLOPS_PER_ELEMENT = 6  # one quintic Newton-Schulz step on an m x n matrix (m <= n): 4 m^2 n + 2 m^3 <= 6 m (m n)
+
+
+def adamw_params_under_muon(cfg: ModelConfig) -> int:
+    """Parameters `train.optimizer: muon` leaves on AdamW (kmodel.train.optim.uses_muon): the embedding, the LM
+    head and the routers, exactly; norms and biases are counted with the matrices (well under 0.1%)."""
+    h, v = cfg.hidden_size, cfg.vocab_size
+    moe_layers = cfg.mlp_layer_types.count("sparse") + (
+        cfg.num_nextn_predict_layers if cfg.mtp_mlp_type == "sparse" else 0
+    )
+    return v * h * (1 if cfg.tie_word_embeddings else 2) + moe_layers * cfg.num_experts * h
+
+
+def optimizer_bytes(cfg: Config, assume: Assumptions, dense: float) -> tuple[float, float]:
+    """Optimizer bytes per parameter for `dense` non-expert-shard parameters and for routed-expert shards:
+    `assume.optimizer_bytes` under AdamW; under Muon its matrices keep MUON_SAVED_BYTES less."""
+    if cfg.train.optimizer != "muon":
+        return assume.optimizer_bytes, assume.optimizer_bytes
+    muon_share = 1 - adamw_params_under_muon(cfg.model) / dense
+    return assume.optimizer_bytes - MUON_SAVED_BYTES * muon_share, assume.optimizer_bytes - MUON_SAVED_BYTES
+
+
+def newton_schulz_flops_per_gpu(cfg: Config, world: int) -> float:
+    """Muon's Newton-Schulz FLOPs per optimizer step on one GPU: every matrix once per step, spread over the
+    ranks by its owner (ZeRO 1-3 and the expert shards; ZeRO-0 repeats every matrix on every rank). An upper
+    bound: the shorter side of an expert matrix is min(hidden, moe_intermediate), of any other the hidden size."""
+    if cfg.train.optimizer != "muon":
+        return 0.0
+    m, counts = cfg.model, parameter_counts(cfg.model)
+    dense = counts.dense - adamw_params_under_muon(m)
+    expert_side = min(m.hidden_size, m.moe_intermediate_size or m.hidden_size)
+    total = NS_FLOPS_PER_ELEMENT * cfg.train.muon_ns_steps * (dense * m.hidden_size + counts.expert * expert_side)
+    return total / (world if cfg.parallel.zero_stage >= 1 else 1)
+
+
+def muon_exchange_bytes(cfg: Config, world: int) -> float:
+    """Bytes one rank sends per step in Muon's owner exchange (kmodel.parallel.muon_zero): its fp32 pieces of
+    the directions to the owners and the owners' update pieces back, for the dense matrices over all ranks and
+    the expert shards over the expert-data-parallel group. None at ZeRO-0 (whole matrices on every rank)."""
+    if cfg.train.optimizer != "muon" or cfg.parallel.zero_stage == 0:
+        return 0.0
+    m, counts, ep = cfg.model, parameter_counts(cfg.model), cfg.parallel.expert_parallel_size
+    dense = counts.dense - adamw_params_under_muon(m) + (counts.expert if ep == 1 else 0)
+    expert = counts.expert / ep if ep > 1 else 0.0
+    return 2 * 4 * (ring_bytes(dense / world, world) + ring_bytes(expert / (world // ep), world // ep))
+
+
 # --- memory -----------------------------------------------------------------------------------------
 
 
@@ -311,7 +361,8 @@ def memory_per_gpu(cfg: Config, world: int, assume: Assumptions, *, fused_loss: 
     params = (dense_part(3) + expert) * assume.param_bytes
     expert_grad_bytes = EXPERT_GRAD_BYTES if p.zero_stage >= 2 else assume.grad_bytes
     grads = dense_part(2) * assume.grad_bytes + expert_part(2) * expert_grad_bytes
-    optimizer = (dense_part(1) + expert_part(1)) * assume.optimizer_bytes
+    dense_optimizer_bytes, expert_optimizer_bytes = optimizer_bytes(cfg, assume, dense)
+    optimizer = dense_part(1) * dense_optimizer_bytes + expert_part(1) * expert_optimizer_bytes
     offloaded = 0.0
     if p.offload_optimizer:
         offloaded += optimizer
@@ -381,6 +432,8 @@ class Plan:
     tokens_per_day: float
     token_budget: float
     kv_cache_bytes_per_seq: float
+    newton_schulz_flops: float = 0.0  # Muon, per GPU per step (in compute_s)
+    muon_exchange_bytes: float = 0.0  # Muon's owner exchange, per GPU per step (in comm_s)
 
     @property
     def fits(self) -> bool:
@@ -426,14 +479,16 @@ def make_plan(cfg: Config, cluster: Cluster, assume: Assumptions | None = None, 
 
     flops = model_flops_per_token(m, seq)
     hardware_flops = flops * (4 / 3 if t.activation_checkpointing else 1)  # recompute = one more forward
-    compute_s = tokens_per_gpu * hardware_flops / (cluster.gpu.peak_tflops * 1e12 * assume.kernel_efficiency)
+    ns_flops = newton_schulz_flops_per_gpu(cfg, world)
+    compute_s = (tokens_per_gpu * hardware_flops + ns_flops) / (cluster.gpu.peak_tflops * 1e12 * assume.kernel_efficiency)
 
     dense_bytes = zero_bytes_per_step(counts.dense, world, p.zero_stage, t.grad_accum_steps, assume.grad_bytes)
     expert_bytes = zero_bytes_per_step(
         counts.expert / ep, world // ep, p.zero_stage, t.grad_accum_steps, assume.grad_bytes
     )
     a2a_bytes = all_to_all_bytes_per_step(cfg, assume.param_bytes)
-    zero_s = dense_bytes / _bandwidth(world, False, cluster) + expert_bytes / _bandwidth(world // ep, False, cluster)
+    muon_bytes = muon_exchange_bytes(cfg, world)
+    zero_s = muon_bytes / _bandwidth(world, False, cluster) + dense_bytes / _bandwidth(world, False, cluster) + expert_bytes / _bandwidth(world // ep, False, cluster)
     a2a_s = a2a_bytes / _bandwidth(ep, True, cluster)
     comm_s = zero_s * (1 - assume.zero_overlap) + a2a_s  # all-to-all sits on the critical path
     step_s = compute_s + comm_s
@@ -458,6 +513,8 @@ def make_plan(cfg: Config, cluster: Cluster, assume: Assumptions | None = None, 
         tokens_per_day=tokens_per_day,
         token_budget=budget,
         kv_cache_bytes_per_seq=kv_cache_bytes(m, m.max_position_embeddings),
+        newton_schulz_flops=ns_flops,
+        muon_exchange_bytes=muon_bytes,
     )
 
 
@@ -570,8 +627,10 @@ def plan_json(plan: Plan, cfg: Config) -> dict:
                          "cpu_offloaded": mem.cpu_offloaded},
         "fits": plan.fits,
         "communication_bytes": {"zero_dense": plan.zero_dense_bytes, "zero_expert": plan.zero_expert_bytes,
-                                "expert_all_to_all": plan.all_to_all_bytes},
+                                "expert_all_to_all": plan.all_to_all_bytes,
+                                "muon_exchange": plan.muon_exchange_bytes},
         "time_s": {"compute": plan.compute_s, "exposed_communication": plan.comm_s, "step": plan.step_s},
+        "newton_schulz_flops": plan.newton_schulz_flops,
         "mfu": plan.mfu,
         "tokens_per_step": plan.tokens_per_step,
         "tokens_per_day": plan.tokens_per_day,

@@ -207,5 +207,7 @@ def scale_master_rows(zero, model: torch.nn.Module, scales: dict[str, torch.Tens
             rank = zero._get_param_partition_rank(param)
             piece = full.reshape(-1)[rank * partition.numel():(rank + 1) * partition.numel()]
             partition.data[:piece.numel()].copy_(piece)
+            if param.data.numel() == full.numel():  # small ("persistent") parameters stay gathered between steps
+                param.data.copy_(full.view_as(param.data))
         else:
             param.data.copy_(full)

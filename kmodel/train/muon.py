@@ -12,7 +12,7 @@ NS5 first divides D by its Frobenius norm (so every singular value is <= 1) and 
 `newton_schulz_steps` (default 5) rounds of the quintic X <- a X + (b A + c A^2) X with A = X X^T and
 (a, b, c) = (3.4445, -4.7750, 2.0315), Keller Jordan's coefficients: they push every singular value in
 (0, 1] into roughly [0.7, 1.2] in five steps rather than converging exactly, which is what Muon needs.
-The iteration runs on the wide orientation (m <= n), in fp32. The factor 0.2 * sqrt(max(m, n)) gives the
+The iteration runs on the wide orientation (m <= n), in bf16 on CUDA and fp32 on the CPU. The factor 0.2 * sqrt(max(m, n)) gives the
 update the RMS of a typical AdamW update (Moonlight section 2.2), so one learning rate and one weight decay
 serve both the Muon and the AdamW parameters.
 
@@ -52,16 +52,21 @@ NS_EPS = 1e-7
 
 
 def newton_schulz(d: torch.Tensor, steps: int) -> torch.Tensor:
-    """The approximately orthogonalised (..., m, n) batch of matrices `d`, in fp32."""
+    """The approximately orthogonalised (..., m, n) batch of matrices `d`, returned in fp32. The iteration runs
+    in bf16 on CUDA (tensor cores; the quintic tolerates it, as in Keller Jordan's and Moonlight's runs) and
+    in fp32 elsewhere (CPU bf16 matmuls are slow, and CPU runs are the bit-exact reference)."""
     a, b, c = NS_COEFFICIENTS
     x = d.float()
     wide = x.shape[-2] <= x.shape[-1]
     if not wide:
         x = x.mT
     x = x / (torch.linalg.matrix_norm(x, keepdim=True) + NS_EPS)
+    if x.is_cuda:
+        x = x.bfloat16()
     for _ in range(steps):
         gram = x @ x.mT
         x = a * x + (b * gram + c * gram @ gram) @ x
+    x = x.float()
     return x if wide else x.mT
 
 

@@ -140,3 +140,29 @@ def test_muon_with_optimizer_offload_is_refused_by_name(tiny):
     with pytest.raises(ConfigError, match="parallel.offload_optimizer"):
         tiny("train.optimizer=muon", "parallel.backend=deepspeed", "parallel.world_size=2", "parallel.zero_stage=2",
              "parallel.offload_optimizer=true")
+
+
+def test_the_planner_counts_muon_state_flops_and_exchange(tiny):
+    from kmodel.plan import Assumptions, Cluster, make_plan, memory_per_gpu, newton_schulz_flops_per_gpu
+
+    cfg = tiny("train.optimizer=muon", "train.device=cpu")
+    model = build_model(cfg, "cpu")
+    optimizer = build_optimizer(model, cfg.train)
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    optimizer.step()
+    measured = sum(t.numel() * t.element_size() for s in optimizer.state.values() for t in s.values() if t.ndim)
+    assume = Assumptions.for_config(cfg)  # fp32, one process: 8 optimizer bytes per parameter under AdamW
+    planned = memory_per_gpu(cfg, 1, assume, fused_loss=False).optimizer
+    adamw_planned = memory_per_gpu(tiny("train.device=cpu"), 1, assume, fused_loss=False).optimizer
+    matrices = sum(p.numel() for n, p in model.named_parameters() if uses_muon(n, p, cfg.train))
+    assert planned == pytest.approx(measured, rel=0.01)
+    assert adamw_planned - planned == pytest.approx(4 * matrices, rel=0.02)  # one fp32 momentum, not two moments
+
+    distributed = tiny("train.optimizer=muon", "parallel.backend=deepspeed", "parallel.world_size=8",
+                       "parallel.zero_stage=2", "train.micro_batch_size=1")
+    plan = make_plan(distributed, Cluster(nodes=1, gpus_per_node=8))
+    assert plan.newton_schulz_flops == pytest.approx(newton_schulz_flops_per_gpu(distributed, 1) / 8)
+    assert plan.muon_exchange_bytes > 0
+    assert make_plan(tiny("parallel.backend=deepspeed", "parallel.world_size=8", "parallel.zero_stage=2",
+                          "train.micro_batch_size=1"), Cluster(nodes=1, gpus_per_node=8)).muon_exchange_bytes == 0
