@@ -1,0 +1,63 @@
+"""A sharded checkpoint written by 4 ranks (expert parallelism 2, ZeRO-2) resumes on 2 ranks (EP 1) and on one
+process with the losses of an uninterrupted run (CPU, gloo)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from kmodel.checkpoint import Manifest
+from kmodel.checkpoint.index import shard_file
+from kmodel.config import load_config
+from kmodel.safe_path import python_command, safe_env
+from kmodel.train.run import train
+
+pytestmark = [pytest.mark.distributed, pytest.mark.slow]
+
+RECIPE = "recipes/tiny-ko-moe.yaml"
+# global batch 4 rows everywhere: 4 ranks x 1, 2 ranks x 2, 1 process x 2 x 2 accumulation
+TINY = ["model.hidden_size=64", "model.num_hidden_layers=2", "data.seq_len=64", "train.max_steps=4",
+        "train.warmup_steps=1", "train.checkpoint_every=2", "train.eval_every=0", "train.eval_batches=1",
+        "provenance.ledger=false"]
+
+
+def losses(run_dir) -> dict[int, float]:
+    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl", encoding="utf-8")]
+    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def distributed(run_dir, procs: int, extra: list[str], resume: bool = False) -> None:
+    cmd = python_command("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
+                         "-m", "kmodel.parallel.entry", RECIPE, "--out", str(run_dir), *(["--resume"] if resume else []))
+    for s in TINY + ["parallel.backend=deepspeed", f"parallel.world_size={procs}", *extra]:
+        cmd += ["--set", s]
+    env = safe_env({**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+
+
+def test_four_rank_sharded_checkpoint_resumes_on_two_ranks_and_one_process(tmp_path):
+    reference = tmp_path / "reference"
+    train(load_config(RECIPE, TINY + ["train.micro_batch_size=2", "train.grad_accum_steps=2"]), reference, progress=False)
+    expected = losses(reference)
+
+    run_dir = tmp_path / "run"
+    distributed(run_dir, 4, ["train.micro_batch_size=1", "parallel.zero_stage=2", "parallel.expert_parallel_size=2"])
+    step2 = run_dir / "checkpoints" / "step_0000002"
+    manifest = Manifest.read(step2)
+    assert {shard_file("model", r, 4) for r in range(4)} <= set(manifest.files)  # every rank wrote a shard
+    assert losses(run_dir) == pytest.approx(expected, rel=1e-5)
+
+    shutil.rmtree(run_dir / "checkpoints" / "step_0000004")
+    distributed(run_dir, 2, ["train.micro_batch_size=2", "parallel.zero_stage=2", "train.checkpoint_every=1"], resume=True)
+    assert losses(run_dir) == pytest.approx(expected, rel=1e-5)  # steps 3-4 from the 4-rank step 2
+
+    for step in (3, 4):
+        shutil.rmtree(run_dir / "checkpoints" / f"step_{step:07d}")
+    cfg = load_config(RECIPE, TINY + ["train.micro_batch_size=2", "train.grad_accum_steps=2"])
+    train(cfg, run_dir, resume=True, progress=False)  # one process from the 4-rank step 2
+    assert losses(run_dir) == pytest.approx(expected, rel=1e-5)
