@@ -160,6 +160,8 @@ def _train_step(recipe: str, impl: str, overrides: list[str]):
 
 TINY_RECIPES = {
     "tiny-ko-moe": ("recipes/tiny-ko-moe.yaml", ["model.sliding_window=8"]),  # QK-norm, sliding + global
+    "gpt-oss": ("recipes/tiny/gpt-oss.yaml", ["model.sliding_window=8"]),  # sinks, expert biases, clamped SwiGLU
+    "deepseek-v3": ("recipes/tiny/deepseek-v3.yaml", []),  # MLA: q/k 48, v 32
 }
 
 
