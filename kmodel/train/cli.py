@@ -86,13 +86,20 @@ def _add_eval(sub) -> None:
 
 
 def _load_for_inference(checkpoint: str, device: str):
-    from kmodel.checkpoint import load_config_from_checkpoint, load_model, resolve_checkpoint
+    from kmodel.checkpoint import (
+        TOKENIZER_DIR, Manifest, load_config_from_checkpoint, load_model, resolve_checkpoint, verify_checkpoint,
+    )
     from kmodel.data import checkpoint_tokenizer
     from kmodel.train.trainer import resolve_device
 
     ckpt = resolve_checkpoint(checkpoint)
     cfg = load_config_from_checkpoint(ckpt)
     model = load_model(ckpt, resolve_device(device))
+    # The tokenizer the model was trained with, by hash: another one (a swapped or edited tokenizer/, or one
+    # missing so the recipe's would stand in) gives plausible but meaningless numbers.
+    saved = [name for name in Manifest.read(ckpt).files if name.startswith(f"{TOKENIZER_DIR}/")]
+    if saved:
+        verify_checkpoint(ckpt, files=saved)
     return cfg, model, checkpoint_tokenizer(ckpt, cfg)
 
 

@@ -4,6 +4,7 @@ and leaves no run directory behind."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 
@@ -94,3 +95,16 @@ def test_eval_options_are_checked(short_run):
         done = run_cli("eval", str(short_run), "--data", data, option, value)
         assert done.returncode == 2 and message in done.stderr, done.stderr
         assert "Traceback" not in done.stderr
+
+
+def test_eval_refuses_a_tokenizer_other_than_the_models(short_run):
+    data = "data/corpus/heldout/ko_libreoffice_help.jsonl"
+    model_file = short_run / "checkpoints" / "step_0000008" / "tokenizer" / "tokenizer.model"
+    other = bytearray(model_file.read_bytes())
+    other[len(other) // 2] ^= 0x01  # same vocabulary size, different pieces
+    model_file.write_bytes(bytes(other))
+    done = run_cli("eval", str(short_run / "checkpoints" / "step_0000008"), "--data", data, "--max-batches", "1")
+    assert done.returncode == 1 and "tokenizer/tokenizer.model does not match its recorded sha256" in done.stderr, done.stderr
+    shutil.rmtree(model_file.parent)  # gone: the recipe's tokenizer must not stand in silently
+    done = run_cli("eval", str(short_run / "checkpoints" / "step_0000008"), "--data", data, "--max-batches", "1")
+    assert done.returncode == 1 and "tokenizer/" in done.stderr and "is missing" in done.stderr, done.stderr
