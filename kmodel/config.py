@@ -93,7 +93,10 @@ class ModelConfig(Section):
         1e-3, ge=0, description="aux-loss-free balancing: correction-bias step per update (0 disables)"
     )
     aux_loss_coef: float = Field(0.0, ge=0, description="load-balancing loss weight (0 disables)")
-    aux_loss_kind: Literal["sequence", "batch"] = "sequence"
+    aux_loss_kind: Literal["sequence", "batch", "global"] = Field(
+        "sequence", description="balance loss counted per sequence, per micro-batch, or (global) with expert loads "
+        "summed over the data-parallel ranks' micro-batches (one process: as batch)"
+    )
     router_z_loss_coef: float = Field(0.0, ge=0)
     num_nextn_predict_layers: int = Field(
         0, ge=0, description="multi-token prediction depth: sequential MTP modules, module k predicts token i + k + 1"

@@ -25,10 +25,11 @@ import math
 from dataclasses import dataclass, replace
 
 from kmodel.config import Config, ModelConfig
-from kmodel.train.flops import PEAK_BF16_FLOPS, attention_head_dims, flops_per_token
+from kmodel.train.flops import PEAK_BF16_FLOPS, attention_flops_per_token, attention_head_dims, flops_per_token
 from kmodel.train.memory import CATEGORIES
 
 GiB = 1024**3
+IMBALANCE = 1.5  # load of the busiest expert over the mean, for the plan's routing-sensitivity line
 
 
 class PlanError(ValueError):
@@ -70,6 +71,8 @@ class Assumptions:
     param_bytes: int = 2
     grad_bytes: int = 2
     optimizer_bytes: int = 12  # fp32 master + Adam m and v
+    pcie_gbps: float = 25.0  # GB/s host <-> GPU per GPU (PCIe 5 x16, shared by the node's GPUs)
+    cpu_adam_params_per_s: float = 4e8  # DeepSpeed's CPU Adam per GPU's share of the host's cores
 
     @classmethod
     def for_dtype(cls, dtype: str, *, master_copy: bool = False, **overrides) -> "Assumptions":
@@ -303,6 +306,7 @@ class Memory:
     optimizer: float
     activations: float
     cpu_offloaded: float  # bytes moved to host memory by the offload options
+    offloaded_optimizer: float = 0.0  # of which optimizer state (updated on the CPU every step)
 
     @property
     def total(self) -> float:
@@ -363,15 +367,16 @@ def memory_per_gpu(cfg: Config, world: int, assume: Assumptions, *, fused_loss: 
     grads = dense_part(2) * assume.grad_bytes + expert_part(2) * expert_grad_bytes
     dense_optimizer_bytes, expert_optimizer_bytes = optimizer_bytes(cfg, assume, dense)
     optimizer = dense_part(1) * dense_optimizer_bytes + expert_part(1) * expert_optimizer_bytes
-    offloaded = 0.0
-    if p.offload_optimizer:
-        offloaded += optimizer
-        optimizer = 0.0
+    offloaded_optimizer = 0.0
+    if p.offload_optimizer:  # DeepSpeed's part: the expert optimizer keeps its state on the GPU
+        offloaded_optimizer = dense_part(1) * assume.optimizer_bytes
+        optimizer -= offloaded_optimizer
+    offloaded = offloaded_optimizer
     if p.offload_params:
         offloaded += params
         params = 0.0
     acts = activation_bytes(cfg, element_bytes=assume.param_bytes, fused_loss=fused_loss)
-    return Memory(params, grads, optimizer, acts, offloaded)
+    return Memory(params, grads, optimizer, acts, offloaded, offloaded_optimizer)
 
 
 # --- communication and time -------------------------------------------------------------------------
@@ -428,6 +433,7 @@ class Plan:
     compute_s: float
     comm_s: float
     step_s: float
+    imbalanced_step_s: float  # step time when the busiest expert gets IMBALANCE x the mean load
     mfu: float
     tokens_per_day: float
     token_budget: float
@@ -461,6 +467,15 @@ def _bandwidth(group: int, contiguous: bool, cluster: Cluster) -> float:
     return (cluster.gpu.nvlink_gbps if inside else cluster.gpu.network_gbps) * 1e9
 
 
+def offload_seconds(memory: Memory, assume: Assumptions) -> float:
+    """Time an optimizer offload adds to a step, not overlapped: the rank's gradient partition down and its
+    updated weights up over PCIe, and the CPU Adam update of its optimizer partition."""
+    if not memory.offloaded_optimizer:
+        return 0.0
+    params = memory.offloaded_optimizer / assume.optimizer_bytes
+    return params * (assume.grad_bytes + assume.param_bytes) / (assume.pcie_gbps * 1e9) + params / assume.cpu_adam_params_per_s
+
+
 def make_plan(cfg: Config, cluster: Cluster, assume: Assumptions | None = None, token_budget: float | None = None) -> Plan:
     """The per-GPU memory, communication and time of running `cfg` on `cluster` (does not raise on misfit;
     `check_fits` does)."""
@@ -491,7 +506,13 @@ def make_plan(cfg: Config, cluster: Cluster, assume: Assumptions | None = None, 
     zero_s = muon_bytes / _bandwidth(world, False, cluster) + dense_bytes / _bandwidth(world, False, cluster) + expert_bytes / _bandwidth(world // ep, False, cluster)
     a2a_s = a2a_bytes / _bandwidth(ep, True, cluster)
     comm_s = zero_s * (1 - assume.zero_overlap) + a2a_s  # all-to-all sits on the critical path
+    comm_s += offload_seconds(memory, assume)
     step_s = compute_s + comm_s
+    # Routing imbalance: under EP every rank waits for the one whose experts got the most tokens; with the
+    # busiest expert at IMBALANCE x the mean load, that rank's routed-expert compute and all-to-all traffic grow
+    # by as much. Without EP each rank runs all experts on its own tokens: the same work however they route.
+    routed_share = 2 * counts.active_expert / (2 * counts.matmul_active + attention_flops_per_token(m, seq))
+    imbalanced_step_s = step_s + (IMBALANCE - 1) * (compute_s * routed_share + a2a_s) * (ep > 1)
     mfu = tokens_per_gpu * flops / step_s / (cluster.gpu.peak_tflops * 1e12)
     tokens_per_day = tokens_per_step / step_s * 86400
     budget = token_budget if token_budget is not None else float(t.max_steps * tokens_per_step)
@@ -509,6 +530,7 @@ def make_plan(cfg: Config, cluster: Cluster, assume: Assumptions | None = None, 
         compute_s=compute_s,
         comm_s=comm_s,
         step_s=step_s,
+        imbalanced_step_s=imbalanced_step_s,
         mfu=mfu,
         tokens_per_day=tokens_per_day,
         token_budget=budget,
@@ -578,17 +600,15 @@ def suggestions(cfg: Config, cluster: Cluster, assume: Assumptions | None) -> li
         except PlanError:
             continue
     nodes = cluster.nodes
-    while nodes < 4096 and not found:
+    while nodes < 4096 and not found:  # more nodes, with the fastest layout that fits there
         nodes *= 2
-        bigger = replace(cluster, nodes=nodes)
-        for ep in [p.expert_parallel_size] + [e for e in _ep_choices(m.num_experts, bigger.world_size) if e > p.expert_parallel_size]:
-            label, change = _ep_change(ep, p.zero_stage) if ep != p.expert_parallel_size else ("", {})
-            try:
-                if make_plan(with_parallel(cfg, bigger.world_size, **change), bigger, assume).fits:
-                    found.append(f"--nodes {nodes}" + (f" with {label}" if label else ""))
-                    break
-            except PlanError:
-                continue
+        try:
+            fitting = search(cfg, replace(cluster, nodes=nodes), assume)
+        except PlanError:
+            continue
+        if fitting:
+            changes = [o for o in fitting[0].overrides if not o.startswith("parallel.world_size=")]
+            found.append(f"--nodes {nodes} with " + " ".join(f"--set {o}" for o in changes))
     return found
 
 
@@ -629,7 +649,8 @@ def plan_json(plan: Plan, cfg: Config) -> dict:
         "communication_bytes": {"zero_dense": plan.zero_dense_bytes, "zero_expert": plan.zero_expert_bytes,
                                 "expert_all_to_all": plan.all_to_all_bytes,
                                 "muon_exchange": plan.muon_exchange_bytes},
-        "time_s": {"compute": plan.compute_s, "exposed_communication": plan.comm_s, "step": plan.step_s},
+        "time_s": {"compute": plan.compute_s, "exposed_communication": plan.comm_s, "step": plan.step_s,
+                   f"step_busiest_expert_{IMBALANCE}x": plan.imbalanced_step_s},
         "newton_schulz_flops": plan.newton_schulz_flops,
         "mfu": plan.mfu,
         "tokens_per_step": plan.tokens_per_step,
@@ -683,6 +704,8 @@ def format_plan(plan: Plan, cfg: Config) -> str:
         f"  EP all-to-all     {plan.all_to_all_bytes / g:9.2f} GiB",
         f"time: compute {plan.compute_s:.3f} s + exposed communication {plan.comm_s:.3f} s = step {plan.step_s:.3f} s; "
         f"MFU {plan.mfu * 100:.1f}%",
+        f"  routing imbalance: {plan.imbalanced_step_s:.3f} s per step when the busiest expert gets {IMBALANCE}x "
+        f"the mean load (+{(plan.imbalanced_step_s / plan.step_s - 1) * 100:.0f}%)",
         f"throughput: {plan.tokens_per_day / 1e9:.2f} B tokens/day; {plan.token_budget / 1e12:.3f} T tokens in "
         f"{plan.days:.1f} days",
         f"assumptions: peak {plan.cluster.gpu.peak_tflops:.0f} TFLOP/s bf16, kernel efficiency {a.kernel_efficiency:.2f}, "
@@ -691,4 +714,60 @@ def format_plan(plan: Plan, cfg: Config) -> str:
         f"{a.param_bytes}/{a.grad_bytes}/{a.optimizer_bytes} bytes per parameter for weights/grads/optimizer, "
         f"{a.memory_headroom:.0%} of GPU memory usable",
     ]
+    return "\n".join(lines)
+
+
+# --- search ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Candidate:
+    overrides: tuple[str, ...]  # the --set assignments that select this layout
+    plan: Plan
+
+
+def _powers_of_two_dividing(n: int) -> list[int]:
+    return [d for d in (2**i for i in range(n.bit_length())) if n % d == 0]
+
+
+def search(cfg: Config, cluster: Cluster, assume: Assumptions | None = None) -> list[Candidate]:
+    """Every layout of the same global batch on `cluster` that fits, fastest first: EP size (dividing experts
+    and GPUs; 1 = plain data parallelism), ZeRO stage (3 only without EP, which the engine refuses), micro-batch
+    (a power of two dividing the per-GPU batch; accumulation makes up the rest), activation checkpointing and
+    optimizer offload. kmodel has no pipeline or context parallelism, so there is nothing more to enumerate."""
+    world, t = cluster.world_size, cfg.train
+    global_batch = t.micro_batch_size * t.grad_accum_steps * cfg.parallel.world_size
+    if global_batch % world:
+        raise PlanError(f"the global batch of {global_batch} sequences does not split over {world} GPUs; "
+                        "change train.grad_accum_steps or the cluster")
+    per_gpu = global_batch // world
+    found = []
+    for ep in [1, *_ep_choices(cfg.model.num_experts, world)]:
+        for stage in (1, 2, 3) if ep == 1 else (1, 2):
+            for micro in _powers_of_two_dividing(per_gpu):
+                for checkpointing in (False, True):
+                    for offload in (False, True):
+                        change = {"expert_parallel_size": ep, "zero_stage": stage, "micro_batch_size": micro,
+                                  "grad_accum_steps": per_gpu // micro, "activation_checkpointing": checkpointing,
+                                  "offload_optimizer": offload}
+                        plan = make_plan(with_parallel(cfg, world, **change), cluster, assume)
+                        if plan.fits:
+                            sets = (f"parallel.world_size={world}", f"parallel.expert_parallel_size={ep}",
+                                    f"parallel.zero_stage={stage}", f"train.micro_batch_size={micro}",
+                                    f"train.grad_accum_steps={per_gpu // micro}",
+                                    f"train.activation_checkpointing={str(checkpointing).lower()}",
+                                    f"parallel.offload_optimizer={str(offload).lower()}")
+                            found.append(Candidate(sets, plan))
+    return sorted(found, key=lambda c: (c.plan.step_s, c.plan.memory.total))
+
+
+def format_search(found: list[Candidate], cfg: Config, cluster: Cluster, limit: int = 10) -> str:
+    if not found:
+        return (f"search: no layout of {cfg.name} fits on {cluster.nodes} node(s) x {cluster.gpus_per_node} "
+                f"{cluster.gpu.name}; add nodes")
+    lines = [f"search: {len(found)} layouts of {cfg.name} fit on {cluster.world_size} GPUs; the fastest {min(limit, len(found))}:",
+             f"{'step s':>8} {f'@{IMBALANCE}x':>8} {'MFU':>6} {'GiB/GPU':>8}  --set overrides"]
+    for c in found[:limit]:
+        lines.append(f"{c.plan.step_s:8.2f} {c.plan.imbalanced_step_s:8.2f} {c.plan.mfu * 100:5.1f}% "
+                     f"{c.plan.memory.total / GiB:8.1f}  " + " ".join(f"--set {o}" for o in c.overrides))
     return "\n".join(lines)

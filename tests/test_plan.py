@@ -211,7 +211,7 @@ def test_plan_time_is_consistent():
 
 
 def test_k_exaone_on_one_node_fails_with_a_suggestion():
-    cfg = load_config(KEXAONE, ["parallel.world_size=8", "parallel.expert_parallel_size=8"])
+    cfg = load_config(KEXAONE, ["parallel.world_size=8", "parallel.expert_parallel_size=8", "parallel.zero_stage=1"])
     plan = make_plan(cfg, Cluster(1))
     with pytest.raises(PlanError, match=r"does not fit on 1 node.*over by [\d.]+ GiB; the largest category is optimizer.*--nodes \d+"):
         check_fits(plan, cfg)
@@ -223,9 +223,11 @@ def test_plan_cli(capsys):
     out = capsys.readouterr().out
     for word in ("optimizer states", "activations", "EP all-to-all", "MFU", "tokens/day", "days", "fits: yes"):
         assert word in out
-    assert main(["plan", KEXAONE, "--nodes", "1", "--set", "parallel.expert_parallel_size=8"]) == 2
+    assert main(["plan", KEXAONE, "--nodes", "1", "--set", "parallel.expert_parallel_size=8",
+                 "--set", "parallel.zero_stage=1"]) == 2
     assert "does not fit" in capsys.readouterr().err
-    assert main(["plan", KEXAONE, "--nodes", "3"]) == 2  # 24 GPUs: EP 64 does not divide them
+    assert main(["plan", KEXAONE, "--nodes", "3", "--set", "parallel.expert_parallel_size=64",
+                 "--set", "parallel.zero_stage=1"]) == 2  # 24 GPUs: EP 64 does not divide them
     assert "expert_parallel_size (64) does not divide world_size (24)" in capsys.readouterr().err
 
 
@@ -387,3 +389,69 @@ def test_extra_norm_activations_equal_what_the_fused_kernels_keep(overrides, mon
     added = (2 * h if model.norm_placement == "sandwich" else 0) + (h if model.post_mlp_norm else 0)
     assert formula - base_formula == added
     assert kept - base_kept == formula - base_formula + (norms - base_norms)
+
+
+def test_plan_json_uses_the_trainers_memory_categories(capsys):
+    import json
+
+    from kmodel.train.memory import CATEGORIES
+
+    ep64 = ["--set", "parallel.expert_parallel_size=64", "--set", "parallel.zero_stage=1",
+            "--set", "train.micro_batch_size=1", "--set", "train.grad_accum_steps=4"]
+    assert main(["plan", KEXAONE, "--nodes", "32", "--json", *ep64]) == 0
+    plan = json.loads(capsys.readouterr().out)
+    memory = plan["memory_bytes"]
+    assert set(CATEGORIES) <= memory.keys() and memory["total"] == pytest.approx(sum(memory[c] for c in CATEGORIES))
+    assert plan["fits"] and 0 < plan["mfu"] < 1
+    assert plan["time_s"]["step_busiest_expert_1.5x"] > plan["time_s"]["step"] > plan["time_s"]["compute"]
+    assert {"zero_dense", "zero_expert", "expert_all_to_all"} <= set(plan["communication_bytes"])
+
+
+def test_k_exaone_expert_state_is_sharded_over_expert_data_parallel_ranks():
+    """The recipe's EP 64 on 256 GPUs: each rank keeps 1/4 of its experts' fp32 masters and moments (the
+    expert optimizer shards them over the 4 ranks holding the same experts); unsharded it would need ~99 GiB."""
+    cfg = load_config(KEXAONE, ["parallel.expert_parallel_size=64", "parallel.zero_stage=1", "train.micro_batch_size=1",
+                                "train.grad_accum_steps=4"])
+    counts = parameter_counts(cfg.model)
+    memory = make_plan(cfg, Cluster(32)).memory
+    assert memory.optimizer == pytest.approx((counts.dense / 256 + counts.expert / 64 / 4) * 12)
+    assert memory.total / 2**30 < 72
+    unsharded = memory.total + counts.expert / 64 * 12 * (1 - 1 / 4)
+    assert unsharded / 2**30 > 90  # over the 72 GiB usable
+
+
+def test_search_ranks_layouts_that_fit_and_their_overrides_select_them():
+    from kmodel.plan import search
+
+    recipe = "recipes/moe-30b-a3b-multinode.yaml"
+    cfg = load_config(recipe)
+    found = search(cfg, Cluster(2))
+    assert found and all(c.plan.fits for c in found)
+    steps = [c.plan.step_s for c in found]
+    assert steps == sorted(steps)
+    assert any("parallel.zero_stage=3" in c.overrides for c in found)  # ZeRO-3 only without EP
+    assert not any("parallel.zero_stage=3" in c.overrides and "parallel.expert_parallel_size=1" not in c.overrides
+                   for c in found)
+    for c in (found[0], found[-1]):  # the overrides reproduce the plan, with the recipe's global batch
+        chosen = load_config(recipe, list(c.overrides))
+        assert make_plan(chosen, Cluster(2)).step_s == pytest.approx(c.plan.step_s)
+        assert chosen.train.micro_batch_size * chosen.train.grad_accum_steps * 16 == (
+            cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.parallel.world_size)
+
+
+@pytest.mark.parametrize("recipe, nodes", [(KEXAONE, 32), ("recipes/moe-30b-a3b-multinode.yaml", 2)])
+def test_shipped_multinode_recipes_use_the_best_plan_the_search_finds(recipe, nodes):
+    from kmodel.plan import search
+
+    cfg = load_config(recipe)
+    best = search(cfg, Cluster(nodes))[0]
+    assert make_plan(cfg, Cluster(nodes)).step_s == pytest.approx(best.plan.step_s)
+
+
+def test_zero3_with_expert_parallelism_is_refused_with_the_best_alternative(capsys):
+    assert main(["plan", KEXAONE, "--nodes", "32", "--set", "parallel.zero_stage=3",
+                 "--set", "parallel.expert_parallel_size=64"]) == 2
+    captured = capsys.readouterr()
+    assert "zero_stage 3 with expert_parallel_size > 1 is refused" in captured.err
+    assert "the fastest layout that fits on this cluster: --set parallel.world_size=256" in captured.err
+    assert "layouts of k-exaone-236b-a23b-multinode fit on 256 GPUs" in captured.out

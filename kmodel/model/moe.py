@@ -122,6 +122,9 @@ class MoE(nn.Module):
         self.register_buffer("last_load", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
         self.kernel = reference  # replaced by Model.use_kernels
         self.expert_parallel = None  # set by kmodel.parallel.expert_parallel.attach_expert_parallel
+        # aux_loss_kind global: (counts, tokens) -> the same summed over the data-parallel ranks (set by the
+        # parallel engine; None in one process, where global is the micro-batch)
+        self.global_counts = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Returns (output, auxiliary loss already weighted by its coefficients)."""
@@ -158,13 +161,17 @@ class MoE(nn.Module):
         if not self.training:
             return loss
         if cfg.aux_loss_coef > 0:
-            # Switch/DeepSeek balance loss: E/k * sum_i f_i * P_i per sequence (or over the whole batch).
+            # Switch/DeepSeek balance loss: E/k * sum_i f_i * P_i per sequence (or over the whole batch; global:
+            # f_i over every data-parallel rank's micro-batch, so the ranks' mean is the loss of their union).
             groups = batch if cfg.aux_loss_kind == "sequence" else 1
             e, k = cfg.num_experts, cfg.num_experts_per_tok
             probs = routing.scores / routing.scores.sum(dim=-1, keepdim=True)
             probs = probs.view(groups, -1, e)
             chosen = F.one_hot(routing.experts, e).sum(dim=1).float().view(groups, -1, e)
-            frac = chosen.mean(dim=1) * (e / k)
+            counts, tokens = chosen.sum(dim=1), chosen.shape[1]
+            if cfg.aux_loss_kind == "global" and self.global_counts is not None:
+                counts, tokens = self.global_counts(counts, tokens)
+            frac = counts / tokens * (e / k)
             loss = loss + cfg.aux_loss_coef * (frac * probs.mean(dim=1)).sum(dim=-1).mean()
         if cfg.router_z_loss_coef > 0:
             loss = loss + cfg.router_z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()

@@ -146,6 +146,9 @@ def _add_plan(sub) -> None:
                    help="share of ZeRO communication hidden behind compute (default 0.5)")
     p.add_argument("--memory-headroom", type=float, default=0.9,
                    help="usable share of GPU memory after CUDA context and fragmentation (default 0.9)")
+    p.add_argument("--search", action="store_true",
+                   help="list every layout of the same global batch that fits (EP size, ZeRO stage, micro-batch, "
+                   "activation checkpointing, optimizer offload), fastest first, each with its --set overrides")
     p.add_argument("--json", action="store_true",
                    help="print the plan as JSON: bytes per GPU by category (params, grads, optimizer, activations, "
                    "as the trainer's memory records name them), communication, step time, MFU")
@@ -154,10 +157,11 @@ def _add_plan(sub) -> None:
 
 
 def _run_plan(args) -> int:
-    from kmodel.config import load_config
     import json
 
-    from kmodel.plan import GPUS, Assumptions, Cluster, check_fits, format_plan, make_plan, plan_json, with_parallel
+    from kmodel.config import ConfigError, load_config
+    from kmodel.plan import (GPUS, Assumptions, Cluster, PlanError, check_fits, format_plan, format_search, make_plan,
+                             plan_json, search, with_parallel)
 
     for name in ("nodes", "gpus_per_node"):
         if getattr(args, name) <= 0:
@@ -167,12 +171,30 @@ def _run_plan(args) -> int:
         if not 0 < value <= 1 and not (name == "zero_overlap" and value == 0):
             raise ValueError(f"--{name.replace('_', '-')} must be in (0, 1], got {value}")
     # the cluster sets the world size before the recipe is validated (EP must divide it)
-    cfg = load_config(args.recipe, [*args.overrides, f"parallel.world_size={args.nodes * args.gpus_per_node}"])
+    overrides = [*args.overrides, f"parallel.world_size={args.nodes * args.gpus_per_node}"]
+    refused = None
+    try:
+        cfg = load_config(args.recipe, overrides)
+    except ConfigError as error:
+        if "zero_stage 3 with expert_parallel_size" not in str(error):
+            raise
+        refused = error  # ZeRO-3 with EP does not run (docs/parallel.md): plan the alternatives instead
+        cfg = load_config(args.recipe, [*overrides, "parallel.zero_stage=1"])
     cluster = Cluster(args.nodes, args.gpus_per_node, GPUS[args.gpu])
     cfg = with_parallel(cfg, cluster.world_size)
     assume = Assumptions.for_config(
         cfg, kernel_efficiency=args.efficiency, zero_overlap=args.zero_overlap, memory_headroom=args.memory_headroom,
     )
+    if args.search or refused is not None:
+        found = search(cfg, cluster, assume)
+        if args.json:
+            print(json.dumps([{"set": list(c.overrides), **plan_json(c.plan, cfg)} for c in found], indent=2))
+        else:
+            print(format_search(found, cfg, cluster))
+        if refused is not None:
+            best = " ".join(f"--set {o}" for o in found[0].overrides) if found else "none fits: add nodes"
+            raise PlanError(f"{refused}; the fastest layout that fits on this cluster: {best}")
+        return 0 if found else 2
     plan = make_plan(cfg, cluster, assume, args.tokens)
     print(json.dumps(plan_json(plan, cfg), indent=2) if args.json else format_plan(plan, cfg))
     check_fits(plan, cfg)

@@ -61,6 +61,7 @@ from kmodel.train.muon import Muon
 from kmodel.train.optim import optimizer_for, param_groups, state_keys
 from kmodel.train.trainer import LOSS_KEYS, Trainer
 
+
 def joint_norm(dense: torch.Tensor | float, experts: torch.Tensor) -> torch.Tensor:
     """sqrt(dense^2 + experts^2); inf when either is invalid (DeepSpeed marks an invalid norm as -1 or
     non-finite), so ZeRO treats the step as an overflow and skips it."""
@@ -102,7 +103,9 @@ class DeepSpeedTrainer(Trainer):
         self.engine = None
         self.experts: xp.ExpertOptimizer | None = None
         self._restored: dict[torch.nn.Parameter, dict[str, Any]] = {}  # AdamW entries from `restore`
-        self._activations_peak: int | None = 0  # measured over this process's first step; None once logged
+        # measured over this process's first step (None once logged): saved activations and held gradients
+        self._activations_peak: int | None = 0
+        self._grads_peak = 0
         # The one-process AdamW layout (group hyper-parameters, parameter order): checkpoints keep it.
         self._optimizer_groups = [
             ({k: v for k, v in group.items() if k != "params"}, list(group["params"])) for group in self.optimizer.param_groups
@@ -111,9 +114,12 @@ class DeepSpeedTrainer(Trainer):
 
     def make_model(self) -> torch.nn.Module:
         if self.groups is None:
-            return super().make_model()
-        model = build_model(self.cfg, self.device, experts=xp.local_experts(self.cfg.model.num_experts, self.groups))
-        xp.attach_expert_parallel(model, self.groups)
+            model = super().make_model()
+        else:
+            model = build_model(self.cfg, self.device, experts=xp.local_experts(self.cfg.model.num_experts, self.groups))
+            xp.attach_expert_parallel(model, self.groups)
+        if self.cfg.model.aux_loss_kind == "global":
+            xp.attach_global_balance(model)
         return model
 
     def is_expert(self, param: torch.nn.Parameter) -> bool:
@@ -236,10 +242,11 @@ class DeepSpeedTrainer(Trainer):
         with meter:
             out = self.engine(batch.input_ids, batch.labels, segment_ids=batch.segment_ids)
             self.engine.backward(out.loss)
+        if self.experts is not None:
+            self.experts.reduce_micro_batch(self.engine.is_gradient_accumulation_boundary())
         if self._activations_peak is not None:
             self._activations_peak = max(self._activations_peak, meter.peak_bytes)
-        if self.experts is not None:
-            self.experts.reduce_micro_batch()
+            self._grads_peak = max(self._grads_peak, self._grads_bytes())
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()
         keys = [k for k in LOSS_KEYS if getattr(out, k) is not None]
@@ -248,7 +255,6 @@ class DeepSpeedTrainer(Trainer):
         return dict(zip(keys, (values / self.world).tolist()))
 
     def update(self, lr: float, losses: dict[str, float]) -> tuple[float, bool]:
-        grads_bytes = self._grads_bytes() if self._activations_peak is not None else None  # at the boundary
         if self.experts is not None:
             self._expert_norm = self.experts.reduce_gradients()  # read by ZeRO's norm inside engine.step
         for group in self.engine.optimizer.param_groups:
@@ -261,8 +267,8 @@ class DeepSpeedTrainer(Trainer):
             if applied:
                 self.experts.step(lr, clip_factor(grad_norm, self.cfg.train.grad_clip))
             self.experts.zero_grad()
-        if grads_bytes is not None:  # after the first update, which allocates the optimizer states
-            self._log_memory(grads_bytes)
+        if self._activations_peak is not None:  # after the first update, which allocates the optimizer states
+            self._log_memory()
         if applied:
             self.clip_attention_logits()
             xp.synchronize_router_load(self.model)
@@ -276,9 +282,9 @@ class DeepSpeedTrainer(Trainer):
         return [p for p in self.model.parameters() if not self.is_expert(p)]
 
     def _grads_bytes(self) -> int:
-        """Gradients held at the step boundary, before the update: the module's (full: ZeRO-1 between reductions,
-        expert shards under ZeRO-1) and ZeRO's partitions (ZeRO-2: the reduced partition; ZeRO-3: its flat
-        buffer of partitions), plus the experts' owned reduced gradients."""
+        """Gradients held after a micro-batch's backward: the module's (ZeRO-1 accumulates full gradients between
+        micro-batches and reduces at the step's last one) and ZeRO's partitions (ZeRO-1/2: the reduced partition;
+        ZeRO-3: its flat buffer of partitions), plus the experts' owned reduced gradients."""
         zero = self.engine.optimizer
         held = [p.grad for p in self._dense_params()]
         flat = getattr(zero, "grad_partitions_flat_buffer", None)
@@ -302,10 +308,10 @@ class DeepSpeedTrainer(Trainer):
             params, optimizer = params + held["params"], optimizer + held["optimizer"]
         return params, optimizer
 
-    def _log_memory(self, grads_bytes: int) -> None:
+    def _log_memory(self) -> None:
         """After the first step: every rank's record (collective), written by rank 0 in rank order."""
         params, optimizer = self._params_and_optimizer_bytes()
-        values = {"params": params, "grads": grads_bytes, "optimizer": optimizer, "activations": self._activations_peak}
+        values = {"params": params, "grads": self._grads_peak, "optimizer": optimizer, "activations": self._activations_peak}
         record = {"kind": "memory", "step": self.step + 1, "rank": self.rank,
                   **{record_key(k): int(v) for k, v in values.items()}}
         if self.device.type == "cuda":

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -164,6 +165,19 @@ def synchronize_router_load(model: nn.Module, group=None) -> None:
         dist.all_reduce(moe.load, group=group)
 
 
+def _sum_over_ranks(counts: torch.Tensor, tokens: int, group=None) -> tuple[torch.Tensor, int]:
+    counts = counts.detach().clone()
+    dist.all_reduce(counts, group=group)
+    return counts, tokens * dist.get_world_size(group)
+
+
+def attach_global_balance(model: nn.Module, group=None) -> None:
+    """model.aux_loss_kind global: every MoE layer's balance loss counts expert loads over the micro-batches of
+    all ranks of `group` (default: all; collective in every MoE forward), as Megatron's global aux loss."""
+    for moe in (m for m in model.modules() if isinstance(m, MoE)):
+        moe.global_counts = partial(_sum_over_ranks, group=group)
+
+
 @torch.no_grad()
 def full_state_items(model: nn.Module, groups: Groups) -> Iterator[tuple[str, torch.Tensor]]:
     """The model's state in name order, one tensor at a time, every expert tensor gathered to full size in
@@ -216,9 +230,9 @@ class ExpertOptimizer:
 
       every rank   the module's expert weights (its E/P experts, compute dtype), as ZeRO-1/2 keep dense weights
       owned 1/D    fp32 master weights and the optimizer's moments (ZeRO >= 1); the reduced fp32 gradient
-      gradients    ZeRO-1: accumulated in the module's .grad over the micro-batches, reduce-scattered at the
-                   step; ZeRO-2: reduce-scattered after every micro-batch (`reduce_micro_batch`), so between
-                   micro-batches only the owned 1/D is kept
+      gradients    reduce-scattered after a micro-batch's backward (`reduce_micro_batch`): ZeRO-1 after the
+                   step's last one (earlier ones accumulate in the module's .grad), ZeRO-2 after every one,
+                   so between micro-batches only the owned 1/D is kept — DeepSpeed's ZeRO-1/2 schedule
 
     Per optimizer step: `reduce_gradients` (collective) completes the average over the global batch and returns
     the experts' share of the global gradient norm; `step` divides by the clipping factor the caller derived from
@@ -256,9 +270,10 @@ class ExpertOptimizer:
         shard.grad = piece if shard.grad is None else shard.grad.add_(piece)
         shard.param.grad = None
 
-    def reduce_micro_batch(self) -> None:
-        """After each micro-batch's backward (collective): ZeRO-2 keeps only its owned, reduced gradient."""
-        if self.zero_stage == 2:
+    def reduce_micro_batch(self, last: bool) -> None:
+        """After each micro-batch's backward (collective): ZeRO-2 (and ZeRO-1 at the step's `last` micro-batch)
+        keeps only its owned, reduced gradient."""
+        if self.zero_stage == 2 or last:
             for shard in self.shards:
                 self._reduce_into_owned(shard)
 
@@ -269,12 +284,9 @@ class ExpertOptimizer:
         A shard's gradient already sums its expert-parallel group's tokens (through the all-to-all backward),
         so it is summed over the expert-data-parallel group and divided by the world size. The owned pieces
         of all ranks partition every expert tensor once, so the norm is their squares summed over the world."""
-        if self.zero_stage == 1:
-            for shard in self.shards:
-                self._reduce_into_owned(shard)
         squares = torch.zeros((), dtype=torch.float32, device=self.shards[0].master.device)
         for shard in self.shards:
-            if shard.grad is None:  # ZeRO-2 with no micro-batch reduced (cannot happen in a step): zeros
+            if shard.grad is None:  # no micro-batch reduced (cannot happen in a step): zeros
                 shard.grad = torch.zeros_like(shard.master)
             shard.grad /= self.groups.world_size
             squares += shard.grad.pow(2).sum()

@@ -60,6 +60,7 @@ def _worker(rank: int, port: int, skew: bool, extra: list[str], out: str) -> Non
         experts = xp.ExpertOptimizer(model, groups, cfg.train)
         loss = model(ids, ids).loss
         loss.backward()
+        experts.reduce_micro_batch(last=True)
         expert_norm = experts.reduce_gradients()
         grads = {}
         for name, param in model.named_parameters():
