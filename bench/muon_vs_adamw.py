@@ -7,6 +7,7 @@ optimizer step alone timed on the same model) and muon_vs_adamw_cpu.png (held-ou
 the best run of each optimizer). A script of the repository: run it from the repository root.
 
     python -P bench/muon_vs_adamw.py [--steps 40] [--lrs 0.003,0.01,0.03] [--sizes tiny,wide] [--cache DIR]
+    python -P bench/muon_vs_adamw.py --sizes wide --transfer-from tiny   # wide at tiny's best rates
 """
 
 from __future__ import annotations
@@ -98,13 +99,13 @@ def write_outputs(results: list[dict], optimizer_times: dict, load: tuple[float,
     lines = [
         "# Muon vs AdamW: tiny recipe and a wider variant, same tokens, best learning rate of each",
         "",
-        f"Device: CPU ({platform.machine()}, {torch.get_num_threads()} threads); torch {torch.__version__}; load average "
+        (f"Device: CPU ({platform.machine()}, {torch.get_num_threads()} threads); torch {torch.__version__}; load average "
         f"{load[0]:.2f} before and {load[1]:.2f} after the runs (2 cores shared with other jobs: step times are "
-        f"indicative, compare within a row); {time.strftime('%Y-%m-%d')}.",
+        f"indicative, compare within a row); {time.strftime('%Y-%m-%d')}."),
         f"Recipe {RECIPE} with {' '.join(COMMON)}; {steps} steps of 8 x 128 tokens; warm-up then cosine; held-out "
         "bits/byte over the three held-out files (4 batches each). wide: " + " ".join(SIZES["wide"]) + ".",
-        "Muon: Nesterov momentum 0.95, 5 Newton-Schulz steps, update scaled by 0.2 sqrt(max(m, n)), weight decay 0.1 on "
-        "its matrices; AdamW (embeddings, head, routers, norms, biases) at the same learning rate.",
+        ("Muon: Nesterov momentum 0.95, 5 Newton-Schulz steps, update scaled by 0.2 sqrt(max(m, n)), weight decay 0.1 on "
+        "its matrices; AdamW (embeddings, head, routers, norms, biases) at the same learning rate."),
         "",
         "## Learning-rate sweep (final held-out bits/byte)",
         "",
@@ -118,12 +119,16 @@ def write_outputs(results: list[dict], optimizer_times: dict, load: tuple[float,
                 match = [r for r in results if (r["size"], r["optimizer"], r["lr"]) == (size, optimizer, lr)]
                 cells.append(f"{match[0]['final_bits_per_byte']:.4f}" if match else "")
             lines.append(f"| {size} | {optimizer} | " + " | ".join(cells) + " |")
+    transferred = [size for size in sizes if len({r["lr"] for r in results if r["size"] == size}) <= 2]
+    if transferred:
+        lines += ["", (f"Not swept (CPU budget): {', '.join(transferred)}, trained at each optimizer's best rate on the "
+                      "swept size (Muon's RMS matching is meant to let a rate carry over).")]
     lines += [
         "",
         "## Best of each",
         "",
-        "| size | optimizer | best lr | final held-out bits/byte | final train LM loss | median step (s) | "
-        "optimizer step alone (s) |",
+        ("| size | optimizer | best lr | final held-out bits/byte | final train LM loss | median step (s) | "
+        "optimizer step alone (s) |"),
         "|---|---|---|---|---|---|---|",
     ]
     for size in sizes:
@@ -153,6 +158,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     parser.add_argument("--lrs", default="0.003,0.01,0.03", help="learning-rate grid, comma-separated")
     parser.add_argument("--sizes", default="tiny,wide", help=f"model sizes among {', '.join(SIZES)}")
+    parser.add_argument("--transfer-from", help="instead of sweeping, use each optimizer's best lr on this size")
     parser.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "kmodel-muon-bench",
                         help="where finished runs are kept (a rerun skips them; the table uses every cached run)")
     args = parser.parse_args()
@@ -165,6 +171,9 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for size in sizes:
             for optimizer in ("adamw", "muon"):
+                if args.transfer_from:  # no sweep: the optimizer's best learning rate on the other size
+                    swept = [r for r in results if (r["size"], r["optimizer"]) == (args.transfer_from, optimizer)]
+                    lrs = [min(swept, key=lambda r: r["final_bits_per_byte"])["lr"]]
                 for lr in lrs:
                     if any((r["size"], r["optimizer"], r["lr"]) == (size, optimizer, lr) for r in results):
                         continue

@@ -134,8 +134,8 @@ class Muon(torch.optim.Optimizer):
 
     def __init__(self, groups: list[dict], *, lr: float, momentum: float, nesterov: bool, ns_steps: int,
                  betas: tuple[float, float], eps: float):
-        defaults = dict(lr=lr, momentum=momentum, nesterov=nesterov, ns_steps=ns_steps, betas=betas, eps=eps,
-                        weight_decay=0.0, muon=False)
+        defaults = {"lr": lr, "momentum": momentum, "nesterov": nesterov, "ns_steps": ns_steps, "betas": betas,
+                    "eps": eps, "weight_decay": 0.0, "muon": False}
         super().__init__(groups, defaults)
         self.view_of: dict[torch.Tensor, tuple[int, int, int]] = {}
         for group in self.param_groups:

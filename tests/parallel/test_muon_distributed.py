@@ -11,14 +11,14 @@ from pathlib import Path
 import pytest
 import torch
 import torch.distributed as dist
+from muon_checks import assert_muon_update
+from muon_ranks import STEPS, config, global_batch
 
 from kmodel.model import build_model
 from kmodel.parallel.muon_zero import Fragment, ShardedMatrices, assign_owners
 from kmodel.safe_path import python_command, safe_env
 from kmodel.train.muon import matrix_view, orthogonalized
 from kmodel.train.optim import build_optimizer, uses_muon
-from muon_ranks import STEPS, config, global_batch
-from muon_checks import assert_muon_update
 
 pytestmark = pytest.mark.distributed
 HERE = Path(__file__).resolve().parent
@@ -65,7 +65,7 @@ def test_four_ranks_take_the_one_process_muon_steps(stage, reference, tmp_path):
                              str(HERE / "muon_ranks.py"), str(stage), str(out))
     env = safe_env({**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1",
                     "PYTHONPATH": os.pathsep.join(filter(None, [str(HERE), os.environ.get("PYTHONPATH")]))})
-    done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=400, cwd=HERE.parents[1])
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False, timeout=400, cwd=HERE.parents[1])
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     history = torch.load(out, weights_only=True)
     assert (history["wired"] > 0) == (stage > 0)  # ZeRO 1-3 flatten the matrices; the exchange is wired

@@ -7,6 +7,7 @@ import math
 
 import pytest
 import torch
+from muon_checks import assert_muon_update
 from safetensors import safe_open
 
 from kmodel.checkpoint import list_checkpoints
@@ -16,7 +17,6 @@ from kmodel.train import Trainer
 from kmodel.train.metrics import read_metrics
 from kmodel.train.muon import Muon, matrix_view, newton_schulz, orthogonalized
 from kmodel.train.optim import build_optimizer, uses_muon
-from muon_checks import assert_muon_update
 
 
 def muon_train(**overrides) -> TrainConfig:
@@ -143,7 +143,13 @@ def test_muon_with_optimizer_offload_is_refused_by_name(tiny):
 
 
 def test_the_planner_counts_muon_state_flops_and_exchange(tiny):
-    from kmodel.plan import Assumptions, Cluster, make_plan, memory_per_gpu, newton_schulz_flops_per_gpu
+    from kmodel.plan import (
+        Assumptions,
+        Cluster,
+        make_plan,
+        memory_per_gpu,
+        newton_schulz_flops_per_gpu,
+    )
 
     cfg = tiny("train.optimizer=muon", "train.device=cpu")
     model = build_model(cfg, "cpu")

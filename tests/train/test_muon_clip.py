@@ -12,20 +12,19 @@ from kmodel.config import ModelConfig
 from kmodel.model.attention import Attention, max_logits
 from kmodel.model.mla import LatentAttention
 from kmodel.model.rope import rope_cos_sin
-from kmodel.train.metrics import read_metrics
 from kmodel.train import Trainer
+from kmodel.train.metrics import read_metrics
 from kmodel.train.muon import QKClip
 
 SEQ = 12
-BASE = dict(vocab_size=32, hidden_size=32, intermediate_size=64, num_hidden_layers=1, qk_norm=False)
+BASE = {"vocab_size": 32, "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "qk_norm": False}
+MLA = {"attention_kind": "mla", "kv_lora_rank": 12, "qk_nope_head_dim": 8, "qk_rope_head_dim": 4, "v_head_dim": 6}
 KINDS = {
-    "mha": dict(num_attention_heads=4, num_key_value_heads=4),
-    "gqa_bias_window": dict(num_attention_heads=4, num_key_value_heads=2, attention_bias=True, sliding_window=5,
-                            layer_types=["sliding_attention"]),
-    "mla_low_rank_q": dict(num_attention_heads=4, num_key_value_heads=4, attention_kind="mla", q_lora_rank=16,
-                           kv_lora_rank=12, qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6),
-    "mla_full_q": dict(num_attention_heads=4, num_key_value_heads=4, attention_kind="mla", kv_lora_rank=12,
-                       qk_nope_head_dim=8, qk_rope_head_dim=4, v_head_dim=6),
+    "mha": {"num_attention_heads": 4, "num_key_value_heads": 4},
+    "gqa_bias_window": {"num_attention_heads": 4, "num_key_value_heads": 2, "attention_bias": True, "sliding_window": 5,
+                        "layer_types": ["sliding_attention"]},
+    "mla_low_rank_q": {"num_attention_heads": 4, "num_key_value_heads": 4, "q_lora_rank": 16, **MLA},
+    "mla_full_q": {"num_attention_heads": 4, "num_key_value_heads": 4, **MLA},
 }
 
 
