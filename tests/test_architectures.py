@@ -212,7 +212,7 @@ def test_logits_and_gradients_match_transformers(case, seed, tmp_path):
     family, make, class_name, checked = FAMILY_CASES[case]
     cfg, model = build(make(random.Random(f"{case}-{seed}")), seed)
     save_checkpoint(tmp_path / "ckpt", model, cfg)
-    assert export_hf(tmp_path / "ckpt", tmp_path / "hf", family=family) == family
+    assert export_hf(tmp_path / "ckpt", tmp_path / "hf", family=family, dtype="float32") == family
     reference = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "hf", dtype=torch.float32, attn_implementation="eager"
     )
@@ -531,7 +531,7 @@ def test_mtp_depths_exported_to_deepseek_v3_are_read_back_by_transformers(depth,
     cfg, model = build(section, depth)
     save_checkpoint(tmp_path / "ckpt", model, cfg)
     with caplog.at_level("WARNING", logger="kmodel.export.hf"):
-        export_hf(tmp_path / "ckpt", tmp_path / "hf", family="deepseek_v3")
+        export_hf(tmp_path / "ckpt", tmp_path / "hf", family="deepseek_v3", dtype="float32")
     assert ("normalised output" in caplog.text) == (depth > 1)
     main = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", dtype=torch.float32, attn_implementation="eager")
     n = cfg.model.num_hidden_layers
@@ -573,7 +573,7 @@ def test_mtp_export_to_exaone_moe_keeps_one_dense_depth_else_says_it_drops(tmp_p
     }
     cfg, model = build(section, 0)
     save_checkpoint(tmp_path / "ckpt", model, cfg)
-    export_hf(tmp_path / "ckpt", tmp_path / "hf", family="exaone_moe")
+    export_hf(tmp_path / "ckpt", tmp_path / "hf", family="exaone_moe", dtype="float32")
     written = load_file(tmp_path / "hf" / "model.safetensors")
     ours = model.state_dict()
     expected = {

@@ -91,7 +91,7 @@ def export_and_load(model_section: dict, tmp_path, seed: int):
     for moe in model.moe_layers().values():
         moe.gate.e_score_correction_bias.normal_(0.0, 0.05)
     save_checkpoint(tmp_path / "ckpt", model, cfg)
-    family = export_hf(tmp_path / "ckpt", tmp_path / "hf")
+    family = export_hf(tmp_path / "ckpt", tmp_path / "hf", dtype="float32")
     reference = transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path / "hf", dtype=torch.float32, attn_implementation="eager"
     )

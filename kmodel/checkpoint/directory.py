@@ -284,12 +284,14 @@ def save_checkpoint(
     state: dict[str, Any] | None = None,
     optimizer_moments: TensorStream | None = None,
     run_id: str | None = None,
+    extra: dict[str, Any] | None = None,
 ) -> Manifest:
     """Write a checkpoint atomically at `directory`; returns its manifest. `model` is the model, its full
     state, or a stream of it (a distributed engine's gather: global names, full tensors). The optimizer's
     moments are split out of `state` into optimizer.safetensors, or come as a stream (`optimizer_moments`,
     with `state` then holding none). The weights are written first, then the moments: a caller producing both
-    streams by collectives relies on that order. `run_id` defaults to the run directory's id."""
+    streams by collectives relies on that order. `run_id` defaults to the run directory's id; `extra` goes into
+    the manifest (e.g. `imported_from`: the files an imported checkpoint came from)."""
     final = Path(directory)
     run_id = run_id if run_id is not None else run_id_for(final)
     make_way(final, run_id)
@@ -307,7 +309,7 @@ def save_checkpoint(
             files[OPTIMIZER_FILE] = write_safetensors(tmp / OPTIMIZER_FILE, optimizer_moments)
         files[STATE_FILE] = write_state(tmp, state)
     step = state.get("step") if isinstance(state, dict) and isinstance(state.get("step"), int) else step_of(final)
-    return commit(tmp, final, files, step, run_id)
+    return commit(tmp, final, files, step, run_id, extra)
 
 
 def load_config_from_checkpoint(path: str | Path) -> Config:
