@@ -37,6 +37,13 @@ def cfg_of(**overrides):
         attention="torch", moe="torch", norm="torch", loss="torch").model_dump()})
 
 
+def moved(attn: Attention, rope, x: torch.Tensor, base: torch.Tensor, position: int) -> float:
+    """How far the last query's output moves when the input at `position` changes."""
+    changed = x.clone()
+    changed[0, position] += 1.0
+    return (attn(changed, rope, torch.arange(x.shape[1]))[0, -1] - base).abs().max().item()
+
+
 def test_sliding_windows_set_the_layer_types_and_each_layer_sees_its_own_window():
     m = cfg_of().model
     assert m.layer_types == ["sliding_attention"] * 3 + ["full_attention"]
@@ -53,15 +60,10 @@ def test_sliding_windows_set_the_layer_types_and_each_layer_sees_its_own_window(
         x = torch.randn(1, seq, m.hidden_size, dtype=torch.float64)
         base = attn(x, rope, positions)[0, query]
 
-        def moved(position: int) -> float:
-            changed = x.clone()
-            changed[0, position] += 1.0
-            return (attn(changed, rope, positions)[0, query] - base).abs().max().item()
-
         oldest_seen = 0 if window is None else query - window + 1
-        assert moved(oldest_seen) > 1e-6, (layer, window)
+        assert moved(attn, rope, x, base, oldest_seen) > 1e-6, (layer, window)
         if window is not None:
-            assert moved(oldest_seen - 1) == 0.0, (layer, window)
+            assert moved(attn, rope, x, base, oldest_seen - 1) == 0.0, (layer, window)
 
 
 def test_cached_generation_keeps_each_layers_window():

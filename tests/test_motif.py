@@ -42,9 +42,9 @@ def build(section: dict, seed: int, **cfg_extra):
     generator = torch.Generator().manual_seed(seed)
     with torch.no_grad():  # move every constant-initialised parameter off its start so a misplaced one shows
         for name, param in model.named_parameters():
-            if name.endswith("norm.weight") or name.endswith("subln.weight"):
+            if name.endswith(("norm.weight", "subln.weight")):
                 param.copy_(1.0 + 0.3 * torch.randn(param.shape, generator=generator))
-            elif name.endswith("act_fn.weight") or name.endswith("act_fn.bias"):
+            elif name.endswith(("act_fn.weight", "act_fn.bias")):
                 param.copy_(param + 0.2 * torch.randn(param.shape, generator=generator))
             elif ".lambda_" in name:
                 param.copy_(0.4 * torch.randn(param.shape, generator=generator))
@@ -124,7 +124,7 @@ def test_lambda_init_follows_the_layer_depth_and_the_features_change_the_output(
     assert lambda_init_of(1) == pytest.approx(0.2)
     assert lambda_init_of(0) == pytest.approx(0.8 - 0.6 * math.exp(0.3))
     section = motif_section(random.Random("change"), num_attention_heads=8, num_noise_heads=2, num_key_value_heads=4)
-    cfg, model = build(section, 0)
+    _, model = build(section, 0)
     ids = torch.randint(0, 71, (1, 9), generator=torch.Generator().manual_seed(0))
     base = model.eval()(ids).logits
     with torch.no_grad():
@@ -138,7 +138,7 @@ def test_lambda_init_follows_the_layer_depth_and_the_features_change_the_output(
 def test_generation_cache_matches_the_uncached_forward():
     section = motif_section(random.Random("cache"), sliding_window=4, layer_types=["sliding_attention", "full_attention",
                                                                                   "sliding_attention"])
-    cfg, model = build(section, 1)
+    _, model = build(section, 1)
     model.eval()
     ids = torch.randint(0, 71, (2, 12), generator=torch.Generator().manual_seed(1))
     full = model(ids).logits

@@ -9,7 +9,13 @@ import torch.nn.functional as F
 
 from kmodel.config import ConfigError, load_config
 from kmodel.model import build_model
-from kmodel.train.generate import MTPDrafter, RewindableCache, SpeculativeStats, generate_ids, generate_ids_speculative
+from kmodel.train.generate import (
+    MTPDrafter,
+    RewindableCache,
+    SpeculativeStats,
+    generate_ids,
+    generate_ids_speculative,
+)
 
 TINY = "recipes/tiny-ko-moe.yaml"
 SMALL = [

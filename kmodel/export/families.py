@@ -30,7 +30,6 @@ from kmodel.export.family import (
     hybrid_attention_problems,
     layer_rename,
     llama_style_rename,
-    mtp_dropped,
     needs_routed_experts,
     needs_shared_expert,
     no_shared_experts,
@@ -113,9 +112,11 @@ def _exaone_moe_notes(m: ModelConfig) -> list[str]:
     if not m.num_nextn_predict_layers or _exaone_moe_keeps_mtp(m):
         return []
     return [
-        f"drops the {m.num_nextn_predict_layers} MTP depth(s) (mtp.*): K-EXAONE's checkpoint layout holds one MTP "
-        f"module with a dense feed-forward (this config: depth {m.num_nextn_predict_layers}, "
-        f"mtp_mlp_type {m.mtp_mlp_type!r})"
+        (
+            f"drops the {m.num_nextn_predict_layers} MTP depth(s) (mtp.*): K-EXAONE's checkpoint layout holds one "
+            f"MTP module with a dense feed-forward (this config: depth {m.num_nextn_predict_layers}, "
+            f"mtp_mlp_type {m.mtp_mlp_type!r})"
+        )
     ]
 
 
@@ -283,9 +284,11 @@ def _deepseek_v3_notes(m: ModelConfig) -> list[str]:
         return [f"drops the {depth} MTP depth(s) (mtp.*): DeepSeek-V3's MTP layers are MoE layers (mtp_mlp_type 'dense')"]
     if depth > 1:
         return [
-            "keeps all MTP depths as layers after num_hidden_layers; transformers' MtpModel feeds depth k + 1 with "
-            "depth k's normalised output, kmodel (as the DeepSeek-V3 paper) with the un-normalised one, so its "
-            "drafts from depth 2 on differ from kmodel's"
+            (
+                "keeps all MTP depths as layers after num_hidden_layers; transformers' MtpModel feeds depth k + 1 "
+                "with depth k's normalised output, kmodel (as the DeepSeek-V3 paper) with the un-normalised one, so "
+                "its drafts from depth 2 on differ from kmodel's"
+            )
         ]
     return []
 
@@ -397,7 +400,7 @@ def _gpt_oss_rename(name: str, cfg: ModelConfig) -> str | None:
 def _gpt_oss_transform(name: str, tensor: torch.Tensor, cfg: ModelConfig) -> torch.Tensor:
     """gpt-oss keeps expert weights as (in, out) matrices and interleaves gate and up (gate in even, up in
     odd output columns); kmodel keeps nn.Linear's (out, in) with the gate in the first half."""
-    if name.endswith("mlp.experts.gate_up_proj") or name.endswith("mlp.experts.gate_up_proj_bias"):
+    if name.endswith(("mlp.experts.gate_up_proj", "mlp.experts.gate_up_proj_bias")):
         gate, up = tensor.chunk(2, dim=1)  # (E, I, ...) each
         interleaved = torch.stack((gate, up), dim=2).flatten(1, 2)  # rows g0, u0, g1, u1, ...
         return interleaved.transpose(1, 2) if name.endswith("gate_up_proj") else interleaved

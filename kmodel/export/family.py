@@ -9,8 +9,8 @@ predicates below are shared so the same missing feature reads the same in every 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import torch
 

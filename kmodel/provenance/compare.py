@@ -304,7 +304,7 @@ def _layer_pairs(view_a: ModelView, view_b: ModelView, all_pairs: bool | None) -
     otherwise (a pruned or grown model's layers need not keep their depth)."""
     names_a, names_b = list(view_a.layers), list(view_b.layers)
     if all_pairs is None:
-        all_pairs = sum(n != "mtp" for n in names_a) != sum(n != "mtp" for n in names_b)
+        all_pairs = sum(not n.startswith("mtp.") for n in names_a) != sum(not n.startswith("mtp.") for n in names_b)
     if all_pairs:
         return [(x, y) for x in names_a for y in names_b]
     return [(x, x) for x in names_a if x in view_b.layers]

@@ -81,7 +81,7 @@ class ModelView:
 
 # Norm weights and router correction biases carry no evidence of shared initialisation.
 _IGNORED = re.compile(r"(norm|layernorm)\.weight$|e_score_correction_bias$|\.bias$")
-_LAYER = re.compile(r"^(?:layers\.(\d+)|(mtp)\.block)\.(.+)$")
+_LAYER = re.compile(r"^(?:layers\.(\d+)|(mtp\.\d+)\.block)\.(.+)$")  # MTP depth k: "mtp.k"
 _NAME_PREFIXES = ("model.language_model.", "language_model.model.", "model.")
 
 
@@ -157,7 +157,7 @@ def view_from_state(source: str, fmt: str, config: dict, tensors: dict[str, torc
         if match is None:
             unmapped.append(name)
             continue
-        layer = f"layers.{match.group(1)}" if match.group(1) is not None else "mtp"
+        layer = f"layers.{match.group(1)}" if match.group(1) is not None else match.group(2)
         grouped.setdefault(layer, {})[match.group(3)] = tensor
     layers = {}
     for layer, parts in sorted(grouped.items(), key=lambda item: _layer_order(item[0])):
@@ -168,7 +168,7 @@ def view_from_state(source: str, fmt: str, config: dict, tensors: dict[str, torc
 
 
 def _layer_order(name: str) -> tuple[int, int]:
-    return (1, 0) if name == "mtp" else (0, int(name.split(".")[1]))
+    return (1 if name.startswith("mtp.") else 0, int(name.split(".")[1]))
 
 
 def _f32(tensor: torch.Tensor | None) -> torch.Tensor | None:

@@ -60,6 +60,8 @@ def attention_head_dims(cfg: ModelConfig) -> tuple[int, int]:
     whose keys and values are expanded from the latent to every head before the attention product."""
     if cfg.attention_kind == "mla":
         return cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+    if cfg.attention_kind == "differential":  # each query head's map (signal or noise) weighs 2 * head_dim values
+        return cfg.head_dim, 2 * cfg.head_dim
     return cfg.head_dim, cfg.head_dim
 
 
