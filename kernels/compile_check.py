@@ -1,11 +1,14 @@
-"""Compile the MoE, RMSNorm and fused-loss Triton kernels for a CUDA target on a machine without a GPU.
+"""Compile every Triton kernel of every op for a CUDA target on a machine without a GPU: the one compile check.
 
 Triton bundles ptxas, so every kernel variant the code launches (each epilogue / gather / flag combination,
 with every GPU autotune config) can be compiled for Hopper anywhere. This catches what the CPU interpreter
 lets through — code the GPU compiler rejects, tiles that spill registers — and it is how the autotune lists
-were chosen while no GPU was at hand. It runs no kernel and measures no speed.
+were chosen while no GPU was at hand. It runs no kernel and measures no speed. Attention's variants are its
+launch configs per padded head dims (64, 128, 256, and MLA's 256 / 128) with every mask feature on, compiled by
+`attention.compile_report` (which also writes the per-config register/shared-memory/wgmma tables).
 
-    python -m kmodel.kernels.moe.compile_check [--arch 90] [--dtype bf16] [--first-config-only]
+    python -m kmodel.kernels.compile_check [--ops attention moe norm loss] [--arch 90] [--dtype bf16]
+                                           [--first-config-only]
 
 Exit status 1 when a variant fails to compile or spills registers.
 """
@@ -33,16 +36,42 @@ _FP32_SCALARS = {"eps", "routed_scaling_factor", "swiglu_alpha", "swiglu_limit"}
 _ALIGNED_SCALARS = {"N", "K", "P", "Q", "hidden"}  # and every stride: multiples of 16 in the launches that matter
 
 
+OPS = ("attention", "moe", "norm", "loss")
+ATTENTION_DIMS = ((64, 64), (128, 128), (256, 256), (256, 128))  # padded (q/k, v) head dims; the last is MLA's
+
+
 class Variant(NamedTuple):
     name: str
-    kernel: object  # a LazyKernel
+    kernel: object  # a LazyKernel; for attention, the launch config (kernel name, BLOCK_M, BLOCK_N, q/k, v dims)
     constants: dict  # constexpr arguments
     num_warps: int
     num_stages: int = 3
     fp32_pointers: frozenset = frozenset()  # per-kernel additions to _FP32_POINTERS
+    op: str = "moe"
 
 
-def _variants(first_config_only: bool) -> list[Variant]:
+def _attention_variants(first_config_only: bool) -> list[Variant]:
+    from kmodel.kernels.attention import compile_report
+
+    variants = []
+    for head_dim, v_dim in ATTENTION_DIMS:
+        seen = set()
+        for name, block_m, block_n, warps, stages in compile_report.launch_configs(head_dim, v_dim):
+            if first_config_only and name in seen:
+                continue
+            seen.add(name)
+            label = f"attention {name} hd{head_dim}/{v_dim} ({block_m}, {block_n}) w{warps} s{stages}"
+            variants.append(Variant(label, (name, block_m, block_n, head_dim, v_dim), {}, warps, stages,
+                                    op="attention"))
+    return variants
+
+
+def _variants(first_config_only: bool, ops: tuple[str, ...] = OPS) -> list[Variant]:
+    variants = [variant for variant in _kernel_variants(first_config_only) if variant.op in ops]
+    return variants + (_attention_variants(first_config_only) if "attention" in ops else [])
+
+
+def _kernel_variants(first_config_only: bool) -> list[Variant]:
     from kmodel.kernels.loss import triton_impl as loss
     from kmodel.kernels.moe import triton_impl as moe
     from kmodel.kernels.norm import triton_impl as norm
@@ -52,11 +81,11 @@ def _variants(first_config_only: bool) -> list[Variant]:
         return [(config.kwargs, config.num_warps, config.num_stages) for config in configs]
 
     variants = [
-        Variant("rms_norm forward", norm._rms_norm_forward_kernel, dict(BLOCK_ROWS=1, BLOCK_H=8192), 16),
+        Variant("rms_norm forward", norm._rms_norm_forward_kernel, dict(BLOCK_ROWS=1, BLOCK_H=8192), 16, op="norm"),
         Variant("rms_norm backward", norm._rms_norm_backward_kernel,
-                dict(COMPUTE_GRAD_WEIGHT=True, BLOCK_ROWS=1, BLOCK_H=8192), 16),
-        Variant("loss lse chunk", loss._lse_chunk_kernel, dict(BLOCK_ROWS=1, BLOCK_V=4096), 8),
-        Variant("loss logits grad", loss._logits_grad_kernel, dict(BLOCK_ROWS=1, BLOCK_V=4096), 8),
+                dict(COMPUTE_GRAD_WEIGHT=True, BLOCK_ROWS=1, BLOCK_H=8192), 16, op="norm"),
+        Variant("loss lse chunk", loss._lse_chunk_kernel, dict(BLOCK_ROWS=1, BLOCK_V=4096), 8, op="loss"),
+        Variant("loss logits grad", loss._logits_grad_kernel, dict(BLOCK_ROWS=1, BLOCK_V=4096), 8, op="loss"),
         Variant("moe dispatch histogram", moe._dispatch_histogram_kernel, dict(BLOCK_A=128, BLOCK_E=256), 4),
         Variant("moe dispatch positions", moe._dispatch_positions_kernel, dict(BLOCK_A=128), 4),
         Variant("moe tile table", moe._tile_table_kernel, dict(BLOCK_M=64, BLOCK_E=256, BLOCK_TILES=32), 4),
@@ -145,7 +174,16 @@ def compile_variant(variant: Variant, *, arch: int, dtype: str) -> dict:
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    kernel = triton.jit(variant.kernel.body)
+    if variant.op == "attention":
+        from kmodel.kernels.attention import compile_report
+
+        name, block_m, block_n, head_dim, v_dim = variant.kernel
+        usage = compile_report.compile_kernel(name, block_m, block_n, variant.num_warps, variant.num_stages,
+                                              head_dim=head_dim, v_dim=v_dim, dtype=dtype, arch=arch)
+        return {"registers": usage["registers"], "spill_bytes": usage["spill_stack_bytes"],
+                "shared_bytes": usage["shared_bytes"], "wgmma": usage["wgmma"]}
+
+    kernel = variant.kernel.jit_function(False)
     signature, attrs = _signature(kernel.arg_names, variant.constants, dtype, variant.fp32_pointers)
     constexprs = {(kernel.arg_names.index(name),): value for name, value in variant.constants.items()}
     compiled = triton.compile(
@@ -157,8 +195,9 @@ def compile_variant(variant: Variant, *, arch: int, dtype: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kmodel.kernels.moe.compile_check",
+    parser = argparse.ArgumentParser(prog="python -m kmodel.kernels.compile_check",
                                      description=__doc__.split("\n\n")[0])
+    parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="ops to compile (default all)")
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability as an int (default 90, Hopper)")
     parser.add_argument("--dtype", default="bf16", choices=("bf16", "fp16", "fp32"),
                         help="compute dtype (default bf16)")
@@ -168,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         raise SystemExit("compile_check needs TRITON_INTERPRET unset: the interpreter compiles nothing")
     failed = 0
-    for variant in _variants(args.first_config_only):
+    for variant in _variants(args.first_config_only, tuple(args.ops)):
         try:
             usage = compile_variant(variant, arch=args.arch, dtype=args.dtype)
         except Exception as error:  # report every failing variant, not just the first

@@ -2,18 +2,21 @@
 
 `triton.jit` decides between the GPU compiler and the CPU interpreter when it decorates a function. A kernel
 module imported before a test sets TRITON_INTERPRET=1 would otherwise be stuck with the GPU compiler, so kernel
-bodies stay plain functions here and are wrapped on first launch in the mode the environment asks for then.
-On GPU a kernel may be autotuned over `configs`; under the interpreter it runs one fixed config (autotuning
-there would only repeat slow runs). Kernel bodies call no @triton.jit helpers of their own, since those would
-be bound to the mode of their own import; triton's own jit library (tl.sum, tl.sigmoid, ...) is rebound to the
-interpreter when triton was imported before TRITON_INTERPRET was set (see `interpret_triton_library`).
+bodies (`lazy_kernel`) and their device functions (`jit_helper`) stay plain functions here and are wrapped on
+first launch in the mode the environment asks for then, each kernel's helpers in a copy of its module's
+namespace built for that mode. On GPU a kernel may be autotuned over `configs`; under the interpreter it runs
+one fixed config (autotuning there would only repeat slow runs). Triton's own jit library (tl.sum, tl.sigmoid,
+...) is rebound to the interpreter when triton was imported before TRITON_INTERPRET was set
+(`interpret_triton_library`).
 
-Used by the moe, norm and loss Triton modules.
+Used by every Triton module (attention, moe, norm, loss): one interpreter check (`interpreting`), one dot and
+one dot-precision rule (`dot`, `dot_precision`), autocast's dtype (`matmul_dtype`), one lazy-kernel mechanism.
 """
 
 from __future__ import annotations
 
 import contextlib
+import inspect
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -163,6 +166,41 @@ def replay_autotuning(winner: int = 0):
         _replayed_winner = previous
 
 
+class JitHelper:
+    """A @triton.jit device function for LazyKernel bodies (`jit_helper`): kept plain, and jitted together with
+    the kernel that calls it, in that kernel's mode."""
+
+    def __init__(self, fn: Callable):
+        self.fn = fn
+
+
+def jit_helper(fn: Callable) -> JitHelper:
+    return JitHelper(fn)
+
+
+# (id of a module's namespace, interpret) -> a copy of it whose JitHelpers are jitted in that mode.
+_mode_namespaces: dict[tuple[int, bool], dict] = {}
+
+
+def _in_mode(fn: Callable, interpret: bool):
+    """triton.jit of `fn` rebuilt over its module's namespace for this mode, where its helpers are jitted too."""
+    import types
+
+    import triton
+
+    key = (id(fn.__globals__), interpret)
+    if key not in _mode_namespaces:
+        namespace = dict(fn.__globals__)
+        for name, value in list(namespace.items()):
+            if isinstance(value, JitHelper):
+                helper = value.fn
+                namespace[name] = triton.jit(types.FunctionType(helper.__code__, namespace, helper.__name__,
+                                                                helper.__defaults__, helper.__closure__))
+        _mode_namespaces[key] = namespace
+    namespace = _mode_namespaces[key]
+    return triton.jit(types.FunctionType(fn.__code__, namespace, fn.__name__, fn.__defaults__, fn.__closure__))
+
+
 class LazyKernel:
     """A Triton kernel body plus how to launch it: `kernel[grid](*args, **kwargs)` as with triton.jit.
 
@@ -182,16 +220,26 @@ class LazyKernel:
         self.configs = configs
         self.key = list(key)
         self.interpret_config = dict(interpret_config or {})
+        self.arg_names = list(inspect.signature(body).parameters)
+        self._jitted: dict[bool, Any] = {}
         self._compiled: dict[bool, Any] = {}
+
+    def jit_function(self, interpret: bool | None = None):
+        """The body (and its helpers) jitted for the interpreter or the compiler (default: the current mode),
+        without autotuning: what compile checks and hand-made autotuners take."""
+        interpret = interpreting() if interpret is None else interpret
+        if interpret not in self._jitted:
+            if interpret:
+                interpret_triton_library()
+            # knobs read TRITON_INTERPRET when jit wraps the body, which is now.
+            self._jitted[interpret] = _in_mode(self.body, interpret)
+        return self._jitted[interpret]
 
     def _kernel(self, interpret: bool):
         if interpret not in self._compiled:
             import triton
 
-            if interpret:
-                interpret_triton_library()
-            # knobs read TRITON_INTERPRET when jit wraps the body, which is now.
-            kernel = triton.jit(self.body)
+            kernel = self.jit_function(interpret)
             if self.configs is not None and not interpret:
                 kernel = triton.autotune(configs=tuning_configs(self.configs), key=self.key)(kernel)
             self._compiled[interpret] = kernel

@@ -9,6 +9,7 @@ BENCHMARKS = {
     "attention": ("kmodel.kernels.attention.bench", "Triton hybrid attention vs SDPA / FlexAttention / flash-attn"),
     "moe": ("kmodel.kernels.moe.bench", "MoE layer: fused Triton kernels vs per-expert loop / grouped_mm / reference"),
     "ops": ("kmodel.kernels.loss.bench", "RMSNorm and fused linear + cross-entropy vs PyTorch"),
+    "norm": ("kmodel.kernels.norm.bench", "RMSNorm alone: Triton vs torch.nn.RMSNorm vs reference"),
     "gpu": ("kmodel.bench_gpu", "one H100 run: GPU tests, autotuned checks, every benchmark, a training step"),
 }
 

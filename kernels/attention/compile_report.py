@@ -21,7 +21,8 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kmodel.kernels.attention import triton_impl
+from kmodel.kernels.attention import triton_impl, triton_kernels
+from kmodel.kernels.triton_support import interpreting
 
 _STAT_POINTERS = {
     "Lse": "*fp32",
@@ -86,13 +87,12 @@ def compile_kernel(
     """Compile one kernel config for sm_`arch`; returns its registers, spill stack, shared memory and whether its
     dots became Hopper's asynchronous warpgroup MMA (`wgmma`) rather than `mma.sync`. v_dim: the padded value
     head dim when it differs from head_dim (MLA: 256 for q/k, 128 for v)."""
-    kernels = triton_impl._kernels()
-    if kernels.INTERPRETED or not isinstance(triton.language.zeros, triton.runtime.JITFunction):
+    if interpreting() or not isinstance(triton.language.zeros, triton.runtime.JITFunction):
         raise RuntimeError(
             "compiling needs a process where triton was imported with TRITON_INTERPRET unset (the interpreter's "
             "functions cannot be compiled): run `python -m kmodel.kernels.attention.compile_report`"
         )
-    kernel = getattr(kernels, name)
+    kernel = getattr(triton_kernels, name).jit_function(False)
     constants = dict(
         CAUSAL=causal,
         HAS_WINDOW=window,

@@ -7,28 +7,25 @@ window / causal limit / document can reach and saves the log-sum-exp. Backward, 
 delta = rowsum(dO * O); one program per (key block, batch, kv head) accumulates dK, dV over the query heads
 of its group (no atomics, no repeated K/V); one program per (query block, batch, query head) computes dQ.
 
-On CPU the kernels run under TRITON_INTERPRET=1 (tests, fp32 only); on CUDA they are autotuned over the
+On CPU the kernels run under TRITON_INTERPRET=1 (tests); on CUDA they are autotuned over the
 configs below, chosen for Hopper and not yet measured (see docs/kernels/attention.md).
 """
 
 from __future__ import annotations
 
-import importlib
 import math
-from types import ModuleType
 
 import torch
 import triton
 
+from kmodel.kernels.attention import triton_kernels
 from kmodel.kernels.triton_support import (
     dot_precision,
-    interpret_triton_library,
     interpreting,
     matmul_dtype,
     tuning_configs,
 )
 
-_KERNEL_MODULE = "kmodel.kernels.attention.triton_kernels"
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 MAX_HEAD_DIM = 256
 
@@ -76,23 +73,6 @@ _AUTOTUNE_KEY = [
 _autotuned: dict[tuple[str, int, int], triton.runtime.Autotuner] = {}
 
 
-def _kernels() -> ModuleType:
-    """The kernel module, built for the current TRITON_INTERPRET setting.
-
-    `triton.jit` chooses interpreted or compiled kernels when it decorates, so the kernels live in their own
-    module, imported at first launch and reloaded if the setting changed since (as when another module
-    imported these kernels before the flag was set). Triton's own library functions (tl.zeros, tl.max, ...)
-    are decorated once, at `import triton`; under the interpreter they are rebound by the shared helper.
-    """
-    if interpreting():
-        interpret_triton_library()
-    module = importlib.import_module(_KERNEL_MODULE)
-    if module.INTERPRETED != interpreting():
-        module = importlib.reload(module)
-        _autotuned.clear()
-    return module
-
-
 def _tuning_buckets(seq: int, window: int | None) -> tuple[int, int]:
     """The autotune key's sequence length and window, each rounded up to a power of two: generation meets a new
     prompt length at nearly every call, and an exact key would benchmark every config again each time."""
@@ -118,11 +98,11 @@ def cuda_configs(name: str, head_dim: int, v_dim: int) -> list[tuple[int, int, i
 def _launch(name: str, grid, dims: dict, *args, **meta) -> None:
     """Launch kernel `name`: fixed blocks under the interpreter, autotuned on CUDA per padded (q/k, v) head dims
     (`dims`, from `_dim_meta`, also passed to the kernel)."""
-    kernels = _kernels()
-    if kernels.INTERPRETED:
+    kernel = getattr(triton_kernels, name)
+    if interpreting():
         block_m, block_n = INTERPRETER_BLOCKS[name]
         blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n}
-        getattr(kernels, name)[grid(blocks)](*args, **meta, **dims, **blocks)
+        kernel[grid(blocks)](*args, **meta, **dims, **blocks)
         return
     shape = (name, dims["HEAD_DIM"], dims["V_DIM"])
     if shape not in _autotuned:
@@ -130,7 +110,7 @@ def _launch(name: str, grid, dims: dict, *args, **meta) -> None:
             triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
             for m, n, warps, stages in tuning_configs(cuda_configs(*shape))
         ]
-        _autotuned[shape] = triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(getattr(kernels, name))
+        _autotuned[shape] = triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(kernel.jit_function(False))
     _autotuned[shape][grid](*args, **meta, **dims)
 
 
@@ -267,8 +247,7 @@ def attention_backward(
     doc_start, doc_end = doc_bounds if doc_bounds is not None else (None, None)
     dims = _dim_meta(head_dim, v_dim)
     delta = torch.empty_like(lse)
-    kernels = _kernels()
-    kernels.attention_bwd_delta_kernel[(triton.cdiv(seq, DELTA_BLOCK_M), batch * q_heads)](
+    triton_kernels.attention_bwd_delta_kernel[(triton.cdiv(seq, DELTA_BLOCK_M), batch * q_heads)](
         out, grad_out, delta, *out.stride()[:3], *grad_out.stride()[:3], seq, v_dim, q_heads,
         HEAD_DIM=dims["V_DIM"], EVEN_D=dims["EVEN_V"], BLOCK_M=DELTA_BLOCK_M,
     )  # fmt: skip
@@ -434,7 +413,7 @@ def decode_attention(
     slots = (batch, q_heads, new_tokens, splits)
     partial_out = torch.empty((*slots, dims["V_DIM"]), dtype=torch.float32, device=q.device)
     partial_lse = torch.empty(slots, dtype=torch.float32, device=q.device)
-    _kernels().attention_decode_kernel[(batch * kv_heads, splits)](
+    triton_kernels.attention_decode_kernel[(batch * kv_heads, splits)](
         q, k_cache, v_cache, cache_lens, partial_out, partial_lse,
         *q.stride()[:3], *k_cache.stride()[:3], *v_cache.stride()[:3],
         new_tokens, head_dim, v_dim, kv_heads, group, window or 0, scale * math.log2(math.e), split_len,

@@ -17,19 +17,15 @@ seq_bucket and window_bucket are read by no kernel: they are the autotune key (`
 Every program walks only the partner blocks its window / causal limit / document can reach, in three runs:
 masked edge blocks below, unmasked interior blocks whose every pair is visible, masked edge blocks above.
 
-This module is imported lazily, and reloaded if TRITON_INTERPRET changed, because `triton.jit` picks
-compiled or interpreted kernels when it decorates (see `triton_impl._kernels`).
+Kernels are `LazyKernel`s and their device functions `jit_helper`s (`kmodel.kernels.triton_support`): jitted at
+first launch in the mode TRITON_INTERPRET gives then, as every Triton op here is.
 """
 
 from __future__ import annotations
 
-import triton
 import triton.language as tl
 
-from kmodel.kernels.triton_support import dot
-
-# How triton.jit built the kernels below: interpreted (CPU testing) or compiled.
-INTERPRETED = triton.knobs.runtime.interpret
+from kmodel.kernels.triton_support import dot, jit_helper, lazy_kernel
 
 LOG2E = tl.constexpr(1.4426950408889634)
 LN2 = tl.constexpr(0.6931471805599453)
@@ -38,7 +34,7 @@ LN2 = tl.constexpr(0.6931471805599453)
 ROW_MAX_START = tl.constexpr(-1.0e38)
 
 
-@triton.jit
+@jit_helper
 def _load_rows(base, rows, cols, row_stride, seq_len, head_dim, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
     """A (len(rows), len(cols)) tile of a (seq, head_dim) slice; rows past seq_len and padded columns read 0.
     Row offsets are 64-bit: rows * row_stride passes 2**31 at 256K tokens x 64 heads x 128."""
@@ -56,7 +52,7 @@ def _load_rows(base, rows, cols, row_stride, seq_len, head_dim, CHECK_ROWS: tl.c
     return tile
 
 
-@triton.jit
+@jit_helper
 def _store_rows(base, tile, rows, cols, row_stride, seq_len, head_dim, EVEN_D: tl.constexpr):
     ptrs = base + rows.to(tl.int64)[:, None] * row_stride + cols[None, :]
     if EVEN_D:
@@ -65,7 +61,7 @@ def _store_rows(base, tile, rows, cols, row_stride, seq_len, head_dim, EVEN_D: t
         tl.store(ptrs, tile.to(base.dtype.element_ty), mask=(rows[:, None] < seq_len) & (cols[None, :] < head_dim))
 
 
-@triton.jit
+@jit_helper
 def _load_row_stat(base, rows, seq_len, CHECK_ROWS: tl.constexpr):
     """Per-row fp32 statistic (log-sum-exp or delta); rows past seq_len read 0."""
     if CHECK_ROWS:
@@ -75,7 +71,7 @@ def _load_row_stat(base, rows, seq_len, CHECK_ROWS: tl.constexpr):
     return stat
 
 
-@triton.jit
+@jit_helper
 def _visible_range(
     first,
     last,
@@ -122,7 +118,7 @@ def _visible_range(
     return lo, hi, full_lo, full_hi
 
 
-@triton.jit
+@jit_helper
 def _split_blocks(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
     """Block indices: [first, full_first) and [full_last, last) need masks, [full_first, full_last) do not.
 
@@ -136,7 +132,7 @@ def _split_blocks(lo, hi, full_lo, full_hi, BLOCK: tl.constexpr):
     return first, full_first, full_last, last
 
 
-@triton.jit
+@jit_helper
 def _tile_visible(
     q_pos,
     k_pos,
@@ -163,7 +159,7 @@ def _tile_visible(
     return visible
 
 
-@triton.jit
+@jit_helper
 def _fwd_blocks(
     acc,
     row_sum,
@@ -215,7 +211,7 @@ def _fwd_blocks(
     return acc, row_sum, row_max
 
 
-@triton.jit
+@lazy_kernel()
 def attention_fwd_kernel(
     Q,
     K,
@@ -323,7 +319,7 @@ def attention_fwd_kernel(
     tl.store(Lse + q_pos, lse, mask=q_pos < seq_len)
 
 
-@triton.jit
+@lazy_kernel()
 def attention_bwd_delta_kernel(
     Out,
     GradOut,
@@ -353,7 +349,7 @@ def attention_bwd_delta_kernel(
     tl.store(Delta + batch_head.to(tl.int64) * seq_len + q_pos, delta, mask=q_pos < seq_len)
 
 
-@triton.jit
+@jit_helper
 def _dkdv_blocks(
     dk,
     dv,
@@ -416,7 +412,7 @@ def _dkdv_blocks(
     return dk, dv
 
 
-@triton.jit
+@lazy_kernel()
 def attention_bwd_dkdv_kernel(
     Q,
     K,
@@ -524,7 +520,7 @@ def attention_bwd_dkdv_kernel(
     _store_rows(GradV, dv, k_pos, v_cols, stride_dvs, seq_len, v_dim, EVEN_V)
 
 
-@triton.jit
+@jit_helper
 def _dq_blocks(
     dq,
     q,
@@ -575,7 +571,7 @@ def _dq_blocks(
     return dq
 
 
-@triton.jit
+@lazy_kernel()
 def attention_bwd_dq_kernel(
     Q,
     K,
@@ -673,7 +669,7 @@ def attention_bwd_dq_kernel(
     _store_rows(GradQ, dq * sm_scale, q_pos, cols, stride_dqs, seq_len, head_dim, EVEN_D)
 
 
-@triton.jit
+@lazy_kernel()
 def attention_decode_kernel(
     Q,
     KCache,

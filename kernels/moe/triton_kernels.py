@@ -212,7 +212,7 @@ def _tile_table_kernel(
 
 def _mm_configs():
     # (BLOCK_N, BLOCK_K, warps, stages): all compile for sm_90 with 64-row tiles without register spills
-    # (kmodel.kernels.moe.compile_check); 128-column tiles need 8 warps for that.
+    # (kmodel.kernels.compile_check); 128-column tiles need 8 warps for that.
     shapes = [(128, 64, 8, 3), (128, 64, 8, 4), (128, 32, 8, 4), (64, 64, 4, 3), (64, 64, 4, 4), (64, 128, 4, 3),
               (64, 32, 4, 4)]
     return [

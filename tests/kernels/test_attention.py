@@ -25,7 +25,7 @@ from hypothesis import given, settings  # noqa: E402
 from hypothesis import strategies as st  # noqa: E402
 
 from kmodel import kernels  # noqa: E402
-from kmodel.kernels.attention import compile_report, reference, triton_impl  # noqa: E402
+from kmodel.kernels.attention import compile_report, reference, triton_impl, triton_kernels  # noqa: E402
 from kmodel.safe_path import python_command  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
@@ -268,10 +268,14 @@ def test_same_signature_as_reference_and_loadable():
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="interpreter mode only")
 def test_interpreter_flag_is_read_at_launch(monkeypatch):
-    """Kernels built while TRITON_INTERPRET was unset are rebuilt once it is set, as when another test
-    module imported triton (or these kernels) first."""
+    """Kernels (and their helpers) built while TRITON_INTERPRET was unset are built again for the interpreter
+    once it is set, as when another test module imported triton (or these kernels) first."""
+    import triton
+
     monkeypatch.setenv("TRITON_INTERPRET", "0")
-    assert not triton_impl._kernels().INTERPRETED
+    compiled = triton_kernels.attention_fwd_kernel.jit_function()
+    assert isinstance(compiled, triton.runtime.JITFunction)
+    assert isinstance(compiled.fn.__globals__["_fwd_blocks"], triton.runtime.JITFunction)
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     gen, seed = _fresh_generator()
     _assert_matches_reference(*_random_inputs(gen, 1, 20, 2, 1, 16), seed, window=5)
@@ -349,7 +353,7 @@ def test_autotune_key_buckets_sequence_length_and_window(monkeypatch):
     keys = []
 
     def record(name, grid, dims, *args, **meta):
-        arg_names = getattr(triton_impl._kernels(), name).arg_names
+        arg_names = getattr(triton_kernels, name).arg_names
         named = {**dict(zip(arg_names, args)), **meta, **dims}
         keys.append((name, tuple(named[key] for key in triton_impl._AUTOTUNE_KEY)))
 

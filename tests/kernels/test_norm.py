@@ -90,6 +90,20 @@ def test_kernels_follow_triton_interpret_set_after_import():
     assert result.returncode == 0 and result.stdout.strip() == "ok", result.stderr
 
 
+def test_norm_benchmark_runs_in_reduced_cpu_mode(tmp_path):
+    """`kmodel bench norm`: RMSNorm alone in its own table (the ops benchmark's measuring code)."""
+    import json
+
+    from kmodel.cli import main
+
+    argv = ["bench", "norm", "--device", "cpu", "--impl", "torch", "reference", "--warmup", "0", "--iters", "1",
+            "--out-dir", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    rows = json.loads((tmp_path / "norm_cpu.json").read_text())["rows"]
+    assert {row["op"] for row in rows} == {"rms_norm"} and all(row["ms"] > 0 for row in rows)
+    assert {row["impl"] for row in rows} == {"torch.nn.RMSNorm", "reference"}
+
+
 @pytest.mark.gpu
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA (GPU-sized bf16 shapes)")
 def test_rms_norm_bf16_on_gpu():
