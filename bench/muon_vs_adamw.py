@@ -43,6 +43,7 @@ def run(size: str, optimizer: str, lr: float, steps: int, root: Path) -> dict:
     overrides = COMMON + SIZES[size] + [f"train.optimizer={optimizer}", f"train.lr={lr}", f"train.max_steps={steps}",
                                         f"train.eval_every={max(1, steps // 4)}"]
     cfg = load_config(RECIPE, overrides)
+    load = os.getloadavg()[0]
     run_dir = root / f"{size}-{optimizer}-{lr:g}"
     run_dir.mkdir(parents=True)
     trainer = Trainer(cfg, run_dir, progress=False)
@@ -54,7 +55,7 @@ def run(size: str, optimizer: str, lr: float, steps: int, root: Path) -> dict:
     curve = [(r["step"] * tokens_per_step, r["bits_per_byte"]) for r in records if r["kind"] == "eval"]
     return {"size": size, "optimizer": optimizer, "lr": lr, "curve": curve, "final_bits_per_byte": curve[-1][1],
             "final_train_loss": train[-1]["lm_loss"], "median_step_s": statistics.median(r["step_seconds"] for r in train[2:]),
-            "skipped_steps": sum(r["skipped"] for r in train)}
+            "skipped_steps": sum(r["skipped"] for r in train), "load": load}
 
 
 def optimizer_step_seconds(size: str, optimizer: str, repeats: int = 7) -> float:
@@ -79,6 +80,7 @@ def write_outputs(results: list[dict], optimizer_times: dict, load: tuple[float,
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    loads = [r["load"] for r in results if "load" in r] + list(load)
     best = {}
     for r in results:
         key = (r["size"], r["optimizer"])
@@ -99,9 +101,9 @@ def write_outputs(results: list[dict], optimizer_times: dict, load: tuple[float,
     lines = [
         "# Muon vs AdamW: tiny recipe and a wider variant, same tokens, best learning rate of each",
         "",
-        (f"Device: CPU ({platform.machine()}, {torch.get_num_threads()} threads); torch {torch.__version__}; load average "
-        f"{load[0]:.2f} before and {load[1]:.2f} after the runs (2 cores shared with other jobs: step times are "
-        f"indicative, compare within a row); {time.strftime('%Y-%m-%d')}."),
+        (f"Device: CPU ({platform.machine()}, {torch.get_num_threads()} thread per run); torch {torch.__version__}; "
+        f"load average {min(loads):.1f} to {max(loads):.1f} (sampled as runs started and at the end; 2 cores shared "
+        f"with other jobs: step times are indicative, compare within a size); {time.strftime('%Y-%m-%d')}."),
         f"Recipe {RECIPE} with {' '.join(COMMON)}; {steps} steps of 8 x 128 tokens; warm-up then cosine; held-out "
         "bits/byte over the three held-out files (4 batches each). wide: " + " ".join(SIZES["wide"]) + ".",
         ("Muon: Nesterov momentum 0.95, 5 Newton-Schulz steps, update scaled by 0.2 sqrt(max(m, n)), weight decay 0.1 on "

@@ -67,11 +67,14 @@ def test_four_ranks_train_like_one_process(tmp_path, reference, zero_stage, ep):
     expected = _records(reference)
     assert any(max(h) > 0.1 for h in expected[0]["attention_logits"].values())  # MuonClip rescaled something
     _assert_same_run(_records(tmp_path), expected)
-    final = "checkpoints/step_0000004"  # every weight, experts included, took the one-process Muon steps
+    # Every weight, experts included, took the one-process steps. Summation order moves AdamW's first steps by
+    # ~1e-3 x lr on some embedding rows (test_zero sees 3e-6 at lr 3e-3); Muon instead of AdamW (or SGD) on the
+    # experts would be ~lr apart.
+    final = "checkpoints/step_0000004"
     ours, theirs = read_weights(tmp_path / final), read_weights(reference / final)
     assert ours.keys() == theirs.keys()
     for name, tensor in theirs.items():
-        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=2e-5, msg=name)
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
     if (zero_stage, ep) == (2, 2):  # the 4-rank step-2 checkpoint resumes on one process
         with safe_open(str(tmp_path / "checkpoints" / "step_0000002" / "optimizer.safetensors"), "pt") as f:
             assert any(k.endswith(".momentum_buffer") for k in list(f.keys()))
