@@ -60,6 +60,7 @@ from kmodel.parallel.muon_zero import attach_to_zero, expert_muon, scale_master_
 from kmodel.train.muon import Muon
 from kmodel.train.optim import optimizer_for, param_groups, state_keys
 from kmodel.train.trainer import LOSS_KEYS, Trainer
+from kmodel.train.watch import InsufficientSpace
 
 
 def joint_norm(dense: torch.Tensor | float, experts: torch.Tensor) -> torch.Tensor:
@@ -393,6 +394,7 @@ class DeepSpeedTrainer(Trainer):
         shards, and rank 0 commits the checkpoint, records it and rotates (kmodel.checkpoint.sharded)."""
         started = time.perf_counter()
         self.checkpoint_writer.wait()
+        self.make_room_for_checkpoint()
         directory = self.checkpoints_dir / step_dir_name(self.step)
         state = snapshot(self.state_dict())
         if self.rank == 0:
@@ -456,6 +458,18 @@ class DeepSpeedTrainer(Trainer):
                 collections.deque(tensors, maxlen=0)
         if self.rank == 0:
             super().start_ledger(resume, init_hash)
+
+    def make_room_for_checkpoint(self) -> None:
+        """Rank 0 checks the free space (rotating old checkpoints first); every rank stops with its verdict."""
+        verdict = [None]
+        if self.rank == 0:
+            try:
+                super().make_room_for_checkpoint()
+            except InsufficientSpace as error:
+                verdict[0] = str(error)
+        dist.broadcast_object_list(verdict, src=0)
+        if verdict[0] is not None:
+            raise InsufficientSpace(verdict[0])
 
     def stop_requested(self, signals) -> int:
         """A stop signal seen by any rank stops every rank after the same step (one small all-reduce per step),
