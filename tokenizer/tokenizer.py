@@ -21,7 +21,9 @@ METADATA_FILE = "metadata.json"
 MODEL_FILE = "tokenizer.model"
 HF_TOKENIZER_FILE = "tokenizer.json"
 METADATA_FORMAT = "kmodel-tokenizer/1"
-SHIPPED_TOKENIZER = Path(__file__).resolve().parent / "shipped" / "ko-8k"
+SHIPPED_TOKENIZER = Path(__file__).resolve().parent / "shipped" / "ko-8k"  # the tiny recipe's and the demo's
+# The production tokenizer of the full-scale recipes: 131,072 pieces learned from the Debian-built corpus.
+PRODUCTION_TOKENIZER = Path(__file__).resolve().parent / "shipped" / "ko-128k"
 
 # SentencePiece writes a space as U+2581 and turns every U+2581 back into a space when decoding, so a literal
 # U+2581 in the input would come back as a space. Encoding it as its three UTF-8 byte pieces keeps it intact.

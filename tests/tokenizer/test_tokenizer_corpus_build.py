@@ -160,3 +160,14 @@ def test_synthesize_repeats_documents_in_proportion(tmp_path):
     assert all(text.startswith("def f") for text in code)  # code lines are never shuffled
     with pytest.raises(TokenizerError, match="has no \\*.jsonl training files"):
         synthesize_corpus(tmp_path / "empty", tmp_path / "x.jsonl", 10)
+
+
+def test_heldout_samples_take_the_first_documents(tmp_path):
+    heldout = tmp_path / "corpus" / "heldout"
+    heldout.mkdir(parents=True)
+    records = [{"text": "가" * 40, "lang": "ko"} for _ in range(10)]
+    (heldout / "ko_a.jsonl").write_text("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
+    (written,) = corpus_build.write_heldout_samples(tmp_path / "corpus", tmp_path / "sample", 100)
+    lines = written.read_text().splitlines()
+    assert written.name == "ko_a.jsonl" and len(lines) == 3  # 40 + 40 + 40 reaches 100
+    assert json.loads(lines[0]) == records[0]

