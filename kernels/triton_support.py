@@ -166,6 +166,11 @@ def replay_autotuning(winner: int = 0):
         _replayed_winner = previous
 
 
+def replayed_winner() -> int | None:
+    """Inside `replay_autotuning`: the index of the config it makes the winner; else None."""
+    return _replayed_winner
+
+
 class JitHelper:
     """A @triton.jit device function for LazyKernel bodies (`jit_helper`): kept plain, and jitted together with
     the kernel that calls it, in that kernel's mode."""

@@ -23,6 +23,7 @@ from kmodel.kernels.triton_support import (
     dot_precision,
     interpreting,
     matmul_dtype,
+    replayed_winner,
     tuning_configs,
 )
 
@@ -100,9 +101,14 @@ def _launch(name: str, grid, dims: dict, *args, **meta) -> None:
     (`dims`, from `_dim_meta`, also passed to the kernel)."""
     kernel = getattr(triton_kernels, name)
     if interpreting():
-        block_m, block_n = INTERPRETER_BLOCKS[name]
-        blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n}
-        kernel[grid(blocks)](*args, **meta, **dims, **blocks)
+        sequence = [INTERPRETER_BLOCKS[name]]
+        winner = replayed_winner()
+        if winner is not None:  # as triton.autotune on a GPU: every CUDA config on these buffers, then the winner
+            configs = [(m, n) for m, n, *_ in cuda_configs(name, dims["HEAD_DIM"], dims["V_DIM"])]
+            sequence = [*configs, configs[winner]]
+        for block_m, block_n in sequence:
+            blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n}
+            kernel[grid(blocks)](*args, **meta, **dims, **blocks)
         return
     shape = (name, dims["HEAD_DIM"], dims["V_DIM"])
     if shape not in _autotuned:

@@ -334,6 +334,20 @@ def test_row_offsets_past_int32(tmp_path):
     assert result.returncode == 0 and "matched" in result.stdout, (result.returncode, result.stderr[-2000:])
 
 
+@pytest.mark.parametrize("winner", [0, -1])
+def test_autotune_sequence_leaves_nothing_behind(winner):
+    """triton.autotune runs every CUDA config on the live buffers, then the winner: replayed under the
+    interpreter, forward and backward (windows, documents, sinks, GQA) still equal the float64 reference, so no
+    kernel reads what an earlier config wrote."""
+    from kmodel.kernels.triton_support import replay_autotuning
+
+    gen, seed = _fresh_generator()
+    inputs = _random_inputs(gen, 1, 37, 4, 2, 16)
+    kw = dict(window=9, cu_seqlens=_random_cu_seqlens(gen, 37, 3), sinks=_random_sinks(gen, 4))
+    with replay_autotuning(winner):
+        _assert_matches_reference(*inputs, seed, **kw)
+
+
 def test_document_bounds_read_nothing_on_the_host():
     """Packed documents: the bounds are computed on the device. Meta tensors have no values, so any host read
     (bool(), int(), .tolist(): each a GPU sync) raises; before, three did per attention call."""
