@@ -315,12 +315,15 @@ class Ledger:
         data_manifest: Any,
         device: torch.device | None = None,
         gap: dict[str, Any] | None = None,
+        init_from: dict[str, Any] | None = None,
     ) -> Ledger:
         """Start the ledger of a fresh run; `model` must still hold the seed-derived initial weights (or is the
         sha256 of the full initial weights, `weights_sha256`, when no process holds them all). `device`
         (default: the module's) is recorded in the environment. `gap` starts a new chain for a run whose
         ledger was lost or broken (`--ledger-gap`): what happened, the step and weights it continues from, and
-        the ledger set aside; the initial weights are then unknown (None), never the trained ones."""
+        the ledger set aside; the initial weights are then unknown (None), never the trained ones. `init_from`
+        records where external initial weights came from (`--init-from`: the checkpoint, its file hashes and,
+        for an import, the sha256 of every source file): the run was not trained from scratch."""
         run_dir = Path(run_dir)
         path = run_dir / LEDGER_FILE
         if path.exists():
@@ -344,6 +347,8 @@ class Ledger:
             "seed": cfg.seed,
             "init_weights_sha256": model if isinstance(model, str) else weights_sha256(model),
         }
+        if init_from is not None:
+            genesis["init_from"] = init_from
         if gap is not None:
             genesis["gap"] = {**gap, "weights_sha256": genesis["init_weights_sha256"]}
             genesis["init_weights_sha256"] = None

@@ -7,7 +7,8 @@ to check against, e.g. a checkpoint pruned by train.keep_checkpoints), always wi
     signature        ledger.sig.json, when present (required with --public-key)
     config           the embedded config matches its hash; config.yaml matches the last recorded config
     code             the recorded commit exists in this checkout; uncommitted changes are flagged
-    init_weights     the seed and config alone reproduce the recorded initial weights
+    init_weights     the seed and config alone reproduce the recorded initial weights (warn, naming the source,
+                     for a run initialised from external weights with --init-from)
     tokenizer        each checkpoint's tokenizer (and the configured one) has the recorded fingerprint
     data             the data files hash to the recorded manifest, whose Merkle root is recomputed
     checkpoint N     files match their manifest, and model / state / optimizer / RNG hashes match the record
@@ -198,6 +199,13 @@ def _init_check(genesis: dict[str, Any], cfg) -> Check:
         return Check("init_weights", FAIL, f"the ledger starts after a gap at step {gap.get('resumed_from_step')} "
                      f"({gap.get('reason')}): the weights it continued from ({str(gap.get('weights_sha256'))[:16]}...) "
                      "are not covered by this chain")
+    source = genesis.get("init_from")
+    if source is not None:  # --init-from: the initial weights came from outside; nothing to recompute from a seed
+        imported = source.get("imported_from") or {}
+        origin = (f"imported from {imported.get('format', 'another format')} files {imported.get('path')} "
+                  f"({len(imported.get('files', {}))} files, sha256 recorded)" if imported else f"checkpoint {source.get('checkpoint')}")
+        return Check("init_weights", WARN, f"initialised from external weights, not from scratch: {origin}; "
+                     f"initial weights sha256 {str(genesis.get('init_weights_sha256'))[:16]}...")
     if cfg is None:
         return Check("init_weights", FAIL, "the genesis record holds no valid config to rebuild the model from")
     recomputed = initial_weights_sha256(cfg)

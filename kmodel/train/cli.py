@@ -41,6 +41,10 @@ def _add_train(sub) -> None:
     p.add_argument("--ledger-gap", action="store_true",
                    help="with --resume: continue a run whose ledger.jsonl is missing or broken with a new chain "
                    "whose first record states the gap (by default that is refused)")
+    p.add_argument("--init-from", metavar="CKPT",
+                   help="start this run from a checkpoint's weights (verified): an imported one (`kmodel import hf`) "
+                   "or another run's (a new stage); fresh optimizer and schedule. The ledger records the source, and "
+                   "provenance verify reports the run as initialised from external weights")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
     p.set_defaults(func=_run_train)
 
@@ -57,7 +61,8 @@ def _run_train(args) -> int:
     cfg = load_config(args.recipe, args.overrides) if args.recipe else None
     try:
         train(cfg, args.out, resume=args.resume, max_steps=args.max_steps, force=args.force, restart=args.restart,
-              ledger_gap=args.ledger_gap, recipe=args.recipe, progress=False if args.no_progress else None)
+              ledger_gap=args.ledger_gap, recipe=args.recipe, progress=False if args.no_progress else None,
+              init_from=args.init_from)
     except TrainingInterrupted as stopped:
         print(f"kmodel train: {stopped}", file=sys.stderr)
         return 128 + stopped.signum  # the shell's convention for "ended by a signal"

@@ -335,21 +335,25 @@ def train(
     ledger_gap: bool = False,
     recipe: str | Path | None = None,
     progress: bool | None = None,
+    init_from: str | Path | None = None,
 ) -> Trainer:
     """Run (or continue) a training run in `out_dir`; returns the finished Trainer (its summary is printed).
 
     `cfg` may be None when resuming (the run's own config.yaml is used). `max_steps` sets train.max_steps,
     which the learning-rate schedule spans. `recipe` (the file `cfg` came from) is protected from --force.
+    `init_from` starts a fresh run from a checkpoint's weights (see Trainer.init_from).
     The directory is locked for the whole run; nothing in it is written or deleted before the recipe, the
     tokenizer and the data have been loaded."""
     run_dir = Path(out_dir)
+    if init_from is not None and resume:
+        raise RunDirError("--init-from starts a run; a resumed run continues from its own checkpoints (drop --init-from)")
     with RunLock(run_dir, create=not resume):
         try:
             cfg = check_request(cfg, run_dir, resume=resume, max_steps=max_steps, force=force, restart=restart,
                                 ledger_gap=ledger_gap, recipe=recipe)
             trainer = Trainer(cfg, run_dir, progress=progress)
             write_run(cfg, run_dir, resume=resume)
-            start(trainer, resume, ledger_gap=ledger_gap)
+            start(trainer, resume, ledger_gap=ledger_gap, init_from=init_from)
             trainer.fit()
             print(trainer.finish())
         except OSError as error:
@@ -438,10 +442,14 @@ def prepare_run(
     return cfg
 
 
-def start(trainer: Trainer, resume: bool, *, writer: bool = True, ledger_gap: bool = False) -> None:
-    """Restore the latest checkpoint when resuming and start the ledger; `writer` (rank 0) rewinds the metrics
-    (the records dropped are kept in metrics.discarded.jsonl)."""
+def start(trainer: Trainer, resume: bool, *, writer: bool = True, ledger_gap: bool = False,
+          init_from: str | Path | None = None) -> None:
+    """Restore the latest checkpoint when resuming (or the weights of `init_from` for a fresh run) and start the
+    ledger; `writer` (rank 0) rewinds the metrics (the records dropped are kept in metrics.discarded.jsonl)."""
     run_dir = trainer.run_dir
+    if init_from is not None:
+        source = trainer.init_from(init_from)
+        print(f"initialised from the weights of {source}", file=sys.stderr)
     latest, skipped = latest_valid_checkpoint(run_dir, warn=True) if resume else (None, [])
     if latest is None and skipped:
         raise RunDirError(f"cannot resume {run_dir}: none of its {len(skipped)} checkpoints verifies (reasons above); "

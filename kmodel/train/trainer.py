@@ -30,7 +30,10 @@ from typing import Any
 import torch
 
 from kmodel.checkpoint import (
+    MANIFEST_FILE,
+    STATE_FILE,
     CheckpointError,
+    Manifest,
     LazyTensor,
     TensorStream,
     list_checkpoints,
@@ -54,7 +57,7 @@ from kmodel.data import (
     relocations,
     training_mixture,
 )
-from kmodel.hashing import weights_sha256
+from kmodel.hashing import sha256_file, weights_sha256
 from kmodel.model import build_model
 from kmodel.rundir import CHECKPOINTS_DIR, LEDGER_FILE, step_dir_name
 from kmodel.train.evaluate import combine_results, evaluate_docs
@@ -203,6 +206,26 @@ class Trainer:
         self.step, self.tokens_seen, self.bad_steps = state["step"], state["tokens_seen"], state["bad_steps"]
         return ckpt
 
+    def init_from(self, checkpoint: str | Path) -> Path:
+        """Start from another checkpoint's weights (verified; the same model config): one imported from Hugging
+        Face or another run's, as a new stage (its data state, when it has one, continues as the next stage).
+        The optimizer and schedule start fresh. The source is kept for the ledger's genesis (`init_source`)."""
+        ckpt = resolve_checkpoint(checkpoint)
+        saved = load_config_from_checkpoint(ckpt)
+        if saved.model != self.cfg.model:
+            keys = [k for k, v in self.cfg.model.model_dump().items() if saved.model.model_dump()[k] != v]
+            raise CheckpointError(f"--init-from {ckpt}: another model config (differs in model.{', model.'.join(keys)})")
+        self.load_weights(read_weights(ckpt, lazy=True), str(ckpt))
+        manifest = Manifest.read(ckpt)
+        if STATE_FILE in manifest.files:
+            self.start_stage(ckpt)
+        self.init_source = {"checkpoint": str(ckpt.resolve()), "manifest_sha256": sha256_file(ckpt / MANIFEST_FILE),
+                            "files": manifest.digests, "imported_from": manifest.extra.get("imported_from")}
+        return ckpt
+
+    # where a run started from --init-from got its weights (recorded in the ledger's genesis), else None
+    init_source: dict[str, Any] | None = None
+
     def start_stage(self, checkpoint: str | Path) -> None:
         """The data side of a run continued from another run's checkpoint (a stage boundary, `--init-from`): this
         recipe's weights and seq_len in a new order seeded by the next stage index, from its first row; the
@@ -255,7 +278,7 @@ class Trainer:
         init_hash = weights_sha256(self.model) if init_weights_sha256 is None else init_weights_sha256
         data = {**self.data_manifest, "order": self.data.order_record()}  # the data, and its order's stage
         self.ledger = Ledger.create(self.run_dir, self.cfg, init_hash, self.tokenizer, data, self.device,
-                                    gap=gap)
+                                    gap=gap, init_from=self.init_source)
 
     # --- one step ----------------------------------------------------------------------------------------
     def next_micro_batch(self) -> Batch:
