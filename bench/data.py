@@ -95,6 +95,7 @@ def child_startup(prepared: str, run_dir: str) -> dict:
     started = time.perf_counter()
     from kmodel.config import load_config
     from kmodel.train import Trainer, train
+    from kmodel.train import trainer as trainer_module
 
     marks = {}
     take_step = Trainer.train_step
@@ -104,10 +105,23 @@ def child_startup(prepared: str, run_dir: str) -> dict:
         return take_step(self)
 
     Trainer.train_step = timed_step
+    marks["data_seconds"] = 0.0
+    for name in ("data_manifest", "training_mixture"):
+        original = getattr(trainer_module, name)
+
+        def timed(*args, original=original, **kwargs):
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                marks["data_seconds"] += time.perf_counter() - start
+
+        setattr(trainer_module, name, timed)
     cfg = load_config(RECIPE, [f"data.prepared={prepared}", "data.sources=[]", "data.heldout=[]", "train.max_steps=3",
                                "train.warmup_steps=0", "train.checkpoint_every=1000", "provenance.ledger=false"])
     train(cfg, run_dir, progress=False)
-    return {"startup_seconds": marks["first_step"], "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"startup_seconds": marks["first_step"], "data_seconds": marks["data_seconds"],
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def child_loader(prepared: str, steps: int) -> dict:
@@ -150,60 +164,101 @@ def best(name: str, repeats: int, make_args) -> dict:
     return min(runs, key=lambda r: r.get("seconds", r.get("startup_seconds", r.get("step_seconds"))))
 
 
+def measure(parts: set[str], copies: int, repeats: int, loader_steps: int) -> dict[str, dict]:
+    """Each part's numbers, with the machine load while it ran."""
+    results: dict[str, dict] = {}
+    with tempfile.TemporaryDirectory(prefix="kmodel-bench-data-") as tmp:
+        tmp = Path(tmp)
+        big, one = synthesise(tmp / f"corpus-x{copies}", copies), synthesise(tmp / "corpus-x1", 1)
+        corpus_mib = {size: sum((folder / n).stat().st_size for n in SOURCES) / 2**20
+                      for size, folder in (("1x", one), (f"{copies}x", big))}
+        if "prepare" in parts:
+            load, rows = os.getloadavg()[0], {}
+            for workers in (1, 2):
+                rows[f"kmodel data prepare, {workers} worker{'s' * (workers > 1)}"] = {"workers": workers, **best(
+                    "prepare", repeats, lambda i, w=workers: (big, tmp / f"prep-{w}-{i}", w))}
+                rows[f"datasets.map, num_proc {workers}"] = {"workers": workers, **best(
+                    "datasets_map", repeats, lambda i, w=workers: (big, tmp / f"hf-cache-{w}-{i}", w))}
+            results["prepare"] = {"rows": rows, "corpus_mib": corpus_mib[f"{copies}x"], "copies": copies,
+                                  "load": [load, os.getloadavg()[0]], "repeats": repeats}
+        prepared = {"1x": tmp / "prepared-x1", f"{copies}x": tmp / f"prepared-x{copies}"}
+        run_child("prepare", one, prepared["1x"], 1)
+        if "startup" in parts:
+            run_child("prepare", big, prepared[f"{copies}x"], 2)
+        if "loader" in parts:
+            load = os.getloadavg()[0]
+            loader = best("loader", repeats, lambda i: (prepared["1x"], loader_steps))
+            results["loader"] = {**loader, "load": [load, os.getloadavg()[0]], "repeats": repeats}
+        if "startup" in parts:
+            load = os.getloadavg()[0]
+            runs: dict[str, list[dict]] = {size: [] for size in prepared}
+            for i in range(repeats):  # alternate the sizes, so both see the same load
+                for size, directory in prepared.items():
+                    runs[size].append(run_child("startup", directory, tmp / f"run-{size}-{i}"))
+            startup = {size: {"corpus_mib": corpus_mib[size],
+                              **{k: min(r[k] for r in rs) for k in ("startup_seconds", "data_seconds", "peak_rss_mb")}}
+                       for size, rs in runs.items()}
+            results["startup"] = {"rows": startup, "load": [load, os.getloadavg()[0]], "repeats": repeats}
+    return results
+
+
+def render(results: dict, machine: str) -> str:
+    def load(part):
+        before, after = results[part]["load"]
+        return f"load average {before:.1f} before, {after:.1f} after; best of {results[part]['repeats']}"
+
+    lines = ["# Data path benchmark (CPU)", "", f"Machine: {machine}, shared with other jobs (load stated per table). "
+             "Every run in a fresh process; see bench/data.py.", ""]
+    if "prepare" in results:
+        p = results["prepare"]
+        lines += [f"## Tokenizing a {p['copies']}x corpus ({p['corpus_mib']:.1f} MiB, shipped ko-8k tokenizer)", "",
+                  f"{load('prepare')}. kmodel's time includes hashing the sources, reading JSON, encoding, writing and "
+                  "hashing the shards; datasets' includes converting the JSON to Arrow and the map.", "",
+                  "| contender | tokens | seconds | tokens/s | tokens/s per worker |", "|---|---:|---:|---:|---:|"]
+        for name, r in p["rows"].items():
+            extra = f" (map alone {r['map_seconds']:.1f})" if "map_seconds" in r else ""
+            lines.append(f"| {name} | {r['tokens']:,} | {r['seconds']:.1f}{extra} | {r['tokens'] / r['seconds']:,.0f} | "
+                         f"{r['tokens'] / r['seconds'] / r['workers']:,.0f} |")
+        lines.append("")
+    if "loader" in results:
+        r = results["loader"]
+        lines += ["## Loader share of a training step (tiny recipe, 8 x 256 tokens, CPU)", "", f"{load('loader')}.", "",
+                  "| loader per step | step | share |", "|---:|---:|---:|",
+                  f"| {r['loader_seconds'] * 1e3:.2f} ms | {r['step_seconds']:.3f} s | "
+                  f"{r['loader_seconds'] / r['step_seconds']:.2%} |", ""]
+    if "startup" in results:
+        lines += ["## `kmodel train` on prepared data: start-up and peak memory", "",
+                  f"{load('startup')}, the sizes alternating. Start-up: process start to the first step; data set-up: "
+                  "the data manifest and the row order (the part that could grow with the corpus).", "",
+                  "| corpus | MiB | start-up (s) | data set-up (s) | peak RSS after 3 steps (MiB) |", "|---|---:|---:|---:|---:|"]
+        for size, r in results["startup"]["rows"].items():
+            lines.append(f"| {size} | {r['corpus_mib']:.1f} | {r['startup_seconds']:.2f} | {r['data_seconds']:.3f} | "
+                         f"{r['peak_rss_mb']:.0f} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(prog="bench/data.py", description=__doc__.split("\n\n")[0])
     parser.add_argument("--copies", type=int, default=20)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--loader-steps", type=int, default=5)
+    parser.add_argument("--parts", default="prepare,loader,startup",
+                        help="which measurements to (re)run; the others are kept from bench/results/data_cpu.json")
     parser.add_argument("--child", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         print(json.dumps(CHILDREN[args.child[0]](*[int(a) if a.isdigit() else a for a in args.child[1:]])))
         return 0
 
-    load_before = os.getloadavg()
-    rows: dict[str, dict] = {}
-    with tempfile.TemporaryDirectory(prefix="kmodel-bench-data-") as tmp:
-        tmp = Path(tmp)
-        big, one = synthesise(tmp / f"corpus-x{args.copies}", args.copies), synthesise(tmp / "corpus-x1", 1)
-        for workers in (1, 2):
-            rows[f"kmodel data prepare, {workers} worker{'s' * (workers > 1)}"] = best(
-                "prepare", args.repeats, lambda i, w=workers: (big, tmp / f"prep-{w}-{i}", w))
-            rows[f"datasets.map, num_proc {workers}"] = best(
-                "datasets_map", args.repeats, lambda i, w=workers: (big, tmp / f"hf-cache-{w}-{i}", w))
-        prepared = {"1x": tmp / "prep-x1", f"{args.copies}x": tmp / "prep-1-0"}
-        run_child("prepare", one, prepared["1x"], 1)
-        startup = {size: best("startup", args.repeats, lambda i, d=d, s=size: (d, tmp / f"run-{s}-{i}"))
-                   for size, d in prepared.items()}
-        loader = best("loader", args.repeats, lambda i: (prepared["1x"], args.loader_steps))
-        corpus_bytes = {size: sum((folder / n).stat().st_size for n in SOURCES) for size, folder in (("1x", one), (f"{args.copies}x", big))}
-    load_after = os.getloadavg()
-
+    saved = RESULTS / "data_cpu.json"
+    results = json.loads(saved.read_text()) if saved.is_file() else {}
+    results.update(measure(set(args.parts.split(",")), args.copies, args.repeats, args.loader_steps))
     machine = f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
-    load = f"load average {load_before[0]:.1f} before, {load_after[0]:.1f} after (the machine is shared)"
-    lines = ["# Data path benchmark (CPU)", "", f"Machine: {machine}; {load}. Best of {args.repeats} runs, each in a fresh process.",
-             f"Corpus: the bundled one repeated {args.copies}x with distinct text ({corpus_bytes[f'{args.copies}x'] / 2**20:.1f} MiB); "
-             "see bench/data.py.", "", "## Tokenizing the corpus (shipped ko-8k tokenizer)", "",
-             "| contender | tokens | seconds | tokens/s | tokens/s per worker |", "|---|---:|---:|---:|---:|"]
-    for name, r in rows.items():
-        workers = 2 if ("2 workers" in name or "num_proc 2" in name) else 1
-        extra = f" (map alone {r['map_seconds']:.1f} s)" if "map_seconds" in r else ""
-        lines.append(f"| {name} | {r['tokens']:,} | {r['seconds']:.1f}{extra} | {r['tokens'] / r['seconds']:,.0f} | "
-                     f"{r['tokens'] / r['seconds'] / workers:,.0f} |")
-    lines += ["", "kmodel's time includes hashing the sources, reading JSON, encoding, writing and hashing the shards; "
-              "datasets' includes converting the JSON to Arrow and the map.", "",
-              "## Loader share of a training step (tiny recipe, 8 x 256 tokens, CPU)", "",
-              "| loader seconds per step | step seconds | share |", "|---:|---:|---:|",
-              f"| {loader['loader_seconds'] * 1e3:.2f} ms | {loader['step_seconds']:.3f} | {loader['loader_seconds'] / loader['step_seconds']:.2%} |",
-              "", "## `kmodel train` on prepared data: start-up and peak memory", "",
-              "| corpus | corpus MiB | start-up to first step (s) | peak RSS after 3 steps (MiB) |", "|---|---:|---:|---:|"]
-    for size, r in startup.items():
-        lines.append(f"| {size} | {corpus_bytes[size] / 2**20:.1f} | {r['startup_seconds']:.2f} | {r['peak_rss_mb']:.0f} |")
-    table = "\n".join(lines) + "\n"
+    table = render(results, machine)
     RESULTS.mkdir(parents=True, exist_ok=True)
+    saved.write_text(json.dumps(results, indent=1))
     (RESULTS / "data_cpu.md").write_text(table, encoding="utf-8")
-    (RESULTS / "data_cpu.json").write_text(json.dumps({"machine": machine, "load": load, "copies": args.copies, "prepare": rows,
-                                                        "loader": loader, "startup": startup, "corpus_bytes": corpus_bytes}, indent=1))
     print(table)
     return 0
 
