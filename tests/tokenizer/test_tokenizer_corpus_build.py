@@ -5,8 +5,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from kmodel.tokenizer import TokenizerError
-from kmodel.tokenizer import corpus_build
+from kmodel.tokenizer import TokenizerError, corpus_build
 from kmodel.tokenizer.corpus_build import (
     Source,
     build_corpus,

@@ -46,7 +46,7 @@ def test_sample_keeps_the_mix_exact_and_is_seeded(tmp_path):
     assert record["files"][0]["documents"] == 551 and len(record["files"][0]["sha256"]) == 64
     again, _ = sample_corpus([path], {"ko": 0.5, "en": 0.5}, 1_000_000, seed=3)
     assert again == texts
-    capped, record = sample_corpus([path], {"ko": 0.5, "en": 0.5}, 2000, seed=3)
+    _, record = sample_corpus([path], {"ko": 0.5, "en": 0.5}, 2000, seed=3)
     assert record["sample"]["characters_by_lang"] == {"en": 1000, "ko": 1000}
 
 
