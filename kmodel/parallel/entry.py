@@ -40,6 +40,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--force", action="store_true", help="delete a non-empty --out and start over")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a recipe key (repeatable)")
+    p.add_argument("--init-from", metavar="CKPT",
+                   help="start the run from a checkpoint's weights (kmodel train --init-from; ignored when resuming)")
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
     return p.parse_args(argv)
 
@@ -95,7 +97,7 @@ def main(argv: list[str] | None = None) -> int:
         cfg, resume = _prepare_on_rank0(args, run_dir, held)
         rank0 = dist.get_rank() == 0
         trainer = DeepSpeedTrainer(cfg, run_dir, progress=None if rank0 else False)
-        start(trainer, resume, writer=rank0)
+        start(trainer, resume, writer=rank0, init_from=None if resume else args.init_from)
         trainer.start_engine()
         with held:
             trainer.fit()
