@@ -63,7 +63,7 @@ def _run_launch(args) -> int:
 
     from kmodel.config import load_config
     from kmodel.parallel import launch
-    from kmodel.train.run import check_resumable, prepare_run, saved_config
+    from kmodel.train.run import check_request, check_resumable, prepare_run, saved_config
 
     if args.max_restarts < 0:
         raise ValueError(f"--max-restarts must be 0 or more, got {args.max_restarts}")
@@ -73,9 +73,11 @@ def _run_launch(args) -> int:
     nodes, per_node = launch.layout(cfg, args.nodes, args.gpus_per_node)
     plan = launch.LaunchPlan(nodes, per_node, args.recipe, args.out, list(args.overrides), args.master_port)
     run_dir = Path(args.out)
-    state = launch.run_state(run_dir)  # history without checkpoints is refused here, before any process starts
-    if state != "start":
+    state = launch.run_state(run_dir)  # the ranks' checks, made here before any process starts
+    if state == "begin":
         check_resumable(saved_config(run_dir), cfg, run_dir)
+    elif state == "resume":  # refuses history without a checkpoint (a lost checkpoints/ folder), among others
+        check_request(cfg, run_dir, resume=True, max_steps=None, force=False)
     files: dict[Path, str] = {}
     if args.slurm:
         script = launch.slurm_script(plan, cfg, time_limit=args.time, partition=args.partition, ib_hca=args.ib_hca,

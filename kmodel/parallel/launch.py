@@ -3,8 +3,8 @@
 Every rank runs `python -m kmodel.parallel.entry RECIPE --out RUN_DIR --start-or-resume`; the launchers
 only differ in how they start those processes. `run_state` decides what such a rank does with RUN_DIR: start a
 new run (absent or empty directory), begin one `kmodel launch` prepared (config.yaml, no history yet), or
-resume from the latest checkpoint; a directory with history but no checkpoint is refused, since starting over
-would overwrite that history. Each launcher runs under `env PYTHONSAFEPATH=1` (kmodel.safe_path),
+resume from the latest checkpoint; a directory with history but no checkpoint is refused (by the resume's
+checks in kmodel.train.run), since starting over would overwrite that history. Each launcher runs under `env PYTHONSAFEPATH=1` (kmodel.safe_path),
 so no rank started from the repository root imports our folders in place of installed packages. The
 recipe's `parallel.world_size` is the number of ranks, so nodes x GPUs per node must equal it. The SLURM script is rendered from the readable template
 launch/slurm.sbatch ({{name}} placeholders).
@@ -23,6 +23,7 @@ from pathlib import Path
 from kmodel.checkpoint import list_checkpoints
 from kmodel.config import Config
 from kmodel.rundir import RunDir
+from kmodel.train.run import never_started
 from kmodel.safe_path import SAFE_PATH_ENV
 
 TEMPLATE_DIR = Path(__file__).resolve().parents[2] / "launch"
@@ -49,29 +50,23 @@ class LaunchPlan:
 
 
 class RunStateError(RuntimeError):
-    """A run directory a launched rank must not touch (history without checkpoints, foreign contents)."""
+    """A run directory a launched rank must not touch (not a kmodel run directory)."""
 
 
 def run_state(run_dir: str | Path) -> str:
     """What `--start-or-resume` does with `run_dir`: "start" (absent or empty), "begin" (config.yaml written,
-    nothing trained yet) or "resume" (it has a checkpoint). Raises RunStateError for a directory whose history
-    (metrics.jsonl, ledger.jsonl) has no checkpoint to continue from, and for a non-empty non-run directory."""
+    nothing trained yet: kmodel.train.run.never_started) or "resume". A resume whose history has no checkpoint
+    to continue from is refused by the resume's own checks (kmodel.train.run.check_resume_target), so a lost
+    checkpoint folder never restarts a run. Raises RunStateError for a non-empty directory without config.yaml."""
     run = RunDir(run_dir)
     if not run.path.exists() or (run.path.is_dir() and not any(run.path.iterdir())):
         return "start"
     if not run.config.is_file():
         raise RunStateError(f"{run.path} is not empty and has no {run.config.name}: not a kmodel run directory; "
                             "give a new or empty --out")
-    if list_checkpoints(run.path):
-        return "resume"
-    history = [f.name for f in (run.metrics, run.ledger) if f.is_file() and f.stat().st_size > 0]
-    if history:
-        raise RunStateError(
-            f"{run.path} has a training history ({', '.join(history)}) but no checkpoint in {run.checkpoints}: "
-            "starting again from step 0 would overwrite it. Restore the checkpoints (an unmounted or renamed "
-            "folder?), or launch into a new --out directory"
-        )
-    return "begin"
+    if not list_checkpoints(run.path) and never_started(run.path):
+        return "begin"
+    return "resume"
 
 
 def validate_options(*, master_port: int, cpus_per_task: int, gpus_per_node: int | None) -> None:

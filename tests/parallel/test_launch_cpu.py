@@ -37,6 +37,7 @@ def test_launch_starts_resumes_and_refuses_lost_checkpoints(tmp_path):
     first = _launch(run, 2)
     assert first.returncode == 0, first.stdout[-3000:] + first.stderr[-3000:]
     assert _steps(run) == [1, 2] and (run / "checkpoints" / "step_0000002").is_dir()
+    assert "memory         params" in first.stdout  # the summary shows the ranks' memory records
 
     again = _launch(run, 4)  # the relaunch continues the run from its checkpoint
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -46,5 +47,6 @@ def test_launch_starts_resumes_and_refuses_lost_checkpoints(tmp_path):
     history = (run / "metrics.jsonl").read_bytes()
     lost = _launch(run, 6)
     assert lost.returncode != 0
-    assert "has a training history" in lost.stderr and "but no checkpoint" in lost.stderr
+    assert "cannot resume" in lost.stderr and "checkpoints does not exist" in lost.stderr, lost.stderr[-2000:]
+    assert "torchrun" not in lost.stderr  # refused by `kmodel launch` itself, before any rank started
     assert (run / "metrics.jsonl").read_bytes() == history  # nothing already written is lost
