@@ -723,6 +723,7 @@ def format_plan(plan: Plan, cfg: Config) -> str:
 @dataclass(frozen=True)
 class Candidate:
     overrides: tuple[str, ...]  # the --set assignments that select this layout
+    cfg: Config  # the recipe with them applied
     plan: Plan
 
 
@@ -750,14 +751,15 @@ def search(cfg: Config, cluster: Cluster, assume: Assumptions | None = None) -> 
                         change = {"expert_parallel_size": ep, "zero_stage": stage, "micro_batch_size": micro,
                                   "grad_accum_steps": per_gpu // micro, "activation_checkpointing": checkpointing,
                                   "offload_optimizer": offload}
-                        plan = make_plan(with_parallel(cfg, world, **change), cluster, assume)
+                        layout = with_parallel(cfg, world, **change)
+                        plan = make_plan(layout, cluster, assume)
                         if plan.fits:
                             sets = (f"parallel.world_size={world}", f"parallel.expert_parallel_size={ep}",
                                     f"parallel.zero_stage={stage}", f"train.micro_batch_size={micro}",
                                     f"train.grad_accum_steps={per_gpu // micro}",
                                     f"train.activation_checkpointing={str(checkpointing).lower()}",
                                     f"parallel.offload_optimizer={str(offload).lower()}")
-                            found.append(Candidate(sets, plan))
+                            found.append(Candidate(sets, layout, plan))
     return sorted(found, key=lambda c: (c.plan.step_s, c.plan.memory.total))
 
 

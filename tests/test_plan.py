@@ -448,6 +448,18 @@ def test_shipped_multinode_recipes_use_the_best_plan_the_search_finds(recipe, no
     assert make_plan(cfg, Cluster(nodes)).step_s == pytest.approx(best.plan.step_s)
 
 
+def test_plan_search_json_describes_each_layout(capsys):
+    import json
+
+    assert main(["plan", "recipes/moe-30b-a3b-multinode.yaml", "--nodes", "2", "--search", "--json"]) == 0
+    layouts = json.loads(capsys.readouterr().out)
+    assert len(layouts) > 1 and all(entry["fits"] for entry in layouts)
+    for entry in layouts:
+        parallel, sets = entry["parallel"], entry["set"]
+        assert f"parallel.expert_parallel_size={parallel['expert_parallel_size']}" in sets
+        assert f"train.micro_batch_size={parallel['micro_batch_size']}" in sets
+
+
 def test_zero3_with_expert_parallelism_is_refused_with_the_best_alternative(capsys):
     assert main(["plan", KEXAONE, "--nodes", "32", "--set", "parallel.zero_stage=3",
                  "--set", "parallel.expert_parallel_size=64"]) == 2

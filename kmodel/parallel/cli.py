@@ -190,7 +190,7 @@ def _run_plan(args) -> int:
     if args.search or refused is not None:
         found = search(cfg, cluster, assume)
         if args.json:
-            print(json.dumps([{"set": list(c.overrides), **plan_json(c.plan, cfg)} for c in found], indent=2))
+            print(json.dumps([{"set": list(c.overrides), **plan_json(c.plan, c.cfg)} for c in found], indent=2))
         else:
             print(format_search(found, cfg, cluster))
         if refused is not None:
