@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from kmodel.config import ModelConfig
+from kmodel.config import ConfigError, ModelConfig, load_config
 from kmodel.model.attention import Attention, max_logits
 from kmodel.model.mla import LatentAttention
 from kmodel.model.rope import rope_cos_sin
@@ -118,3 +118,8 @@ def test_the_trainer_logs_per_head_logits_clips_and_plots(tiny, tmp_path):
     from kmodel.train.plots import write_plots
 
     assert any(p.name == "attention_logits.png" for p in write_plots(tmp_path))
+
+
+def test_muonclip_refuses_differential_attention_by_name():
+    with pytest.raises(ConfigError, match="train.qk_clip_tau"):
+        load_config("recipes/tiny/motif-2.yaml", ["train.qk_clip_tau=100"])
