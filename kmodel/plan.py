@@ -11,7 +11,9 @@ Assumptions (each one a field of `Assumptions`, printed with every plan; `Assump
 from the recipe): bf16 weights and gradients with fp32 Adam master weights and moments (12 bytes per
 parameter) under DeepSpeed's mixed precision; fp32 training under DeepSpeed keeps 4-byte weights and gradients
 and, in ZeRO's partitions, its own fp32 master copy besides the 8 bytes of moments (12 bytes); one process
-without DeepSpeed updates the weights in place (8 bytes of moments). The memory categories are the ones the
+without DeepSpeed updates the weights in place (8 bytes of moments); under `train.optimizer: muon` its
+matrices keep one 4-byte momentum instead of the 8 bytes of moments, and its Newton-Schulz FLOPs and owner
+exchange join the step time. The memory categories are the ones the
 trainer measures (kmodel.train.memory.CATEGORIES), so a CPU fp32 rehearsal checks the plan. Routing is balanced (every expert
 gets k/E of the tokens). Attention is a fused kernel that stores no score matrix; sliding layers see at
 most `sliding_window` keys, which is counted in the attention FLOPs and in the inference KV cache. Multi-head
