@@ -204,20 +204,24 @@ def alphabet_for_coverage(texts: Iterable[str], coverage: float) -> list[str]:
 
 def learn_hf_merges(texts: list[str], learned_pieces: int, alphabet: list[str]) -> list[tuple[str, str]]:
     """BPE merges learned by Hugging Face `tokenizers` over `texts`, in order."""
-    from tokenizers import (
-        Regex,
-        Tokenizer,
-        decoders,
-        models,
-        normalizers,
-        pre_tokenizers,
-        trainers,
-    )
+    try:
+        from tokenizers import (
+            Regex,
+            Tokenizer,
+            models,
+            normalizers,
+            pre_tokenizers,
+            trainers,
+        )
+    except ImportError:
+        raise TokenizerError(
+            "--backend hf needs the Hugging Face `tokenizers` package (pip install 'tokenizers>=0.23', part of "
+            "kmodel[dev]); or train with --backend sentencepiece"
+        ) from None
 
     hf = Tokenizer(models.BPE())
     hf.normalizer = normalizers.Replace(" ", SPACE_SYMBOL)
     hf.pre_tokenizer = pre_tokenizers.Split(Regex(HF_PRESPLIT), behavior="isolated")
-    hf.decoder = decoders.Fuse()
     trainer = trainers.BpeTrainer(
         vocab_size=len(alphabet) + learned_pieces,
         min_frequency=2,
