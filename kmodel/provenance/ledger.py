@@ -293,6 +293,19 @@ def checkpoint_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r for r in records if r.get("kind") == "checkpoint"]
 
 
+def superseded(records: list[dict[str, Any]]) -> set[int]:
+    """Positions of checkpoint records that a later resume from an older step redid (a fallback past a damaged
+    checkpoint, or --restart): their steps were trained and recorded again, and the directory they name may now
+    hold the newer save, which the later record describes."""
+    redone = set()
+    for position, record in enumerate(records):
+        if record.get("kind") == "resume" and isinstance(record.get("resumed_from_step"), int):
+            redone |= {earlier for earlier in range(position) if records[earlier].get("kind") == "checkpoint"
+                       and isinstance(records[earlier].get("step"), int)
+                       and records[earlier]["step"] > record["resumed_from_step"]}
+    return redone
+
+
 # --- the ledger a training run writes ----------------------------------------------------------------
 
 

@@ -42,11 +42,11 @@ from kmodel.provenance.ledger import (
     chain_problems,
     check_signature,
     checkpoint_hashes,
-    checkpoint_records,
     code_state,
     git_output,
     read_records,
     source_root,
+    superseded,
 )
 from kmodel.rundir import CONFIG_FILE, METRICS_FILE, step_of
 
@@ -272,10 +272,17 @@ def _data_checks(genesis: dict[str, Any], cfg, data_root: str | Path | None) -> 
 def _checkpoint_checks(run_dir: Path, records: list[dict[str, Any]], cfg) -> list[Check]:
     checks = []
     recorded_steps = set()
-    for record in checkpoint_records(records):
+    redone = superseded(records)
+    for position, record in enumerate(records):
+        if record.get("kind") != "checkpoint":
+            continue
         step = record.get("step")
         recorded_steps.add(step)
         name = f"checkpoint {step}"
+        if position in redone:
+            checks.append(Check(name, SKIP, f"record {position} was redone: the run later resumed from an older "
+                                "checkpoint and recorded this step again (checked there)"))
+            continue
         directory = Path(record.get("checkpoint", ""))
         directory = directory if directory.is_absolute() else run_dir / directory
         if not directory.is_dir():
@@ -321,7 +328,8 @@ def _metrics_check(run_dir: Path, records: list[dict[str, Any]]) -> Check:
         if row.get("kind") == "train" and "loss" in row:
             logged[row["step"]] = row["loss"]
     compared, disagree = 0, []
-    for record in checkpoint_records(records):
+    redone = superseded(records)
+    for record in [r for position, r in enumerate(records) if r.get("kind") == "checkpoint" and position not in redone]:
         if record["step"] in logged and isinstance(record.get("loss"), float):
             compared += 1
             if logged[record["step"]] != record["loss"]:
