@@ -29,6 +29,7 @@ import html.parser
 import json
 import random
 import re
+import shutil
 import subprocess
 import tarfile
 import tempfile
@@ -459,14 +460,13 @@ def build_corpus(
     seen_documents: set[bytes] = set()
     records = []
     with tempfile.TemporaryDirectory(prefix="kmodel-corpus-") as scratch:
-        unpacked: dict[str, Path] = {}
         for source in chosen:
             root = Path(scratch) / source.name
             for package in source.packages:
                 _unpack(debs[package], root)
-            unpacked[source.name] = root
             record = _write_source(source, root, out, seen_lines, seen_documents)
             record["packages"] = [_package_record(p, debs[p], root) for p in source.packages]
+            shutil.rmtree(root)  # unpacked sources run to gigabytes (rust-src, golang): keep one at a time
             records.append(record)
             log(
                 f"{source.name}: {record['train']['documents']:,} train / {record['heldout']['documents']:,} held-out "
