@@ -306,6 +306,12 @@ def superseded(records: list[dict[str, Any]]) -> set[int]:
     return redone
 
 
+def current_checkpoint_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The checkpoint records that stand: every one but those `superseded` by a later record of their step."""
+    redone = superseded(records)
+    return [r for position, r in enumerate(records) if r.get("kind") == "checkpoint" and position not in redone]
+
+
 # --- the ledger a training run writes ----------------------------------------------------------------
 
 

@@ -31,7 +31,7 @@ from kmodel.provenance.ledger import (
     BatchDigest,
     LedgerError,
     checkpoint_hashes,
-    checkpoint_records,
+    current_checkpoint_records,
     load_chain,
 )
 from kmodel.provenance.verify import recorded_config
@@ -116,7 +116,7 @@ def replayable_segments(run_dir: str | Path) -> list[tuple[int, int]]:
     """(from_step, steps) of every segment between consecutive recorded checkpoints whose start can be
     restored: step 0 (the seed) or a checkpoint still on disk."""
     run_dir = Path(run_dir)
-    records = checkpoint_records(load_chain(run_dir))
+    records = current_checkpoint_records(load_chain(run_dir))
     segments = []
     previous = 0
     for record in records:
@@ -159,7 +159,7 @@ def _run_segment(cfg: Config, run_dir: Path, from_step: int, targets: list[dict[
     records = load_chain(run_dir)
     trainer = Trainer(cfg, work / "run", progress=False)
     if from_step > 0:
-        start = next(r for r in checkpoint_records(records) if r["step"] == from_step)
+        start = next(r for r in current_checkpoint_records(records) if r["step"] == from_step)
         trainer.restore(_checkpoint_dir(run_dir, start))
     recorder = _BatchRecorder()
     trainer.ledger = recorder
@@ -199,7 +199,7 @@ def replay(
     run_dir = Path(run_dir).resolve()
     work_dir = None if work_dir is None else Path(work_dir).resolve()
     records = load_chain(run_dir)
-    checkpoints = checkpoint_records(records)
+    checkpoints = current_checkpoint_records(records)
     steps_recorded = [r["step"] for r in checkpoints]
     if from_step != 0 and from_step not in steps_recorded:
         raise ReplayError(f"step {from_step} is not a recorded checkpoint; recorded steps: {steps_recorded}")

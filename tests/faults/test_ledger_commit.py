@@ -82,3 +82,6 @@ def test_a_resume_from_an_older_checkpoint_keeps_the_chain_valid(short_run):
         ("checkpoint", 4, None), ("checkpoint", 8, None), ("resume", None, 4), ("checkpoint", 8, None)]
     assert chain_problems(records) == []
     assert failures(short_run) == []  # the first record of step 8 is reported as redone, the second checked
+    assert replayable_segments(short_run) == [(0, 4), (4, 4)]
+    (short_run.parent / "replay").mkdir()
+    assert replay(short_run, 4, 4, work_dir=short_run.parent / "replay").passed
