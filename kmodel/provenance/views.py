@@ -28,7 +28,7 @@ import torch
 import yaml
 from safetensors import SafetensorError, safe_open
 
-from kmodel.checkpoint import MODEL_FILE, TOKENIZER_DIR
+from kmodel.checkpoint import MANIFEST_FILE, MODEL_FILE, TOKENIZER_DIR, CheckpointError, read_weights
 from kmodel.rundir import CONFIG_FILE
 
 
@@ -118,10 +118,14 @@ def load_view(path: str | Path) -> ModelView:
     path = Path(path)
     if not path.is_dir():
         raise ViewError(f"{path} is not a directory (expected a kmodel checkpoint or a Hugging Face model directory)")
-    if (path / MODEL_FILE).is_file() and (path / CONFIG_FILE).is_file():
+    if ((path / MANIFEST_FILE).is_file() or (path / MODEL_FILE).is_file()) and (path / CONFIG_FILE).is_file():
         fmt = "kmodel"
         config = (yaml.safe_load((path / CONFIG_FILE).read_text(encoding="utf-8")) or {}).get("model", {})
-        files = [path / MODEL_FILE]
+        try:  # verified against the manifest, either layout (one file or shards)
+            weights = read_weights(path)
+        except CheckpointError as error:
+            raise ViewError(str(error)) from None
+        tensors = {_common_name(n): t for n, t in weights.items()}
     elif (path / "config.json").is_file():
         fmt = "hf"
         config = json.loads((path / "config.json").read_text(encoding="utf-8"))
@@ -129,9 +133,9 @@ def load_view(path: str | Path) -> ModelView:
         files = sorted(path.glob("*.safetensors"))
         if not files:
             raise ViewError(f"{path} has config.json but no *.safetensors files")
+        tensors = {_common_name(n): t for n, t in _read_safetensors(files).items()}
     else:
         raise ViewError(f"{path} has neither model.safetensors + config.yaml (kmodel) nor config.json (Hugging Face)")
-    tensors = {_common_name(n): t for n, t in _read_safetensors(files).items()}
     tokenizer = next((p for p in (path / TOKENIZER_DIR, path) if _has_tokenizer(p)), None)
     return view_from_state(str(path), fmt, config, tensors, tokenizer)
 
