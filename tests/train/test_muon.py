@@ -61,6 +61,10 @@ def test_the_standard_split_and_its_overrides(tiny):
     chosen = {n for n, p in model.named_parameters() if uses_muon(n, p, moved)}
     assert "layers.1.mlp.gate.weight" in chosen and not any(n.startswith("layers.0.") for n in chosen)
 
+    partitioned = torch.nn.Parameter(torch.empty(0))  # a ZeRO-3 parameter built under zero.Init: 1-D, ds_shape kept
+    partitioned.ds_shape = (64, 32)
+    assert uses_muon("layers.0.self_attn.o_proj.weight", partitioned, train_cfg)  # Muon stays on under ZeRO-3
+
     optimizer = build_optimizer(model, muon_train())
     assert isinstance(optimizer, Muon)
     [muon_group] = [g for g in optimizer.param_groups if g["muon"]]
