@@ -282,7 +282,11 @@ class RunLock:
             raise RunDirError(os_error_message(error, self.run_dir)) from None
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+        except OSError as error:
+            if not isinstance(error, BlockingIOError):  # a file system without flock (some Lustre mounts)
+                print(f"warning: cannot lock {self.path} ({error.strerror}): a second job on this run directory "
+                      "would not be refused", file=sys.stderr)
+                return self
             holder = os.pread(self._fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(self._fd)
             self._fd = None
