@@ -103,10 +103,11 @@ def _round_bf16_to_nearest_even() -> None:
     def cast_impl(self, src, dst_type):
         if src.dtype.scalar != tl.float32 or dst_type.scalar != tl.bfloat16:
             return cast(self, src, dst_type)
-        bits = np.ascontiguousarray(src.data, dtype=np.float32).view(np.uint32).astype(np.uint64)
-        rounded = ((bits + 0x7FFF + ((bits >> 16) & 1)) >> 16).astype(np.uint16)
-        nan = np.isnan(src.data)
-        rounded[nan] = ((bits[nan] >> 16) | 0x40).astype(np.uint16)  # stay NaN (quiet) rather than round to inf
+        values = np.array(src.data, dtype=np.float32)  # a copy of the same shape, 0-d included
+        bits = values.view(np.uint32).astype(np.uint64)
+        nearest_even = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16
+        quiet_nan = (bits >> 16) | 0x40  # a NaN stays NaN rather than rounding to inf
+        rounded = np.asarray(np.where(np.isnan(values), quiet_nan, nearest_even), dtype=np.uint16)
         return interpreter.TensorHandle(rounded, tl.bfloat16)
 
     interpreter.InterpreterBuilder.cast_impl = cast_impl
