@@ -107,18 +107,34 @@ def test_export_reads_a_verified_checkpoint_and_parses_sizes(tmp_path):
 
 
 PEAK_RSS = """
-import resource, sys, torch
+import os, sys, threading, time
 from kmodel.export.hf import export_hf
-before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+
+def rss():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+before, peak, done = rss(), [0], threading.Event()
+
+def sample():
+    while not done.is_set():
+        peak[0] = max(peak[0], rss())
+        time.sleep(0.002)
+
+watcher = threading.Thread(target=sample)
+watcher.start()
 export_hf(sys.argv[1], sys.argv[2], max_shard_size=sys.argv[3])
-print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024)
+done.set()
+watcher.join()
+print(max(peak[0], rss()) - before)
 """
 
 
 @pytest.mark.slow
 def test_peak_memory_of_an_export_is_bounded_by_the_shard_not_the_model(tmp_path):
-    """A model of ~96 MB (fp32) exported in 8 MB bf16 shards: the export process grows by a few of its largest
-    tensors (each read, transformed and cast on its own), far below the model (measured in a fresh process)."""
+    """A model of 102 MB (fp32) exported in 8 MB bf16 shards: the resident memory of the exporting process (sampled
+    every 2 ms in a fresh process) grows by less than 3 shards (measured: 13.9 MB, 1.7 x the shard), where loading
+    the model would take over 100 MB."""
     cfg = load_config(TINY_FAMILIES["qwen3_moe"], ["model.num_hidden_layers=24", "model.hidden_size=256",
                                                     "model.moe_intermediate_size=128", "model.intermediate_size=512"])
     model = build_model(cfg)
@@ -131,4 +147,4 @@ def test_peak_memory_of_an_export_is_bounded_by_the_shard_not_the_model(tmp_path
     assert done.returncode == 0, done.stderr
     grown = int(done.stdout.strip().splitlines()[-1])
     assert model_bytes > 80e6 and len(list((tmp_path / "hf").glob("model-*.safetensors"))) >= 6
-    assert grown < max(4 * largest, 8e6) + 16e6, (grown, largest, model_bytes)
+    assert largest <= 8.4e6 and grown < 3 * 8e6, (grown, largest, model_bytes)
