@@ -143,7 +143,14 @@ def _compare(stage: str, name: str, triton_fn, reference_fn, inputs, differentia
     return checks
 
 
-def run_autotuned(device: torch.device) -> list[Check]:
+def run_autotuned(
+    device: torch.device,
+    moe_shape: tuple[int, int, int, int, int] = (2048, 1024, 768, 32, 8),
+    attention_shape: tuple[int, int, int, int] = (2048, 16, 4, 128),
+    windows: tuple[int | None, ...] = (None, 512),
+) -> list[Check]:
+    """moe_shape: (tokens, hidden, expert width, experts, top-k); I = 768 spans several 64/128-column slices.
+    attention_shape: (tokens, q heads, kv heads, head dim)."""
     from kmodel.kernels.attention import reference as attention_ref
     from kmodel.kernels.attention import triton_impl as attention_triton
     from kmodel.kernels.moe import reference as moe_ref
@@ -155,19 +162,22 @@ def run_autotuned(device: torch.device) -> list[Check]:
         return torch.randn(*shape, generator=gen, device=device, dtype=torch.float64) * scale
 
     checks = []
-    tokens, hidden, inter, experts, top_k = 2048, 1024, 768, 32, 8  # I = 768: several 64/128-column slices
+    tokens, hidden, inter, experts, top_k = moe_shape
     expert_ids = torch.rand(tokens, experts, generator=gen, device=device).argsort(dim=1)[:, :top_k]
     moe_inputs = [randn(tokens, hidden), expert_ids, torch.rand(tokens, top_k, generator=gen, device=device,
                   dtype=torch.float64), randn(experts, 2 * inter, hidden, scale=hidden**-0.5),
                   randn(experts, hidden, inter, scale=inter**-0.5)]  # fmt: skip
     start = time.perf_counter()
-    checks += _compare("autotuned", "moe_experts fwd+bwd (2048 tokens, 32 experts top-8, H 1024, I 768)",
-                       moe_triton.moe_experts, moe_ref.moe_experts, moe_inputs, [0, 2, 3, 4], start)
-    for window in (None, 512):
-        q, k, v = randn(1, 2048, 16, 128), randn(1, 2048, 4, 128), randn(1, 2048, 4, 128)
+    label = f"moe_experts fwd+bwd ({tokens} tokens, {experts} experts top-{top_k}, H {hidden}, I {inter})"
+    checks += _compare("autotuned", label, moe_triton.moe_experts, moe_ref.moe_experts, moe_inputs, [0, 2, 3, 4],
+                       start)
+    seq, q_heads, kv_heads, head_dim = attention_shape
+    for window in windows:
+        q, k, v = randn(1, seq, q_heads, head_dim), randn(1, seq, kv_heads, head_dim), randn(1, seq, kv_heads, head_dim)
         start = time.perf_counter()
+        shape = f"{seq} tokens, {q_heads} q / {kv_heads} kv heads, hd{head_dim}, window {window or 'global'}"
         checks += _compare(
-            "autotuned", f"attention fwd+bwd (2048 tokens, 16 q / 4 kv heads, hd128, window {window or 'global'})",
+            "autotuned", f"attention fwd+bwd ({shape})",
             lambda q, k, v, w=window: attention_triton.attention(q, k, v, window=w),
             lambda q, k, v, w=window: attention_ref.attention(q, k, v, window=w), [q, k, v], [0, 1, 2], start,
         )
@@ -224,13 +234,14 @@ STEP_OVERRIDES = ["model.num_hidden_layers=2", "model.first_k_dense_replace=0", 
 OPS = ("attention", "moe", "norm", "loss")
 
 
-def _slice_model(impl: str, device: torch.device):
-    """The K-EXAONE slice with bf16 weights drawn on the device (N(0, 0.02), norms 1): the deterministic CPU init
-    of 12B parameters would take minutes of the budget, and timing does not depend on the draw."""
+def _slice_model(impl: str, device: torch.device, recipe: str, overrides: list[str]):
+    """The recipe's model (the K-EXAONE slice) with bf16 weights drawn on the device (N(0, 0.02), norms 1): the
+    deterministic CPU init of 12B parameters would take minutes of the budget, and timing does not depend on
+    the draw."""
     from kmodel.config import load_config
     from kmodel.model import build_model
 
-    cfg = load_config(REPO_ROOT / STEP_RECIPE, overrides=STEP_OVERRIDES + [f"kernels.{op}={impl}" for op in OPS])
+    cfg = load_config(REPO_ROOT / recipe, overrides=overrides + [f"kernels.{op}={impl}" for op in OPS])
     default = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
     try:
@@ -243,7 +254,10 @@ def _slice_model(impl: str, device: torch.device):
     return cfg, model.train()
 
 
-def run_step(out_dir: Path, slug: str, device: torch.device, *, seq: int = 4096, iters: int = 5) -> list[Check]:
+def run_step(
+    out_dir: Path, slug: str, device: torch.device, *, seq: int = 4096, warmup: int = 2, iters: int = 5,
+    recipe: str = STEP_RECIPE, overrides: tuple[str, ...] = tuple(STEP_OVERRIDES),
+) -> list[Check]:
     from kmodel.kernels.benchmarking import device_name, environment, peak_memory_bytes, time_ms, write_results
     from kmodel.train.flops import peak_flops, training_flops_per_token
 
@@ -251,7 +265,7 @@ def run_step(out_dir: Path, slug: str, device: torch.device, *, seq: int = 4096,
     rows = []
     try:
         for impl in ("triton", "torch"):
-            cfg, model = _slice_model(impl, device)
+            cfg, model = _slice_model(impl, device, recipe, list(overrides))
             gen = torch.Generator(device=device).manual_seed(0)
             ids = torch.randint(0, cfg.model.vocab_size, (1, seq), generator=gen, device=device)
 
@@ -259,7 +273,7 @@ def run_step(out_dir: Path, slug: str, device: torch.device, *, seq: int = 4096,
                 model.zero_grad(set_to_none=True)
                 model(ids, labels=ids).loss.backward()
 
-            ms = time_ms(step, device, warmup=2, iters=iters)
+            ms = time_ms(step, device, warmup=warmup, iters=iters)
             peak = peak_memory_bytes(step, device)
             tokens_per_s = seq / (ms * 1e-3)
             flops = training_flops_per_token(model, seq) * tokens_per_s
@@ -268,20 +282,21 @@ def run_step(out_dir: Path, slug: str, device: torch.device, *, seq: int = 4096,
                              mfu_pct=None if peak_device is None else 100 * flops / peak_device,
                              peak_gib=None if peak is None else peak / 2**30))  # fmt: skip
             del model, step
-            torch.cuda.empty_cache()
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
     except Exception as error:
         traceback.print_exc()
         return [Check("bench", "training step", "failed", time.perf_counter() - start,
                       f"{type(error).__name__}: {error}"[:300])]
     notes = [
-        f"{STEP_RECIPE} with {' '.join(STEP_OVERRIDES)}: hidden 6144, 64 q / 8 kv heads, 128 experts top-8 plus a "
-        f"shared expert, vocabulary 153600; batch 1 x {seq} tokens, bf16 weights (no autocast, no optimizer): "
-        f"forward + backward, median of {iters} steps after 2 warm-up steps.",
+        f"{recipe} with {' '.join(overrides)} (by default: hidden 6144, 64 q / 8 kv heads, 128 experts top-8 plus a "
+        f"shared expert, vocabulary 153600); batch 1 x {seq} tokens, bf16 weights (no autocast, no optimizer): "
+        f"forward + backward, median of {iters} steps after {warmup} warm-up steps.",
         "MFU = training FLOPs per token (kmodel.train.flops: 3 x (2 x active parameters + attention)) x tokens/s / "
         "the device's dense bf16 peak; peak_gib: CUDA high-water mark of one step above what was held before.",
     ]
     columns = ["kernels", "ms", "tokens_per_s", "tflops", "mfu_pct", "peak_gib"]
-    write_results(out_dir, f"step_{slug}", f"K-EXAONE-width MoE slice, training step on {device_name(device)}",
+    write_results(out_dir, f"step_{slug}", f"MoE slice ({Path(recipe).stem}), training step on {device_name(device)}",
                   notes, columns, rows, {"benchmark": "step", **environment(device, torch.bfloat16)})
     return [Check("bench", "training step", "done", time.perf_counter() - start, f"step_{slug}.md")]
 

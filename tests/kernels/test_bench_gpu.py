@@ -4,9 +4,13 @@ post-autotune comparisons into checks, writes its summary with the goals, and ex
 from __future__ import annotations
 
 import json
+import os
 
 import pytest
 import torch
+
+if not torch.cuda.is_available():
+    os.environ["TRITON_INTERPRET"] = "1"  # the stages' plumbing runs on the interpreter below
 
 from kmodel import bench_gpu
 from kmodel.kernels.benchmarking import write_results
@@ -79,3 +83,23 @@ def test_training_step_slice_is_k_exaone_width():
     assert (cfg.hidden_size, cfg.num_experts, cfg.num_experts_per_tok, cfg.moe_intermediate_size) == (6144, 128, 8,
                                                                                                        2048)
     assert list(cfg.layer_types) == ["sliding_attention", "full_attention"] and cfg.first_k_dense_replace == 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU rehearsal of the GPU stages")
+def test_autotuned_stage_runs_on_the_interpreter_at_tiny_shapes():
+    """The post-autotune stage's own code (inputs, bf16 runs, float64 truth) end to end, at tiny shapes on the
+    interpreter: every check passes, for MoE and for attention with and without a window."""
+    checks = bench_gpu.run_autotuned(torch.device("cpu"), moe_shape=(24, 32, 96, 4, 2), attention_shape=(40, 4, 2, 16),
+                                     windows=(None, 7))  # fmt: skip
+    assert len(checks) == 2 * 3 and all(check.status == "passed" for check in checks), checks
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU rehearsal of the GPU stages")
+def test_step_stage_runs_on_the_interpreter_with_a_tiny_recipe(tmp_path):
+    """The training-step stage's own code with the tiny recipe: Triton and torch rows, tokens/s, no MFU on CPU."""
+    checks = bench_gpu.run_step(tmp_path, "cpu", torch.device("cpu"), seq=16, warmup=0, iters=1,
+                                recipe="recipes/tiny-ko-moe.yaml", overrides=("model.num_nextn_predict_layers=0",))
+    assert [check.status for check in checks] == ["done"], checks
+    rows = json.loads((tmp_path / "step_cpu.json").read_text())["rows"]
+    assert [row["kernels"] for row in rows] == ["triton", "torch"]
+    assert all(row["tokens_per_s"] > 0 and row["mfu_pct"] is None for row in rows)
