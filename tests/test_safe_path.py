@@ -108,7 +108,7 @@ def test_every_launcher_starts_its_ranks_with_a_safe_path():
     slurm = launch.slurm_script(plan, cfg, time_limit="1:00:00", partition=None, ib_hca="mlx5", socket_ifname="eth0",
                                 local_staging="/tmp", cpus_per_task=8)
     assert "export PYTHONSAFEPATH=1" in slurm
-    assert re.search(r"exec \S+ -P -m kmodel\.parallel\.entry", slurm)
+    assert re.search(r"\S+python\S* -P -m kmodel\.parallel\.entry", slurm)
 
 
 def test_no_python_is_started_without_a_safe_path():
