@@ -123,8 +123,10 @@ def test_expert_data_parallel_groups_of_two(tmp_path, reference, reference_dir):
     assert _losses(tmp_path) == pytest.approx(reference, rel=1e-5)
     final = "checkpoints/step_0000004"
     ours, theirs = read_weights(tmp_path / final), read_weights(reference_dir / final)
+    # 4-rank sums reorder the one-process ones; AdamW at lr 3e-3 turns that into up to 2.3e-5 on a dense
+    # weight after 4 steps (measured; the experts, now reduce-scattered over the group, stay under 2e-6)
     for name, tensor in theirs.items():
-        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=2e-5, msg=name)
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=4e-5, msg=name)
 
 
 def test_resume_across_expert_parallel_sizes(tmp_path, reference):
