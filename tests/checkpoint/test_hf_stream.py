@@ -20,7 +20,8 @@ from kmodel.export.hf_import import import_hf
 from kmodel.model import build_model
 
 TINY_FAMILIES = {"gpt_oss": "recipes/tiny/gpt-oss.yaml", "qwen3_moe": "recipes/tiny/qwen3-moe.yaml",
-                 "deepseek_v3": "recipes/tiny/deepseek-v3.yaml"}
+                 "deepseek_v3": "recipes/tiny/deepseek-v3.yaml", "axk1": "recipes/tiny/ax-k1.yaml",
+                 "hyperclovax": "recipes/tiny/hyperclova-x.yaml"}
 
 
 def tiny_checkpoint(tmp_path, recipe, seed=3):
