@@ -79,14 +79,15 @@ class RunDir:
             return None
         return path.read_text(encoding="utf-8").strip() or None
 
-    def run_id(self) -> str:
-        """The run's id, made (random, written atomically) when there is none yet."""
+    def run_id(self, adopt: str | None = None) -> str:
+        """The run's id, made when there is none yet (written atomically): `adopt`, the id its checkpoints already
+        carry, or a random one."""
         existing = self.read_run_id()
         if existing is not None:
             return existing
         self.path.mkdir(parents=True, exist_ok=True)
         tmp = self.path / f".{RUN_ID_FILE}.tmp-{os.getpid()}"
-        tmp.write_text(uuid.uuid4().hex + "\n", encoding="utf-8")
+        tmp.write_text((adopt or uuid.uuid4().hex) + "\n", encoding="utf-8")
         os.replace(tmp, self.run_id_file)
         return self.read_run_id()
 

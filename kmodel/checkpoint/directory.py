@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import sys
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -237,11 +238,22 @@ def make_way(final: Path, run_id: str | None) -> None:
 
 
 def run_id_for(directory: Path) -> str | None:
-    """The id of the run a checkpoint directory belongs to (created on the first save of a run), or None for a
-    directory outside a run's checkpoints/ folder."""
+    """The id of the run a checkpoint directory belongs to, or None for a directory outside a run's checkpoints/
+    folder. A run without a `run_id` file gets one on its first save: the id most of its checkpoints carry (the
+    file was lost; its own checkpoints must stay its own), else a new one."""
     if directory.parent.name != CHECKPOINTS_DIR:
         return None
-    return RunDir(directory.parent.parent).run_id()
+    run = RunDir(directory.parent.parent)
+    if run.read_run_id() is not None:
+        return run.read_run_id()
+    carried = []
+    for ckpt in list_checkpoints(run.path):
+        try:
+            carried.append(Manifest.read(ckpt).run_id)
+        except CheckpointError:
+            continue
+    counts = Counter(i for i in carried if i)
+    return run.run_id(adopt=counts.most_common(1)[0][0] if counts else None)
 
 
 def commit(tmp: Path, final: Path, files: dict[str, FileRecord], step: int | None, run_id: str | None,

@@ -155,3 +155,13 @@ def test_a_format_1_manifest_still_reads(tmp_path, trained):
     flip_byte(ckpt / MODEL_FILE)
     with pytest.raises(CheckpointError, match="does not match its recorded sha256"):
         load_model(ckpt)
+
+
+def test_a_lost_run_id_file_is_restored_from_the_run_s_own_checkpoints(tmp_path, trained):
+    ckpts = save_run(tmp_path, trained, steps=(2, 4))
+    run_id = RunDir(tmp_path).read_run_id()
+    RunDir(tmp_path).run_id_file.unlink()
+    save_run(tmp_path, trained, steps=(6,))
+    assert RunDir(tmp_path).read_run_id() == run_id  # adopted, not a new id that would disown steps 2 and 4
+    (ckpts[0].parent / "step_0000006").rename(ckpts[0].parent / ".step_0000006.gone")
+    assert latest_valid_checkpoint(tmp_path)[0] == ckpts[-1]
