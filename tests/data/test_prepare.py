@@ -210,3 +210,11 @@ def test_a_hub_source_is_streamed_and_hashed_by_content(tmp_path, monkeypatch, t
     assert entry["path"] == "hub:someorg/korean-web" and len(entry["sha256"]) == 64
     assert sum(s["tokens"] for s in prepared.sources[0]["shards"]) == sum(
         len(tokenizer.encode(r["text"], add_eos=True)) for r in rows)
+
+
+def test_a_data_section_needs_sources_or_a_prepared_directory():
+    from kmodel.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"data: data.sources is empty: name at least one source, or data.prepared"):
+        load_config(RECIPE, ["data.sources=[]"])
+    assert load_config(RECIPE, ["data.sources=[]", "data.prepared=/somewhere"]).data.prepared == "/somewhere"

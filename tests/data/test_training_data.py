@@ -91,7 +91,6 @@ def test_prepared_data_trains_and_resumes_exactly_like_the_sources(tmp_path):
     assert genesis["data_manifest"]["merkle_root"] == read_records(on_sources / LEDGER_FILE)[0][0]["data_manifest"]["merkle_root"]
 
 
-@pytest.mark.slow
 def test_a_stage_change_takes_new_weights_and_seq_len_and_is_recorded(tmp_path):
     home = corpus(tmp_path / "corpus")
     stage0 = tmp_path / "stage0"
