@@ -168,7 +168,15 @@ class ModelConfig(Section):
     )
     attn_rms_norm_eps: float = Field(1e-5, gt=0, description="differential: eps of the RMSNorm over each head's 2 * head_dim")
     mlp_activation: Literal["swiglu", "polynorm"] = Field(
-        "swiglu", description="dense MLP: down(act(gate) * up) with act = silu (swiglu) or PolyNorm (Motif)"
+        "swiglu",
+        description="dense MLPs and experts: down(act(gate) * up) with act = silu (swiglu) or PolyNorm (Motif; routed "
+        "experts get one set of PolyNorm coefficients each, Motif-3's grouped PolyNorm)",
+    )
+    # --- Motif-3 (Motif's config names) ----------------------------------------------------------------
+    polynorm_sigmoid_weight: bool = Field(False, description="polynorm: coefficients are sigmoid(weight) (Motif-3)")
+    polynorm_output_scale: float = Field(1.0, gt=0, description="polynorm: output multiplier (Motif-3: 0.5)")
+    polynorm_bias_clamp: float | None = Field(
+        None, gt=0, description="polynorm: routed experts' bias clamped to [-clamp, clamp] (Motif-3: 0.5)"
     )
 
     @model_validator(mode="after")
@@ -355,12 +363,18 @@ class ModelConfig(Section):
 
     def _check_motif_mlp(self) -> None:
         if self.mlp_activation == "swiglu":
+            stray = [key for key in ("polynorm_sigmoid_weight", "polynorm_bias_clamp") if getattr(self, key)]
+            stray += ["polynorm_output_scale"] if self.polynorm_output_scale != 1.0 else []
+            if stray:
+                raise ValueError(f"{', '.join(stray)} only apply to mlp_activation 'polynorm'")
             return
-        if "sparse" in self.mlp_layer_types or (self.num_nextn_predict_layers and self.mtp_mlp_type == "sparse"):
+        if self.expert_activation != "swiglu":
             raise ValueError(
-                "mlp_activation 'polynorm' applies to dense MLPs; routed experts with PolyNorm (Motif-3's grouped "
-                "PolyNorm) are not implemented: make every layer dense (num_experts: 0)"
+                "mlp_activation 'polynorm' replaces the experts' activation; expert_activation "
+                f"{self.expert_activation!r} cannot be combined with it: set expert_activation: swiglu"
             )
+        if self.polynorm_bias_clamp is not None and self.num_experts == 0:
+            raise ValueError("polynorm_bias_clamp clamps the routed experts' PolyNorm bias: it needs num_experts > 0")
         if self.swiglu_limits is not None and any(self.swiglu_limits):
             raise ValueError("swiglu_limits clamp SwiGLU; mlp_activation 'polynorm' has no such clamp")
 

@@ -159,10 +159,12 @@ def _layer_params(cfg: ModelConfig, sparse: bool) -> tuple[int, int, int]:
         polynorm = 4 if cfg.mlp_activation == "polynorm" else 0  # its 3 weights and bias
         return dense + 3 * h * cfg.intermediate_size + polynorm, 0, 0
     im = cfg.moe_intermediate_size
+    polynorm = 4 if cfg.mlp_activation == "polynorm" else 0  # one PolyNorm per expert and in the shared MLP
     dense += cfg.num_experts * h + 3 * h * im * cfg.num_shared_experts  # router + shared experts
+    dense += polynorm if cfg.num_shared_experts else 0
     dense += cfg.num_experts if cfg.router_bias else 0
     dense += h if cfg.post_mlp_norm else 0  # RMSNorm on the MoE output (A.X K1)
-    per_expert = 3 * h * im + (2 * im + h if cfg.expert_bias else 0)
+    per_expert = 3 * h * im + (2 * im + h if cfg.expert_bias else 0) + polynorm
     return dense, cfg.num_experts * per_expert, cfg.num_experts_per_tok * per_expert
 
 

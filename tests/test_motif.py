@@ -172,7 +172,10 @@ def test_triton_attention_runs_the_differential_form():
     ({"num_attention_heads": 7, "num_noise_heads": 2}, r"num_noise_heads \(2\) must divide the signal heads"),
     ({"num_key_value_heads": 3}, r"num_key_value_heads \(3\) must be even"),
     ({"qk_norm": True}, "qk_norm: differential attention normalises each head's output instead"),
-    ({"num_experts": 4, "moe_intermediate_size": 16}, "mlp_activation 'polynorm' applies to dense MLPs"),
+    ({"num_experts": 4, "moe_intermediate_size": 16, "expert_activation": "clamped_swiglu"},
+     "expert_activation 'clamped_swiglu' cannot be combined with it"),
+    ({"polynorm_bias_clamp": 0.5}, "polynorm_bias_clamp clamps the routed experts' PolyNorm bias: it needs num_experts"),
+    ({"mlp_activation": "swiglu", "polynorm_output_scale": 0.5}, "polynorm_output_scale only apply to mlp_activation"),
     ({"attention_kind": "gqa", "num_key_value_heads": 1}, "num_noise_heads only applies to attention_kind 'differential'"),
 ])
 def test_bad_motif_config_names_the_key(overrides, message):

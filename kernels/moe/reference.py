@@ -107,6 +107,25 @@ def swiglu(
     raise ValueError(f"unknown expert activation {activation!r}")
 
 
+# PolyNorm's eps (Motif's modeling code's default).
+POLYNORM_EPS = 1e-6
+
+
+def polynorm(x: torch.Tensor, coefficients: torch.Tensor, eps: float = POLYNORM_EPS) -> torch.Tensor:
+    """PolyNorm (arXiv 2411.03884; Motif's activation): c0 N(x^3) + c1 N(x^2) + c2 N(x) + c3, with
+    N(z) = z / sqrt(mean(z^2) + eps) over the last dim and `coefficients` (..., 4) = (c0, c1, c2, c3), already
+    transformed by the caller (sigmoid, bias clamp, output scale). Computed in fp32 at least: cubes overflow
+    bf16 early."""
+    dtype = torch.promote_types(x.dtype, torch.float32)
+    z, c = x.to(dtype), coefficients.to(dtype)
+
+    def normed(p: torch.Tensor) -> torch.Tensor:
+        return p * torch.rsqrt(p.pow(2).mean(-1, keepdim=True) + eps)
+
+    out = c[..., 0:1] * normed(z**3) + c[..., 1:2] * normed(z**2) + c[..., 2:3] * normed(z) + c[..., 3:4]
+    return out.to(x.dtype)
+
+
 def grouped_swiglu(
     x_sorted: torch.Tensor,
     tokens_per_expert: torch.Tensor,
@@ -118,8 +137,11 @@ def grouped_swiglu(
     activation: str = "swiglu",
     swiglu_alpha: float = 1.702,
     swiglu_limit: float = 7.0,
+    polynorm_coefficients: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """down(act(gate(x), up(x))) for each expert's contiguous segment of rows (one loop step per expert)."""
+    """down(act(gate(x), up(x))) for each expert's contiguous segment of rows (one loop step per expert).
+    activation "polynorm" (Motif-3's grouped PolyNorm): polynorm(gate) * up with expert e's own
+    coefficients, row e of `polynorm_coefficients` (E, 4)."""
     inter = down_proj.shape[-1]
     outputs = []
     for expert, rows in enumerate(torch.split(x_sorted, tokens_per_expert.tolist())):
@@ -129,7 +151,11 @@ def grouped_swiglu(
         gate_up = rows @ gate_up_proj[expert].t()
         if gate_up_bias is not None:
             gate_up = gate_up + gate_up_bias[expert].to(gate_up.dtype)
-        hidden = swiglu(gate_up[:, :inter], gate_up[:, inter:], activation, swiglu_alpha, swiglu_limit)
+        gate, up = gate_up[:, :inter], gate_up[:, inter:]
+        if activation == "polynorm":
+            hidden = polynorm(gate, polynorm_coefficients[expert]) * up
+        else:
+            hidden = swiglu(gate, up, activation, swiglu_alpha, swiglu_limit)
         out = hidden @ down_proj[expert].t()
         outputs.append(out if down_bias is None else out + down_bias[expert].to(out.dtype))
     if not outputs:
@@ -156,6 +182,7 @@ def moe_experts(
     activation: str = "swiglu",
     swiglu_alpha: float = 1.702,
     swiglu_limit: float = 7.0,
+    polynorm_coefficients: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """The routed-expert output for tokens x (N, H) given their routing: permute, grouped SwiGLU, combine."""
     x_sorted, order, counts = permute(x, experts, gate_up_proj.shape[0])
@@ -169,5 +196,6 @@ def moe_experts(
         activation=activation,
         swiglu_alpha=swiglu_alpha,
         swiglu_limit=swiglu_limit,
+        polynorm_coefficients=polynorm_coefficients,
     )
     return combine(y_sorted, order, weights)

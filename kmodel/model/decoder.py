@@ -47,7 +47,7 @@ class DecoderLayer(nn.Module):
         self.residual_multiplier = cfg.residual_multiplier
         sparse = cfg.mlp_layer_types[layer_idx] == "sparse" if sparse is None else sparse
         limit = cfg.swiglu_limit_of(layer_idx)
-        self.mlp = MoE(cfg, limit) if sparse else MLP(cfg.hidden_size, cfg.intermediate_size, limit, cfg.mlp_activation)
+        self.mlp = MoE(cfg, limit) if sparse else MLP.of(cfg, cfg.intermediate_size, limit)
         placement = cfg.norm_placement
 
         def norm_if(wanted: bool) -> RMSNorm | None:
@@ -139,6 +139,8 @@ class Model(nn.Module):
         missing = {}
         if self.cfg.swiglu_limits is not None and any(self.cfg.swiglu_limits):
             missing["moe"] = "the per-layer SwiGLU clamps (swiglu_limits)"
+        if self.cfg.mlp_activation == "polynorm" and "sparse" in self.cfg.mlp_layer_types:
+            missing["moe"] = "PolyNorm routed experts (mlp_activation 'polynorm', Motif-3's grouped PolyNorm)"
         return missing
 
     # --- forward --------------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from torch import nn
 
 from kmodel.model.moe import Experts
 from kmodel.model.norm import RMSNorm
-from kmodel.model.polynorm import POLYNORM_INIT, PolyNorm
+from kmodel.model.polynorm import PolyNorm, initial_polynorm_weight
 
 # Parameters drawn with their own standard deviation instead of initializer_range: differential attention's
 # lambda vectors (the Differential Transformer's N(0, 0.1)).
@@ -37,14 +37,17 @@ def initial_value(name: str, shape: torch.Size, seed: int, std: float) -> torch.
 
 def constant_parameters(model: nn.Module) -> dict[str, float]:
     """Parameters that start at a constant instead: norm weights at the identity scale (1, or 0 for a
-    `plus_one` norm, which applies 1 + w), PolyNorm's weights at 1/3 and biases (`bias`, `*_bias`) at 0."""
+    `plus_one` norm, which applies 1 + w), PolyNorm's weights (routed experts' too) at coefficient 1/3 and biases
+    (`bias`, `*_bias`) at 0."""
     constants = {}
     for module_name, module in model.named_modules():
         prefix = f"{module_name}." if module_name else ""
         if isinstance(module, RMSNorm):
             constants[prefix + "weight"] = 0.0 if module.plus_one else 1.0
         if isinstance(module, PolyNorm):
-            constants[prefix + "weight"] = POLYNORM_INIT
+            constants[prefix + "weight"] = initial_polynorm_weight(module.cfg.polynorm_sigmoid_weight)
+        if isinstance(module, Experts) and module.polynorm_weight is not None:
+            constants[prefix + "polynorm_weight"] = initial_polynorm_weight(module.cfg.polynorm_sigmoid_weight)
         for name, _ in module.named_parameters(recurse=False):
             if name == "bias" or name.endswith("_bias"):
                 constants[prefix + name] = 0.0

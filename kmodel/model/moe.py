@@ -16,22 +16,32 @@ from torch import nn
 from kmodel.config import ModelConfig
 from kmodel.kernels.moe import reference
 from kmodel.model.norm import RMSNorm
-from kmodel.model.polynorm import PolyNorm
+from kmodel.model.polynorm import PolyNorm, polynorm_coefficients
 
 
 class MLP(nn.Module):
     """SwiGLU: down(silu(gate(x)) * up(x)); with `swiglu_limit`, silu(gate) <= limit and |up| <= limit
-    (the kernels' limited_swiglu); with activation 'polynorm', down(polynorm(gate(x)) * up(x)) (Motif)."""
+    (the kernels' limited_swiglu); with `act_fn` (Motif's PolyNorm), down(act_fn(gate(x)) * up(x))."""
 
     def __init__(
-        self, hidden_size: int, intermediate_size: int, swiglu_limit: float | None = None, activation: str = "swiglu"
+        self,
+        hidden_size: int,
+        intermediate_size: int,
+        swiglu_limit: float | None = None,
+        act_fn: PolyNorm | None = None,
     ):
         super().__init__()
         self.gate_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=False)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
         self.swiglu_limit = swiglu_limit
-        self.act_fn = PolyNorm() if activation == "polynorm" else None
+        self.act_fn = act_fn
+
+    @classmethod
+    def of(cls, cfg: ModelConfig, intermediate_size: int, swiglu_limit: float | None = None) -> MLP:
+        """The config's MLP: SwiGLU, or PolyNorm when `mlp_activation` says so."""
+        act_fn = PolyNorm(cfg) if cfg.mlp_activation == "polynorm" else None
+        return cls(cfg.hidden_size, intermediate_size, swiglu_limit, act_fn)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_proj(x), self.up_proj(x)
@@ -57,10 +67,11 @@ class Router(nn.Module):
 
 class Experts(nn.Module):
     """The routed experts' weights as two stacked tensors (and, with `expert_bias`, their biases:
-    gate_up_proj_bias (E, 2I), down_proj_bias (E, H)). Row j holds global expert `first_expert + j`: all
+    gate_up_proj_bias (E, 2I), down_proj_bias (E, H); with PolyNorm, each expert's coefficients: polynorm_weight
+    (E, 3), polynorm_bias (E, 1), Motif-3's grouped PolyNorm). Row j holds global expert `first_expert + j`: all
     experts (first_expert 0), or one rank's consecutive shard under expert parallelism (`keep_experts`)."""
 
-    TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias")
+    TENSORS = ("gate_up_proj", "down_proj", "gate_up_proj_bias", "down_proj_bias", "polynorm_weight", "polynorm_bias")
 
     def __init__(self, cfg: ModelConfig, swiglu_limit: float | None = None):
         super().__init__()
@@ -69,6 +80,9 @@ class Experts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(e, h, i))
         self.gate_up_proj_bias = nn.Parameter(torch.empty(e, 2 * i)) if cfg.expert_bias else None
         self.down_proj_bias = nn.Parameter(torch.empty(e, h)) if cfg.expert_bias else None
+        grouped_polynorm = cfg.mlp_activation == "polynorm"
+        self.polynorm_weight = nn.Parameter(torch.empty(e, 3)) if grouped_polynorm else None
+        self.polynorm_bias = nn.Parameter(torch.empty(e, 1)) if grouped_polynorm else None
         self.first_expert = 0
         self.cfg = cfg
         self.swiglu_limit = swiglu_limit
@@ -95,7 +109,10 @@ class Experts(nn.Module):
         options = {}
         if self.gate_up_proj_bias is not None:
             options.update(gate_up_bias=self.gate_up_proj_bias, down_bias=self.down_proj_bias)
-        if self.cfg.expert_activation != "swiglu":
+        if self.polynorm_weight is not None:
+            coefficients = polynorm_coefficients(self.polynorm_weight, self.polynorm_bias, self.cfg, routed=True)
+            options.update(activation="polynorm", polynorm_coefficients=coefficients)
+        elif self.cfg.expert_activation != "swiglu":
             options.update(
                 activation=self.cfg.expert_activation,
                 swiglu_alpha=self.cfg.swiglu_alpha,
@@ -115,7 +132,7 @@ class MoE(nn.Module):
         self.gate = Router(cfg)
         self.experts = Experts(cfg, swiglu_limit)
         shared_width = cfg.moe_intermediate_size * cfg.num_shared_experts
-        self.shared_experts = MLP(cfg.hidden_size, shared_width, swiglu_limit) if cfg.num_shared_experts else None
+        self.shared_experts = MLP.of(cfg, shared_width, swiglu_limit) if cfg.num_shared_experts else None
         self.post_mlp_norm = RMSNorm.of(cfg, cfg.hidden_size) if cfg.post_mlp_norm else None
         # Assignments per expert in the current optimizer step, and in the last finished one (statistics).
         self.register_buffer("load", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
