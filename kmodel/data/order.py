@@ -124,13 +124,12 @@ class Mixture:
         self.eos_id, self.document_masking = eos_id, document_masking
         self.labels, self.weights = [s.label for s in streams], list(weights)
         self.previous_stages: list[dict] = []
-        labels = self.labels
         self.windows = np.array([(s.num_tokens - 1) // seq_len for s in streams], dtype=np.int64)
-        for label, stream, windows in zip(labels, streams, self.windows):
+        for label, stream, windows in zip(self.labels, streams, self.windows):
             if windows < 1:
                 raise DataError(f"data source {label!r} has {stream.num_tokens} tokens, fewer than one row of "
                                 f"data.seq_len + 1 = {seq_len + 1}")
-        self.quotas = block_quotas(weights, labels)
+        self.quotas = block_quotas(weights, self.labels)
         self.rows_drawn = 0
         self._blocks: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         self._epochs: dict[tuple[int, int], tuple[Permutation, int]] = {}

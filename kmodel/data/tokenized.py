@@ -20,19 +20,6 @@ class TokenizedDocs:
     doc_ends: np.ndarray  # (documents,) int64: end offset of each document, its EOS included
     text_bytes: int  # UTF-8 bytes of the documents' text, for bits per byte
 
-    @property
-    def doc_starts(self) -> np.ndarray:
-        return np.concatenate(([0], self.doc_ends[:-1]))
-
-    @staticmethod
-    def concatenate(parts: list["TokenizedDocs"]) -> "TokenizedDocs":
-        offsets = np.cumsum([0] + [len(p.tokens) for p in parts[:-1]])
-        return TokenizedDocs(
-            np.concatenate([p.tokens for p in parts]),
-            np.concatenate([p.doc_ends + off for p, off in zip(parts, offsets)]),
-            sum(p.text_bytes for p in parts),
-        )
-
 
 def default_cache_dir() -> Path:
     """$KMODEL_CACHE, else ~/.cache/kmodel; sources prepared on the fly live under its tokens/ folder."""
