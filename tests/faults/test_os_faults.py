@@ -38,6 +38,7 @@ def train_until_signal(tiny, run_dir: Path, signum: int) -> subprocess.Completed
     return subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGUSR1, signal.SIGINT])
 def test_a_stop_signal_checkpoints_after_the_step_and_says_how_to_resume(tiny, tmp_path, signum):
     run_dir = tmp_path / "run"

@@ -85,6 +85,7 @@ def test_resume_cannot_shorten_a_run_or_rewrite_its_config(short_run):
     assert (short_run / "config.yaml").read_bytes() == config
 
 
+@pytest.mark.slow  # three `kmodel eval` processes
 def test_eval_options_are_checked(short_run):
     data = "data/corpus/heldout/ko_libreoffice_help.jsonl"
     for option, value, message in [
@@ -97,6 +98,7 @@ def test_eval_options_are_checked(short_run):
         assert "Traceback" not in done.stderr
 
 
+@pytest.mark.slow  # three `kmodel eval` processes
 def test_eval_refuses_a_tokenizer_other_than_the_models(short_run):
     data = "data/corpus/heldout/ko_libreoffice_help.jsonl"
     model_file = short_run / "checkpoints" / "step_0000008" / "tokenizer" / "tokenizer.model"
