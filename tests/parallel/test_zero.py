@@ -221,3 +221,16 @@ def test_sharded_expert_checkpoints_are_topology_free(tmp_path, reference8):
     _drop_checkpoint(tmp_path, 3)
     _single_accum(tmp_path, 8, ["train.checkpoint_every=1"], resume=True)
     assert _losses(tmp_path) == pytest.approx(reference8, rel=1e-6)
+
+
+@pytest.mark.slow
+def test_global_balance_loss_in_the_trainer_equals_one_process(tmp_path):
+    """model.aux_loss_kind global on 2 ranks (micro-batch 2 each) trains as one process balancing its micro-batch
+    of 4 rows (the same rows): the engine attaches the all-reduce of the expert loads to every MoE layer."""
+    balance = ["model.aux_loss_coef=0.5", "provenance.ledger=false"]
+    _distributed(tmp_path / "global", 2, balance + ["model.aux_loss_kind=global"])
+    cfg = load_config(RECIPE, TINY + balance + ["model.aux_loss_kind=batch", "train.micro_batch_size=4"])
+    train(cfg, tmp_path / "one", progress=False)
+    got, want = _losses(tmp_path / "global"), _losses(tmp_path / "one")
+    assert got.keys() == want.keys() == {1, 2, 3, 4}
+    assert got == pytest.approx(want, rel=1e-5)
