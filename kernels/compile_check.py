@@ -4,8 +4,9 @@ Triton bundles ptxas, so every kernel variant the code launches (each epilogue /
 with every GPU autotune config) can be compiled for Hopper anywhere. This catches what the CPU interpreter
 lets through — code the GPU compiler rejects, tiles that spill registers — and it is how the autotune lists
 were chosen while no GPU was at hand. It runs no kernel and measures no speed. Attention's variants are its
-launch configs per padded head dims (64, 128, 256, and MLA's 256 / 128) with every mask feature on, compiled by
-`attention.compile_report` (which also writes the per-config register/shared-memory/wgmma tables).
+launch configs per head dims (64, 128, 256, and MLA's 192 / 128, q/k split 128 + 64) with every mask
+feature on, compiled by `attention.compile_report` (which also writes the per-config register/shared-memory/wgmma
+tables).
 
     python -m kmodel.kernels.compile_check [--ops attention moe norm loss] [--arch 90] [--dtype bf16]
                                            [--first-config-only]
@@ -37,7 +38,7 @@ _ALIGNED_SCALARS = {"N", "K", "P", "Q", "hidden"}  # and every stride: multiples
 
 
 OPS = ("attention", "moe", "norm", "loss")
-ATTENTION_DIMS = ((64, 64), (128, 128), (256, 256), (256, 128))  # padded (q/k, v) head dims; the last is MLA's
+ATTENTION_DIMS = ((64, 64), (128, 128), (256, 256), (192, 128))  # (q/k, v) head dims; the last is MLA's (128 + 64)
 
 
 class Variant(NamedTuple):

@@ -85,8 +85,10 @@ def compile_kernel(
     arch: int = 90,
 ) -> dict:
     """Compile one kernel config for sm_`arch`; returns its registers, spill stack, shared memory and whether its
-    dots became Hopper's asynchronous warpgroup MMA (`wgmma`) rather than `mma.sync`. v_dim: the padded value
-    head dim when it differs from head_dim (MLA: 256 for q/k, 128 for v)."""
+    dots became Hopper's asynchronous warpgroup MMA (`wgmma`) rather than `mma.sync`. head_dim, v_dim: the q/k
+    and value head dims as launched (v by default head_dim), with their launch constexprs (MLA's 192 as the
+    pieces 128 + 64, `triton_impl.qk_pieces`); dims the launch would pad are compiled unmasked at the padded
+    size, as a power-of-two shape of that size would run."""
     if interpreting() or not isinstance(triton.language.zeros, triton.runtime.JITFunction):
         raise RuntimeError(
             "compiling needs a process where triton was imported with TRITON_INTERPRET unset (the interpreter's "
@@ -98,10 +100,7 @@ def compile_kernel(
         HAS_WINDOW=window,
         HAS_DOCS=docs,
         HAS_SINKS=sinks,
-        HEAD_DIM=head_dim,
-        V_DIM=v_dim or head_dim,
-        EVEN_D=True,
-        EVEN_V=True,
+        **triton_impl._dim_meta(head_dim, v_dim or head_dim),
         DOT_PRECISION="ieee" if dtype == "fp32" else "tf32",
         BLOCK_M=block_m,
         BLOCK_N=block_n,
@@ -110,6 +109,9 @@ def compile_kernel(
         constants.update(DocStart=None, DocEnd=None)
     if not sinks:
         constants.update(Sinks=None)
+    constants.update(EVEN_D=True, EVEN_V=True)
+    if name == "attention_bwd_delta_kernel":  # launched over the output, whose head dim is v's
+        constants.update(HEAD_DIM=constants["V_DIM"])
     constants = {k: v for k, v in constants.items() if k in kernel.arg_names}
     signature, attrs = _signature(kernel, dtype, constants)
     source = ASTSource(kernel, signature, {(kernel.arg_names.index(k),): v for k, v in constants.items()}, attrs)
@@ -122,25 +124,24 @@ def compile_kernel(
 
 def launch_configs(head_dim: int, v_dim: int | None = None) -> list[tuple[str, int, int, int, int]]:
     """(kernel, BLOCK_M, BLOCK_N, num_warps, num_stages) of every config `triton_impl` may launch on CUDA for
-    these padded head dims (v_dim: the value head dim, by default head_dim)."""
+    these head dims (v_dim: the value head dim, by default head_dim)."""
     v_dim = v_dim or head_dim
+    widths = triton_impl.computed_head_dims(head_dim, v_dim)
     configs = [
-        (name, *config)
-        for name in triton_impl._CUDA_CONFIGS
-        for config in triton_impl.cuda_configs(name, head_dim, v_dim)
+        (name, *config) for name in triton_impl._CUDA_CONFIGS for config in triton_impl.cuda_configs(name, *widths)
     ]
     # Fixed launches, at triton's default 3 stages (and 4 warps for delta); delta has no BLOCK_N.
     configs.append(("attention_bwd_delta_kernel", triton_impl.DELTA_BLOCK_M, 0, 4, 3))
     decode_rows = 16  # group x new tokens, padded: one token of a 4:1 GQA group
-    decode_block_n = triton_impl.DECODE_BLOCK_N[max(64, head_dim, v_dim)]
+    decode_block_n = triton_impl.decode_block_n(head_dim, v_dim)
     configs.append(("attention_decode_kernel", decode_rows, decode_block_n, triton_impl.DECODE_NUM_WARPS, 3))
     return configs
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--head-dim", type=int, nargs="+", default=[64, 128, 256], help="padded head dims to compile")
-    parser.add_argument("--v-dim", type=int, help="padded value head dim if narrower (MLA: --head-dim 256 --v-dim 128)")
+    parser.add_argument("--head-dim", type=int, nargs="+", default=[64, 128, 256], help="q/k head dims to compile")
+    parser.add_argument("--v-dim", type=int, help="value head dim if it differs (MLA: --head-dim 192 --v-dim 128)")
     parser.add_argument("--dtype", default="bf16", choices=["bf16", "fp16", "fp32"], help="q/k/v element type")
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability as an int (90 = Hopper)")
     parser.add_argument("--first-only", action="store_true", help="only each kernel's first config: a quick check")

@@ -61,17 +61,25 @@ _CUDA_CONFIGS = {
     },
 }
 # Tuned per power-of-two bucket of the sequence length and window (`_tuning_buckets`), not per exact value.
-# Where v is narrower than q/k (MLA: q/k 192 padded to 256, v 128) the dK/dV kernel fits 64-key blocks, whose
-# dots compile to Hopper's wgmma without spills; the hd256 list above keeps 32-key blocks (mma.sync), since
-# 64 spill there with v at 256 too. Keyed by the padded (q/k, v) head dims; compile_report checks both.
+# Where v is narrower than q/k (MLA: q/k 192 computed as 128 + 64, v 128) the dK/dV kernel fits 64-key blocks,
+# whose dots compile to Hopper's wgmma without spills; the hd256 list above keeps 32-key blocks (mma.sync),
+# since 64 spill there with v at 256 too. Keyed by the computed (q/k, v) head dims (`computed_head_dims`), else
+# by those rounded up to powers of two (`_config_dims`). MLA's q/k split as 128 + 64 needs fewer registers and
+# less shared memory than at 256, which leaves room for wider key blocks in the forward and dQ kernels; its
+# dK/dV kernel takes the (256, 128) list (64 x 64 blocks still spill). compile_report checks every list.
 _NARROW_V_CONFIGS = {
+    "attention_fwd_kernel": {(192, 128): [(128, 64, 8, 2), (128, 32, 8, 2), (64, 32, 8, 2), (128, 16, 8, 2)]},
     "attention_bwd_dkdv_kernel": {(256, 128): [(32, 64, 8, 2), (16, 64, 8, 3), (16, 64, 8, 2), (32, 64, 8, 3)]},
-    "attention_bwd_dq_kernel": {(256, 128): [(128, 16, 8, 3), (64, 16, 8, 2)]},  # (128, 32, 8, 2) spills here
+    "attention_bwd_dq_kernel": {
+        (256, 128): [(128, 16, 8, 3), (64, 16, 8, 2)],  # (128, 32, 8, 2) spills here
+        (192, 128): [(128, 32, 8, 2), (128, 16, 8, 3), (64, 16, 8, 2)],
+    },
 }
 _AUTOTUNE_KEY = [
-    "seq_bucket", "window_bucket", "CAUSAL", "HAS_WINDOW", "HAS_DOCS", "HEAD_DIM", "V_DIM", "DOT_PRECISION"
+    "seq_bucket", "window_bucket", "CAUSAL", "HAS_WINDOW", "HAS_DOCS", "HEAD_DIM", "HEAD_DIM_2", "V_DIM",
+    "DOT_PRECISION",
 ]
-_autotuned: dict[tuple[str, int, int], triton.runtime.Autotuner] = {}
+_autotuned: dict[tuple[str, int, int, int], triton.runtime.Autotuner] = {}
 
 
 def _tuning_buckets(seq: int, window: int | None) -> tuple[int, int]:
@@ -84,37 +92,72 @@ def _padded_head_dim(head_dim: int) -> int:
     return max(16, triton.next_power_of_2(head_dim))
 
 
+def qk_pieces(head_dim: int) -> tuple[int, int]:
+    """The q/k head dim as the kernels compute it: (HEAD_DIM, HEAD_DIM_2). A sum of two powers of two of at
+    least 16 (MLA's 192 = 128 + 64, also 48, 96, 160, ...) splits into them, so nothing is padded; any other
+    head dim pads to one power of two (HEAD_DIM_2 = 0)."""
+    padded = _padded_head_dim(head_dim)
+    first = padded // 2
+    rest = head_dim - first
+    if head_dim != padded and rest >= 16 and rest & (rest - 1) == 0:
+        return first, rest
+    return padded, 0
+
+
 def _dim_meta(head_dim: int, v_dim: int) -> dict:
-    """Constexprs for the q/k head dim and the v head dim: padded sizes and whether padding is needed."""
-    padded, v_padded = _padded_head_dim(head_dim), _padded_head_dim(v_dim)
-    return {"HEAD_DIM": padded, "V_DIM": v_padded, "EVEN_D": head_dim == padded, "EVEN_V": v_dim == v_padded}
+    """Constexprs for the q/k head dim (its pieces, `qk_pieces`) and the v head dim (padded), and whether they
+    need masks for padded columns."""
+    first, second = qk_pieces(head_dim)
+    v_padded = _padded_head_dim(v_dim)
+    return {
+        "HEAD_DIM": first,
+        "HEAD_DIM_2": second,
+        "V_DIM": v_padded,
+        "EVEN_D": head_dim == first + second,
+        "EVEN_V": v_dim == v_padded,
+    }
+
+
+def computed_head_dims(head_dim: int, v_dim: int) -> tuple[int, int]:
+    """The (q/k, v) widths the kernels multiply for these head dims: MLA's (192, 128) stays (192, 128), 24
+    pads to 32."""
+    dims = _dim_meta(head_dim, v_dim)
+    return dims["HEAD_DIM"] + dims["HEAD_DIM_2"], dims["V_DIM"]
+
+
+def _config_dims(head_dim: int, v_dim: int) -> tuple[int, int]:
+    """The key of the config lists for computed (q/k, v) head dims: each rounded up to a power of two, at least 64."""
+    return max(64, triton.next_power_of_2(head_dim)), max(64, v_dim)
 
 
 def cuda_configs(name: str, head_dim: int, v_dim: int) -> list[tuple[int, int, int, int]]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates of kernel `name` for these padded head dims."""
-    narrow_v = _NARROW_V_CONFIGS.get(name, {}).get((head_dim, v_dim))
-    return narrow_v if narrow_v is not None else _CUDA_CONFIGS[name][max(64, head_dim, v_dim)]
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) candidates of kernel `name` for these computed head dims."""
+    narrow_v = _NARROW_V_CONFIGS.get(name, {})
+    rounded = _config_dims(head_dim, v_dim)
+    configs = narrow_v.get((head_dim, v_dim), narrow_v.get(rounded))
+    return configs if configs is not None else _CUDA_CONFIGS[name][max(rounded)]
 
 
 def _launch(name: str, grid, dims: dict, *args, **meta) -> None:
-    """Launch kernel `name`: fixed blocks under the interpreter, autotuned on CUDA per padded (q/k, v) head dims
+    """Launch kernel `name`: fixed blocks under the interpreter, autotuned on CUDA per computed (q/k, v) head dims
     (`dims`, from `_dim_meta`, also passed to the kernel)."""
     kernel = getattr(triton_kernels, name)
+    widths = (dims["HEAD_DIM"] + dims["HEAD_DIM_2"], dims["V_DIM"])
     if interpreting():
         sequence = [INTERPRETER_BLOCKS[name]]
         winner = replayed_winner()
         if winner is not None:  # as triton.autotune on a GPU: every CUDA config on these buffers, then the winner
-            configs = [(m, n) for m, n, *_ in cuda_configs(name, dims["HEAD_DIM"], dims["V_DIM"])]
+            configs = [(m, n) for m, n, *_ in cuda_configs(name, *widths)]
             sequence = [*configs, configs[winner]]
         for block_m, block_n in sequence:
             blocks = {"BLOCK_M": block_m, "BLOCK_N": block_n}
             kernel[grid(blocks)](*args, **meta, **dims, **blocks)
         return
-    shape = (name, dims["HEAD_DIM"], dims["V_DIM"])
+    shape = (name, dims["HEAD_DIM"], dims["HEAD_DIM_2"], dims["V_DIM"])
     if shape not in _autotuned:
         configs = [
             triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=warps, num_stages=stages)
-            for m, n, warps, stages in tuning_configs(cuda_configs(*shape))
+            for m, n, warps, stages in tuning_configs(cuda_configs(name, *widths))
         ]
         _autotuned[shape] = triton.autotune(configs=configs, key=_AUTOTUNE_KEY)(kernel.jit_function(False))
     _autotuned[shape][grid](*args, **meta, **dims)
@@ -354,6 +397,11 @@ MAX_DECODE_ROWS = 128
 # Fixed decode key blocks per padded head dim on CUDA (memory-bound, so not autotuned), 4 warps.
 DECODE_BLOCK_N = {64: 64, 128: 64, 256: 32}
 DECODE_NUM_WARPS = 4
+
+
+def decode_block_n(head_dim: int, v_dim: int) -> int:
+    """The decode kernel's key block on CUDA for these (unpadded) head dims."""
+    return DECODE_BLOCK_N[max(_config_dims(*computed_head_dims(head_dim, v_dim)))]
 # Under the interpreter: small key blocks and a few key splits, so that tests exercise the merge.
 INTERPRETER_DECODE = {"BLOCK_N": 16, "max_splits": 4}
 
@@ -411,8 +459,7 @@ def decode_attention(
 
     v_dim = v_cache.shape[3]
     dims = _dim_meta(head_dim, v_dim)
-    widest = max(64, dims["HEAD_DIM"], dims["V_DIM"])
-    block_n = INTERPRETER_DECODE["BLOCK_N"] if interpreting() else DECODE_BLOCK_N[widest]
+    block_n = INTERPRETER_DECODE["BLOCK_N"] if interpreting() else decode_block_n(head_dim, v_dim)
     span = capacity if window is None else min(capacity, window + new_tokens - 1)
     splits = _decode_splits(batch * kv_heads, span, block_n, q.device)
     split_len = triton.cdiv(triton.cdiv(span, splits), block_n) * block_n

@@ -2,8 +2,12 @@
 
 Layout: q, dq (batch, seq, q_heads, head_dim), k, dk (batch, seq, kv_heads, head_dim), v, dv (batch, seq,
 kv_heads, v_dim) and o, dO (batch, seq, q_heads, v_dim), any strides with a unit last stride; v_dim may differ
-from head_dim (MLA), HEAD_DIM and V_DIM are both padded to powers of two. The log-sum-exp and delta are
-(batch, q_heads, seq) fp32. Query head h reads key/value head h // group, so GQA never copies K/V.
+from head_dim (MLA), V_DIM is padded to a power of two. The q/k head dim is either padded to a power of
+two (HEAD_DIM, HEAD_DIM_2 = 0) or, where it is the sum of two powers of two of at least 16, split into the
+pieces [0, HEAD_DIM) and [HEAD_DIM, HEAD_DIM + HEAD_DIM_2), each loaded with its own arange and multiplied by
+its own dot: MLA's 192 computes as 128 + 64 instead of padding to 256 (a quarter of the QK^T, dQ and dK work).
+The log-sum-exp and delta are (batch, q_heads, seq) fp32. Query head h reads key/value head h // group, so
+GQA never copies K/V.
 
 Visibility of key j from query i: j <= i (causal), |i - j| < window (sliding window; one-sided when causal),
 and, with packed documents, doc_start[i] <= j < doc_end[i], where doc_start/doc_end (batch, seq) hold the
@@ -59,6 +63,52 @@ def _store_rows(base, tile, rows, cols, row_stride, seq_len, head_dim, EVEN_D: t
         tl.store(ptrs, tile.to(base.dtype.element_ty), mask=rows[:, None] < seq_len)
     else:
         tl.store(ptrs, tile.to(base.dtype.element_ty), mask=(rows[:, None] < seq_len) & (cols[None, :] < head_dim))
+
+
+@jit_helper
+def _load_qk(
+    base, rows, row_stride, seq_len, head_dim, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr,
+    HEAD_DIM: tl.constexpr, HEAD_DIM_2: tl.constexpr,
+):  # fmt: skip
+    """A q or k tile as its two column pieces; without a split (HEAD_DIM_2 = 0) the second is the first again,
+    which nothing then reads."""
+    first = _load_rows(base, rows, tl.arange(0, HEAD_DIM), row_stride, seq_len, head_dim, CHECK_ROWS, EVEN_D)
+    if HEAD_DIM_2 > 0:
+        cols = HEAD_DIM + tl.arange(0, HEAD_DIM_2)
+        second = _load_rows(base, rows, cols, row_stride, seq_len, head_dim, CHECK_ROWS, EVEN_D)
+    else:
+        second = first
+    return first, second
+
+
+@jit_helper
+def _store_qk(
+    base, tile, tile_2, rows, row_stride, seq_len, head_dim, EVEN_D: tl.constexpr, HEAD_DIM: tl.constexpr,
+    HEAD_DIM_2: tl.constexpr,
+):  # fmt: skip
+    _store_rows(base, tile, rows, tl.arange(0, HEAD_DIM), row_stride, seq_len, head_dim, EVEN_D)
+    if HEAD_DIM_2 > 0:
+        _store_rows(base, tile_2, rows, HEAD_DIM + tl.arange(0, HEAD_DIM_2), row_stride, seq_len, head_dim, EVEN_D)
+
+
+@jit_helper
+def _qk_dot(a, a_2, b, b_2, DOT_PRECISION: tl.constexpr, HEAD_DIM_2: tl.constexpr):
+    """a @ b^T over the q/k head dim: one dot per piece, the second accumulating onto the first."""
+    product = dot(a, tl.trans(b), input_precision=DOT_PRECISION)
+    if HEAD_DIM_2 > 0:
+        product = dot(a_2, tl.trans(b_2), product, input_precision=DOT_PRECISION)
+    return product
+
+
+@jit_helper
+def _zeros_qk(rows: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_2: tl.constexpr):
+    """fp32 gradient accumulators for the two q/k pieces (the second aliases the first without a split)."""
+    first = tl.zeros([rows, HEAD_DIM], dtype=tl.float32)
+    if HEAD_DIM_2 > 0:
+        second = tl.zeros([rows, HEAD_DIM_2], dtype=tl.float32)
+    else:
+        second = first
+    return first, second
 
 
 @jit_helper
@@ -165,6 +215,7 @@ def _fwd_blocks(
     row_sum,
     row_max,
     q,
+    q_2,
     q_pos,
     doc_lo,
     doc_hi,
@@ -172,7 +223,6 @@ def _fwd_blocks(
     V,
     stride_ks,
     stride_vs,
-    cols,
     v_cols,
     seq_len,
     head_dim,
@@ -188,14 +238,16 @@ def _fwd_blocks(
     EVEN_D: tl.constexpr,
     EVEN_V: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_2: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """Online-softmax accumulation of key blocks block_first..block_last-1 into (acc, row_sum, row_max)."""
     for block in range(block_first, block_last):
         k_pos = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, k_pos, cols, stride_ks, seq_len, head_dim, MASKED, EVEN_D)
+        k, k_2 = _load_qk(K, k_pos, stride_ks, seq_len, head_dim, MASKED, EVEN_D, HEAD_DIM, HEAD_DIM_2)
         v = _load_rows(V, k_pos, v_cols, stride_vs, seq_len, v_dim, MASKED, EVEN_V)
-        scores = dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        scores = _qk_dot(q, q_2, k, k_2, DOT_PRECISION, HEAD_DIM_2) * qk_scale
         if MASKED:
             visible = _tile_visible(
                 q_pos[:, None], k_pos[None, :], k_pos[None, :], doc_lo[:, None], doc_hi[:, None],
@@ -247,6 +299,7 @@ def attention_fwd_kernel(
     HAS_DOCS: tl.constexpr,
     HAS_SINKS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    HEAD_DIM_2: tl.constexpr,
     V_DIM: tl.constexpr,
     EVEN_D: tl.constexpr,
     EVEN_V: tl.constexpr,
@@ -268,7 +321,6 @@ def attention_fwd_kernel(
     first_q = q_block * BLOCK_M
     last_q = tl.minimum(first_q + BLOCK_M, seq_len) - 1
     q_pos = first_q + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, HEAD_DIM)
     v_cols = tl.arange(0, V_DIM)
     if HAS_DOCS:
         DocStart += b * seq_len
@@ -279,7 +331,7 @@ def attention_fwd_kernel(
         doc_lo = q_pos
         doc_hi = q_pos
 
-    q = _load_rows(Q, q_pos, cols, stride_qs, seq_len, head_dim, True, EVEN_D)
+    q, q_2 = _load_qk(Q, q_pos, stride_qs, seq_len, head_dim, True, EVEN_D, HEAD_DIM, HEAD_DIM_2)
     acc = tl.zeros([BLOCK_M, V_DIM], dtype=tl.float32)
     if HAS_SINKS:
         # The head's sink logit starts the softmax: one unit of weight at its logit, carrying no value.
@@ -294,19 +346,19 @@ def attention_fwd_kernel(
     )
     first, full_first, full_last, last = _split_blocks(lo, hi, full_lo, full_hi, BLOCK_N)
     acc, row_sum, row_max = _fwd_blocks(
-        acc, row_sum, row_max, q, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, v_cols, seq_len, head_dim,
+        acc, row_sum, row_max, q, q_2, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, v_cols, seq_len, head_dim,
         v_dim, window, qk_scale, first, full_first, True,
-        CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, EVEN_V, DOT_PRECISION, BLOCK_N,
+        CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, EVEN_V, DOT_PRECISION, HEAD_DIM, HEAD_DIM_2, BLOCK_N,
     )  # fmt: skip
     acc, row_sum, row_max = _fwd_blocks(
-        acc, row_sum, row_max, q, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, v_cols, seq_len, head_dim,
+        acc, row_sum, row_max, q, q_2, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, v_cols, seq_len, head_dim,
         v_dim, window, qk_scale, full_first, full_last, False,
-        CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, EVEN_V, DOT_PRECISION, BLOCK_N,
+        CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, EVEN_V, DOT_PRECISION, HEAD_DIM, HEAD_DIM_2, BLOCK_N,
     )  # fmt: skip
     acc, row_sum, row_max = _fwd_blocks(
-        acc, row_sum, row_max, q, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, v_cols, seq_len, head_dim,
+        acc, row_sum, row_max, q, q_2, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, v_cols, seq_len, head_dim,
         v_dim, window, qk_scale, full_last, last, True,
-        CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, EVEN_V, DOT_PRECISION, BLOCK_N,
+        CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, EVEN_V, DOT_PRECISION, HEAD_DIM, HEAD_DIM_2, BLOCK_N,
     )  # fmt: skip
 
     # A row that sees no key and no sink (only padding rows can) gets a zero output and lse = +inf, which
@@ -352,8 +404,10 @@ def attention_bwd_delta_kernel(
 @jit_helper
 def _dkdv_blocks(
     dk,
+    dk_2,
     dv,
     k,
+    k_2,
     v,
     k_pos,
     doc_lo,
@@ -367,7 +421,6 @@ def _dkdv_blocks(
     stride_gs,
     stride_gh,
     group,
-    cols,
     v_cols,
     seq_len,
     head_dim,
@@ -383,6 +436,8 @@ def _dkdv_blocks(
     EVEN_D: tl.constexpr,
     EVEN_V: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_2: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
     """Accumulate into one key block's (dk, dv) the query blocks block_first..block_last-1 of each of the
@@ -393,11 +448,13 @@ def _dkdv_blocks(
     for step in range(blocks * group):
         member = step // blocks
         q_pos = (block_first + step % blocks) * BLOCK_M + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q + member * stride_qh, q_pos, cols, stride_qs, seq_len, head_dim, MASKED, EVEN_D)
+        q, q_2 = _load_qk(
+            Q + member * stride_qh, q_pos, stride_qs, seq_len, head_dim, MASKED, EVEN_D, HEAD_DIM, HEAD_DIM_2
+        )
         grad_out = _load_rows(GradOut + member * stride_gh, q_pos, v_cols, stride_gs, seq_len, v_dim, MASKED, EVEN_V)
         lse = _load_row_stat(Lse + member * seq_len, q_pos, seq_len, MASKED) * LOG2E
         delta = _load_row_stat(Delta + member * seq_len, q_pos, seq_len, MASKED)
-        scores_t = dot(k, tl.trans(q), input_precision=DOT_PRECISION) * qk_scale
+        scores_t = _qk_dot(k, k_2, q, q_2, DOT_PRECISION, HEAD_DIM_2) * qk_scale
         if MASKED:
             visible = _tile_visible(
                 q_pos[None, :], k_pos[:, None], q_pos[None, :], doc_lo[:, None], doc_hi[:, None],
@@ -409,7 +466,9 @@ def _dkdv_blocks(
         dp_t = dot(v, tl.trans(grad_out), input_precision=DOT_PRECISION)
         ds_t = p_t * (dp_t - delta[None, :])
         dk = dot(ds_t.to(q.dtype), q, dk, input_precision=DOT_PRECISION)
-    return dk, dv
+        if HEAD_DIM_2 > 0:
+            dk_2 = dot(ds_t.to(q.dtype), q_2, dk_2, input_precision=DOT_PRECISION)
+    return dk, dk_2, dv
 
 
 @lazy_kernel()
@@ -456,6 +515,7 @@ def attention_bwd_dkdv_kernel(
     HAS_WINDOW: tl.constexpr,
     HAS_DOCS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    HEAD_DIM_2: tl.constexpr,
     V_DIM: tl.constexpr,
     EVEN_D: tl.constexpr,
     EVEN_V: tl.constexpr,
@@ -473,7 +533,6 @@ def attention_bwd_dkdv_kernel(
     first_k = k_block * BLOCK_N
     last_k = tl.minimum(first_k + BLOCK_N, seq_len) - 1
     k_pos = first_k + tl.arange(0, BLOCK_N)
-    cols = tl.arange(0, HEAD_DIM)
     v_cols = tl.arange(0, V_DIM)
     if HAS_DOCS:
         DocStart += b * seq_len
@@ -483,9 +542,10 @@ def attention_bwd_dkdv_kernel(
     else:
         doc_lo = k_pos
         doc_hi = k_pos
-    k = _load_rows(K + b * stride_kb + kv_head * stride_kh, k_pos, cols, stride_ks, seq_len, head_dim, True, EVEN_D)
+    K += b * stride_kb + kv_head * stride_kh
+    k, k_2 = _load_qk(K, k_pos, stride_ks, seq_len, head_dim, True, EVEN_D, HEAD_DIM, HEAD_DIM_2)
     v = _load_rows(V + b * stride_vb + kv_head * stride_vh, k_pos, v_cols, stride_vs, seq_len, v_dim, True, EVEN_V)
-    dk = tl.zeros([BLOCK_N, HEAD_DIM], dtype=tl.float32)
+    dk, dk_2 = _zeros_qk(BLOCK_N, HEAD_DIM, HEAD_DIM_2)
     dv = tl.zeros([BLOCK_N, V_DIM], dtype=tl.float32)
 
     lo, hi, full_lo, full_hi = _visible_range(
@@ -498,24 +558,24 @@ def attention_bwd_dkdv_kernel(
     GradOut += b * stride_gb + first_head * stride_gh
     Lse += (b * q_heads + first_head) * seq_len
     Delta += (b * q_heads + first_head) * seq_len
-    dk, dv = _dkdv_blocks(
-        dk, dv, k, v, k_pos, doc_lo, doc_hi, Q, GradOut, Lse, Delta, stride_qs, stride_qh, stride_gs, stride_gh,
-        group, cols, v_cols, seq_len, head_dim, v_dim, window, qk_scale, first, full_first,
-        True, CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, EVEN_V, DOT_PRECISION, BLOCK_M,
+    dk, dk_2, dv = _dkdv_blocks(
+        dk, dk_2, dv, k, k_2, v, k_pos, doc_lo, doc_hi, Q, GradOut, Lse, Delta, stride_qs, stride_qh, stride_gs,
+        stride_gh, group, v_cols, seq_len, head_dim, v_dim, window, qk_scale, first, full_first,
+        True, CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, EVEN_V, DOT_PRECISION, HEAD_DIM, HEAD_DIM_2, BLOCK_M,
     )  # fmt: skip
-    dk, dv = _dkdv_blocks(
-        dk, dv, k, v, k_pos, doc_lo, doc_hi, Q, GradOut, Lse, Delta, stride_qs, stride_qh, stride_gs, stride_gh,
-        group, cols, v_cols, seq_len, head_dim, v_dim, window, qk_scale, full_first, full_last,
-        False, CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, EVEN_V, DOT_PRECISION, BLOCK_M,
+    dk, dk_2, dv = _dkdv_blocks(
+        dk, dk_2, dv, k, k_2, v, k_pos, doc_lo, doc_hi, Q, GradOut, Lse, Delta, stride_qs, stride_qh, stride_gs,
+        stride_gh, group, v_cols, seq_len, head_dim, v_dim, window, qk_scale, full_first, full_last,
+        False, CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, EVEN_V, DOT_PRECISION, HEAD_DIM, HEAD_DIM_2, BLOCK_M,
     )  # fmt: skip
-    dk, dv = _dkdv_blocks(
-        dk, dv, k, v, k_pos, doc_lo, doc_hi, Q, GradOut, Lse, Delta, stride_qs, stride_qh, stride_gs, stride_gh,
-        group, cols, v_cols, seq_len, head_dim, v_dim, window, qk_scale, full_last, last,
-        True, CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, EVEN_V, DOT_PRECISION, BLOCK_M,
+    dk, dk_2, dv = _dkdv_blocks(
+        dk, dk_2, dv, k, k_2, v, k_pos, doc_lo, doc_hi, Q, GradOut, Lse, Delta, stride_qs, stride_qh, stride_gs,
+        stride_gh, group, v_cols, seq_len, head_dim, v_dim, window, qk_scale, full_last, last,
+        True, CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, EVEN_V, DOT_PRECISION, HEAD_DIM, HEAD_DIM_2, BLOCK_M,
     )  # fmt: skip
 
     GradK += b * stride_dkb + kv_head * stride_dkh
-    _store_rows(GradK, dk * sm_scale, k_pos, cols, stride_dks, seq_len, head_dim, EVEN_D)
+    _store_qk(GradK, dk * sm_scale, dk_2 * sm_scale, k_pos, stride_dks, seq_len, head_dim, EVEN_D, HEAD_DIM, HEAD_DIM_2)
     GradV += b * stride_dvb + kv_head * stride_dvh
     _store_rows(GradV, dv, k_pos, v_cols, stride_dvs, seq_len, v_dim, EVEN_V)
 
@@ -523,7 +583,9 @@ def attention_bwd_dkdv_kernel(
 @jit_helper
 def _dq_blocks(
     dq,
+    dq_2,
     q,
+    q_2,
     grad_out,
     lse,
     delta,
@@ -534,7 +596,6 @@ def _dq_blocks(
     V,
     stride_ks,
     stride_vs,
-    cols,
     v_cols,
     seq_len,
     head_dim,
@@ -550,14 +611,16 @@ def _dq_blocks(
     EVEN_D: tl.constexpr,
     EVEN_V: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    HEAD_DIM: tl.constexpr,
+    HEAD_DIM_2: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
     """Accumulate into one query block's dq the key blocks block_first..block_last-1."""
     for block in range(block_first, block_last):
         k_pos = block * BLOCK_N + tl.arange(0, BLOCK_N)
-        k = _load_rows(K, k_pos, cols, stride_ks, seq_len, head_dim, MASKED, EVEN_D)
+        k, k_2 = _load_qk(K, k_pos, stride_ks, seq_len, head_dim, MASKED, EVEN_D, HEAD_DIM, HEAD_DIM_2)
         v = _load_rows(V, k_pos, v_cols, stride_vs, seq_len, v_dim, MASKED, EVEN_V)
-        scores = dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        scores = _qk_dot(q, q_2, k, k_2, DOT_PRECISION, HEAD_DIM_2) * qk_scale
         if MASKED:
             visible = _tile_visible(
                 q_pos[:, None], k_pos[None, :], k_pos[None, :], doc_lo[:, None], doc_hi[:, None],
@@ -568,7 +631,9 @@ def _dq_blocks(
         dp = dot(grad_out, tl.trans(v), input_precision=DOT_PRECISION)
         ds = p * (dp - delta[:, None])
         dq = dot(ds.to(k.dtype), k, dq, input_precision=DOT_PRECISION)
-    return dq
+        if HEAD_DIM_2 > 0:
+            dq_2 = dot(ds.to(k.dtype), k_2, dq_2, input_precision=DOT_PRECISION)
+    return dq, dq_2
 
 
 @lazy_kernel()
@@ -611,6 +676,7 @@ def attention_bwd_dq_kernel(
     HAS_WINDOW: tl.constexpr,
     HAS_DOCS: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    HEAD_DIM_2: tl.constexpr,
     V_DIM: tl.constexpr,
     EVEN_D: tl.constexpr,
     EVEN_V: tl.constexpr,
@@ -628,7 +694,6 @@ def attention_bwd_dq_kernel(
     first_q = q_block * BLOCK_M
     last_q = tl.minimum(first_q + BLOCK_M, seq_len) - 1
     q_pos = first_q + tl.arange(0, BLOCK_M)
-    cols = tl.arange(0, HEAD_DIM)
     v_cols = tl.arange(0, V_DIM)
     if HAS_DOCS:
         DocStart += b * seq_len
@@ -638,35 +703,36 @@ def attention_bwd_dq_kernel(
     else:
         doc_lo = q_pos
         doc_hi = q_pos
-    q = _load_rows(Q + b * stride_qb + h * stride_qh, q_pos, cols, stride_qs, seq_len, head_dim, True, EVEN_D)
+    Q += b * stride_qb + h * stride_qh
+    q, q_2 = _load_qk(Q, q_pos, stride_qs, seq_len, head_dim, True, EVEN_D, HEAD_DIM, HEAD_DIM_2)
     GradOut += b * stride_gb + h * stride_gh
     grad_out = _load_rows(GradOut, q_pos, v_cols, stride_gs, seq_len, v_dim, True, EVEN_V)
     stats_offset = batch_head.to(tl.int64) * seq_len
     lse = _load_row_stat(Lse + stats_offset, q_pos, seq_len, True) * LOG2E
     delta = _load_row_stat(Delta + stats_offset, q_pos, seq_len, True)
-    dq = tl.zeros([BLOCK_M, HEAD_DIM], dtype=tl.float32)
+    dq, dq_2 = _zeros_qk(BLOCK_M, HEAD_DIM, HEAD_DIM_2)
 
     lo, hi, full_lo, full_hi = _visible_range(
         first_q, last_q, seq_len, window, DocStart, DocEnd, True, not CAUSAL, HAS_WINDOW, HAS_DOCS
     )
     first, full_first, full_last, last = _split_blocks(lo, hi, full_lo, full_hi, BLOCK_N)
-    dq = _dq_blocks(
-        dq, q, grad_out, lse, delta, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, v_cols, seq_len,
+    dq, dq_2 = _dq_blocks(
+        dq, dq_2, q, q_2, grad_out, lse, delta, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, v_cols, seq_len,
         head_dim, v_dim, window, qk_scale, first, full_first, True,
-        CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, EVEN_V, DOT_PRECISION, BLOCK_N,
+        CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, EVEN_V, DOT_PRECISION, HEAD_DIM, HEAD_DIM_2, BLOCK_N,
     )  # fmt: skip
-    dq = _dq_blocks(
-        dq, q, grad_out, lse, delta, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, v_cols, seq_len,
+    dq, dq_2 = _dq_blocks(
+        dq, dq_2, q, q_2, grad_out, lse, delta, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, v_cols, seq_len,
         head_dim, v_dim, window, qk_scale, full_first, full_last, False,
-        CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, EVEN_V, DOT_PRECISION, BLOCK_N,
+        CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, EVEN_V, DOT_PRECISION, HEAD_DIM, HEAD_DIM_2, BLOCK_N,
     )  # fmt: skip
-    dq = _dq_blocks(
-        dq, q, grad_out, lse, delta, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, cols, v_cols, seq_len,
+    dq, dq_2 = _dq_blocks(
+        dq, dq_2, q, q_2, grad_out, lse, delta, q_pos, doc_lo, doc_hi, K, V, stride_ks, stride_vs, v_cols, seq_len,
         head_dim, v_dim, window, qk_scale, full_last, last, True,
-        CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, EVEN_V, DOT_PRECISION, BLOCK_N,
+        CAUSAL, HAS_WINDOW, HAS_DOCS, EVEN_D, EVEN_V, DOT_PRECISION, HEAD_DIM, HEAD_DIM_2, BLOCK_N,
     )  # fmt: skip
     GradQ += b * stride_dqb + h * stride_dqh
-    _store_rows(GradQ, dq * sm_scale, q_pos, cols, stride_dqs, seq_len, head_dim, EVEN_D)
+    _store_qk(GradQ, dq * sm_scale, dq_2 * sm_scale, q_pos, stride_dqs, seq_len, head_dim, EVEN_D, HEAD_DIM, HEAD_DIM_2)
 
 
 @lazy_kernel()
@@ -696,6 +762,7 @@ def attention_decode_kernel(
     split_len,
     HAS_WINDOW: tl.constexpr,
     HEAD_DIM: tl.constexpr,
+    HEAD_DIM_2: tl.constexpr,
     V_DIM: tl.constexpr,
     EVEN_D: tl.constexpr,
     EVEN_V: tl.constexpr,
@@ -720,11 +787,15 @@ def attention_decode_kernel(
     head = kv_head * group + member
     real_row = rows < group * new_tokens
     q_pos = cache_len - new_tokens + token  # the new tokens are the last ones in the cache
-    cols = tl.arange(0, HEAD_DIM)
     v_cols = tl.arange(0, V_DIM)
-    col_ok = cols < head_dim
-    q_ptrs = Q + b * stride_qb + token[:, None] * stride_qs + head[:, None] * stride_qh + cols[None, :]
-    q = tl.load(q_ptrs, mask=real_row[:, None] & col_ok[None, :], other=0.0)
+    q_rows = Q + b * stride_qb + token[:, None] * stride_qs + head[:, None] * stride_qh
+    cols = tl.arange(0, HEAD_DIM)
+    q = tl.load(q_rows + cols[None, :], mask=real_row[:, None] & (cols < head_dim)[None, :], other=0.0)
+    if HEAD_DIM_2 > 0:
+        cols_2 = HEAD_DIM + tl.arange(0, HEAD_DIM_2)
+        q_2 = tl.load(q_rows + cols_2[None, :], mask=real_row[:, None] & (cols_2 < head_dim)[None, :], other=0.0)
+    else:
+        q_2 = q
     KCache += b * stride_kb + kv_head * stride_kh
     VCache += b * stride_vb + kv_head * stride_vh
 
@@ -742,9 +813,9 @@ def attention_decode_kernel(
     for block_start in range(start, stop, BLOCK_N):
         k_pos = block_start + tl.arange(0, BLOCK_N)
         in_cache = k_pos < stop
-        k = _load_rows(KCache, k_pos, cols, stride_ks, stop, head_dim, True, EVEN_D)
+        k, k_2 = _load_qk(KCache, k_pos, stride_ks, stop, head_dim, True, EVEN_D, HEAD_DIM, HEAD_DIM_2)
         v = _load_rows(VCache, k_pos, v_cols, stride_vs, stop, v_dim, True, EVEN_V)
-        scores = dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale
+        scores = _qk_dot(q, q_2, k, k_2, DOT_PRECISION, HEAD_DIM_2) * qk_scale
         visible = in_cache[None, :] & (k_pos[None, :] <= q_pos[:, None])
         if HAS_WINDOW:
             visible = visible & (q_pos[:, None] - k_pos[None, :] < window)

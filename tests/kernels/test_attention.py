@@ -142,6 +142,76 @@ def test_value_head_dim_differs_from_query_key(head_dim, v_dim, window, docs, si
     _assert_matches_reference(q, k, v, grad_out, seed, window=window, cu_seqlens=cu_seqlens, sinks=sinks)
 
 
+class _LaunchSpy:
+    """Stands in for a kernel module attribute: records each launch's keyword arguments (its constexprs)."""
+
+    def __init__(self, kernel, launches):
+        self.kernel, self.launches = kernel, launches
+
+    def __getitem__(self, grid):
+        def launch(*args, **kwargs):
+            self.launches.append(kwargs)
+            return self.kernel[grid](*args, **kwargs)
+
+        return launch
+
+
+@pytest.mark.parametrize(
+    "head_dim,v_dim,pieces,window,causal,docs,sinks",
+    [
+        (192, 128, (128, 64), 17, True, 3, True),  # MLA: q/k 128 nope + 64 rope, v 128
+        (192, 128, (128, 64), None, False, 0, False),
+        (48, 16, (32, 16), 9, False, 2, True),
+    ],
+)
+def test_query_key_dim_of_two_powers_splits_instead_of_padding(
+    head_dim, v_dim, pieces, window, causal, docs, sinks, monkeypatch
+):
+    """MLA's q/k 192 computes as 128 + 64 (two dots per product), not padded to 256: every kernel the forward,
+    backward and decode launch gets those pieces as constexprs, and all results equal the float64 reference
+    (GQA 2:1; windows, documents and sinks as parametrized)."""
+    launches = []
+    for name in ("attention_fwd_kernel", "attention_bwd_dkdv_kernel", "attention_bwd_dq_kernel",
+                 "attention_decode_kernel"):  # fmt: skip
+        monkeypatch.setattr(triton_kernels, name, _LaunchSpy(getattr(triton_kernels, name), launches))
+    gen, seed = _fresh_generator()
+    q, k, v, grad_out = _random_inputs(gen, 1, 40, 2, 1, head_dim, v_dim=v_dim)
+    cu_seqlens = _random_cu_seqlens(gen, 40, docs) if docs else None
+    sinks = _random_sinks(gen, 2) if sinks else None
+    _assert_matches_reference(
+        q, k, v, grad_out, seed, window=window, causal=causal, cu_seqlens=cu_seqlens, sinks=sinks
+    )
+    new, cache_lens = 2, [40, 23]
+    q_full, k, v, q, k_cache, v_cache = _decode_case(gen, cache_lens, new, 2, 1, head_dim, 40, v_dim=v_dim)
+    kw = dict(window=window, sinks=sinks)
+    got = triton_impl.decode_attention(q, k_cache, v_cache, cache_lens=torch.tensor(cache_lens, device=DEVICE), **kw)
+    want = _decode_reference(q_full, k, v, cache_lens, new, **kw)
+    torch.testing.assert_close(got.double(), want, atol=2e-5, rtol=1e-4, msg=lambda m: f"decode, seed {seed}: {m}")
+    assert len(launches) == 4
+    for constants in launches:
+        assert (constants["HEAD_DIM"], constants["HEAD_DIM_2"], constants["EVEN_D"]) == (*pieces, True), constants
+        assert constants["V_DIM"] == v_dim
+
+
+def test_query_key_pieces():
+    """Only a sum of two powers of two of at least 16 splits; anything else pads to one power of two. MLA's
+    split has its own forward / dQ lists with wider key blocks than at 256 (which spill there) and shares
+    the dK/dV list of (256, 128)."""
+    pieces = {dim: triton_impl.qk_pieces(dim) for dim in (16, 24, 40, 48, 64, 96, 144, 160, 192, 200, 256)}
+    assert pieces == {
+        16: (16, 0), 24: (32, 0), 40: (64, 0), 48: (32, 16), 64: (64, 0), 96: (64, 32), 144: (128, 16),
+        160: (128, 32), 192: (128, 64), 200: (256, 0), 256: (256, 0),
+    }  # fmt: skip
+    assert triton_impl.computed_head_dims(192, 128) == (192, 128)
+    def widest_key_block(name, head_dim):
+        return max(n for _, n, *_ in triton_impl.cuda_configs(name, head_dim, 128))
+
+    assert widest_key_block("attention_fwd_kernel", 192) > widest_key_block("attention_fwd_kernel", 256)
+    assert widest_key_block("attention_bwd_dq_kernel", 192) > widest_key_block("attention_bwd_dq_kernel", 256)
+    dkdv = "attention_bwd_dkdv_kernel"
+    assert triton_impl.cuda_configs(dkdv, 192, 128) == triton_impl.cuda_configs(dkdv, 256, 128)
+
+
 @settings(max_examples=6, deadline=None, derandomize=False)
 @given(
     batch=st.integers(1, 2),
@@ -554,10 +624,10 @@ def test_every_kernel_compiles_for_hopper(plain, tmp_path):
 
 @pytest.mark.slow
 def test_mla_backward_configs_compile_to_wgmma(tmp_path):
-    """MLA's q/k (192, padded to 256) with v at 128: every config compiles for sm_90 without spills, and every
+    """MLA's q/k (192, as 128 + 64) with v at 128: every config compiles for sm_90 without spills, and every
     dK/dV config to warpgroup MMA (wgmma in the PTX); the old 32-key blocks compiled to mma.sync."""
     out = tmp_path / "mla"
-    command = python_command("-m", "kmodel.kernels.attention.compile_report", "--head-dim", "256", "--v-dim", "128",
+    command = python_command("-m", "kmodel.kernels.attention.compile_report", "--head-dim", "192", "--v-dim", "128",
                              "--out", str(out))  # fmt: skip
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     result = subprocess.run(command, check=False, capture_output=True, text=True, timeout=900, env=env)
@@ -566,7 +636,7 @@ def test_mla_backward_configs_compile_to_wgmma(tmp_path):
     for row in rows:
         assert row["spill_stack_bytes"] == 0 and row["shared_bytes"] <= 227 * 1024, row
     dkdv = [row for row in rows if row["kernel"] == "attention_bwd_dkdv_kernel"]
-    assert len(dkdv) == len(triton_impl.cuda_configs("attention_bwd_dkdv_kernel", 256, 128))
+    assert len(dkdv) == len(triton_impl.cuda_configs("attention_bwd_dkdv_kernel", 192, 128))
     assert all(row["wgmma"] for row in dkdv), dkdv
 
 
