@@ -107,10 +107,10 @@ class ModelConfig(Section):
     )
     logits_z_loss_coef: float = Field(0.0, ge=0, description="z-loss on the output logits")
     # --- multi-head latent attention (DeepSeek-V3 / A.X K1; HF names) -----------------------------
-    attention_kind: Literal["gqa", "mla", "differential"] = Field(
+    attention_kind: Literal["gqa", "mla", "differential", "differential_latent"] = Field(
         "gqa",
         description="gqa: grouped-query attention; mla: multi-head latent attention; differential: Motif's grouped "
-        "differential attention",
+        "differential attention; differential_latent: Motif-3's differential attention over MLA's projections",
     )
     q_lora_rank: int | None = Field(None, gt=0, description="mla: query compression rank (None: full-rank query)")
     kv_lora_rank: int | None = Field(None, gt=0, description="mla: key/value latent rank (what the KV cache stores)")
@@ -178,6 +178,14 @@ class ModelConfig(Section):
     polynorm_bias_clamp: float | None = Field(
         None, gt=0, description="polynorm: routed experts' bias clamped to [-clamp, clamp] (Motif-3: 0.5)"
     )
+    attention_output_gate: bool = Field(
+        False, description="differential_latent: attention output times sigmoid(gate_proj(x)), elementwise"
+    )
+    hc_mult: int = Field(
+        1, ge=1, description="manifold-constrained hyper-connections: residual streams per token (1: plain residual)"
+    )
+    hc_sinkhorn_iters: int = Field(20, ge=1, description="hyper-connections: Sinkhorn-Knopp iterations of H_res")
+    hc_eps: float = Field(1e-6, gt=0, description="hyper-connections: eps of the RMS normalisation of the streams")
 
     @model_validator(mode="after")
     def _resolve_and_check(self) -> "ModelConfig":
@@ -190,6 +198,11 @@ class ModelConfig(Section):
         self._check_attention_kind()
         self._check_gpt_oss_features()
         self._check_mtp()
+        if self.hc_mult > 1 and self.num_nextn_predict_layers:
+            raise ValueError(
+                "hc_mult > 1 (hyper-connections) with num_nextn_predict_layers: the MTP blocks read one residual "
+                "stream and are not built for hyper-connections; set num_nextn_predict_layers: 0 or hc_mult: 1"
+            )
         if self.head_dim is None:
             if self.hidden_size % self.num_attention_heads:
                 raise ValueError(
@@ -310,37 +323,44 @@ class ModelConfig(Section):
 
     def _check_attention_kind(self) -> None:
         mla_keys = ("q_lora_rank", "kv_lora_rank", "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim")
-        if self.attention_kind != "mla":
+        if not self.latent_attention:
             stray = [key for key in mla_keys if getattr(self, key) is not None]
             if stray:
                 raise ValueError(
-                    f"{', '.join(stray)} only apply to attention_kind 'mla' (attention_kind is {self.attention_kind!r})"
+                    f"{', '.join(stray)} only apply to attention_kind 'mla' or 'differential_latent' (attention_kind "
+                    f"is {self.attention_kind!r})"
                 )
+        if self.attention_kind != "differential_latent" and self.attention_output_gate:
+            raise ValueError(
+                f"attention_output_gate only applies to attention_kind 'differential_latent' (attention_kind is "
+                f"{self.attention_kind!r})"
+            )
         if self.attention_kind != "differential" and self.num_noise_heads is not None:
             raise ValueError(
                 f"num_noise_heads only applies to attention_kind 'differential' (attention_kind is {self.attention_kind!r})"
             )
         if self.attention_kind == "differential":
             self._check_differential()
-        if self.attention_kind != "mla":
+        if not self.latent_attention:
             return
+        kind = self.attention_kind
         missing = [key for key in mla_keys[1:] if getattr(self, key) is None]
         if missing:
-            raise ValueError(f"attention_kind 'mla' requires {', '.join(missing)}")
+            raise ValueError(f"attention_kind {kind!r} requires {', '.join(missing)}")
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even for rotary embeddings")
         if self.num_key_value_heads != self.num_attention_heads:
             raise ValueError(
-                f"attention_kind 'mla' expands its latent to one key/value per query head: num_key_value_heads "
+                f"attention_kind {kind!r} expands its latent to one key/value per query head: num_key_value_heads "
                 f"({self.num_key_value_heads}) must equal num_attention_heads ({self.num_attention_heads})"
             )
         if self.qk_norm:
-            raise ValueError("qk_norm: MLA normalises its compressed latents instead; set qk_norm: false")
+            raise ValueError(f"qk_norm: attention_kind {kind!r} normalises its compressed latents instead; set qk_norm: false")
         qk_head_dim = self.qk_nope_head_dim + self.qk_rope_head_dim
         if self.head_dim is not None and self.head_dim != qk_head_dim:
             raise ValueError(
                 f"head_dim ({self.head_dim}) must equal qk_nope_head_dim + qk_rope_head_dim ({qk_head_dim}) "
-                "for attention_kind 'mla'; leave it unset"
+                f"for attention_kind {kind!r}; leave it unset"
             )
         object.__setattr__(self, "head_dim", qk_head_dim)
 
@@ -427,13 +447,18 @@ class ModelConfig(Section):
     @property
     def rope_dim(self) -> int:
         """Dims per head that RoPE rotates: all of head_dim for GQA, the decoupled RoPE part for MLA."""
-        return self.qk_rope_head_dim if self.attention_kind == "mla" else self.head_dim
+        return self.qk_rope_head_dim if self.latent_attention else self.head_dim
+
+    @property
+    def latent_attention(self) -> bool:
+        """Keys and values expanded from MLA's low-rank latent (mla, differential_latent)."""
+        return self.attention_kind in ("mla", "differential_latent")
 
     @property
     def kv_cache_values_per_position(self) -> int:
         """Numbers one layer's generation cache keeps per kept position: the compressed latent plus the
         shared RoPE key for MLA, full keys and values for GQA."""
-        if self.attention_kind == "mla":
+        if self.latent_attention:
             return self.kv_lora_rank + self.qk_rope_head_dim
         return 2 * self.num_key_value_heads * self.head_dim
 
@@ -528,7 +553,8 @@ class TrainConfig(Section):
     max_bad_steps: int = Field(5, gt=0, description="consecutive non-finite steps before the run stops")
     hang_timeout_s: float = Field(
         1200, gt=0, description="a step (eval and checkpoint included) longer than this is a hang: every rank dumps "
-        "its Python stacks to DIR/hang/ and exits non-zero, so the job restarts from its newest checkpoint",
+        "its Python stacks to DIR/hang/ and exits non-zero, so the job restarts from its newest checkpoint; "
+        "collectives time out 300 s later (kmodel.parallel.entry), a backstop behind the dumps",
     )
     wandb: WandbConfig = Field(default_factory=WandbConfig)
 

@@ -121,6 +121,8 @@ def _attention_params(cfg: ModelConfig) -> int:
         return _latent_attention_params(cfg)
     if cfg.attention_kind == "differential":
         return _differential_attention_params(cfg)
+    if cfg.attention_kind == "differential_latent":
+        return _differential_latent_attention_params(cfg)
     h, d = cfg.hidden_size, cfg.head_dim
     q, kv = cfg.num_attention_heads * d, cfg.num_key_value_heads * d
     params = h * q + 2 * h * kv + q * h + (2 * d if cfg.qk_norm else 0)
@@ -151,10 +153,31 @@ def _differential_attention_params(cfg: ModelConfig) -> int:
     return h * cfg.num_attention_heads * d + 2 * h * cfg.num_key_value_heads * d + signal * 2 * d * h + 4 * d + 2 * d
 
 
+def _differential_latent_attention_params(cfg: ModelConfig) -> int:
+    """Differential latent attention (kmodel/model/diff_latent_attention.py): MLA's projections with two queries
+    and two no-RoPE keys per head, lambda_proj (h -> heads), the per-head RMSNorm over v, the optional gate."""
+    h, n, v = cfg.hidden_size, cfg.num_attention_heads, cfg.v_head_dim
+    qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
+    rq, rkv = cfg.q_lora_rank, cfg.kv_lora_rank
+    query = h * n * 2 * qk if rq is None else h * rq + rq + rq * n * 2 * qk
+    kv = h * (rkv + cfg.qk_rope_head_dim) + rkv + rkv * n * (2 * cfg.qk_nope_head_dim + v)
+    gate = h * n * v if cfg.attention_output_gate else 0
+    return query + kv + h * n + v + gate + n * v * h
+
+
+def _hyper_connection_params(cfg: ModelConfig) -> int:
+    """One mHC per sublayer (kmodel/model/hyper_connections.py): fn (2n + n^2, n h), bias (2n + n^2), scale (3)."""
+    n = cfg.hc_mult
+    if n == 1:
+        return 0
+    maps = 2 * n + n * n
+    return 2 * (maps * n * cfg.hidden_size + maps + 3)
+
+
 def _layer_params(cfg: ModelConfig, sparse: bool) -> tuple[int, int, int]:
     """(dense, routed expert, active routed expert) parameters of one decoder layer."""
     h = cfg.hidden_size
-    dense = _attention_params(cfg) + _norms_per_layer(cfg) * h
+    dense = _attention_params(cfg) + _norms_per_layer(cfg) * h + _hyper_connection_params(cfg)
     if not sparse:
         polynorm = 4 if cfg.mlp_activation == "polynorm" else 0  # its 3 weights and bias
         return dense + 3 * h * cfg.intermediate_size + polynorm, 0, 0

@@ -5,6 +5,9 @@ and scale as Motif-3's released modeling code describes them), sharing no code w
 
 from __future__ import annotations
 
+import math
+import random
+
 import pytest
 import torch
 
@@ -164,3 +167,244 @@ def test_polynorm_of_one_third_each_is_the_mean_of_the_normalised_powers():
 
     out = polynorm(torch.tensor([[1.0, -1.0]], dtype=torch.float64), torch.tensor([1 / 3, 1 / 3, 1 / 3, 0.0]), eps=0.0)
     torch.testing.assert_close(out, torch.tensor([[1.0, -1 / 3]], dtype=torch.float64))
+
+
+# --- the whole Motif-3 architecture -------------------------------------------------------------------------
+def motif3_section(rng: random.Random, **overrides) -> dict:
+    model = moe_section(
+        num_hidden_layers=3, hidden_size=24, num_attention_heads=2, num_key_value_heads=2, head_dim=None,
+        attention_kind="differential_latent", q_lora_rank=rng.choice([None, 12]), kv_lora_rank=10,
+        qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=6, attention_output_gate=rng.choice([True, False]),
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=4,
+        hc_mult=rng.choice([2, 3]), rope_theta=rng.choice([10000.0, 500000.0]), rms_norm_eps=1e-6,
+        attn_rms_norm_eps=1e-5,
+    )
+    model.update(overrides)
+    return model
+
+
+def reference_sinkhorn(logits: torch.Tensor, iters: int) -> torch.Tensor:
+    """Sinkhorn-Knopp on one (n, n) matrix: positive entries, then rows and columns rescaled in turn."""
+    m = logits.exp()
+    for _ in range(iters):
+        m = torch.diag(1 / m.sum(dim=1)) @ m
+        m = m @ torch.diag(1 / m.sum(dim=0))
+    return m
+
+
+def reference_hc(w, p: str, m, streams: torch.Tensor):
+    """streams (seq, n, C) -> per token (H_pre (n,), H_post (n,), H_res (n, n)) from the mHC formulas."""
+    n = m.hc_mult
+    flat = streams.reshape(streams.shape[0], -1)
+    normed = flat / torch.sqrt(flat.pow(2).mean(-1, keepdim=True) + m.hc_eps)
+    fn, bias, scale = w[p + "fn"], w[p + "bias"], w[p + "scale"]
+    out = []
+    for t in range(flat.shape[0]):
+        z = fn @ normed[t]
+        h_pre = torch.sigmoid(scale[0] * z[:n] + bias[:n])
+        h_post = 2 * torch.sigmoid(scale[1] * z[n : 2 * n] + bias[n : 2 * n])
+        h_res = reference_sinkhorn((scale[2] * z[2 * n :] + bias[2 * n :]).view(n, n), m.hc_sinkhorn_iters)
+        out.append((h_pre, h_post, h_res))
+    return out
+
+
+def reference_motif3_logits(w: dict[str, torch.Tensor], m, ids: torch.Tensor) -> torch.Tensor:
+    """One sequence, float64, head by head and token by token from the published formulas."""
+    seq, heads = ids.shape[0], m.num_attention_heads
+    nope, rope, vd = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
+    pos = torch.arange(seq, dtype=torch.float64)
+
+    def rms(x, weight, eps):
+        return x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
+
+    def rotate(x):  # (seq, rope): pairs (i, i + rope/2) turn by pos * theta^(-2i/rope)
+        half = rope // 2
+        angle = pos[:, None] * m.rope_theta ** (-torch.arange(half, dtype=torch.float64) * 2 / rope)
+        a, b = x[..., :half], x[..., half:]
+        return torch.cat((a * angle.cos() - b * angle.sin(), b * angle.cos() + a * angle.sin()), dim=-1)
+
+    def attention(h, a, window):
+        i, j = torch.arange(seq)[:, None], torch.arange(seq)[None, :]
+        visible = (j <= i) & ((i - j < window) if window else True)
+        if m.q_lora_rank is None:
+            q = h @ w[a + "q_proj.weight"].T
+        else:
+            q = rms(h @ w[a + "q_a_proj.weight"].T, w[a + "q_a_layernorm.weight"], m.rms_norm_eps) @ w[a + "q_b_proj.weight"].T
+        q = q.view(seq, heads, 2, nope + rope)
+        kv_a = h @ w[a + "kv_a_proj_with_mqa.weight"].T
+        latent = rms(kv_a[:, : m.kv_lora_rank], w[a + "kv_a_layernorm.weight"], m.rms_norm_eps)
+        rope_key = rotate(kv_a[:, m.kv_lora_rank :])
+        kv = (latent @ w[a + "kv_b_proj.weight"].T).view(seq, heads, 2 * nope + vd)
+        lam = torch.sigmoid(h @ w[a + "lambda_proj.weight"].T)  # (seq, heads)
+        outs = []
+        for head in range(heads):
+            maps = []
+            for which in range(2):
+                query = torch.cat((q[:, head, which, :nope], rotate(q[:, head, which, nope:])), dim=-1)
+                key = torch.cat((kv[:, head, which * nope : (which + 1) * nope], rope_key), dim=-1)
+                scores = (query @ key.T) / math.sqrt(nope + rope)
+                maps.append(torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1))
+            values = kv[:, head, 2 * nope :]
+            out = (maps[0] - lam[:, head : head + 1] * maps[1]) @ values
+            outs.append(rms(out, w[a + "subln.weight"], m.attn_rms_norm_eps))
+        out = torch.cat(outs, dim=-1)
+        if m.attention_output_gate:
+            out = out * torch.sigmoid(h @ w[a + "gate_proj.weight"].T)
+        return out @ w[a + "o_proj.weight"].T
+
+    def around(p, streams, sublayer):  # x_next = H_res x + H_post^T F(H_pre x), token by token
+        maps = reference_hc(w, p, m, streams)
+        inner = torch.stack([h_pre @ streams[t] for t, (h_pre, _, _) in enumerate(maps)])
+        out = sublayer(inner)
+        return torch.stack([h_res @ streams[t] + h_post[:, None] * out[t] for t, (_, h_post, h_res) in enumerate(maps)])
+
+    streams = w["embed_tokens.weight"][ids][:, None, :].repeat(1, m.hc_mult, 1)
+    for i in range(m.num_hidden_layers):
+        p = f"layers.{i}."
+        window = m.sliding_window if m.layer_types[i] == "sliding_attention" else None
+        streams = around(p + "attn_hc.", streams,
+                         lambda h, p=p, window=window: attention(rms(h, w[p + "attn_in_norm.weight"], m.rms_norm_eps),
+                                                                 p + "self_attn.", window))
+
+        def feed_forward(h, p=p, i=i):
+            h = rms(h, w[p + "mlp_in_norm.weight"], m.rms_norm_eps)
+            if m.mlp_layer_types[i] == "sparse":
+                return reference_moe(w, p + "mlp.", m, h)
+            gate, up = h @ w[p + "mlp.gate_proj.weight"].T, h @ w[p + "mlp.up_proj.weight"].T
+            act = reference_polynorm(gate, w[p + "mlp.act_fn.weight"], w[p + "mlp.act_fn.bias"], m, routed=False)
+            return (act * up) @ w[p + "mlp.down_proj.weight"].T
+
+        streams = around(p + "mlp_hc.", streams, feed_forward)
+    return rms(streams.sum(dim=1), w["norm.weight"], m.rms_norm_eps) @ w["lm_head.weight"].T
+
+
+def perturb_motif3(model, seed: int) -> None:
+    """Move the hyper-connections' gates and the lambda projection to sizes where every term matters."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith(("_hc.scale", "_hc.bias")):
+                param.copy_(0.7 * torch.randn(param.shape, generator=generator))
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_motif3_matches_independent_float64_reimplementation_with_gradients(seed):
+    rng = random.Random(f"motif3-{seed}")
+    cfg, model = build(motif3_section(rng), seed)
+    perturb_motif3(model, seed)
+    model.double()
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 9), generator=torch.Generator().manual_seed(seed))
+    ours = model(ids).logits
+    params = dict(model.named_parameters())
+    ref_params = {k: v.detach().clone().requires_grad_(True) for k, v in params.items()}
+    refs = torch.stack([reference_motif3_logits(ref_params, cfg.model, ids[row]) for row in range(ids.shape[0])])
+    rel = (ours - refs).abs().max() / refs.abs().max()
+    assert rel <= 1e-10, f"max relative logit error {rel:.2e}"
+    probe = torch.randn(refs.shape, generator=torch.Generator().manual_seed(seed + 5), dtype=torch.float64)
+    (ours * probe).sum().backward()
+    (refs * probe).sum().backward()
+    for name in ("layers.0.attn_hc.fn", "layers.1.mlp_hc.scale", "layers.2.self_attn.lambda_proj.weight",
+                 "layers.1.self_attn.kv_b_proj.weight", "layers.2.mlp.experts.polynorm_weight", "embed_tokens.weight"):
+        torch.testing.assert_close(params[name].grad, ref_params[name].grad, rtol=1e-8, atol=1e-12, msg=name)
+
+
+def test_sinkhorn_projects_onto_doubly_stochastic_matrices():
+    from kmodel.model.hyper_connections import sinkhorn
+
+    # Columns sum to 1 after every step; rows converge geometrically, fast for logits of order 1 (mHC's regime,
+    # 20 steps) and slower for spread ones (scale 3), which more steps settle.
+    logits = torch.randn(5, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    m = sinkhorn(logits, 20)
+    assert (m > 0).all()
+    torch.testing.assert_close(m.sum(dim=-2), torch.ones(5, 4, dtype=torch.float64), rtol=0, atol=1e-12)
+    torch.testing.assert_close(m.sum(dim=-1), torch.ones(5, 4, dtype=torch.float64), rtol=0, atol=1e-4)
+    logits = 3 * logits
+    many = sinkhorn(logits, 500)  # converged: rows too, and a fixed point of one more step
+    torch.testing.assert_close(many.sum(dim=-1), torch.ones(5, 4, dtype=torch.float64), rtol=0, atol=1e-10)
+    torch.testing.assert_close(sinkhorn(many.log(), 1), many, rtol=0, atol=1e-10)
+    m = sinkhorn(logits, 20)
+    for row in range(5):
+        torch.testing.assert_close(m[row], reference_sinkhorn(logits[row], 20), rtol=1e-12, atol=1e-14)
+    # Sinkhorn keeps the rank-one structure of exp(logits): D1 exp(L) D2, so a matrix already doubly stochastic
+    # (the uniform one) is a fixed point, and adding a row constant to the logits changes nothing.
+    torch.testing.assert_close(sinkhorn(torch.zeros(3, 3), 1), torch.full((3, 3), 1 / 3))
+    torch.testing.assert_close(sinkhorn(logits + torch.arange(4.0)[:, None], 20), m, rtol=1e-9, atol=1e-12)
+
+
+def test_lambda_is_a_sigmoid_of_the_token_and_the_gate_multiplies_elementwise():
+    rng = random.Random("lambda")
+    cfg, model = build(motif3_section(rng, attention_output_gate=True), 5)
+    attn = model.layers[0].self_attn.double()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(1, 3, cfg.model.hidden_size, generator=g, dtype=torch.float64)
+    signal, noise = (torch.randn(1, 3, 2, cfg.model.v_head_dim, generator=g, dtype=torch.float64) for _ in range(2))
+    lam = torch.sigmoid(x @ attn.lambda_proj.weight.T)[..., None]
+    assert 0 < lam.min() and lam.max() < 1 and lam.std() > 0.01  # data-dependent, inside (0, 1)
+    diff = signal - lam * noise
+    normed = diff / torch.sqrt(diff.pow(2).mean(-1, keepdim=True) + cfg.model.attn_rms_norm_eps) * attn.subln.weight
+    gated = normed.reshape(1, 3, -1) * torch.sigmoid(x @ attn.gate_proj.weight.T)
+    torch.testing.assert_close(attn.combine(x, signal, noise), gated, rtol=1e-12, atol=1e-14)
+    with torch.no_grad():
+        attn.gate_proj.weight.zero_()  # gate 1/2 everywhere: half the ungated output
+    torch.testing.assert_close(attn.combine(x, signal, noise), 0.5 * normed.reshape(1, 3, -1), rtol=1e-12, atol=1e-14)
+
+
+def test_motif3_generation_cache_matches_the_uncached_forward():
+    _, model = build(motif3_section(random.Random("cache"), q_lora_rank=12), 6)
+    model.eval()
+    ids = torch.randint(0, 53, (2, 11), generator=torch.Generator().manual_seed(6))
+    full = model(ids).logits
+    cache = model.new_cache()
+    steps = [model(ids[:, :5], cache=cache).logits]
+    for pos in range(5, 11):
+        steps.append(model(ids[:, pos : pos + 1], position_ids=torch.tensor([pos]), cache=cache).logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    assert cache[0].keys.shape[1] == 3 and cache[1].keys.shape[1] == 11  # the sliding layer keeps window - 1
+    assert cache[1].keys.shape[-1] == 10  # the latent, not per-head keys
+
+
+def test_triton_attention_runs_the_differential_latent_form():
+    """kernels.attention: triton runs both maps (their own keys, shared values) through the Triton kernel:
+    forward and gradients equal the reference path."""
+    section = motif3_section(random.Random("triton"), num_hidden_layers=2, layer_types=None, sliding_window=None,
+                             attention_output_gate=True)
+    outputs = {}
+    for impl in ("torch", "triton"):
+        _, model = build(section, 7, attention=impl)
+        ids = torch.randint(0, 53, (1, 16), generator=torch.Generator().manual_seed(7))
+        out = model(ids, labels=torch.roll(ids, -1, dims=1))
+        out.loss.backward()
+        attn = model.layers[1].self_attn
+        outputs[impl] = (out.loss.detach(), attn.kv_b_proj.weight.grad.clone(), attn.lambda_proj.weight.grad.clone())
+    for ours, ref in zip(outputs["triton"], outputs["torch"]):
+        torch.testing.assert_close(ours, ref, rtol=2e-4, atol=1e-5)
+
+
+def test_planner_counts_motif3():
+    for gate, rank in ((True, 12), (False, None)):
+        cfg = config_from_dict({"model": motif3_section(random.Random("plan"), attention_output_gate=gate, q_lora_rank=rank)})
+        model = build_model(cfg)
+        assert parameter_counts(cfg.model).total == sum(p.numel() for p in model.parameters())
+
+
+def test_no_transformers_class_expresses_motif3():
+    from kmodel.export.hf import ExportError, choose_family
+
+    m = config_from_dict({"model": motif3_section(random.Random("export"))}).model
+    with pytest.raises(ExportError, match="no transformers class can express this config"):
+        choose_family(m)
+    with pytest.raises(ExportError, match="hc_mult"):
+        choose_family(m, "deepseek_v3")
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"attention_kind": "mla"}, "attention_output_gate only applies to attention_kind 'differential_latent'"),
+    ({"kv_lora_rank": None}, "attention_kind 'differential_latent' requires kv_lora_rank"),
+    ({"num_nextn_predict_layers": 1}, r"hc_mult > 1 \(hyper-connections\) with num_nextn_predict_layers"),
+    ({"hc_mult": 0}, "hc_mult"),
+    ({"hc_sinkhorn_iters": 0}, "hc_sinkhorn_iters"),
+])
+def test_bad_motif3_config_names_the_key(overrides, message):
+    section = motif3_section(random.Random("bad"), attention_output_gate=True) | overrides
+    with pytest.raises(ConfigError, match=message):
+        config_from_dict({"model": section})

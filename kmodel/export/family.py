@@ -229,7 +229,7 @@ def hybrid_attention_problems(m: ModelConfig) -> list[str]:
 def extras_problems(m: ModelConfig, *, allow: tuple[str, ...] = ()) -> list[str]:
     """Features only some families have (MLA, A.X K1's post-MoE norm, muP multipliers, gpt-oss's biases,
     sinks and activation, YaRN, per-layer-type theta, (1 + w) norms, per-layer windows and SwiGLU clamps,
-    differential attention, PolyNorm), named where set but not in `allow`."""
+    differential attention, PolyNorm, hyper-connections), named where set but not in `allow`."""
     present = {
         "attention_bias": m.attention_bias,
         "attention_sinks": m.attention_sinks,
@@ -248,6 +248,7 @@ def extras_problems(m: ModelConfig, *, allow: tuple[str, ...] = ()) -> list[str]
         "sliding_windows": m.sliding_windows is not None and len({w for w in m.sliding_windows if w}) > 1,
         "swiglu_limits": m.swiglu_limits is not None and any(m.swiglu_limits),
         "mlp_activation": m.mlp_activation != "swiglu",
+        "hc_mult": m.hc_mult > 1,
     }
     return [
         f"{key} {getattr(m, key)!r} (this class has no such feature)"

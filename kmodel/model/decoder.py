@@ -18,6 +18,8 @@ from kmodel.config import Config, KernelsConfig, ModelConfig
 from kmodel.kernels.loss import reference as loss_reference
 from kmodel.model.attention import Attention, LayerCache
 from kmodel.model.diff_attention import DifferentialAttention
+from kmodel.model.diff_latent_attention import DifferentialLatentAttention
+from kmodel.model.hyper_connections import HyperConnection
 from kmodel.model.init import init_parameters
 from kmodel.model.mla import LatentAttention
 from kmodel.model.moe import MLP, MoE
@@ -34,12 +36,18 @@ class ModelOutput(NamedTuple):  # a NamedTuple so ZeRO-3's hooks can find the te
     z_loss: torch.Tensor | None = None  # output-logits z-loss, unweighted
 
 
-ATTENTION_KINDS = {"gqa": Attention, "mla": LatentAttention, "differential": DifferentialAttention}
+ATTENTION_KINDS = {
+    "gqa": Attention,
+    "mla": LatentAttention,
+    "differential": DifferentialAttention,
+    "differential_latent": DifferentialLatentAttention,
+}
 
 
 class DecoderLayer(nn.Module):
     """Attention and feed-forward of layer `layer_idx` (its window, RoPE, SwiGLU clamp); `sparse` overrides
-    the layer's feed-forward kind (the MTP blocks' mtp_mlp_type)."""
+    the layer's feed-forward kind (the MTP blocks' mtp_mlp_type). With hc_mult > 1 the layer reads and writes
+    hc_mult residual streams (batch, seq, hc_mult, hidden) through one hyper-connection per sublayer."""
 
     def __init__(self, cfg: ModelConfig, layer_idx: int, sparse: bool | None = None):
         super().__init__()
@@ -57,20 +65,35 @@ class DecoderLayer(nn.Module):
         self.attn_out_norm = norm_if(placement in ("post", "sandwich"))
         self.mlp_in_norm = norm_if(placement in ("pre", "sandwich"))
         self.mlp_out_norm = norm_if(placement in ("post", "sandwich"))
+        self.attn_hc = HyperConnection(cfg) if cfg.hc_mult > 1 else None
+        self.mlp_hc = HyperConnection(cfg) if cfg.hc_mult > 1 else None
 
     @staticmethod
     def _maybe(norm: RMSNorm | None, x: torch.Tensor) -> torch.Tensor:
         return x if norm is None else norm(x)
 
-    def forward(self, x, rope, positions, cu_seqlens=None, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention_branch(self, x, rope, positions, cu_seqlens=None, cache=None) -> torch.Tensor:
         h = self.self_attn(self._maybe(self.attn_in_norm, x), rope, positions, cu_seqlens, cache)
-        x = x + self.residual_multiplier * self._maybe(self.attn_out_norm, h)
+        return self.residual_multiplier * self._maybe(self.attn_out_norm, h)
+
+    def mlp_branch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         h = self._maybe(self.mlp_in_norm, x)
         if isinstance(self.mlp, MoE):
             h, aux = self.mlp(h)
         else:
             h, aux = self.mlp(h), x.new_zeros(())
-        return x + self.residual_multiplier * self._maybe(self.mlp_out_norm, h), aux
+        return self.residual_multiplier * self._maybe(self.mlp_out_norm, h), aux
+
+    def forward(self, x, rope, positions, cu_seqlens=None, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+        if self.attn_hc is None:
+            x = x + self.attention_branch(x, rope, positions, cu_seqlens, cache)
+            h, aux = self.mlp_branch(x)
+            return x + h, aux
+        inner, maps = self.attn_hc.pre(x)
+        x = self.attn_hc.post(x, self.attention_branch(inner, rope, positions, cu_seqlens, cache), maps)
+        inner, maps = self.mlp_hc.pre(x)
+        h, aux = self.mlp_branch(inner)
+        return self.mlp_hc.post(x, h, maps), aux
 
 
 class MultiTokenPrediction(nn.Module):
@@ -173,13 +196,14 @@ class Model(nn.Module):
         """(scaled input embeddings, last hidden state before the final norm, summed MoE aux loss)."""
         ropes = self.rope_tables(position_ids)
         embeds = self.embed(input_ids)
-        x = embeds
+        streams = self.cfg.hc_mult
+        x = embeds if streams == 1 else embeds.unsqueeze(-2).expand(*embeds.shape[:-1], streams, embeds.shape[-1])
         aux = x.new_zeros((), dtype=torch.float32)
         for i, layer in enumerate(self.layers):
             rope = ropes[self.cfg.layer_types[i]]
             x, layer_aux = layer(x, rope, position_ids, cu_seqlens, None if cache is None else cache[i])
             aux = aux + layer_aux
-        return embeds, x, aux
+        return embeds, x if streams == 1 else x.sum(dim=-2), aux  # hyper-connections: the streams' sum
 
     def head_input(self, hidden: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
         """What the shared LM head multiplies: the normalised hidden state times logits_scaling (the muP

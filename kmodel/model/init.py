@@ -15,6 +15,7 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
+from kmodel.model.hyper_connections import HC_SCALE_INIT, HyperConnection
 from kmodel.model.moe import Experts
 from kmodel.model.norm import RMSNorm
 from kmodel.model.polynorm import PolyNorm, initial_polynorm_weight
@@ -46,6 +47,8 @@ def constant_parameters(model: nn.Module) -> dict[str, float]:
             constants[prefix + "weight"] = 0.0 if module.plus_one else 1.0
         if isinstance(module, PolyNorm):
             constants[prefix + "weight"] = initial_polynorm_weight(module.cfg.polynorm_sigmoid_weight)
+        if isinstance(module, HyperConnection):
+            constants[prefix + "scale"] = HC_SCALE_INIT
         if isinstance(module, Experts) and module.polynorm_weight is not None:
             constants[prefix + "polynorm_weight"] = initial_polynorm_weight(module.cfg.polynorm_sigmoid_weight)
         for name, _ in module.named_parameters(recurse=False):
