@@ -102,12 +102,11 @@ def _qk_dot(a, a_2, b, b_2, DOT_PRECISION: tl.constexpr, HEAD_DIM_2: tl.constexp
 
 @jit_helper
 def _zeros_qk(rows: tl.constexpr, HEAD_DIM: tl.constexpr, HEAD_DIM_2: tl.constexpr):
-    """fp32 gradient accumulators for the two q/k pieces (the second aliases the first without a split)."""
+    """fp32 gradient accumulators for the two q/k pieces. Without a split the second is a separate tile that
+    nothing updates or reads (the compiler drops it): an alias of the first would make the loops that carry the
+    first fail to compile."""
     first = tl.zeros([rows, HEAD_DIM], dtype=tl.float32)
-    if HEAD_DIM_2 > 0:
-        second = tl.zeros([rows, HEAD_DIM_2], dtype=tl.float32)
-    else:
-        second = first
+    second = tl.zeros([rows, HEAD_DIM_2 if HEAD_DIM_2 > 0 else HEAD_DIM], dtype=tl.float32)
     return first, second
 
 
