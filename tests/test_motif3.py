@@ -7,14 +7,16 @@ from __future__ import annotations
 
 import math
 import random
+from pathlib import Path
 
 import pytest
 import torch
 
-from kmodel.config import ConfigError, config_from_dict
+from kmodel.config import ConfigError, config_from_dict, load_config
 from kmodel.model import build_model
 from kmodel.plan import parameter_counts
 
+RECIPES = Path(__file__).resolve().parent.parent / "recipes"
 TORCH_KERNELS = {"attention": "torch", "norm": "torch", "moe": "torch", "loss": "torch"}
 
 
@@ -275,7 +277,7 @@ def reference_motif3_logits(w: dict[str, torch.Tensor], m, ids: torch.Tensor) ->
             return (act * up) @ w[p + "mlp.down_proj.weight"].T
 
         streams = around(p + "mlp_hc.", streams, feed_forward)
-    return rms(streams.sum(dim=1), w["norm.weight"], m.rms_norm_eps) @ w["lm_head.weight"].T
+    return rms(streams.mean(dim=1), w["norm.weight"], m.rms_norm_eps) @ w["lm_head.weight"].T
 
 
 def perturb_motif3(model, seed: int) -> None:
@@ -408,3 +410,19 @@ def test_bad_motif3_config_names_the_key(overrides, message):
     section = motif3_section(random.Random("bad"), attention_output_gate=True) | overrides
     with pytest.raises(ConfigError, match=message):
         config_from_dict({"model": section})
+
+
+@pytest.mark.parametrize("recipe", ["motif-3.yaml", "tiny/motif-3.yaml"])
+def test_motif3_recipes_resolve_and_the_tiny_one_trains(recipe):
+    cfg = load_config(RECIPES / recipe)
+    m = cfg.model
+    assert m.attention_kind == "differential_latent" and m.hc_mult == 4 and m.polynorm_bias_clamp == 0.5
+    assert m.layer_types[0] == "full_attention" and m.layer_types[1:3] == ["sliding_attention"] * 2
+    if recipe.startswith("tiny/"):
+        model = build_model(cfg)
+        ids = torch.randint(0, m.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+        out = model(ids, labels=torch.roll(ids, -1, dims=1))
+        out.loss.backward()
+        assert torch.isfinite(out.loss) and out.loss.item() == pytest.approx(math.log(m.vocab_size), rel=0.1)
+        grads = [p.grad for name, p in model.named_parameters() if name.endswith(("_hc.fn", "polynorm_weight"))]
+        assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)

@@ -203,7 +203,7 @@ class Model(nn.Module):
             rope = ropes[self.cfg.layer_types[i]]
             x, layer_aux = layer(x, rope, position_ids, cu_seqlens, None if cache is None else cache[i])
             aux = aux + layer_aux
-        return embeds, x if streams == 1 else x.sum(dim=-2), aux  # hyper-connections: the streams' sum
+        return embeds, x if streams == 1 else x.mean(dim=-2), aux  # hyper-connections: the streams' mean (Motif-3)
 
     def head_input(self, hidden: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
         """What the shared LM head multiplies: the normalised hidden state times logits_scaling (the muP

@@ -20,7 +20,8 @@ fp32 at least. Parameters per sublayer: `fn` (2n + n^2, n C) = [P_pre; P_post; P
 Initialisation (kmodel/model/init.py): fn ~ N(0, initializer_range), bias 0, scale `HC_SCALE_INIT` (0.01,
 the small gating factor mHC starts from), so at the start H_pre = 1/2, H_post = 1 and H_res = 1/n (uniform)
 up to the small data-dependent term, which also breaks the symmetry between streams that start equal (the
-embedding is copied into every stream; the final hidden state is the streams' sum, as in Hyper-Connections).
+embedding is copied into every stream; the final hidden state is the streams' mean, as Motif-3 reduces them;
+Hyper-Connections sums them, the same up to the final RMSNorm's eps).
 """
 
 from __future__ import annotations
