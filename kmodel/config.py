@@ -668,7 +668,7 @@ class Config(Section):
                 "train.optimizer muon with parallel.offload_optimizer is refused: ZeRO-Offload runs DeepSpeed's CPU "
                 "Adam, which has no Muon; set parallel.offload_optimizer=false or train.optimizer=adamw"
             )
-        if self.train.qk_clip_tau is not None and self.model.attention_kind == "differential":
+        if self.train.qk_clip_tau is not None and self.model.attention_kind in ("differential", "differential_latent"):
             raise ValueError(
                 "train.qk_clip_tau: MuonClip caps the logits of softmax heads (attention_kind gqa or mla); "
                 "differential attention subtracts two softmaxes and is not clipped; unset train.qk_clip_tau"

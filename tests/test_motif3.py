@@ -426,3 +426,8 @@ def test_motif3_recipes_resolve_and_the_tiny_one_trains(recipe):
         assert torch.isfinite(out.loss) and out.loss.item() == pytest.approx(math.log(m.vocab_size), rel=0.1)
         grads = [p.grad for name, p in model.named_parameters() if name.endswith(("_hc.fn", "polynorm_weight"))]
         assert grads and all(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+def test_muonclip_refuses_differential_latent_attention_by_name():
+    with pytest.raises(ConfigError, match="train.qk_clip_tau: MuonClip caps the logits of softmax heads"):
+        load_config(RECIPES / "tiny" / "motif-3.yaml", ["train.optimizer=muon", "train.qk_clip_tau=100"])
