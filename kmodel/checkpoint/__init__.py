@@ -29,6 +29,7 @@ from kmodel.checkpoint.directory import (
     STATE_FILE,
     TOKENIZER_DIR,
     Manifest,
+    SharedVerification,
     latest_valid_checkpoint,
     list_checkpoints,
     load_config_from_checkpoint,
@@ -58,7 +59,7 @@ from kmodel.checkpoint.files import (
 
 __all__ = [
     "INDEX_FILE", "MANIFEST_FILE", "MODEL_FILE", "OPTIMIZER_FILE", "SAFETENSORS_DTYPES", "STATE_FILE", "TOKENIZER_DIR", "TORCH_DTYPES",
-    "CheckpointError", "FileRecord", "LazyTensor", "Manifest", "TensorStream", "latest_valid_checkpoint",
+    "CheckpointError", "FileRecord", "LazyTensor", "Manifest", "SharedVerification", "TensorStream", "latest_valid_checkpoint",
     "lazy_tensors", "list_checkpoints", "load_config_from_checkpoint", "load_model", "load_weights_into",
     "model_state", "move_aside", "read_state", "read_weights", "resolve_checkpoint", "save_checkpoint",
     "split_moments", "verify_checkpoint", "verify_manifest", "write_safetensors",

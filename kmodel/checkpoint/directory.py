@@ -30,6 +30,7 @@ from kmodel.checkpoint.files import (
     file_sha256,
     fsync_dir,
     lazy_tensors,
+    remember_digest,
     safetensors_problem,
     write_bytes,
     write_safetensors,
@@ -148,19 +149,51 @@ def verified(path: str | Path, files: list[str]) -> Path:
     return ckpt
 
 
+@dataclass(frozen=True)
+class SharedVerification:
+    """Ranks that verify a checkpoint together: each hashes every `world`-th file, and `all_ok(ok)` (a collective
+    every rank calls) says whether every rank's files matched."""
+
+    rank: int
+    world: int
+    all_ok: Callable[[bool], bool]
+
+
+def verify_shared(ckpt: Path, share: SharedVerification, **checks: Any) -> Manifest:
+    """`verify_checkpoint` split over the ranks, so a checkpoint is read once in all, not once per rank; the files
+    the other ranks checked are then taken as verified here too (their digests remembered for this process)."""
+    manifest, error = None, None
+    try:
+        manifest = Manifest.read(ckpt)
+        mine = sorted(manifest.files)[share.rank::share.world]
+        verify_checkpoint(ckpt, files=mine, **checks)
+    except CheckpointError as failure:
+        error = failure
+    if not share.all_ok(error is None):
+        raise error or CheckpointError(f"checkpoint {ckpt}: another rank found a missing or damaged file (its log names it)")
+    for name, record in manifest.files.items():
+        if (ckpt / name).is_file():
+            remember_digest(ckpt / name, record.sha256)
+    return manifest
+
+
 def latest_valid_checkpoint(
     run_dir: str | Path, *, run_id: str | None = None, need_state: bool = True, warn: bool = False,
+    share: SharedVerification | None = None,
 ) -> tuple[Path | None, list[tuple[Path, str]]]:
     """The newest checkpoint of a run that verifies completely, and the newer ones skipped with the reason.
     `run_id` defaults to the run directory's own (a checkpoint copied in from another run is skipped).
-    `warn` prints one line per skipped checkpoint to stderr."""
+    `warn` prints one line per skipped checkpoint to stderr. With `share`, the ranks split the hashing."""
     root = Path(run_dir)
     if run_id is None:
         run_id = RunDir(root.parent if root.name == CHECKPOINTS_DIR else root).read_run_id()
     skipped: list[tuple[Path, str]] = []
     for candidate in reversed(checkpoint_dirs(root)):
         try:
-            verify_checkpoint(candidate, run_id=run_id, need_state=need_state)
+            if share is None:
+                verify_checkpoint(candidate, run_id=run_id, need_state=need_state)
+            else:
+                verify_shared(candidate, share, run_id=run_id, need_state=need_state)
         except CheckpointError as error:
             skipped.append((candidate, str(error)))
             if warn:

@@ -22,6 +22,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from kmodel.checkpoint import SharedVerification
 from kmodel.config import load_config
 from kmodel.parallel.engine import DeepSpeedTrainer
 from kmodel.parallel.launch import run_state
@@ -38,6 +39,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="start a new run in an empty --out, begin one `kmodel launch` prepared, or resume from the "
                    "latest checkpoint; refuse a directory with history but no checkpoint")
     p.add_argument("--force", action="store_true", help="delete a non-empty --out and start over")
+    p.add_argument("--restart", action="store_true",
+                   help="with --resume: start over from step 0 although the run has history but no checkpoint "
+                   "(the history is kept, as with kmodel train --restart)")
+    p.add_argument("--ledger-gap", action="store_true",
+                   help="with --resume: continue although ledger.jsonl is missing or broken, recording the gap")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a recipe key (repeatable)")
     p.add_argument("--init-from", metavar="CKPT",
@@ -46,8 +52,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def init_distributed() -> None:
-    """Join the process group the launcher describes (nccl and this rank's GPU on CUDA, gloo on CPU)."""
+# The collective timeout is the backstop behind the hang watchdog (train.hang_timeout_s): it fires this much
+# later, so a stuck rank has dumped every rank's stacks before any collective gives up.
+COLLECTIVE_TIMEOUT_MARGIN_S = 300
+
+
+def init_distributed(hang_timeout_s: float) -> None:
+    """Join the process group the launcher describes (nccl and this rank's GPU on CUDA, gloo on CPU), with a
+    collective timeout just past the recipe's hang timeout."""
     missing = [k for k in ("RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT") if k not in os.environ]
     if missing:
         raise RuntimeError(f"environment {missing} not set: start this module with deepspeed, torchrun or `kmodel launch`")
@@ -55,7 +67,8 @@ def init_distributed() -> None:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
     else:
         os.environ.setdefault("DS_ACCELERATOR", "cpu")  # before deepspeed is imported: its CPU accelerator
-    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=datetime.timedelta(minutes=30))
+    timeout = datetime.timedelta(seconds=hang_timeout_s + COLLECTIVE_TIMEOUT_MARGIN_S)
+    dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo", timeout=timeout)
 
 
 def _prepare(args: argparse.Namespace, run_dir: Path):
@@ -69,7 +82,8 @@ def _prepare(args: argparse.Namespace, run_dir: Path):
         write_config(run_dir, cfg)
         return cfg, False
     resume = state == "resume"
-    return prepare_run(cfg, run_dir, resume=resume, max_steps=None, force=args.force), resume
+    return prepare_run(cfg, run_dir, resume=resume, max_steps=None, force=args.force, restart=args.restart,
+                       ledger_gap=args.ledger_gap), resume
 
 
 def _prepare_on_rank0(args: argparse.Namespace, run_dir: Path, held: contextlib.ExitStack):
@@ -88,16 +102,24 @@ def _prepare_on_rank0(args: argparse.Namespace, run_dir: Path, held: contextlib.
     return message[0]
 
 
+def _every_rank_ok(ok: bool) -> bool:
+    """Whether `ok` holds on every rank (collective)."""
+    failures = torch.tensor([0 if ok else 1])
+    dist.all_reduce(failures)
+    return failures.item() == 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    init_distributed()
+    init_distributed(load_config(args.recipe, args.overrides).train.hang_timeout_s)
     try:
         run_dir = Path(args.out)
         held = contextlib.ExitStack()
         cfg, resume = _prepare_on_rank0(args, run_dir, held)
         rank0 = dist.get_rank() == 0
         trainer = DeepSpeedTrainer(cfg, run_dir, progress=None if rank0 else False)
-        start(trainer, resume, writer=rank0, init_from=None if resume else args.init_from)
+        start(trainer, resume, writer=rank0, ledger_gap=args.ledger_gap, init_from=None if resume else args.init_from,
+              share=SharedVerification(dist.get_rank(), dist.get_world_size(), _every_rank_ok))
         trainer.start_engine()
         with held:
             trainer.fit()

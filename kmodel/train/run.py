@@ -28,7 +28,7 @@ from typing import Any
 
 import yaml
 
-from kmodel.checkpoint import latest_valid_checkpoint, list_checkpoints
+from kmodel.checkpoint import SharedVerification, latest_valid_checkpoint, list_checkpoints
 from kmodel.config import Config, ConfigError, config_from_dict
 from kmodel.data.manifest import without_locations
 from kmodel.train.metrics import MetricsLog, read_metrics
@@ -447,14 +447,15 @@ def prepare_run(
 
 
 def start(trainer: Trainer, resume: bool, *, writer: bool = True, ledger_gap: bool = False,
-          init_from: str | Path | None = None) -> None:
-    """Restore the latest checkpoint when resuming (or the weights of `init_from` for a fresh run) and start the
-    ledger; `writer` (rank 0) rewinds the metrics (the records dropped are kept in metrics.discarded.jsonl)."""
+          init_from: str | Path | None = None, share: SharedVerification | None = None) -> None:
+    """Restore the newest checkpoint that verifies when resuming (or the weights of `init_from` for a fresh run)
+    and start the ledger; `writer` (rank 0) rewinds the metrics (the records dropped are kept in
+    metrics.discarded.jsonl) and names skipped checkpoints; `share` splits the verification over the ranks."""
     run_dir = trainer.run_dir
     if init_from is not None:
         source = trainer.init_from(init_from)
         print(f"initialised from the weights of {source}", file=sys.stderr)
-    latest, skipped = latest_valid_checkpoint(run_dir, warn=True) if resume else (None, [])
+    latest, skipped = latest_valid_checkpoint(run_dir, warn=writer, share=share) if resume else (None, [])
     if latest is None and skipped:
         raise RunDirError(f"cannot resume {run_dir}: none of its {len(skipped)} checkpoints verifies (reasons above); "
                           "nothing trains on unverified weights. Restore a good copy of one of them")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +166,51 @@ def test_a_lost_run_id_file_is_restored_from_the_run_s_own_checkpoints(tmp_path,
     assert RunDir(tmp_path).read_run_id() == run_id  # adopted, not a new id that would disown steps 2 and 4
     (ckpts[0].parent / "step_0000006").rename(ckpts[0].parent / ".step_0000006.gone")
     assert latest_valid_checkpoint(tmp_path)[0] == ckpts[-1]
+
+
+def test_ranks_split_the_verification_and_agree(tmp_path, trained, monkeypatch):
+    """Two ranks (threads here) hash every file once between them; a damaged file seen by one rank makes both
+    skip that checkpoint."""
+    import threading
+    from collections import Counter
+
+    import kmodel.checkpoint.files as files
+    from kmodel.checkpoint import SharedVerification
+
+    ckpts = save_run(tmp_path, trained, steps=(2, 4))
+    files._known_digests.clear()
+    hashed = Counter()
+    real = files.sha256_file
+
+    def counting(path):
+        hashed[Path(path).name] += 1
+        return real(path)
+
+    monkeypatch.setattr(files, "sha256_file", counting)
+    votes, decided = [], {}
+
+    def decide():  # runs once per round, when both ranks have voted
+        decided["all"] = all(votes)
+        votes.clear()
+
+    barrier = threading.Barrier(2, action=decide)
+
+    def all_ok(ok):  # what an all-reduce over the ranks gives
+        votes.append(ok)
+        barrier.wait()
+        return decided["all"]
+
+    flip_byte(ckpts[-1] / STATE_FILE, 40)
+    found = {}
+
+    def rank(r):
+        found[r] = latest_valid_checkpoint(tmp_path, share=SharedVerification(r, 2, all_ok))
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert found[0][0] == found[1][0] == ckpts[0]  # both skipped step 4, whichever rank hashed state.pt
+    assert any("state.pt does not match" in reason for _, reason in found[0][1] + found[1][1])
+    assert hashed[MODEL_FILE] == 2 and hashed[OPTIMIZER_FILE] == 2  # once per checkpoint, not once per rank
