@@ -113,6 +113,11 @@ def test_a_stage_change_takes_new_weights_and_seq_len_and_is_recorded(tmp_path):
     assert previous["weights"] == {"ko": 3.0, "code": 1.0} and sum(previous["tokens"].values()) == 4 * 32
     assert json.loads(json.dumps(order)) == order
 
+    continued = tmp_path / "continued"  # the same through `kmodel train --init-from`
+    train(load_config(RECIPE, SMALL + [sources(home, ko_weight=0.5), "data.seq_len=48"]), continued, max_steps=2,
+          progress=False, init_from=stage0)
+    assert read_records(continued / LEDGER_FILE)[0][0]["data_manifest"]["order"] == order
+
 
 def test_a_resume_may_name_new_data_locations_but_no_other_data_change(tmp_path):
     from kmodel.config import ConfigError
