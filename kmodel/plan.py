@@ -303,6 +303,15 @@ def _attention_activation_elements(cfg: ModelConfig) -> int:
         latent = (rkv + cfg.qk_rope_head_dim) + rkv
         heads = 2 * n * qk + n * (cfg.qk_nope_head_dim + v) + n * v
         return ends + query_latent + latent + heads
+    if cfg.attention_kind == "differential_latent":
+        qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+        rq, rkv = cfg.q_lora_rank, cfg.kv_lora_rank
+        query_latent = 0 if rq is None else 2 * rq
+        latent = (rkv + cfg.qk_rope_head_dim) + rkv
+        # both maps' q and k, kv_b's output, the two map outputs and their difference (the norm's input), lambda
+        heads = 4 * n * qk + n * (2 * cfg.qk_nope_head_dim + v) + 3 * n * v + n
+        gate = 2 * n * v if cfg.attention_output_gate else 0  # the gate's logits and the normed output it scales
+        return ends + query_latent + latent + heads + gate + n * v
     d, nkv = cfg.head_dim, cfg.num_key_value_heads
     qk = (n + nkv) * d
     return ends + qk * (2 if cfg.qk_norm else 1) + nkv * d + n * d
@@ -313,15 +322,24 @@ def activation_elements_per_token(cfg: ModelConfig, sparse: bool) -> dict[str, f
     h = cfg.hidden_size
     attention = _attention_activation_elements(cfg)
     ends = _sublayer_ends_elements(cfg)
+    hc = {"hyper_connections": _hyper_connection_activation_elements(cfg)} if cfg.hc_mult > 1 else {}
     # A plain-torch SwiGLU MLP keeps gate out, up out, silu(gate) and their product: 4 x intermediate.
     if not sparse:
-        return {"attention": attention, "mlp": ends + 4 * cfg.intermediate_size}
+        return {"attention": attention, "mlp": ends + 4 * cfg.intermediate_size, **hc}
     k, im = cfg.num_experts_per_tok, cfg.moe_intermediate_size
     routed = k * (2 * h + 3 * im)  # permuted copy in, gate/up out, product, expert out
     shared = 4 * im * cfg.num_shared_experts
     router = 2 * cfg.num_experts * 2  # fp32 logits and scores, counted in 2-byte units
     output_norm = h if cfg.post_mlp_norm else 0  # A.X K1: its input, routed + shared output summed
-    return {"attention": attention, "mlp": ends + routed + shared + router + output_norm}
+    return {"attention": attention, "mlp": ends + routed + shared + router + output_norm, **hc}
+
+
+def _hyper_connection_activation_elements(cfg: ModelConfig) -> int:
+    """Per sublayer (two per layer): the n streams (read by the maps and by H_res x), their normalised copy, the
+    map logits, every Sinkhorn step's two fp32 n x n matrices (2-byte units) and the next streams' sum."""
+    n, h = cfg.hc_mult, cfg.hidden_size
+    sinkhorn = cfg.hc_sinkhorn_iters * 2 * n * n * 2
+    return 2 * (3 * n * h + 2 * n + n * n + sinkhorn)
 
 
 @dataclass(frozen=True)

@@ -431,3 +431,17 @@ def test_motif3_recipes_resolve_and_the_tiny_one_trains(recipe):
 def test_muonclip_refuses_differential_latent_attention_by_name():
     with pytest.raises(ConfigError, match="train.qk_clip_tau: MuonClip caps the logits of softmax heads"):
         load_config(RECIPES / "tiny" / "motif-3.yaml", ["train.optimizer=muon", "train.qk_clip_tau=100"])
+
+
+def test_planner_activation_estimate_counts_the_differential_latent_heads_and_the_streams():
+    from kmodel.plan import activation_elements_per_token
+
+    base = motif3_section(random.Random("acts"), q_lora_rank=12, attention_output_gate=False)
+    m = config_from_dict({"model": base}).model
+    parts = activation_elements_per_token(m, True)
+    n, h, heads, v = m.hc_mult, m.hidden_size, m.num_attention_heads, m.v_head_dim
+    assert parts["hyper_connections"] == 2 * (3 * n * h + 2 * n + n * n + m.hc_sinkhorn_iters * 4 * n * n)
+    gated = activation_elements_per_token(config_from_dict({"model": base | {"attention_output_gate": True}}).model, True)
+    assert gated["attention"] - parts["attention"] == 2 * heads * v
+    plain = activation_elements_per_token(config_from_dict({"model": base | {"hc_mult": 1}}).model, True)
+    assert "hyper_connections" not in plain and plain["attention"] == parts["attention"]
