@@ -45,7 +45,6 @@ from kmodel.checkpoint.directory import (
     verify_checkpoint,
     verify_manifest,
 )
-from kmodel.checkpoint.index import INDEX_FILE
 from kmodel.checkpoint.files import (
     SAFETENSORS_DTYPES,
     TORCH_DTYPES,
@@ -56,11 +55,12 @@ from kmodel.checkpoint.files import (
     lazy_tensors,
     write_safetensors,
 )
+from kmodel.checkpoint.index import INDEX_FILE
 
 __all__ = [
-    "INDEX_FILE", "MANIFEST_FILE", "MODEL_FILE", "OPTIMIZER_FILE", "SAFETENSORS_DTYPES", "STATE_FILE", "TOKENIZER_DIR", "TORCH_DTYPES",
-    "CheckpointError", "FileRecord", "LazyTensor", "Manifest", "SharedVerification", "TensorStream", "latest_valid_checkpoint",
-    "lazy_tensors", "list_checkpoints", "load_config_from_checkpoint", "load_model", "load_weights_into",
-    "model_state", "move_aside", "read_state", "read_weights", "resolve_checkpoint", "save_checkpoint",
-    "split_moments", "verify_checkpoint", "verify_manifest", "write_safetensors",
+    "INDEX_FILE", "MANIFEST_FILE", "MODEL_FILE", "OPTIMIZER_FILE", "SAFETENSORS_DTYPES", "STATE_FILE",
+    "TOKENIZER_DIR", "TORCH_DTYPES", "CheckpointError", "FileRecord", "LazyTensor", "Manifest", "SharedVerification",
+    "TensorStream", "latest_valid_checkpoint", "lazy_tensors", "list_checkpoints", "load_config_from_checkpoint",
+    "load_model", "load_weights_into", "model_state", "move_aside", "read_state", "read_weights", "resolve_checkpoint",
+    "save_checkpoint", "split_moments", "verify_checkpoint", "verify_manifest", "write_safetensors",
 ]

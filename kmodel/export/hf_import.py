@@ -4,11 +4,12 @@ exact inverse of `kmodel export hf`, streamed one tensor at a time.
 The model config comes from the export's `kmodel/config.yaml` (or `--recipe` for a directory kmodel did not
 write); it must reproduce the directory's config.json through the family (so the names and layouts below are
 the right ones), else the keys that differ are named. Each kmodel tensor is read under its family name and
-undone from the family's layout (a buffer the family leaves out, such as a router bias it does not use,
-starts at zero as in a fresh model; a parameter without a name is refused): transforms are rearrangements of elements (transposes, interleaves), inverted
-exactly through the permutation they apply to element indices. Floating-point tensors take the kmodel dtype
-(bf16 -> fp32 is exact, so export -> import -> export gives the same bytes). The checkpoint's manifest records
-the sha256 of every source file (`imported_from`), which the ledger of a run started from it carries.
+undone from the family's layout: transforms are rearrangements of elements (transposes, interleaves), inverted
+exactly through the permutation they apply to element indices. A buffer the family leaves out (a router bias it
+does not use) starts at zero, as in a fresh model; a parameter without a name is refused. Floating-point tensors
+take the kmodel dtype (bf16 -> fp32 is exact, so export -> import -> export gives the same bytes). The
+checkpoint's manifest records the sha256 of every source file (`imported_from`), which the ledger of a run
+started from it carries.
 """
 
 from __future__ import annotations
