@@ -190,7 +190,7 @@ class ModelConfig(Section):
     @model_validator(mode="after")
     def _resolve_and_check(self) -> "ModelConfig":
         n = self.num_hidden_layers
-        if self.attention_kind != "differential" and self.num_attention_heads % self.num_key_value_heads:
+        if not self.differential_attention and self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_attention_heads}) must be divisible by "
                 f"num_key_value_heads ({self.num_key_value_heads})"
@@ -335,11 +335,12 @@ class ModelConfig(Section):
                 f"attention_output_gate only applies to attention_kind 'differential_latent' (attention_kind is "
                 f"{self.attention_kind!r})"
             )
-        if self.attention_kind != "differential" and self.num_noise_heads is not None:
+        if not self.differential_attention and self.num_noise_heads is not None:
             raise ValueError(
-                f"num_noise_heads only applies to attention_kind 'differential' (attention_kind is {self.attention_kind!r})"
+                "num_noise_heads only applies to attention_kind 'differential' or 'differential_latent' "
+                f"(attention_kind is {self.attention_kind!r})"
             )
-        if self.attention_kind == "differential":
+        if self.differential_attention:
             self._check_differential()
         if not self.latent_attention:
             return
@@ -349,7 +350,7 @@ class ModelConfig(Section):
             raise ValueError(f"attention_kind {kind!r} requires {', '.join(missing)}")
         if self.qk_rope_head_dim % 2:
             raise ValueError(f"qk_rope_head_dim ({self.qk_rope_head_dim}) must be even for rotary embeddings")
-        if self.num_key_value_heads != self.num_attention_heads:
+        if kind == "mla" and self.num_key_value_heads != self.num_attention_heads:
             raise ValueError(
                 f"attention_kind {kind!r} expands its latent to one key/value per query head: num_key_value_heads "
                 f"({self.num_key_value_heads}) must equal num_attention_heads ({self.num_attention_heads})"
@@ -367,7 +368,7 @@ class ModelConfig(Section):
     def _check_differential(self) -> None:
         heads, noise, kv = self.num_attention_heads, self.num_noise_heads, self.num_key_value_heads
         if noise is None:
-            raise ValueError("attention_kind 'differential' requires num_noise_heads")
+            raise ValueError(f"attention_kind {self.attention_kind!r} requires num_noise_heads")
         if noise >= heads or (heads - noise) % noise:
             raise ValueError(
                 f"num_noise_heads ({noise}) must divide the signal heads num_attention_heads - num_noise_heads "
@@ -448,6 +449,11 @@ class ModelConfig(Section):
     def rope_dim(self) -> int:
         """Dims per head that RoPE rotates: all of head_dim for GQA, the decoupled RoPE part for MLA."""
         return self.qk_rope_head_dim if self.latent_attention else self.head_dim
+
+    @property
+    def differential_attention(self) -> bool:
+        """Signal and noise maps subtracted (Motif's differential, differential_latent)."""
+        return self.attention_kind in ("differential", "differential_latent")
 
     @property
     def latent_attention(self) -> bool:

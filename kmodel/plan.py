@@ -154,15 +154,17 @@ def _differential_attention_params(cfg: ModelConfig) -> int:
 
 
 def _differential_latent_attention_params(cfg: ModelConfig) -> int:
-    """Differential latent attention (kmodel/model/diff_latent_attention.py): MLA's projections with two queries
-    and two no-RoPE keys per head, lambda_proj (h -> heads), the per-head RMSNorm over v, the optional gate."""
+    """Differential latent attention (kmodel/model/diff_latent_attention.py): MLA's query (heads x qk) and latent,
+    kv_b (kv_lora_rank -> key heads x (nope + v)), lambda_proj (h -> signal heads), the RMSNorm over 2v, the
+    optional gate (h -> signal heads x 2v) and o (signal heads x 2v -> h)."""
     h, n, v = cfg.hidden_size, cfg.num_attention_heads, cfg.v_head_dim
     qk = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim
     rq, rkv = cfg.q_lora_rank, cfg.kv_lora_rank
-    query = h * n * 2 * qk if rq is None else h * rq + rq + rq * n * 2 * qk
-    kv = h * (rkv + cfg.qk_rope_head_dim) + rkv + rkv * n * (2 * cfg.qk_nope_head_dim + v)
-    gate = h * n * v if cfg.attention_output_gate else 0
-    return query + kv + h * n + v + gate + n * v * h
+    signal_out = (n - cfg.num_noise_heads) * 2 * v
+    query = h * n * qk if rq is None else h * rq + rq + rq * n * qk
+    kv = h * (rkv + cfg.qk_rope_head_dim) + rkv + rkv * cfg.num_key_value_heads * (cfg.qk_nope_head_dim + v)
+    gate = h * signal_out if cfg.attention_output_gate else 0
+    return query + kv + h * (n - cfg.num_noise_heads) + 2 * v + gate + signal_out * h
 
 
 def _hyper_connection_params(cfg: ModelConfig) -> int:
@@ -304,14 +306,16 @@ def _attention_activation_elements(cfg: ModelConfig) -> int:
         heads = 2 * n * qk + n * (cfg.qk_nope_head_dim + v) + n * v
         return ends + query_latent + latent + heads
     if cfg.attention_kind == "differential_latent":
-        qk, v = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
+        qk, nkv = cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.num_key_value_heads
         rq, rkv = cfg.q_lora_rank, cfg.kv_lora_rank
         query_latent = 0 if rq is None else 2 * rq
         latent = (rkv + cfg.qk_rope_head_dim) + rkv
-        # both maps' q and k, kv_b's output, the two map outputs and their difference (the norm's input), lambda
-        heads = 4 * n * qk + n * (2 * cfg.qk_nope_head_dim + v) + 3 * n * v + n
-        gate = 2 * n * v if cfg.attention_output_gate else 0  # the gate's logits and the normed output it scales
-        return ends + query_latent + latent + heads + gate + n * v
+        signal_out = (n - cfg.num_noise_heads) * 2 * cfg.v_head_dim
+        # q before and after RoPE, kv_b's output, the keys, the two maps' outputs and their difference, lambda
+        heads = 2 * n * qk + nkv * (cfg.qk_nope_head_dim + cfg.v_head_dim) + nkv * qk + 3 * signal_out
+        heads += n - cfg.num_noise_heads
+        gate = 2 * signal_out if cfg.attention_output_gate else 0  # the gate's logits and the normed output
+        return ends + query_latent + latent + heads + gate + signal_out
     d, nkv = cfg.head_dim, cfg.num_key_value_heads
     qk = (n + nkv) * d
     return ends + qk * (2 if cfg.qk_norm else 1) + nkv * d + n * d

@@ -173,8 +173,12 @@ def test_polynorm_of_one_third_each_is_the_mean_of_the_normalised_powers():
 
 # --- the whole Motif-3 architecture -------------------------------------------------------------------------
 def motif3_section(rng: random.Random, **overrides) -> dict:
+    noise = rng.choice([1, 2])
+    ratio = rng.choice([1, 3])  # 1: the Differential Transformer's balanced split; 3: grouped (GDA)
+    pairs = rng.choice([p for p in (1, 2) if noise % p == 0])
     model = moe_section(
-        num_hidden_layers=3, hidden_size=24, num_attention_heads=2, num_key_value_heads=2, head_dim=None,
+        num_hidden_layers=3, hidden_size=24, num_attention_heads=noise * (ratio + 1), num_noise_heads=noise,
+        num_key_value_heads=2 * pairs, head_dim=None,
         attention_kind="differential_latent", q_lora_rank=rng.choice([None, 12]), kv_lora_rank=10,
         qk_nope_head_dim=6, qk_rope_head_dim=4, v_head_dim=6, attention_output_gate=rng.choice([True, False]),
         layer_types=["sliding_attention", "full_attention", "sliding_attention"], sliding_window=4,
@@ -212,7 +216,9 @@ def reference_hc(w, p: str, m, streams: torch.Tensor):
 
 def reference_motif3_logits(w: dict[str, torch.Tensor], m, ids: torch.Tensor) -> torch.Tensor:
     """One sequence, float64, head by head and token by token from the published formulas."""
-    seq, heads = ids.shape[0], m.num_attention_heads
+    seq, heads, noise, pairs = ids.shape[0], m.num_attention_heads, m.num_noise_heads, m.num_key_value_heads // 2
+    signal = heads - noise
+    ratio = signal // noise
     nope, rope, vd = m.qk_nope_head_dim, m.qk_rope_head_dim, m.v_head_dim
     pos = torch.arange(seq, dtype=torch.float64)
 
@@ -232,22 +238,27 @@ def reference_motif3_logits(w: dict[str, torch.Tensor], m, ids: torch.Tensor) ->
             q = h @ w[a + "q_proj.weight"].T
         else:
             q = rms(h @ w[a + "q_a_proj.weight"].T, w[a + "q_a_layernorm.weight"], m.rms_norm_eps) @ w[a + "q_b_proj.weight"].T
-        q = q.view(seq, heads, 2, nope + rope)
+        q = q.view(seq, heads, nope + rope)
         kv_a = h @ w[a + "kv_a_proj_with_mqa.weight"].T
         latent = rms(kv_a[:, : m.kv_lora_rank], w[a + "kv_a_layernorm.weight"], m.rms_norm_eps)
         rope_key = rotate(kv_a[:, m.kv_lora_rank :])
-        kv = (latent @ w[a + "kv_b_proj.weight"].T).view(seq, heads, 2 * nope + vd)
-        lam = torch.sigmoid(h @ w[a + "lambda_proj.weight"].T)  # (seq, heads)
+        kv = (latent @ w[a + "kv_b_proj.weight"].T).view(seq, 2 * pairs, nope + vd)
+        lam = torch.sigmoid(h @ w[a + "lambda_proj.weight"].T)  # (seq, signal heads)
+
+        def softmax_map(query_head, key_head):
+            query = torch.cat((q[:, query_head, :nope], rotate(q[:, query_head, nope:])), dim=-1)
+            key = torch.cat((kv[:, key_head, :nope], rope_key), dim=-1)
+            scores = (query @ key.T) / math.sqrt(nope + rope)
+            return torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1)
+
         outs = []
-        for head in range(heads):
-            maps = []
-            for which in range(2):
-                query = torch.cat((q[:, head, which, :nope], rotate(q[:, head, which, nope:])), dim=-1)
-                key = torch.cat((kv[:, head, which * nope : (which + 1) * nope], rope_key), dim=-1)
-                scores = (query @ key.T) / math.sqrt(nope + rope)
-                maps.append(torch.softmax(scores.masked_fill(~visible, -math.inf), dim=-1))
-            values = kv[:, head, 2 * nope :]
-            out = (maps[0] - lam[:, head : head + 1] * maps[1]) @ values
+        for s in range(signal):
+            group = s // ratio
+            pair = group // (noise // pairs)
+            signal_map = softmax_map(group * (ratio + 1) + s % ratio, 2 * pair)
+            noise_map = softmax_map(group * (ratio + 1) + ratio, 2 * pair + 1)
+            values = torch.cat((kv[:, 2 * pair, nope:], kv[:, 2 * pair + 1, nope:]), dim=-1)  # (seq, 2v)
+            out = (signal_map - lam[:, s : s + 1] * noise_map) @ values
             outs.append(rms(out, w[a + "subln.weight"], m.attn_rms_norm_eps))
         out = torch.cat(outs, dim=-1)
         if m.attention_output_gate:
@@ -289,10 +300,15 @@ def perturb_motif3(model, seed: int) -> None:
                 param.copy_(0.7 * torch.randn(param.shape, generator=generator))
 
 
-@pytest.mark.parametrize("seed", [0, 1, 2])
-def test_motif3_matches_independent_float64_reimplementation_with_gradients(seed):
+@pytest.mark.parametrize("seed, overrides", [
+    (0, {}),  # balanced heads (1 signal : 1 noise), low-rank query, gated, 2 streams
+    (1, {"num_attention_heads": 8, "num_noise_heads": 2, "num_key_value_heads": 4, "hc_mult": 3}),  # 3:1, 2 pairs
+    (2, {"num_attention_heads": 4, "num_noise_heads": 1, "num_key_value_heads": 2, "q_lora_rank": None,
+         "attention_output_gate": True}),  # 3:1 on one key pair, full-rank query
+])
+def test_motif3_matches_independent_float64_reimplementation_with_gradients(seed, overrides):
     rng = random.Random(f"motif3-{seed}")
-    cfg, model = build(motif3_section(rng), seed)
+    cfg, model = build(motif3_section(rng, **overrides), seed)
     perturb_motif3(model, seed)
     model.double()
     ids = torch.randint(0, cfg.model.vocab_size, (2, 9), generator=torch.Generator().manual_seed(seed))
@@ -335,14 +351,15 @@ def test_sinkhorn_projects_onto_doubly_stochastic_matrices():
 
 def test_lambda_is_a_sigmoid_of_the_token_and_the_gate_multiplies_elementwise():
     rng = random.Random("lambda")
-    cfg, model = build(motif3_section(rng, attention_output_gate=True), 5)
+    cfg, model = build(motif3_section(rng, attention_output_gate=True, num_attention_heads=8, num_noise_heads=2), 5)
     attn = model.layers[0].self_attn.double()
     g = torch.Generator().manual_seed(5)
     x = torch.randn(1, 3, cfg.model.hidden_size, generator=g, dtype=torch.float64)
-    signal, noise = (torch.randn(1, 3, 2, cfg.model.v_head_dim, generator=g, dtype=torch.float64) for _ in range(2))
+    signal = torch.randn(1, 3, attn.signal_heads, 2 * cfg.model.v_head_dim, generator=g, dtype=torch.float64)
+    noise = torch.randn(1, 3, attn.noise_heads, 2 * cfg.model.v_head_dim, generator=g, dtype=torch.float64)
     lam = torch.sigmoid(x @ attn.lambda_proj.weight.T)[..., None]
     assert 0 < lam.min() and lam.max() < 1 and lam.std() > 0.01  # data-dependent, inside (0, 1)
-    diff = signal - lam * noise
+    diff = signal - lam * noise.repeat_interleave(attn.grouped_ratio, dim=2)  # each group's noise map
     normed = diff / torch.sqrt(diff.pow(2).mean(-1, keepdim=True) + cfg.model.attn_rms_norm_eps) * attn.subln.weight
     gated = normed.reshape(1, 3, -1) * torch.sigmoid(x @ attn.gate_proj.weight.T)
     torch.testing.assert_close(attn.combine(x, signal, noise), gated, rtol=1e-12, atol=1e-14)
@@ -439,9 +456,9 @@ def test_planner_activation_estimate_counts_the_differential_latent_heads_and_th
     base = motif3_section(random.Random("acts"), q_lora_rank=12, attention_output_gate=False)
     m = config_from_dict({"model": base}).model
     parts = activation_elements_per_token(m, True)
-    n, h, heads, v = m.hc_mult, m.hidden_size, m.num_attention_heads, m.v_head_dim
+    n, h, signal, v = m.hc_mult, m.hidden_size, m.num_attention_heads - m.num_noise_heads, m.v_head_dim
     assert parts["hyper_connections"] == 2 * (3 * n * h + 2 * n + n * n + m.hc_sinkhorn_iters * 4 * n * n)
     gated = activation_elements_per_token(config_from_dict({"model": base | {"attention_output_gate": True}}).model, True)
-    assert gated["attention"] - parts["attention"] == 2 * heads * v
+    assert gated["attention"] - parts["attention"] == 2 * signal * 2 * v
     plain = activation_elements_per_token(config_from_dict({"model": base | {"hc_mult": 1}}).model, True)
     assert "hyper_connections" not in plain and plain["attention"] == parts["attention"]

@@ -62,8 +62,8 @@ def attention_head_dims(cfg: ModelConfig) -> tuple[int, int]:
         return cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, cfg.v_head_dim
     if cfg.attention_kind == "differential":  # each query head's map (signal or noise) weighs 2 * head_dim values
         return cfg.head_dim, 2 * cfg.head_dim
-    if cfg.attention_kind == "differential_latent":  # two maps per head, each over its own keys and the values
-        return 2 * (cfg.qk_nope_head_dim + cfg.qk_rope_head_dim), 2 * cfg.v_head_dim
+    if cfg.attention_kind == "differential_latent":  # as differential: every query head's map weighs 2v values
+        return cfg.qk_nope_head_dim + cfg.qk_rope_head_dim, 2 * cfg.v_head_dim
     return cfg.head_dim, cfg.head_dim
 
 
