@@ -65,7 +65,10 @@ WEIGHT_LOADERS = {
 }
 # kmodel functions that read only a run's own checkpoint directories (paths the user passes in).
 RUN_LOCAL_READERS = {
-    ("kmodel/checkpoint.py", name) for name in ("read_state", "_read_tensors", "lazy_tensors", "load")
+    ("kmodel/checkpoint/directory.py", "read_state"),
+    ("kmodel/checkpoint/files.py", "load"),
+    ("kmodel/checkpoint/files.py", "lazy_tensors"),
+    ("kmodel/checkpoint/index.py", "load"),
 }
 TRAINING_ENTRY_MODULES = ("kmodel.train.run", "kmodel.train.trainer", "kmodel.train.cli")
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx",

@@ -127,3 +127,19 @@ def test_run_state_of_a_launched_directory(tmp_path):
     assert run_state(run) == "begin"  # prepared by `kmodel launch`, nothing trained
     (run / "metrics.jsonl").write_text('{"kind": "train", "step": 1}\n')
     assert run_state(run) == "resume"
+
+
+def test_collective_timeout_follows_the_hang_timeout(monkeypatch):
+    """The process group's timeout is the recipe's hang timeout plus a margin, so the watchdog's stack dumps come
+    first and a collective never waits a fixed half hour regardless of the recipe."""
+    from kmodel.parallel import entry
+
+    seen = {}
+    monkeypatch.setattr(entry.dist, "init_process_group", lambda backend, timeout: seen.update(timeout=timeout))
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("MASTER_ADDR", "127.0.0.1")
+    monkeypatch.setenv("MASTER_PORT", "29500")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    entry.init_distributed(90)
+    assert seen["timeout"].total_seconds() == 90 + entry.COLLECTIVE_TIMEOUT_MARGIN_S

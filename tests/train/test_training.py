@@ -19,6 +19,7 @@ from kmodel.data import DataError
 from kmodel.model import ModelOutput
 from kmodel.provenance.ledger import chain_problems, checkpoint_records, read_records
 from kmodel.rundir import LEDGER_FILE
+from kmodel.safe_path import python_command
 from kmodel.train import RunDirError, Trainer, TrainingDiverged, train
 from kmodel.train.metrics import read_metrics
 
@@ -79,7 +80,7 @@ def test_loss_goes_down_and_the_run_directory_is_complete(reference_run):
 
 
 def run_killed(tiny, run_dir: Path, mode: str, point: str) -> None:
-    command = [sys.executable, str(HERE / "kill_at.py"), mode, point, "train", str(tiny.recipe), "--out", str(run_dir),
+    command = [*python_command(str(HERE / "kill_at.py")), mode, point, "train", str(tiny.recipe), "--out", str(run_dir),
                "--no-progress"]
     for assignment in tiny.overrides:
         command += ["--set", assignment]
