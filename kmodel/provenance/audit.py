@@ -12,7 +12,7 @@ runtime   (--run) a short training run and a resume of it execute in a child pro
           hook that sees every file opened and every module imported; a weight-like file read from
           outside the run directory, or a model-code package imported, is a failure. safetensors reads
           files natively, out of the hook's sight, so its readers are wrapped to report their paths. The
-          tokenized-data cache (kmodel's .npz token arrays) is reported as data.
+          tokenized-data cache (kmodel's memory-mapped token shards) is reported as data.
 
 The project's own declared dependencies (pyproject.toml) are listed with what they are for.
 """
@@ -29,6 +29,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from kmodel.data.shards import DOCS_SUFFIX, TOKENS_SUFFIX
 from kmodel.provenance.ledger import SOURCE_DIRS, source_root
 from kmodel.safe_path import python_command
 
@@ -73,6 +74,8 @@ RUN_LOCAL_READERS = {
 TRAINING_ENTRY_MODULES = ("kmodel.train.run", "kmodel.train.trainer", "kmodel.train.cli")
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx",
                    ".npz", ".npy", ".pkl", ".pickle")
+# The token cache's shard files (kmodel.data.shards): token ids and document offsets, reported as data.
+TOKEN_SHARD_SUFFIXES = (TOKENS_SUFFIX, DOCS_SUFFIX)
 # Source folders as import names (kmodel.kernels and kmodel.tokenizer live at the top of the checkout).
 PACKAGE_OF_DIR = {"kmodel": "kmodel", "kernels": "kmodel.kernels", "tokenizer": "kmodel.tokenizer"}
 
@@ -338,12 +341,12 @@ def classify_runtime(probe: dict[str, Any], run_dir: Path, token_cache: Path) ->
     cache_prefix = str(token_cache.resolve()) + os.sep
     findings = []
     for path in probe["opened"]:
-        if not path.endswith(WEIGHT_SUFFIXES):
-            continue
-        if path.startswith(run_prefix):
-            findings.append(Finding(PASS, "runtime-file", path, "read from the run's own directory"))
-        elif path.startswith(cache_prefix) and path.endswith(".npz"):
+        if path.startswith(cache_prefix) and path.endswith(TOKEN_SHARD_SUFFIXES):
             findings.append(Finding(INFO, "runtime-file", path, "tokenized-data cache (token ids, not weights)"))
+        elif not path.endswith(WEIGHT_SUFFIXES):
+            continue
+        elif path.startswith(run_prefix):
+            findings.append(Finding(PASS, "runtime-file", path, "read from the run's own directory"))
         else:
             findings.append(Finding(FAIL, "runtime-file", path, "weight-like file read from outside the run"))
     imported = [m for m in probe["imported"] if _model_package(m)]

@@ -12,6 +12,7 @@ from kmodel.tokenizer import SHIPPED_TOKENIZER
 from kmodel.cli import main
 from kmodel.provenance.audit import (
     FAIL,
+    INFO,
     PASS,
     WARN,
     classify_runtime,
@@ -109,13 +110,16 @@ def test_audit_of_this_checkout_finds_no_model_code_on_the_training_path():
 def test_runtime_findings_separate_run_files_cache_and_outside_weights(tmp_path):
     run_dir, cache = tmp_path / "run", tmp_path / "cache" / "tokens"
     probe = {
-        "opened": [str(run_dir / "checkpoints/step_0000002/model.safetensors"), str(cache / "k.npz"),
+        "opened": [str(run_dir / "checkpoints/step_0000002/model.safetensors"), str(cache / "k/shards/s0.tokens"),
+                   str(cache / "k/shards/s0.docs"), str(cache / "k.npz"),
                    "/elsewhere/pretrained/model.safetensors", "/usr/lib/python3/os.py"],
         "imported": ["kmodel.train", "transformers.models.llama"],
     }
     findings = classify_runtime(probe, run_dir, cache)
     status = {f.where: f.status for f in findings}
     assert status[str(run_dir / "checkpoints/step_0000002/model.safetensors")] == PASS
+    assert status[str(cache / "k/shards/s0.tokens")] == status[str(cache / "k/shards/s0.docs")] == INFO
+    assert status[str(cache / "k.npz")] == FAIL  # the cache holds token shards only: a weight-like file there is not data
     assert status["/elsewhere/pretrained/model.safetensors"] == FAIL
     assert status["transformers.models.llama"] == FAIL
     assert "/usr/lib/python3/os.py" not in status
