@@ -8,7 +8,7 @@ launch configs per head dims (64, 128, 256, and MLA's 192 / 128, q/k split 128 +
 feature on, compiled by `attention.compile_report` (which also writes the per-config register/shared-memory/wgmma
 tables).
 
-    python -m kmodel.kernels.compile_check [--ops attention moe norm loss] [--arch 90] [--dtype bf16]
+    python -P -m kmodel.kernels.compile_check [--ops attention moe norm loss] [--arch 90] [--dtype bf16]
                                            [--first-config-only]
 
 Exit status 1 when a variant fails to compile or spills registers.
@@ -196,7 +196,7 @@ def compile_variant(variant: Variant, *, arch: int, dtype: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m kmodel.kernels.compile_check",
+    parser = argparse.ArgumentParser(prog="python -P -m kmodel.kernels.compile_check",
                                      description=__doc__.split("\n\n")[0])
     parser.add_argument("--ops", nargs="+", choices=OPS, default=list(OPS), help="ops to compile (default all)")
     parser.add_argument("--arch", type=int, default=90, help="CUDA compute capability as an int (default 90, Hopper)")

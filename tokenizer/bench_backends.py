@@ -1,6 +1,6 @@
 """SentencePiece BPE vs Hugging Face `tokenizers` BPE on a large corpus: speed, peak memory, compression.
 
-    python -m kmodel.tokenizer.bench_backends --corpus big.jsonl --heldout DIR/heldout \
+    python -P -m kmodel.tokenizer.bench_backends --corpus big.jsonl --heldout DIR/heldout \
         --vocab-size 65536 --sample-chars 50000000 --threads 2 --out bench/results/tokenizer_backends
 
 Each backend trains in a child process (`train_streaming`: one streaming pass over --corpus, the seeded sample,

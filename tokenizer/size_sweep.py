@@ -1,6 +1,6 @@
 """Choosing the production vocabulary size and mix on a built corpus.
 
-    python -m kmodel.tokenizer.size_sweep --corpus DIR --mix ko=0.5,en=0.25,code=0.25 \
+    python -P -m kmodel.tokenizer.size_sweep --corpus DIR --mix ko=0.5,en=0.25,code=0.25 \
         --sizes 65536,98304,131072,163840 --out bench/results/tokenizer_size_sweep
 
 BPE merges are learned greedily, so the merges of a smaller vocabulary are a prefix of a larger one's: one

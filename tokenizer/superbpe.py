@@ -13,7 +13,7 @@ every stage-1 merge ranks first, so words form as before, then superword merges 
 A superword tokenizer cannot be a SentencePiece model (SentencePiece always splits at a space), so it is
 measured here, not shipped; see docs/tokenizer.md for the numbers.
 
-    python -m kmodel.tokenizer.superbpe --corpus DIR --vocab-size 131072 --transition 114688 \
+    python -P -m kmodel.tokenizer.superbpe --corpus DIR --vocab-size 131072 --transition 114688 \
         --out bench/results/tokenizer_superbpe
 """
 

@@ -1,7 +1,7 @@
 """The measurement behind the training defaults: BPE vs unigram, character coverage, morpheme-aware training
 and vocabulary size, each trained on the bundled train split and scored on the held-out split.
 
-    python -m kmodel.tokenizer.sweep --out bench/results/tokenizer_sweep
+    python -P -m kmodel.tokenizer.sweep --out bench/results/tokenizer_sweep
 
 Score: tokens per 1,000 characters of held-out text under the training mix (each language's tokens/char
 weighted by its --mix share); lower is better. Prints a markdown table and saves PREFIX.md and PREFIX.json.
@@ -130,7 +130,7 @@ def markdown(report: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m kmodel.tokenizer.sweep",
+        prog="python -P -m kmodel.tokenizer.sweep",
         description=__doc__,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )

@@ -1,6 +1,6 @@
 """Train a kmodel tokenizer: a SentencePiece model on a language-weighted sample of the corpus.
 
-The settings below are chosen by measurement (`python -m kmodel.tokenizer.sweep`, see docs/tokenizer.md):
+The settings below are chosen by measurement (`python -P -m kmodel.tokenizer.sweep`, see docs/tokenizer.md):
 
 - normalisation: NFC done by kmodel, SentencePiece's `identity` rule (its default `nmt_nfkc` rewrites
   compatibility jamo and symbols such as ㅋ, ㈜, ① irreversibly);

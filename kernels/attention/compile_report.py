@@ -4,7 +4,7 @@ Triton bundles ptxas, so every autotune config can be compiled for Hopper (sm_90
 errors the CPU interpreter does not (it accepts code the compiler rejects) and shows which configs spill,
 which is how the CUDA config lists in `triton_impl` were chosen while no GPU was at hand. It measures no speed.
 
-    python -m kmodel.kernels.attention.compile_report --head-dim 128 --out bench/results/attention_sm90_compile
+    python -P -m kmodel.kernels.attention.compile_report --head-dim 128 --out bench/results/attention_sm90_compile
 """
 
 from __future__ import annotations
@@ -92,7 +92,7 @@ def compile_kernel(
     if interpreting() or not isinstance(triton.language.zeros, triton.runtime.JITFunction):
         raise RuntimeError(
             "compiling needs a process where triton was imported with TRITON_INTERPRET unset (the interpreter's "
-            "functions cannot be compiled): run `python -m kmodel.kernels.attention.compile_report`"
+            "functions cannot be compiled): run `python -P -m kmodel.kernels.attention.compile_report`"
         )
     kernel = getattr(triton_kernels, name).jit_function(False)
     constants = dict(

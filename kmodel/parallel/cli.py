@@ -24,7 +24,7 @@ def _add_launch(sub) -> None:
         description="Build the command that starts parallel.world_size training processes for RECIPE: locally "
         "(deepspeed --num_gpus N, or torchrun), on several machines through a DeepSpeed hostfile (--hosts or "
         "--hostfile), or as a SLURM batch job (--slurm, rendered from launch/slurm.sbatch). Every rank runs "
-        "`python -m kmodel.parallel.entry RECIPE --out RUN_DIR --start-or-resume`: the first launch starts the run, "
+        "`python -P -m kmodel.parallel.entry RECIPE --out RUN_DIR --start-or-resume`: the first launch starts the run, "
         "a relaunch resumes it from its latest checkpoint, and a directory whose history has no checkpoint is "
         "refused. Without a GPU the ranks use DeepSpeed's CPU accelerator and gloo (DS_ACCELERATOR=cpu), so a "
         "layout can be rehearsed on any machine with --launcher torchrun.",

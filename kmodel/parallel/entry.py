@@ -1,6 +1,6 @@
 """Per-rank entry point that `kmodel launch` starts under deepspeed or torchrun:
 
-    python -m kmodel.parallel.entry RECIPE --out RUN_DIR [--resume | --start-or-resume] [--force] [--set KEY=VALUE ...]
+    python -P -m kmodel.parallel.entry RECIPE --out RUN_DIR [--resume | --start-or-resume] [--force] [--set KEY=VALUE ...]
 
 Reads RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (and LOCAL_RANK) from the launcher, initialises
 torch.distributed (nccl on CUDA; gloo and DeepSpeed's CPU accelerator without a GPU), lets rank 0 prepare
@@ -31,7 +31,7 @@ from kmodel.train.watch import TrainingInterrupted
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m kmodel.parallel.entry", description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(prog="python -P -m kmodel.parallel.entry", description=__doc__.split("\n\n")[0])
     p.add_argument("recipe", help="YAML recipe (parallel.backend: deepspeed)")
     p.add_argument("--out", required=True, help="run directory, shared by all ranks")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its latest checkpoint")

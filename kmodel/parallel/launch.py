@@ -1,13 +1,14 @@
 """Launch commands for a recipe: local multi-process, multi-node with a DeepSpeed hostfile, or SLURM.
 
-Every rank runs `python -m kmodel.parallel.entry RECIPE --out RUN_DIR --start-or-resume`; the launchers
+Every rank runs `python -P -m kmodel.parallel.entry RECIPE --out RUN_DIR --start-or-resume`; the launchers
 only differ in how they start those processes. `run_state` decides what such a rank does with RUN_DIR: start a
 new run (absent or empty directory), begin one `kmodel launch` prepared (config.yaml, no history yet), or
 resume from the latest checkpoint; a directory with history but no checkpoint is refused (by the resume's
-checks in kmodel.train.run), since starting over would overwrite that history. Each launcher runs under `env PYTHONSAFEPATH=1` (kmodel.safe_path),
-so no rank started from the repository root imports our folders in place of installed packages. The
-recipe's `parallel.world_size` is the number of ranks, so nodes x GPUs per node must equal it. The SLURM script is rendered from the readable template
-launch/slurm.sbatch ({{name}} placeholders).
+checks in kmodel.train.run), since starting over would overwrite that history. Each launcher runs under
+`env PYTHONSAFEPATH=1` (kmodel.safe_path), so no rank started from the repository root imports our folders in
+place of installed packages. The recipe's `parallel.world_size` is the number of ranks, so nodes x GPUs per
+node must equal it. The SLURM script is rendered from the readable template launch/slurm.sbatch ({{name}}
+placeholders).
 """
 
 from __future__ import annotations

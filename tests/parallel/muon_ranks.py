@@ -1,6 +1,6 @@
 """One rank of the distributed Muon check (started by test_muon_distributed.py through torch.distributed.run).
 
-    python -m torch.distributed.run --nproc_per_node W tests/parallel/muon_ranks.py STAGE OUT
+    python -P -m torch.distributed.run --nproc_per_node W tests/parallel/muon_ranks.py STAGE OUT
 
 Builds the tiny model, wraps it with kmodel's Muon in deepspeed.initialize at ZeRO stage STAGE (fp32, CPU,
 gloo), wires the owner exchange (attach_to_zero), takes STEPS steps, each on this rank's rows of a seeded
