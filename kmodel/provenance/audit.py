@@ -314,7 +314,9 @@ def runtime_probe(recipe: str, overrides: list[str], steps: int, run_dir: str) -
     from kmodel.config import load_config
     from kmodel.train import train
 
-    cfg = load_config(recipe, overrides + [f"train.checkpoint_every={steps}", "train.eval_every=0", "train.eval_batches=1"])
+    # A few steps of the recipe: its warmup is shortened to fit them (a warmup past max_steps is refused).
+    cfg = load_config(recipe, overrides + [f"train.checkpoint_every={steps}", "train.eval_every=0", "train.eval_batches=1",
+                                           f"train.warmup_steps={steps}"])
     train(cfg, run_dir, max_steps=steps, progress=False)
     train(None, run_dir, resume=True, max_steps=2 * steps, progress=False)
     return {"opened": sorted(opened), "imported": sorted(set(sys.modules) - before)}

@@ -112,8 +112,11 @@ def test_expert_parallel_matches_one_process(tmp_path, reference, reference_dir)
     final = "checkpoints/step_0000004"
     ours, theirs = read_weights(tmp_path / final), read_weights(reference_dir / final)
     assert ours.keys() == theirs.keys()
-    for name, tensor in theirs.items():  # one process vs ZeRO-2 EP=1 differ by ~3e-6 (summation order)
-        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=2e-5, msg=name)
+    # One process vs 2-rank ZeRO-2 with EP=1 differ as much as with EP=2 (2.7e-5 on q_proj with the current data
+    # order; AdamW magnifies summation-order noise where a gradient is near zero): the bound is that, well under
+    # the 6e-3 that unclipped experts give.
+    for name, tensor in theirs.items():
+        torch.testing.assert_close(ours[name], tensor, rtol=0, atol=4e-5, msg=name)
 
 
 def test_expert_data_parallel_groups_of_two(tmp_path, reference, reference_dir):
