@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cached_decoding import cached_logits
 
 from kmodel.checkpoint import save_checkpoint
 from kmodel.config import ConfigError, config_from_dict, load_config
@@ -258,12 +259,7 @@ def test_mla_latent_cache_generation_matches_uncached_forward(window, low_rank_q
     ids = torch.randint(0, cfg.model.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         full = model(ids).logits
-        cache = model.new_cache()
-        prefix = 5
-        steps = [model(ids[:, :prefix], cache=cache).logits]
-        for t in range(prefix, ids.shape[1]):
-            steps.append(model(ids[:, t : t + 1], cache=cache, position_ids=torch.tensor([t])).logits)
-    cached = torch.cat(steps, dim=1)
+        cached, cache = cached_logits(model, ids, prompt=5)
     assert (cached - full).abs().max() <= 1e-5 * full.abs().max()
     # The cache holds the compressed latent and the shared RoPE key, not per-head keys and values.
     m = cfg.model

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from cached_decoding import cached_logits
 
 from kmodel.config import ConfigError, KernelsConfig, config_from_dict, load_config
 from kmodel.export.hf import ExportError, choose_family
@@ -71,11 +72,8 @@ def test_cached_generation_keeps_each_layers_window():
     model = build_model(cfg).eval()
     ids = torch.randint(0, 61, (1, 13), generator=torch.Generator().manual_seed(0))
     full = model(ids).logits
-    cache = model.new_cache()
-    steps = [model(ids[:, :4], cache=cache).logits]
-    for pos in range(4, 13):
-        steps.append(model(ids[:, pos : pos + 1], position_ids=torch.tensor([pos]), cache=cache).logits)
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    cached, cache = cached_logits(model, ids, prompt=4)
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
     assert [c.keys.shape[1] for c in cache] == [1, 4, 2, 13]  # window - 1 per sliding layer, all for the full one
 
 

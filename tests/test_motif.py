@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from cached_decoding import cached_logits
 
 from kmodel.config import ConfigError, config_from_dict, load_config
 from kmodel.export.hf import ExportError, choose_family
@@ -142,11 +143,8 @@ def test_generation_cache_matches_the_uncached_forward():
     model.eval()
     ids = torch.randint(0, 71, (2, 12), generator=torch.Generator().manual_seed(1))
     full = model(ids).logits
-    cache = model.new_cache()
-    steps = [model(ids[:, :5], cache=cache).logits]
-    for pos in range(5, 12):
-        steps.append(model(ids[:, pos : pos + 1], position_ids=torch.tensor([pos]), cache=cache).logits)
-    torch.testing.assert_close(torch.cat(steps, dim=1), full, rtol=1e-5, atol=1e-5)
+    cached, cache = cached_logits(model, ids, prompt=5)
+    torch.testing.assert_close(cached, full, rtol=1e-5, atol=1e-5)
     assert cache[0].keys.shape[1] == 3 and cache[1].keys.shape[1] == 12
 
 
