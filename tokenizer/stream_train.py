@@ -37,9 +37,6 @@ from . import special_tokens
 from .corpus import display_path, parse_mix
 from .errors import TokenizerError
 from .tokenizer import (
-    HF_TOKENIZER_FILE,
-    METADATA_FILE,
-    MODEL_FILE,
     SPACE_SYMBOL,
     Tokenizer,
 )
@@ -49,6 +46,7 @@ from .train import (
     _metadata,
     _run_sentencepiece,
     _validate_options,
+    _write_tokenizer_dir,
     trainer_sentences,
 )
 
@@ -338,10 +336,6 @@ def train_streaming(
         model_bytes = sentencepiece_bpe_model(merges, alphabet, vocab_size)
     finished = time.perf_counter()
 
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise TokenizerError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
     metadata = _metadata(
         model_bytes,
         vocab_size=vocab_size,
@@ -363,12 +357,5 @@ def train_streaming(
         metadata["settings"]["hf_presplit"] = HF_PRESPLIT
         metadata["tokenizers_version"] = tokenizers.__version__
     metadata["timing"] = {"sampling_seconds": round(sampled - started, 2), "learning_seconds": round(finished - sampled, 2)}
-    (out / MODEL_FILE).write_bytes(model_bytes)
-    (out / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    tok = Tokenizer.load(out)
-
-    from .hf_export import write_tokenizer_json
-
-    write_tokenizer_json(tok, out / HF_TOKENIZER_FILE)
-    return tok
+    return _write_tokenizer_dir(out_dir, model_bytes, metadata)
 

@@ -146,10 +146,6 @@ def train_tokenizer(
     )
     training_seconds = time.perf_counter() - started
 
-    out = Path(out_dir)
-    if out.exists() and not out.is_dir():
-        raise TokenizerError(f"--out {out} exists and is not a directory")
-    out.mkdir(parents=True, exist_ok=True)
     metadata = _metadata(
         model_bytes,
         vocab_size=vocab_size,
@@ -162,6 +158,15 @@ def train_tokenizer(
         corpus={"files": [corpus_file.describe() for corpus_file in files], "sample": sample.describe()},
         training_seconds=training_seconds,
     )
+    return _write_tokenizer_dir(out_dir, model_bytes, metadata)
+
+
+def _write_tokenizer_dir(out_dir: str | Path, model_bytes: bytes, metadata: dict) -> Tokenizer:
+    """Write a trained model and its metadata into `out_dir`, load them back and add tokenizer.json."""
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise TokenizerError(f"--out {out} exists and is not a directory")
+    out.mkdir(parents=True, exist_ok=True)
     (out / MODEL_FILE).write_bytes(model_bytes)
     (out / METADATA_FILE).write_text(json.dumps(metadata, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     tok = Tokenizer.load(out)
