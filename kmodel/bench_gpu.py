@@ -231,7 +231,6 @@ STEP_RECIPE = "recipes/k-exaone-236b-a23b.yaml"
 # Full K-EXAONE width, two layers: one sliding, one global, both MoE; no MTP depth.
 STEP_OVERRIDES = ["model.num_hidden_layers=2", "model.first_k_dense_replace=0", "model.sliding_window_pattern=LG",
                   "model.num_nextn_predict_layers=0"]  # fmt: skip
-OPS = ("attention", "moe", "norm", "loss")
 
 
 def _slice_model(impl: str, device: torch.device, recipe: str, overrides: list[str]):
@@ -239,6 +238,7 @@ def _slice_model(impl: str, device: torch.device, recipe: str, overrides: list[s
     deterministic CPU init of 12B parameters would take minutes of the budget, and timing does not depend on
     the draw."""
     from kmodel.config import load_config
+    from kmodel.kernels import OPS
     from kmodel.model import build_model
 
     cfg = load_config(REPO_ROOT / recipe, overrides=overrides + [f"kernels.{op}={impl}" for op in OPS])
