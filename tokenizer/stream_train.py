@@ -80,11 +80,14 @@ def _check_file(path: Path) -> None:
         raise TokenizerError(f"corpus file {path} does not exist" if not path.exists() else f"{path} is not a file")
 
 
-def stream_documents(path: Path) -> Iterator[tuple[str, str]]:
-    """(lang, NFC text) of each JSON Lines record of `path`, read line by line."""
+def stream_documents(path: Path, digest=None) -> Iterator[tuple[str, str]]:
+    """(lang, NFC text) of each JSON Lines record of `path`, read line by line; every byte read also goes
+    into `digest` (a hashlib object) when given, so the file is hashed in the same pass."""
     _check_file(path)
     with path.open("rb") as handle:
         for line_number, line in enumerate(handle, start=1):
+            if digest is not None:
+                digest.update(line)
             if not line.strip():
                 continue
             try:
@@ -133,12 +136,8 @@ def sample_corpus(
     samples = {lang: LanguageSample(weight * sample_chars) for lang, weight in mix.items()}
     files, excluded, order = [], Counter(), 0
     for path in paths:
-        _check_file(path)
         digest, documents, characters = hashlib.sha256(), 0, 0
-        with path.open("rb") as raw:
-            for block in iter(lambda: raw.read(1 << 20), b""):
-                digest.update(block)
-        for lang, text in stream_documents(path):
+        for lang, text in stream_documents(path, digest):
             documents += 1
             characters += len(text)
             if lang not in samples:
