@@ -50,6 +50,7 @@ DEFAULT_MAX_SHARD = "5GB"
 SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 KMODEL_DIR = "kmodel"  # the recipe and tokenizer the export came from
+SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12, "KIB": 2**10, "MIB": 2**20,
               "GIB": 2**30, "TIB": 2**40}
 
@@ -147,7 +148,7 @@ def export_hf(
     config = {"model_type": chosen.model_type, "architectures": [chosen.architecture], **chosen.config_json(cfg)}
     # Without a tokenizer there are no special ids; an implicit pad id would freeze that embedding row.
     special = (tokenizer.bos_id, tokenizer.eos_id, tokenizer.pad_id) if tokenizer is not None else (None, None, None)
-    config.update(zip(("bos_token_id", "eos_token_id", "pad_token_id"), special))
+    config.update(zip(SPECIAL_IDS, special))
 
     out.mkdir(parents=True, exist_ok=True)
     names = [SINGLE_FILE] if len(shards) == 1 else [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))]

@@ -23,15 +23,13 @@ import torch
 import yaml
 from safetensors import SafetensorError, safe_open
 
-from kmodel.checkpoint import CheckpointError, TensorStream, save_checkpoint
+from kmodel.checkpoint import TOKENIZER_DIR, CheckpointError, TensorStream, save_checkpoint
 from kmodel.config import ConfigError, config_from_dict, load_config
 from kmodel.export import families  # noqa: F401  (registers the families)
 from kmodel.export.family import FAMILIES, ExportError, Family
-from kmodel.export.hf import INDEX_FILE, KMODEL_DIR, SINGLE_FILE
+from kmodel.export.hf import INDEX_FILE, KMODEL_DIR, SINGLE_FILE, SPECIAL_IDS
 from kmodel.hashing import sha256_file
 from kmodel.rundir import CONFIG_FILE
-
-SPECIAL_IDS = ("bos_token_id", "eos_token_id", "pad_token_id")
 
 
 def _source_files(hf: Path) -> dict[str, str]:
@@ -136,10 +134,10 @@ def import_hf(hf_dir: str | Path, out: str | Path, *, family: str | None = None,
             yield tensor.to(expected[name].dtype)
 
     tokenizer = None
-    if (hf / KMODEL_DIR / "tokenizer").is_dir():
+    if (hf / KMODEL_DIR / TOKENIZER_DIR).is_dir():
         from kmodel.tokenizer import Tokenizer
 
-        tokenizer = Tokenizer.load(hf / KMODEL_DIR / "tokenizer")
+        tokenizer = Tokenizer.load(hf / KMODEL_DIR / TOKENIZER_DIR)
     sources = {str(p.relative_to(hf)): sha256_file(p) for p in sorted(hf.rglob("*")) if p.is_file()}
     stream = TensorStream([(n, expected[n].dtype, tuple(expected[n].shape)) for n in names], values())
     try:
