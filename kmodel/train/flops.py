@@ -72,9 +72,9 @@ def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     the last layer's attention)."""
     qk_dim, v_dim = attention_head_dims(cfg)
     per_key = 2 * cfg.num_attention_heads * (qk_dim + v_dim)  # 2 * heads * qk for QK^T + 2 * heads * v for PV
-    layer_types = list(cfg.layer_types) + [cfg.layer_types[-1]] * cfg.num_nextn_predict_layers
-    return sum(per_key * mean_keys_seen(seq_len, cfg.sliding_window if kind == "sliding_attention" else None)
-               for kind in layer_types)
+    last = cfg.num_hidden_layers - 1
+    layers = list(range(cfg.num_hidden_layers)) + [last] * cfg.num_nextn_predict_layers
+    return sum(per_key * mean_keys_seen(seq_len, cfg.window_of(i)) for i in layers)
 
 
 def flops_per_token(matmul_params: float, cfg: ModelConfig, seq_len: int) -> float:

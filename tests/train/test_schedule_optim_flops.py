@@ -101,3 +101,12 @@ def test_attention_flops_respect_the_sliding_window():
     assert attention_flops_per_token(full.model, 256) > attention_flops_per_token(m, 256)
     model = build_model(cfg)
     assert training_flops_per_token(model, 256) == pytest.approx(3 * (2 * active_matmul_params(model) + expected))
+
+
+def test_attention_flops_follow_each_layers_own_window():
+    """K-EXAONE 2.0 sets a window per layer ([16, 64, 8, full]; 4 MTP depths copy the last, full layer): each layer's
+    keys count under its own window, not under the largest one that sliding_window resolves to."""
+    cfg = load_config(Path(__file__).resolve().parents[2] / "recipes" / "tiny" / "k-exaone-2.yaml").model
+    per_key = 2 * cfg.num_attention_heads * 2 * cfg.head_dim
+    keys = sum(mean_keys_seen(128, w) for w in [16, 64, 8, None, None, None, None, None])
+    assert attention_flops_per_token(cfg, 128) == per_key * keys
