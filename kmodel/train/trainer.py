@@ -180,12 +180,19 @@ class Trainer:
         """AdamW's state_dict (full tensors, one entry per parameter); engines gather their shards into it."""
         return self.optimizer.state_dict()
 
+    def model_differences(self, ckpt: Path) -> list[str] | None:
+        """The model config keys in which a checkpoint's saved recipe differs from this one (None: it fits)."""
+        saved = load_config_from_checkpoint(ckpt)
+        if saved.model == self.cfg.model:
+            return None
+        theirs = saved.model.model_dump()
+        return [k for k, v in self.cfg.model.model_dump().items() if theirs[k] != v]
+
     def restore(self, checkpoint: str | Path) -> Path:
         """Continue from a checkpoint of this recipe: weights, optimizer, RNG, data position, counters."""
         ckpt = resolve_checkpoint(checkpoint)
-        saved = load_config_from_checkpoint(ckpt)
-        if saved.model != self.cfg.model:
-            keys = [k for k, v in self.cfg.model.model_dump().items() if saved.model.model_dump()[k] != v]
+        keys = self.model_differences(ckpt)
+        if keys is not None:
             raise CheckpointError(f"checkpoint {ckpt} was trained with another model config (differs in model.{', model.'.join(keys)})")
         self.load_weights(read_weights(ckpt, lazy=True), str(ckpt))
         state = read_state(ckpt, lazy=self.lazy_restore)
@@ -211,9 +218,8 @@ class Trainer:
         Face or another run's, as a new stage (its data state, when it has one, continues as the next stage).
         The optimizer and schedule start fresh. The source is kept for the ledger's genesis (`init_source`)."""
         ckpt = resolve_checkpoint(checkpoint)
-        saved = load_config_from_checkpoint(ckpt)
-        if saved.model != self.cfg.model:
-            keys = [k for k, v in self.cfg.model.model_dump().items() if saved.model.model_dump()[k] != v]
+        keys = self.model_differences(ckpt)
+        if keys is not None:
             raise CheckpointError(f"--init-from {ckpt}: another model config (differs in model.{', model.'.join(keys)})")
         self.load_weights(read_weights(ckpt, lazy=True), str(ckpt))
         manifest = Manifest.read(ckpt)
