@@ -32,7 +32,9 @@ from kmodel.checkpoint import SharedVerification, latest_valid_checkpoint, list_
 from kmodel.config import Config, ConfigError, config_from_dict
 from kmodel.data.manifest import without_locations
 from kmodel.train.metrics import MetricsLog, read_metrics
-from kmodel.rundir import CHECKPOINTS_DIR, CONFIG_FILE, LEDGER_FILE, LOCK_FILE, METRICS_FILE, RunDir, checkpoint_dirs, step_of
+from kmodel.rundir import (
+    CHECKPOINTS_DIR, CONFIG_FILE, LEDGER_FILE, LOCK_FILE, METRICS_FILE, STEP_PREFIX, RunDir, checkpoint_dirs, step_of,
+)
 from kmodel.train.trainer import Trainer
 
 # Keys a resumed run may change: they steer logging and bookkeeping, or (max_steps) extend the schedule.
@@ -186,7 +188,7 @@ def remove_stale_partials(run_dir: Path) -> None:
     folder = run_dir / CHECKPOINTS_DIR
     if folder.is_dir():
         for entry in folder.iterdir():
-            if entry.is_dir() and entry.name.startswith(".step_") and (".tmp-" in entry.name or entry.name.endswith(".deleting")):
+            if entry.is_dir() and entry.name.startswith(f".{STEP_PREFIX}") and (".tmp-" in entry.name or entry.name.endswith(".deleting")):
                 shutil.rmtree(entry)
 
 
