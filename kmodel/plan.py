@@ -23,7 +23,6 @@ Communication uses ring collectives on NVLink inside a node and InfiniBand acros
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, replace
 
 from kmodel.config import Config, ModelConfig

@@ -51,7 +51,7 @@ from kmodel.checkpoint.writer import snapshot
 from kmodel.config import Config, ConfigError
 from kmodel.data import Batch
 from kmodel.hashing import sorted_weights_sha256
-from kmodel.parallel.deepspeed_config import deepspeed_config, uses_bf16
+from kmodel.parallel.deepspeed_config import deepspeed_config
 from kmodel.model import build_model
 from kmodel.parallel import expert_parallel as xp
 from kmodel.rundir import step_dir_name

@@ -23,7 +23,7 @@ its 1/(W/P) of every expert tensor, and all-gathers the updated weights (ExpertO
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from functools import partial
 
@@ -188,16 +188,6 @@ def full_state_items(model: nn.Module, groups: Groups) -> Iterator[tuple[str, to
         yield name, tensor.detach().cpu().contiguous()
 
 
-@dataclass(frozen=True)
-class OwnedSlice:
-    """Where a rank's piece of a stacked expert tensor sits in the global tensor: the rows (global experts)
-    its expert-parallel shard holds, and within that block, flattened, the elements [start, stop) it owns."""
-
-    rows: slice
-    start: int
-    stop: int
-
-
 class _Shard:
     """One stacked expert tensor of this rank's experts (`param`, `numel` elements) and the 1/D of it this rank
     owns in its expert-data-parallel group of D ranks: elements [start, start + size) of the flattened tensor,
@@ -237,12 +227,11 @@ class ExpertOptimizer:
     Per optimizer step: `reduce_gradients` (collective) completes the average over the global batch and returns
     the experts' share of the global gradient norm; `step` divides by the clipping factor the caller derived from
     the joint dense + expert norm, updates the owned elements, and all-gathers the new weights into the module.
-    The update rule comes from `make_optimizer(param groups)` (default: kmodel.train.optim's AdamW); its groups
-    are decided on the full tensors (`param_groups`: decay or not) and hold the owned fp32 pieces, so any
-    elementwise rule applies unchanged."""
+    The update rule is `self.optimizer` (kmodel.train.optim's AdamW; the engine swaps in
+    kmodel.parallel.muon_zero.expert_muon under Muon); its groups are decided on the full tensors
+    (`param_groups`: decay or not) and hold the owned fp32 pieces, so any elementwise rule applies unchanged."""
 
-    def __init__(self, model: nn.Module, groups: Groups, train: TrainConfig, *, zero_stage: int = 1,
-                 make_optimizer: Callable[[list[dict]], torch.optim.Optimizer] | None = None):
+    def __init__(self, model: nn.Module, groups: Groups, train: TrainConfig, *, zero_stage: int = 1):
         if zero_stage not in (1, 2):
             raise ValueError(f"the expert optimizer shards like ZeRO-1 or ZeRO-2, not stage {zero_stage}")
         self.groups, self.zero_stage = groups, zero_stage
@@ -254,7 +243,7 @@ class ExpertOptimizer:
         param_groups_ = param_groups(named, train)
         for group in param_groups_:
             group["params"] = [self.shard_of[p].master for p in group["params"]]
-        self.optimizer = (make_optimizer or (lambda g: adamw_over_groups(g, train)))(param_groups_)
+        self.optimizer = adamw_over_groups(param_groups_, train)
 
     def __contains__(self, param: torch.Tensor) -> bool:
         return param in self.shard_of
@@ -336,20 +325,6 @@ class ExpertOptimizer:
         }
 
     # --- topology-free state ------------------------------------------------------------------------------
-    def owned_state(self) -> Iterator[tuple[str, str, tuple[int, ...], OwnedSlice, torch.Tensor]]:
-        """(parameter name, "master" or an optimizer-state key, global shape, the slice this rank owns, the
-        owned fp32 elements) for every expert tensor: what a checkpoint writer that saves per-rank shards needs
-        (the padding past `stop` is left out). Not collective."""
-        for shard in self.shards:
-            rows = slice(shard.param.shape[0] * self.groups.ep_rank, shard.param.shape[0] * (self.groups.ep_rank + 1))
-            shape = (shard.param.shape[0] * self.groups.ep_size, *shard.param.shape[1:])
-            owned = OwnedSlice(rows, shard.start, shard.stop)
-            count = shard.stop - shard.start
-            yield shard.name, "master", shape, owned, shard.master[:count]
-            for key, value in self.optimizer.state.get(shard.master, {}).items():
-                if isinstance(value, torch.Tensor) and value.ndim > 0:
-                    yield shard.name, key, shape, owned, value[:count]
-
     def full_master(self, param: nn.Parameter) -> torch.Tensor:
         """fp32 weights of all experts in global order (collective over both groups)."""
         shard = self.shard_of[param]
