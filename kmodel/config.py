@@ -582,12 +582,16 @@ class KernelsConfig(Section):
 
 
 class ParallelConfig(Section):
-    """How a run is spread over processes. Every process is one data-parallel rank; expert-parallel groups
-    of `expert_parallel_size` consecutive ranks each hold all experts once (world / EP replicas)."""
+    """How a run is spread over processes: world = pipeline x data x context parallel sizes. Rank r is
+    context-parallel rank r % CP (consecutive ranks share a sequence), data-parallel rank (r // CP) % DP and
+    pipeline stage r // (CP x DP) (stages outermost, so they may span nodes). Within one stage, expert-parallel
+    groups of `expert_parallel_size` consecutive ranks each hold all experts once (they may span CP ranks)."""
 
     backend: Literal["none", "deepspeed"] = Field("none", description="none: one process; deepspeed: ZeRO engine")
     world_size: int = Field(1, gt=0, description="processes (GPUs) in the run")
     expert_parallel_size: int = Field(1, gt=0, description="ranks the routed experts are sharded over")
+    context_parallel_size: int = Field(1, gt=0, description="ranks each sequence is split over (zigzag chunks)")
+    pipeline_parallel_size: int = Field(1, gt=0, description="pipeline stages the layers are split over")
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="1: optimizer states, 2: + gradients, 3: + weights sharded")
     offload_optimizer: bool = Field(False, description="optimizer states in CPU memory (ZeRO-Offload, stage >= 1)")
     offload_params: bool = Field(False, description="weights in CPU memory (ZeRO-Infinity, stage 3 only)")
@@ -595,8 +599,24 @@ class ParallelConfig(Section):
         None, gt=0, description="sequences per optimizer step; must equal micro_batch_size x grad_accum_steps x world_size"
     )
 
+    @property
+    def data_parallel_size(self) -> int:
+        """Ranks that read different rows: world / (context x pipeline parallel)."""
+        return self.world_size // (self.context_parallel_size * self.pipeline_parallel_size)
+
     @model_validator(mode="after")
     def _check(self) -> "ParallelConfig":
+        cp, pp = self.context_parallel_size, self.pipeline_parallel_size
+        if self.world_size % (cp * pp):
+            raise ValueError(
+                f"context_parallel_size ({cp}) x pipeline_parallel_size ({pp}) = {cp * pp} does not divide "
+                f"world_size ({self.world_size})"
+            )
+        if pp > 1 and (self.world_size // pp) % self.expert_parallel_size:
+            raise ValueError(
+                f"expert_parallel_size ({self.expert_parallel_size}) does not divide the {self.world_size // pp} ranks "
+                f"of one pipeline stage (world_size {self.world_size} / pipeline_parallel_size {pp})"
+            )
         distributed = self.world_size > 1 or self.expert_parallel_size > 1 or self.zero_stage > 0
         if distributed and self.backend == "none":
             raise ValueError(
@@ -652,18 +672,25 @@ class Config(Section):
             raise ValueError(
                 f"parallel.expert_parallel_size ({ep}) does not divide model.num_experts ({self.model.num_experts})"
             )
-        per_rank = self.train.micro_batch_size * self.train.grad_accum_steps
-        if p.global_batch_size is not None and p.global_batch_size != per_rank * p.world_size:
-            unit = self.train.micro_batch_size * p.world_size
+        if self.data is not None and self.data.seq_len % (2 * p.context_parallel_size) and p.context_parallel_size > 1:
+            raise ValueError(
+                f"parallel.context_parallel_size ({p.context_parallel_size}) splits each sequence into "
+                f"{2 * p.context_parallel_size} zigzag chunks, which must divide data.seq_len ({self.data.seq_len}); "
+                f"use a seq_len that is a multiple of {2 * p.context_parallel_size}"
+            )
+        per_rank, dp = self.train.micro_batch_size * self.train.grad_accum_steps, p.data_parallel_size
+        if p.global_batch_size is not None and p.global_batch_size != per_rank * dp:
+            unit = self.train.micro_batch_size * dp
             fix = (
                 f"set train.grad_accum_steps to {p.global_batch_size // unit}"
                 if p.global_batch_size % unit == 0
-                else f"it is not divisible by micro_batch_size x world_size = {unit}"
+                else f"it is not divisible by micro_batch_size x data-parallel size = {unit}"
             )
             raise ValueError(
                 f"parallel.global_batch_size ({p.global_batch_size}) != train.micro_batch_size "
                 f"({self.train.micro_batch_size}) x train.grad_accum_steps ({self.train.grad_accum_steps}) x "
-                f"parallel.world_size ({p.world_size}); {fix}"
+                f"data-parallel size ({dp} = world_size {p.world_size} / (context {p.context_parallel_size} x "
+                f"pipeline {p.pipeline_parallel_size})); {fix}"
             )
         return self
 

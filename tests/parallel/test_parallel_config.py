@@ -21,12 +21,16 @@ DS = ["parallel.backend=deepspeed"]
         (["parallel.world_size=2"], "need backend: deepspeed"),
         (DS + ["parallel.world_size=4", "parallel.expert_parallel_size=3"], r"expert_parallel_size \(3\) does not divide world_size \(4\)"),
         (DS + ["parallel.world_size=3", "parallel.expert_parallel_size=3", "parallel.zero_stage=1"], r"does not divide model.num_experts \(8\)"),
-        (DS + ["parallel.world_size=2", "parallel.global_batch_size=24"], "not divisible by micro_batch_size x world_size = 16"),
+        (DS + ["parallel.world_size=2", "parallel.global_batch_size=24"], "not divisible by micro_batch_size x data-parallel size = 16"),
         (DS + ["parallel.world_size=2", "parallel.global_batch_size=32"], "set train.grad_accum_steps to 2"),
         (DS + ["parallel.world_size=2", "parallel.expert_parallel_size=2", "parallel.zero_stage=3"], "zero_stage 3 with expert_parallel_size"),
         (DS + ["parallel.world_size=2", "parallel.expert_parallel_size=2"], "expert_parallel_size > 1 needs zero_stage 1 or 2"),
         (DS + ["parallel.zero_stage=2", "parallel.offload_params=true"], "offload_params needs zero_stage 3"),
         (DS + ["parallel.offload_optimizer=true"], "offload_optimizer needs zero_stage 1, 2 or 3"),
+        (DS + ["parallel.world_size=4", "parallel.context_parallel_size=3"], r"context_parallel_size \(3\) x pipeline_parallel_size \(1\) = 3 does not divide world_size \(4\)"),
+        (DS + ["parallel.world_size=4", "parallel.pipeline_parallel_size=2", "parallel.expert_parallel_size=4", "parallel.zero_stage=1"], r"does not divide the 2 ranks of one pipeline stage"),
+        (DS + ["parallel.world_size=4", "parallel.context_parallel_size=4", "data.seq_len=100"], r"8 zigzag chunks, which must divide data.seq_len \(100\)"),
+        (DS + ["parallel.world_size=4", "parallel.context_parallel_size=2", "parallel.global_batch_size=24"], r"data-parallel size \(2 = world_size 4 / \(context 2 x pipeline 1\)\)"),
     ],
 )
 def test_inconsistent_parallel_sections_are_refused(overrides, message):
