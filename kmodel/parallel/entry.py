@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import faulthandler
 import os
 import sys
 from pathlib import Path
@@ -110,6 +111,9 @@ def _every_rank_ok(ok: bool) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # A rank killed by a fatal signal (an abort inside a C++ collective, a segfault) prints every thread's Python
+    # stack to stderr first: the only trace of where one rank of hundreds died.
+    faulthandler.enable(all_threads=True)
     args = parse_args(argv)
     init_distributed(load_config(args.recipe, args.overrides).train.hang_timeout_s)
     try:

@@ -4,16 +4,14 @@ process with the losses of an uninterrupted run (CPU, gloo)."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 
 import pytest
+from launching import train_ranks
 
 from kmodel.checkpoint import Manifest
 from kmodel.checkpoint.index import shard_file
 from kmodel.config import load_config
-from kmodel.safe_path import python_command, safe_env
 from kmodel.train.run import train
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -31,13 +29,8 @@ def losses(run_dir) -> dict[int, float]:
 
 
 def distributed(run_dir, procs: int, extra: list[str], resume: bool = False) -> None:
-    cmd = python_command("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
-                         "-m", "kmodel.parallel.entry", RECIPE, "--out", str(run_dir), *(["--resume"] if resume else []))
-    for s in TINY + ["parallel.backend=deepspeed", f"parallel.world_size={procs}", *extra]:
-        cmd += ["--set", s]
-    env = safe_env({**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    train_ranks(run_dir, RECIPE, procs, TINY + ["parallel.backend=deepspeed", f"parallel.world_size={procs}", *extra],
+                resume=resume)
 
 
 def test_four_rank_sharded_checkpoint_resumes_on_two_ranks_and_one_process(tmp_path):

@@ -6,17 +6,15 @@ losses."""
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 
 import pytest
 import torch
+from launching import train_ranks
 
 from kmodel.checkpoint import read_state, read_weights
 from kmodel.config import load_config
 from kmodel.model import build_model
-from kmodel.safe_path import python_command, safe_env
 from kmodel.train.optim import uses_muon
 from kmodel.train.run import train
 
@@ -37,13 +35,7 @@ def _records(run_dir) -> list[dict]:
 def _distributed(run_dir, zero_stage: int, ep: int, resume: bool = False) -> None:
     sets = TINY + ["train.micro_batch_size=1", "parallel.backend=deepspeed", f"parallel.world_size={WORLD}",
                    f"parallel.zero_stage={zero_stage}", f"parallel.expert_parallel_size={ep}"]
-    cmd = python_command("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(WORLD),
-                         "-m", "kmodel.parallel.entry", RECIPE, "--out", str(run_dir), *(["--resume"] if resume else []))
-    for s in sets:
-        cmd += ["--set", s]
-    env = safe_env({**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False, timeout=600)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    train_ranks(run_dir, RECIPE, WORLD, sets, resume=resume)
 
 
 @pytest.fixture(scope="module")

@@ -4,18 +4,16 @@ the losses equal one-process training on the same global batch, and checkpoints 
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import subprocess
 
 import pytest
 import torch
+from launching import train_ranks
 
 from kmodel.checkpoint import CheckpointError, read_weights
 from kmodel.config import load_config
 from kmodel.plan import Cluster, make_plan
 from kmodel.train.memory import record_key
-from kmodel.safe_path import python_command, safe_env
 from kmodel.train.run import train
 from kmodel.train.trainer import Trainer
 
@@ -34,13 +32,7 @@ def _losses(run_dir) -> dict[int, float]:
 
 def _distributed(run_dir, zero_stage: int, extra: list[str] = (), resume: bool = False, procs: int = 2) -> None:
     sets = TINY + ["parallel.backend=deepspeed", f"parallel.world_size={procs}", f"parallel.zero_stage={zero_stage}", *extra]
-    cmd = python_command("-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(procs),
-                         "-m", "kmodel.parallel.entry", RECIPE, "--out", str(run_dir), *(["--resume"] if resume else []))
-    for s in sets:
-        cmd += ["--set", s]
-    env = safe_env({**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"})
-    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    train_ranks(run_dir, RECIPE, procs, sets, resume=resume, timeout=400)
 
 
 def _single(run_dir, extra: list[str] = (), resume: bool = False) -> None:
