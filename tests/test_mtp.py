@@ -127,6 +127,8 @@ def test_drafts_equal_the_uncached_mtp_predictions(depth):
             sequence = torch.tensor([tokens[:end] + drafts[:-1]])
             for k, logits in enumerate(depth_logits(model, sequence), start=1):
                 assert drafts[k - 1] == int(logits[0, end - 2].argmax()), (end, k)
+            # what a depth keeps for the next is the few elements not yet consumed, not the whole text
+            assert [p.shape[1] for p in drafter.pending] == [0] + [1] * (depth - 1)
 
 
 def periodic_model(depth: int):

@@ -122,32 +122,38 @@ class SpeculativeStats:
 class MTPDrafter:
     """Drafts with the model's MTP depths. Depth k's element i fuses depth k-1's hidden state at i with the
     embedding of token i + k and predicts token i + k + 1 (element i sits at position i, as in training).
-    `hidden[k]` holds depth k's outputs for its committed elements (those whose tokens are all known);
-    elements that involve drafted tokens are computed on top of the cache and rewound afterwards."""
+    `done[k]` counts depth k's committed elements (those whose tokens are all known); `pending[k]` holds depth k's
+    committed outputs that depth k + 1 has not consumed yet, elements done[k + 1] .. done[k] - 1, so memory and
+    copying stay bounded by the drafts in flight, not the text length. Elements that involve drafted tokens are
+    computed on top of the cache and rewound afterwards."""
 
     def __init__(self, model: torch.nn.Module):
         self.model = model
         self.depth = len(model.mtp)
         self.caches = [RewindableCache(spare=self.depth) for _ in range(self.depth)]
-        self.hidden: list[torch.Tensor | None] = [None] * (self.depth + 1)  # [0]: the main model's
+        self.done = [0] * (self.depth + 1)  # [0]: the main model's
+        self.pending: list[torch.Tensor | None] = [None] * self.depth
 
     def commit_main(self, hidden: torch.Tensor) -> None:
         """Main-model hidden states of the newly processed positions, in order."""
-        previous = self.hidden[0]
-        self.hidden[0] = hidden if previous is None else torch.cat((previous, hidden), dim=1)
+        self._commit(0, hidden)
+
+    def _commit(self, k: int, out: torch.Tensor) -> None:
+        self.done[k] += out.shape[1]
+        if k < self.depth:  # the last depth's outputs feed nothing
+            self.pending[k] = out if self.pending[k] is None else torch.cat((self.pending[k], out), dim=1)
 
     def draft(self, tokens: list[int], count: int) -> list[int]:
         """`count` (<= depth) greedy drafts of the tokens after `tokens`, whose last token the main model has
         not processed yet (all the ones before it, it has)."""
-        model, device = self.model, self.hidden[0].device
+        model, device = self.model, self.pending[0].device
         m = len(tokens) - 1
         drafts: list[int] = []
-        speculative = self.hidden[0][:, :0]
+        speculative = self.pending[0][:, :0]
         for k in range(1, count + 1):
-            committed = self.hidden[k]
-            start = 0 if committed is None else committed.shape[1]  # first element not yet computed
+            start = self.done[k]  # first element not yet computed
             first_speculative = max(start, m - k + 1)
-            previous = torch.cat((self.hidden[k - 1][:, start:], speculative), dim=1)  # elements start..m-1
+            previous = torch.cat((self.pending[k - 1], speculative), dim=1)  # elements start..m-1
             ids = (tokens + drafts)[start + k : m + k]
             positions = torch.arange(start, m, device=device)
             out, _ = model.mtp[k - 1](
@@ -158,9 +164,10 @@ class MTPDrafter:
                 cache=self.caches[k - 1],
             )
             self.caches[k - 1].rewind(first_speculative)
-            done = first_speculative - start
-            self.hidden[k] = out[:, :done] if committed is None else torch.cat((committed, out[:, :done]), dim=1)
-            speculative = out[:, done:]
+            committed = first_speculative - start
+            self.pending[k - 1] = self.pending[k - 1][:, committed:]  # consumed by depth k for good
+            self._commit(k, out[:, :committed])
+            speculative = out[:, committed:]
             drafts.append(int(model.logits(out[:, -1:], model.mtp[k - 1].norm)[0, -1].argmax()))
         return drafts
 
