@@ -8,6 +8,7 @@ likewise `mlp_in_norm` / `mlp_out_norm`; which exist depends on `norm_placement`
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -171,7 +172,8 @@ class Model(nn.Module):
         """cos/sin per layer type: full layers use rope_theta (and rope_scaling); sliding layers use the
         unscaled rope_local_base_freq when it is set, else the same table. fp64 for an fp64 model."""
         cfg = self.cfg
-        dtype = torch.promote_types(self.embed_tokens.weight.dtype, torch.float32)
+        # the weights' dtype (any parameter: a pipeline stage may hold no embedding)
+        dtype = torch.promote_types(next(self.parameters()).dtype, torch.float32)
         full = rope_cos_sin(positions, cfg.rope_dim, cfg.rope_theta, cfg.rope_scaling, dtype)
         if cfg.rope_local_base_freq is None:
             return {"full_attention": full, "sliding_attention": full}
@@ -194,16 +196,40 @@ class Model(nn.Module):
         cache: list[LayerCache] | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(scaled input embeddings, last hidden state before the final norm, summed MoE aux loss)."""
-        ropes = self.rope_tables(position_ids)
+        embeds, x = self.embed_streams(input_ids)
+        x, aux = self.run_layers(x, range(len(self.layers)), position_ids, cu_seqlens=cu_seqlens, cache=cache)
+        return embeds, self.last_hidden(x), aux
+
+    # The backbone in pieces, so a pipeline stage (kmodel.parallel.pipeline) runs only the layers it holds.
+    def embed_streams(self, input_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(scaled input embeddings, the residual stream they start: hc_mult copies under hyper-connections)."""
         embeds = self.embed(input_ids)
         streams = self.cfg.hc_mult
         x = embeds if streams == 1 else embeds.unsqueeze(-2).expand(*embeds.shape[:-1], streams, embeds.shape[-1])
-        aux = x.new_zeros((), dtype=torch.float32)
-        for i, layer in enumerate(self.layers):
+        return embeds, x
+
+    def run_layers(
+        self,
+        x: torch.Tensor,
+        layers: range,
+        position_ids: torch.Tensor,
+        *,
+        cu_seqlens: torch.Tensor | None = None,
+        cache: list[LayerCache] | None = None,
+        aux: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Decoder layers `layers` (global indices) on the residual stream: (stream, `aux` plus their MoE aux loss)."""
+        ropes = self.rope_tables(position_ids)
+        aux = x.new_zeros((), dtype=torch.float32) if aux is None else aux
+        for i in layers:
             rope = ropes[self.cfg.layer_types[i]]
-            x, layer_aux = layer(x, rope, position_ids, cu_seqlens, None if cache is None else cache[i])
+            x, layer_aux = self.layers[i](x, rope, position_ids, cu_seqlens, None if cache is None else cache[i])
             aux = aux + layer_aux
-        return embeds, x if streams == 1 else x.mean(dim=-2), aux  # hyper-connections: the streams' mean (Motif-3)
+        return x, aux
+
+    def last_hidden(self, x: torch.Tensor) -> torch.Tensor:
+        """The hidden state after the last layer: the stream, or the streams' mean under hyper-connections (Motif-3)."""
+        return x if self.cfg.hc_mult == 1 else x.mean(dim=-2)
 
     def head_input(self, hidden: torch.Tensor, norm: RMSNorm) -> torch.Tensor:
         """What the shared LM head multiplies: the normalised hidden state times logits_scaling (the muP
@@ -232,7 +258,6 @@ class Model(nn.Module):
         """input_ids (batch, seq). labels (batch, seq): the target of each position (already shifted),
         -100 to ignore. segment_ids (batch, seq): document index per token for document masking.
         position_ids (seq,): absolute positions (generation with a cache); default 0..seq-1."""
-        cfg = self.cfg
         seq = input_ids.shape[1]
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device)
@@ -243,7 +268,21 @@ class Model(nn.Module):
         logits = self.logits(hidden) if want_logits else None
         if labels is None:
             return ModelOutput(logits=logits)
+        return self.losses(hidden, embeds, aux, labels, position_ids, segment_ids, logits)
 
+    def losses(
+        self,
+        hidden: torch.Tensor,
+        embeds: torch.Tensor,
+        aux: torch.Tensor,
+        labels: torch.Tensor,
+        position_ids: torch.Tensor,
+        segment_ids: torch.Tensor | None = None,
+        logits: torch.Tensor | None = None,
+    ) -> ModelOutput:
+        """The loss and its terms from the last hidden state (before the final norm), the input embeddings (for
+        MTP) and the layers' summed MoE aux loss: LM cross-entropy + aux + logits z-loss (+ the MTP depths)."""
+        cfg = self.cfg
         lm_loss, z_loss = self.loss_kernel.linear_cross_entropy(
             self.head_input(hidden, self.norm).reshape(-1, cfg.hidden_size), self.head_weight, labels.reshape(-1)
         )
@@ -319,14 +358,21 @@ class Model(nn.Module):
 
 
 def build_model(
-    cfg: Config, device: torch.device | str = "cpu", *, init: bool = True, experts: tuple[int, int] | None = None
+    cfg: Config,
+    device: torch.device | str = "cpu",
+    *,
+    init: bool = True,
+    experts: tuple[int, int] | None = None,
+    keep: Callable[[Model], None] | None = None,
 ) -> Model:
     """The model for a recipe, on `device`, with kernels picked by `cfg.kernels` and weights drawn from `cfg.seed`
     (`init=False`: left for a checkpoint to fill). `experts` = (first, count) keeps only those routed experts
-    of every MoE layer (expert parallelism). Built on the meta device first, so nothing beyond what is kept
-    is ever allocated."""
+    of every MoE layer (expert parallelism); `keep` drops modules from the meta model (a pipeline stage keeps
+    its layers). Built on the meta device first, so nothing beyond what is kept is ever allocated."""
     with torch.device("meta"):
         model = Model(cfg.model)
+    if keep is not None:
+        keep(model)
     if experts is not None:
         for moe in model.moe_layers().values():
             moe.experts.keep_experts(*experts)
