@@ -592,6 +592,14 @@ class ParallelConfig(Section):
     expert_parallel_size: int = Field(1, gt=0, description="ranks the routed experts are sharded over")
     context_parallel_size: int = Field(1, gt=0, description="ranks each sequence is split over (zigzag chunks)")
     pipeline_parallel_size: int = Field(1, gt=0, description="pipeline stages the layers are split over")
+    pipeline_layers: list[int] | None = Field(
+        None, description="decoder layers per model chunk (stages x virtual stages entries, in order); None: the "
+        "cost model's split (kmodel.parallel.pipeline_split)"
+    )
+    pipeline_schedule: Literal["1f1b", "interleaved_1f1b"] = Field(
+        "1f1b", description="1f1b: one chunk per stage; interleaved_1f1b: pipeline_virtual_stages chunks per stage"
+    )
+    pipeline_virtual_stages: int = Field(1, gt=0, description="model chunks per stage (interleaved_1f1b only)")
     zero_stage: Literal[0, 1, 2, 3] = Field(0, description="1: optimizer states, 2: + gradients, 3: + weights sharded")
     offload_optimizer: bool = Field(False, description="optimizer states in CPU memory (ZeRO-Offload, stage >= 1)")
     offload_params: bool = Field(False, description="weights in CPU memory (ZeRO-Infinity, stage 3 only)")

@@ -26,7 +26,13 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from kmodel.config import Config, ModelConfig
-from kmodel.train.flops import PEAK_BF16_FLOPS, attention_flops_per_token, attention_head_dims, flops_per_token
+from kmodel.train.flops import (
+    PEAK_BF16_FLOPS,
+    attention_flops_per_token,
+    attention_head_dims,
+    flops_per_token,
+    layer_attention_flops_per_token,
+)
 from kmodel.train.memory import CATEGORIES
 
 GiB = 1024**3
@@ -175,7 +181,7 @@ def _hyper_connection_params(cfg: ModelConfig) -> int:
     return 2 * (maps * n * cfg.hidden_size + maps + 3)
 
 
-def _layer_params(cfg: ModelConfig, sparse: bool) -> tuple[int, int, int]:
+def layer_params(cfg: ModelConfig, sparse: bool) -> tuple[int, int, int]:
     """(dense, routed expert, active routed expert) parameters of one decoder layer."""
     h = cfg.hidden_size
     dense = _attention_params(cfg) + _norms_per_layer(cfg) * h + _hyper_connection_params(cfg)
@@ -199,7 +205,7 @@ def parameter_counts(cfg: ModelConfig) -> ParameterCounts:
     layers += [cfg.mtp_mlp_type == "sparse"] * cfg.num_nextn_predict_layers  # one block per MTP depth
     dense = expert = active_expert = 0
     for sparse in layers:
-        d, e, a = _layer_params(cfg, sparse)
+        d, e, a = layer_params(cfg, sparse)
         dense, expert, active_expert = dense + d, expert + e, active_expert + a
     embedding = v * h
     head = 0 if cfg.tie_word_embeddings else v * h
@@ -365,47 +371,99 @@ class Memory:
         return {name: getattr(self, name) for name in CATEGORIES}
 
 
-def activation_bytes(cfg: Config, *, element_bytes: int, fused_loss: bool) -> float:
-    """Activation memory of one micro-batch on one GPU at the peak of backward."""
-    m = cfg.model
-    tokens = cfg.train.micro_batch_size * seq_len_of(cfg)
-    layers = [t == "sparse" for t in m.mlp_layer_types]
-    layers += [m.mtp_mlp_type == "sparse"] * m.num_nextn_predict_layers
-    per_layer = [sum(activation_elements_per_token(m, s).values()) for s in layers]
+@dataclass(frozen=True)
+class Piece:
+    """A part of the model one pipeline chunk holds whole: the embedding, a decoder layer, an MTP depth or the head
+    (final norm and LM head). Per token; the pieces of a model add up to its parameter counts and FLOPs."""
+
+    name: str
+    flops_per_token: float  # training FLOPs, forward + backward without recomputation
+    dense: int  # parameters every data-parallel replica holds
+    expert: int  # routed-expert parameters (sharded under expert parallelism)
+    layer_elements: float  # elements a layer keeps for backward; only its input under activation checkpointing
+    kept_elements: float  # elements kept either way (the heads' norm inputs and outputs)
+    logits: int  # fp32 logits an unfused loss keeps (the head: every prediction's)
+
+
+def model_pieces(cfg: Config) -> list[Piece]:
+    """The model in pipeline order: embedding, decoder layers, MTP depths, head."""
+    m, seq = cfg.model, seq_len_of(cfg)
+    h, v, depths = m.hidden_size, m.vocab_size, m.num_nextn_predict_layers
+
+    def layer(name: str, sparse: bool, attention_of: int, extra_params: int = 0, head: int = 0, kept: int = 0) -> Piece:
+        dense, expert, active = layer_params(m, sparse)
+        matmul = dense + active + extra_params + head
+        flops = 3 * (2 * matmul + layer_attention_flops_per_token(m, seq, attention_of))
+        elements = sum(activation_elements_per_token(m, sparse).values())
+        return Piece(name, flops, dense + extra_params, expert, elements, kept, 0)
+
+    pieces = [Piece("embedding", 0.0, v * h, 0, 0, 0, 0)]  # a lookup: no matmul FLOPs
+    pieces += [layer(f"layers.{i}", t == "sparse", i) for i, t in enumerate(m.mlp_layer_types)]
+    # each MTP depth: a copy of a decoder layer with the last layer's attention, eh_proj and its three norms
+    # (2h^2 + 3h), the shared head once more, and its norms' inputs and outputs and concatenation kept (5h)
+    mtp_sparse, last = m.mtp_mlp_type == "sparse", m.num_hidden_layers - 1
+    pieces += [layer(f"mtp.{k}", mtp_sparse, last, 2 * h * h + 3 * h, v * h, 5 * h) for k in range(depths)]
+    head = (0 if m.tie_word_embeddings else v * h) + h  # the tied head is the embedding's matrix
+    pieces.append(Piece("head", 3 * 2 * (v * h + h), head, 0, 0, 2 * h, v * (1 + depths)))
+    return pieces
+
+
+def tokens_per_rank(cfg: Config) -> int:
+    """Tokens of one micro-batch on one GPU: a context-parallel rank holds 1/CP of each sequence."""
+    return cfg.train.micro_batch_size * seq_len_of(cfg) // cfg.parallel.context_parallel_size
+
+
+def pieces_activation_bytes(cfg: Config, pieces: list[Piece], *, element_bytes: int, fused_loss: bool,
+                            in_flight: float = 1) -> float:
+    """Activation memory at the peak of backward on a GPU that holds `pieces` and keeps `in_flight` micro-batches'
+    activations (a pipeline stage: kmodel.parallel.pipeline_split.micro_batches_in_flight)."""
+    layers = [p.layer_elements for p in pieces if p.layer_elements]
     if cfg.train.activation_checkpointing:
         # each layer keeps its input; one layer at a time is recomputed with all its activations
-        kept = len(layers) * m.hidden_size + max(per_layer)
+        per_micro_batch, once = len(layers) * cfg.model.hidden_size, max(layers, default=0)
     else:
-        kept = sum(per_layer)
-    kept += 2 * m.hidden_size  # final norm input and output
-    kept += m.num_nextn_predict_layers * 5 * m.hidden_size  # per MTP depth: hnorm/enorm inputs and outputs, concatenation
+        per_micro_batch, once = sum(layers), 0
+    per_micro_batch += sum(p.kept_elements for p in pieces)
     # an unfused loss (the reference) keeps the fp32 logits of each head (main + MTP); its backward
     # recomputes the softmax from them
-    loss = 0.0 if fused_loss else tokens * m.vocab_size * 4 * (1 + m.num_nextn_predict_layers)
-    return tokens * kept * element_bytes + loss
+    logits = 0 if fused_loss else 4 * sum(p.logits for p in pieces)
+    return tokens_per_rank(cfg) * (in_flight * (per_micro_batch * element_bytes + logits) + once * element_bytes)
+
+
+def activation_bytes(cfg: Config, *, element_bytes: int, fused_loss: bool) -> float:
+    """Activation memory of one micro-batch on one GPU holding the whole model, at the peak of backward."""
+    return pieces_activation_bytes(cfg, model_pieces(cfg), element_bytes=element_bytes, fused_loss=fused_loss)
 
 
 EXPERT_GRAD_BYTES = 4  # the expert optimizer keeps its reduce-scattered gradient pieces in fp32 (ZeRO-2)
 
 
 def memory_per_gpu(cfg: Config, world: int, assume: Assumptions, *, fused_loss: bool) -> Memory:
-    """ZeRO stage s shards optimizer states (s>=1), gradients (s>=2) and weights (s=3) over the
-    data-parallel group: all ranks for dense parameters, world/EP ranks for each expert shard.
+    """Memory of one GPU holding the whole model (no pipeline) with `world` data- and context-parallel ranks."""
+    return pieces_memory(cfg, world, assume, model_pieces(cfg), fused_loss=fused_loss)
 
-    Under expert parallelism (EP > 1) a rank holds E/EP experts; their fp32 masters and moments are sharded
-    over the expert-data-parallel group (world/EP ranks) from ZeRO-1 on, their reduced gradients from
-    ZeRO-2 on (in fp32), and their weights are never sharded further (ZeRO-3 with EP is refused)."""
+
+def pieces_memory(cfg: Config, replicas: int, assume: Assumptions, pieces: list[Piece], *, fused_loss: bool,
+                  in_flight: float = 1) -> Memory:
+    """Memory of one GPU holding `pieces`, replicated over `replicas` ranks (a pipeline stage's data x context
+    parallel ranks), with `in_flight` micro-batches of activations.
+
+    ZeRO stage s shards optimizer states (s>=1), gradients (s>=2) and weights (s=3) over the replicas: all of them
+    for dense parameters, replicas/EP ranks for each expert shard. Under expert parallelism (EP > 1) a rank holds
+    E/EP experts; their fp32 masters and moments are sharded over the expert-data-parallel group (replicas/EP
+    ranks) from ZeRO-1 on, their reduced gradients from ZeRO-2 on (in fp32), and their weights are never sharded
+    further (ZeRO-3 with EP is refused)."""
     p = cfg.parallel
-    counts = parameter_counts(cfg.model)
     ep = p.expert_parallel_size
+    dense, expert = sum(x.dense for x in pieces), sum(x.expert for x in pieces)
     if ep == 1:  # the experts are ordinary data-parallel parameters
-        dense, expert = counts.total, 0.0
+        dense, expert = dense + expert, 0.0
     else:
-        dense, expert = counts.dense, counts.expert / ep  # parameters this rank is responsible for
-    edp = world // ep
+        expert = expert / ep  # the shard this rank is responsible for
+    edp = replicas // ep
 
     def dense_part(stage_from: int) -> float:
-        return dense / world if p.zero_stage >= stage_from else dense
+        return dense / replicas if p.zero_stage >= stage_from else dense
 
     def expert_part(stage_from: int) -> float:
         return expert / edp if p.zero_stage >= stage_from else expert
@@ -413,7 +471,8 @@ def memory_per_gpu(cfg: Config, world: int, assume: Assumptions, *, fused_loss: 
     params = (dense_part(3) + expert) * assume.param_bytes
     expert_grad_bytes = EXPERT_GRAD_BYTES if p.zero_stage >= 2 else assume.grad_bytes
     grads = dense_part(2) * assume.grad_bytes + expert_part(2) * expert_grad_bytes
-    dense_optimizer_bytes, expert_optimizer_bytes = optimizer_bytes(cfg, assume, dense)
+    counts = parameter_counts(cfg.model)  # Muon's share of the optimizer is the whole model's
+    dense_optimizer_bytes, expert_optimizer_bytes = optimizer_bytes(cfg, assume, counts.total if ep == 1 else counts.dense)
     optimizer = dense_part(1) * dense_optimizer_bytes + expert_part(1) * expert_optimizer_bytes
     offloaded_optimizer = 0.0
     if p.offload_optimizer:  # DeepSpeed's part: the expert optimizer keeps its state on the GPU
@@ -423,7 +482,8 @@ def memory_per_gpu(cfg: Config, world: int, assume: Assumptions, *, fused_loss: 
     if p.offload_params:
         offloaded += params
         params = 0.0
-    acts = activation_bytes(cfg, element_bytes=assume.param_bytes, fused_loss=fused_loss)
+    acts = pieces_activation_bytes(cfg, pieces, element_bytes=assume.param_bytes, fused_loss=fused_loss,
+                                   in_flight=in_flight)
     return Memory(params, grads, optimizer, acts, offloaded, offloaded_optimizer)
 
 

@@ -67,14 +67,19 @@ def attention_head_dims(cfg: ModelConfig) -> tuple[int, int]:
     return cfg.head_dim, cfg.head_dim
 
 
+def layer_attention_flops_per_token(cfg: ModelConfig, seq_len: int, layer_idx: int) -> float:
+    """Forward FLOPs of QK^T and PV per token in decoder layer `layer_idx` (under its own window)."""
+    qk_dim, v_dim = attention_head_dims(cfg)
+    per_key = 2 * cfg.num_attention_heads * (qk_dim + v_dim)  # 2 * heads * qk for QK^T + 2 * heads * v for PV
+    return per_key * mean_keys_seen(seq_len, cfg.window_of(layer_idx))
+
+
 def attention_flops_per_token(cfg: ModelConfig, seq_len: int) -> float:
     """Forward FLOPs of QK^T and PV per token, summed over the layers and every MTP depth (each runs a copy of
     the last layer's attention)."""
-    qk_dim, v_dim = attention_head_dims(cfg)
-    per_key = 2 * cfg.num_attention_heads * (qk_dim + v_dim)  # 2 * heads * qk for QK^T + 2 * heads * v for PV
     last = cfg.num_hidden_layers - 1
     layers = list(range(cfg.num_hidden_layers)) + [last] * cfg.num_nextn_predict_layers
-    return sum(per_key * mean_keys_seen(seq_len, cfg.window_of(i)) for i in layers)
+    return sum(layer_attention_flops_per_token(cfg, seq_len, i) for i in layers)
 
 
 def flops_per_token(matmul_params: float, cfg: ModelConfig, seq_len: int) -> float:
