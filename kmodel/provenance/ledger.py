@@ -44,7 +44,7 @@ from kmodel.checkpoint import (
     read_weights,
 )
 from kmodel.hashing import canonical_json, object_sha256, sha256_bytes, sha256_file, sorted_weights_sha256, weights_sha256
-from kmodel.rundir import CONFIG_FILE, LEDGER_FILE
+from kmodel.rundir import CHECKPOINTS_DIR, CONFIG_FILE, LEDGER_FILE, RunDir
 SIGNATURE_FILE = "ledger.sig.json"
 GENESIS_PREV_HASH = "0" * 64
 RECORD_KINDS = ("genesis", "checkpoint", "resume")
@@ -312,6 +312,40 @@ def current_checkpoint_records(records: list[dict[str, Any]]) -> list[dict[str, 
     return [r for position, r in enumerate(records) if r.get("kind") == "checkpoint" and position not in redone]
 
 
+def stage_link(checkpoint: str | Path) -> dict[str, Any] | None:
+    """What a new stage's genesis pins of the run it starts from (`--init-from RUN/checkpoints/step_N`): that
+    run's directory and id, its stage number, its ledger head now, and the record of the checkpoint (index,
+    hash, step, manifest sha256, Merkle root of the tensor files, weights hash), so verify can walk back through
+    every stage. None for a checkpoint outside a run with a ledger (an import: external weights). A run whose
+    ledger is broken or does not record the checkpoint is refused: the new stage could not be traced back."""
+    checkpoint = Path(checkpoint)
+    run_dir = checkpoint.parent.parent
+    if checkpoint.parent.name != CHECKPOINTS_DIR or not (run_dir / LEDGER_FILE).is_file():
+        return None
+    try:
+        records = load_chain(run_dir)
+    except LedgerError as error:
+        raise LedgerError(f"--init-from {checkpoint}: {error}; a stage cannot link to it (restore the ledger, or "
+                          "copy the checkpoint out of the run directory to start from it as external weights)") from None
+    manifest_sha256 = sha256_file(checkpoint / MANIFEST_FILE)
+    redone = superseded(records)
+    matching = [(position, r) for position, r in enumerate(records) if r.get("kind") == "checkpoint"
+                and r.get("manifest_sha256") == manifest_sha256 and position not in redone]
+    if not matching:
+        raise LedgerError(f"--init-from {checkpoint}: {run_dir / LEDGER_FILE} does not record this checkpoint "
+                          f"(manifest sha256 {manifest_sha256[:16]}...); start from a checkpoint its run recorded")
+    position, record = matching[-1]
+    before = (records[0].get("init_from") or {}).get("previous_stage")
+    return {
+        "stage": before["stage"] + 1 if before else 1,
+        "run_dir": str(run_dir.resolve()),
+        "run_id": RunDir(run_dir).read_run_id(),
+        "ledger_head": {"index": records[-1]["index"], "hash": records[-1]["hash"]},
+        "checkpoint_record": {"index": position, "hash": record["hash"]},
+        **{key: record.get(key) for key in ("step", "manifest_sha256", "tensor_root", "weights_sha256")},
+    }
+
+
 # --- the ledger a training run writes ----------------------------------------------------------------
 
 
@@ -342,7 +376,8 @@ class Ledger:
         ledger was lost or broken (`--ledger-gap`): what happened, the step and weights it continues from, and
         the ledger set aside; the initial weights are then unknown (None), never the trained ones. `init_from`
         records where external initial weights came from (`--init-from`: the checkpoint, its file hashes and,
-        for an import, the sha256 of every source file): the run was not trained from scratch."""
+        for an import, the sha256 of every source file) and, for another run's checkpoint, the link to that
+        run's ledger (`previous_stage`, see `stage_link`): the run is a new stage of it."""
         run_dir = Path(run_dir)
         path = run_dir / LEDGER_FILE
         if path.exists():
@@ -367,7 +402,8 @@ class Ledger:
             "init_weights_sha256": model if isinstance(model, str) else weights_sha256(model),
         }
         if init_from is not None:
-            genesis["init_from"] = init_from
+            previous = stage_link(init_from["checkpoint"])
+            genesis["init_from"] = init_from if previous is None else {**init_from, "previous_stage": previous}
         if gap is not None:
             genesis["gap"] = {**gap, "weights_sha256": genesis["init_weights_sha256"]}
             genesis["init_weights_sha256"] = None

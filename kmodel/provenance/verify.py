@@ -28,6 +28,7 @@ import torch
 import yaml
 
 from kmodel.checkpoint import (
+    MANIFEST_FILE,
     TOKENIZER_DIR,
     CheckpointError,
     list_checkpoints,
@@ -35,7 +36,7 @@ from kmodel.checkpoint import (
     verify_manifest,
 )
 from kmodel.config import ConfigError, config_from_dict
-from kmodel.hashing import merkle_root, sorted_weights_sha256
+from kmodel.hashing import merkle_root, sha256_file, sorted_weights_sha256
 from kmodel.provenance.ledger import (
     SIGNATURE_FILE,
     LedgerError,
@@ -48,7 +49,7 @@ from kmodel.provenance.ledger import (
     source_root,
     superseded,
 )
-from kmodel.rundir import CONFIG_FILE, METRICS_FILE, step_of
+from kmodel.rundir import CONFIG_FILE, LEDGER_FILE, METRICS_FILE, RunDir, step_of
 
 PASS, FAIL, WARN, SKIP = "pass", "fail", "warn", "skip"
 # Hashes a checkpoint record pins, compared one by one so a report says which part differs.
@@ -79,8 +80,18 @@ def verify_run(
     data_root: str | Path | None = None,
     public_key: str | None = None,
 ) -> list[Check]:
-    """Every check of the module docstring, in order."""
+    """Every check of the module docstring, in order; for a run started from another run's checkpoint (a stage),
+    then every stage before it back to genesis, as `stage_checks` describes."""
     run_dir = Path(run_dir)
+    options = {"check_init": check_init, "check_data": check_data, "data_root": data_root}
+    checks = _run_checks(run_dir, public_key=public_key, **options)
+    return checks + stage_checks(run_dir, checks, options)
+
+
+def _run_checks(
+    run_dir: Path, *, check_init: bool, check_data: bool, data_root: str | Path | None, public_key: str | None
+) -> list[Check]:
+    """The checks of one run directory's own ledger (one stage)."""
     try:
         records, torn = read_records(run_dir)
     except LedgerError as error:
@@ -93,7 +104,7 @@ def verify_run(
     checks += _config_checks(run_dir, records)
     checks.append(_code_check(genesis))
     cfg = _genesis_config(genesis)
-    if check_init:
+    if check_init or genesis.get("init_from") is not None:  # a stage or an import: hashes compared, nothing rebuilt
         checks.append(_init_check(genesis, cfg))
     else:
         checks.append(Check("init_weights", SKIP, "skipped on request (--skip-init)"))
@@ -200,6 +211,17 @@ def _init_check(genesis: dict[str, Any], cfg) -> Check:
                      f"({gap.get('reason')}): the weights it continued from ({str(gap.get('weights_sha256'))[:16]}...) "
                      "are not covered by this chain")
     source = genesis.get("init_from")
+    link = (source or {}).get("previous_stage")
+    if link is not None:  # a stage: the weights were read (verified) from the checkpoint the previous ledger records
+        stage, loaded = link.get("stage"), source.get("manifest_sha256")
+        if loaded == link.get("manifest_sha256"):
+            return Check("init_weights", PASS, f"stage {stage + 1}: the initial weights are stage {stage}'s checkpoint "
+                         f"of step {link.get('step')} (manifest sha256 {str(loaded)[:16]}...; initial weights sha256 "
+                         f"{str(genesis.get('init_weights_sha256'))[:16]}...); `stage {stage} link` checks it against "
+                         "that stage's ledger")
+        return Check("init_weights", FAIL, f"the checkpoint the initial weights were read from (manifest sha256 "
+                     f"{str(loaded)[:16]}...) is not the stage {stage} checkpoint this run links to "
+                     f"({str(link.get('manifest_sha256'))[:16]}...)")
     if source is not None:  # --init-from: the initial weights came from outside; nothing to recompute from a seed
         imported = source.get("imported_from") or {}
         origin = (f"imported from {imported.get('format', 'another format')} files {imported.get('path')} "
@@ -339,6 +361,174 @@ def _metrics_check(run_dir: Path, records: list[dict[str, Any]]) -> Check:
     if not compared:
         return Check("metrics", SKIP, "no recorded step was logged in metrics.jsonl")
     return Check("metrics", PASS, f"the loss of {compared} recorded steps matches metrics.jsonl")
+
+
+# --- stages: a run started from another run's checkpoint (--init-from) -------------------------------------
+
+# The checks a claim of "from scratch" rests on, in every stage (with each `stage K link`).
+LINEAGE_CHECKS = ("chain", "init_weights")
+# What kind of change a recipe key is, for the report of what a stage changed (first matching prefix).
+STAGE_CHANGE_KINDS = (
+    ("seq_len", ("data.seq_len",)),
+    ("rope", ("model.rope_", "model.max_position_embeddings")),
+    ("data", ("data.",)),
+    ("batch", ("train.micro_batch_size", "train.grad_accum_steps", "parallel.global_batch_size")),
+    ("schedule", ("train.lr", "train.min_lr_ratio", "train.warmup_steps", "train.schedule", "train.decay_fraction",
+                  "train.max_steps")),
+    ("optimizer", ("train.optimizer", "train.beta", "train.adam_eps", "train.weight_decay", "train.decay_embeddings",
+                   "train.muon", "train.adamw_params", "train.qk_clip_tau", "train.grad_clip")),
+    ("layout", ("parallel.",)),
+    ("loss", ("model.",)),
+    ("other", ("",)),
+)
+
+
+def _previous_stage(records: list[dict[str, Any]] | None) -> dict[str, Any] | None:
+    if not records or records[0].get("kind") != "genesis":
+        return None
+    return (records[0].get("init_from") or {}).get("previous_stage")
+
+
+def _readable_records(run_dir: Path) -> list[dict[str, Any]] | None:
+    try:
+        return read_records(run_dir)[0]
+    except LedgerError:
+        return None
+
+
+def locate_stage(link: dict[str, Any], newer_run: Path) -> Path | None:
+    """The run directory of the stage a link names: where it was, or beside the newer stage's run (runs moved
+    together); None when neither holds a ledger."""
+    recorded = Path(link.get("run_dir", ""))
+    for candidate in (recorded, newer_run.parent / recorded.name):
+        if (candidate / LEDGER_FILE).is_file():
+            return candidate
+    return None
+
+
+def stage_checks(run_dir: Path, own_checks: list[Check], options: dict[str, Any]) -> list[Check]:
+    """Walk a run's stages back to genesis through the links in each genesis: every earlier stage's own checks
+    (named `stage K ...`), its link (`stage K link`: its ledger still holds the head and the checkpoint record
+    the next stage started from, and that checkpoint, when still on disk, is the one), what the next stage
+    changed (`stage K+1 changes`), and the verdict on the whole `history` ("from scratch, N stages" only when
+    the first stage's weights come from the seed and every link holds)."""
+    records = _readable_records(run_dir)
+    if not records or records[0].get("kind") != "genesis":
+        return []
+    link, newer_run, newer_genesis = _previous_stage(records), run_dir, records[0]
+    number = link["stage"] + 1 if link else 1
+    checks, seen, count = [], {run_dir.resolve()}, 1
+    lineage = [c for c in own_checks if c.name in LINEAGE_CHECKS]  # newest stage first
+    while link is not None:
+        stage = link["stage"]
+        found = locate_stage(link, newer_run)
+        if found is None or found.resolve() in seen:
+            why = "is gone" if found is None else "is a later stage of this history (a loop)"
+            checks.append(Check(f"stage {stage}", FAIL, f"the run directory of stage {stage} ({link.get('run_dir')}, "
+                                f"or {newer_run.parent / Path(link.get('run_dir', '')).name}) {why}: the history before "
+                                f"stage {stage + 1} cannot be verified"))
+            return checks + [Check("history", FAIL, f"cannot be traced back to genesis: stage {stage} "
+                                   f"({link.get('run_dir')}) {why}; stages {stage + 1} to {number} are checked above")]
+        seen.add(found.resolve())
+        earlier = [Check(f"stage {stage} {c.name}", c.status, c.reason) for c in
+                   _run_checks(found, public_key=None, **options)]
+        previous_records = _readable_records(found)
+        link_check = _link_check(link, found, previous_records)
+        checks += earlier + [link_check, _changes_check(link, previous_records, newer_genesis)]
+        lineage += [link_check] + [c for c in earlier if c.name.removeprefix(f"stage {stage} ") in LINEAGE_CHECKS]
+        link, newer_run, newer_genesis = _previous_stage(previous_records), found, (previous_records or [{}])[0]
+        count += 1
+    return checks + [_history_check(lineage, count)]
+
+
+def _link_check(link: dict[str, Any], run_dir: Path, records: list[dict[str, Any]] | None) -> Check:
+    """Whether stage K's ledger holds what stage K+1's genesis pinned of it."""
+    stage, name = link["stage"], f"stage {link['stage']} link"
+    if records is None:
+        return Check(name, FAIL, f"{run_dir / LEDGER_FILE} cannot be read")
+    problems = []
+    pinned, head = link.get("checkpoint_record") or {}, link.get("ledger_head") or {}
+
+    def at(index):
+        return records[index] if isinstance(index, int) and 0 <= index < len(records) else {}
+
+    record = at(pinned.get("index"))
+    if record.get("hash") != pinned.get("hash") or record.get("kind") != "checkpoint":
+        problems.append(f"record {pinned.get('index')} is not the checkpoint record stage {stage + 1} started from "
+                        "(its ledger was rewritten)")
+    else:
+        problems += [f"the record's {key} is not the one linked" for key in
+                     ("step", "manifest_sha256", "tensor_root", "weights_sha256") if record.get(key) != link.get(key)]
+    if at(head.get("index")).get("hash") != head.get("hash"):
+        problems.append(f"its ledger no longer holds the head stage {stage + 1} linked to (record {head.get('index')}, "
+                        f"hash {str(head.get('hash'))[:16]}...): records were rewritten")
+    before = _previous_stage(records)
+    if (before["stage"] + 1 if before else 1) != stage:
+        problems.append(f"it calls itself stage {before['stage'] + 1 if before else 1}, the link stage {stage}")
+    run_id = RunDir(run_dir).read_run_id()
+    if link.get("run_id") and run_id and run_id != link["run_id"]:
+        problems.append(f"it is another run (run id {run_id}, linked {link['run_id']})")
+    on_disk = run_dir / str(record.get("checkpoint", "")) if record.get("checkpoint") else None
+    if on_disk is not None and (on_disk / MANIFEST_FILE).is_file():
+        if sha256_file(on_disk / MANIFEST_FILE) != link.get("manifest_sha256"):
+            problems.append(f"{on_disk}/{MANIFEST_FILE} is not the manifest stage {stage + 1} started from")
+        kept = f"{on_disk.name} on disk"
+    else:
+        kept = "the checkpoint itself is pruned"
+    if problems:
+        return Check(name, FAIL, f"stage {stage} ({run_dir}) does not hold what stage {stage + 1} started from: "
+                     + "; ".join(problems))
+    return Check(name, PASS, f"stage {stage + 1} started from step {link.get('step')} of stage {stage} ({run_dir}): its "
+                 f"ledger records that checkpoint (record {pinned.get('index')}, manifest sha256 "
+                 f"{str(link.get('manifest_sha256'))[:16]}..., Merkle root {str(link.get('tensor_root'))[:16]}...) and still "
+                 f"holds the head linked (record {head.get('index')}); {kept}")
+
+
+def _shown(key: str, value: Any) -> str:
+    if key == "data.sources" and isinstance(value, list):  # the mixture: names and weights
+        return "{" + ", ".join(f"{s.get('name')}: {s.get('weight')}" for s in value if isinstance(s, dict)) + "}"
+    if isinstance(value, dict):  # a section set or unset as a whole (model.rope_scaling): its values that are set
+        value = {k: v for k, v in value.items() if v is not None}
+    text = json.dumps(value, sort_keys=True)
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def _changes_check(link: dict[str, Any], records: list[dict[str, Any]] | None, newer_genesis: dict[str, Any]) -> Check:
+    """What stage K+1's recipe changed from the one stage K's checkpoint was trained with, by kind."""
+    from kmodel.train.run import config_changes
+
+    stage = link["stage"] + 1
+    name = f"stage {stage} changes"
+    if records is None:
+        return Check(name, SKIP, f"stage {stage - 1}'s ledger cannot be read")
+    old = recorded_config(records, (link.get("checkpoint_record") or {}).get("index")) or {}
+    changed = config_changes(old, newer_genesis.get("config") or {})
+    kinds: dict[str, list[str]] = {}
+    for key, (before, after) in changed.items():
+        kind = next(kind for kind, prefixes in STAGE_CHANGE_KINDS if key.startswith(prefixes))
+        kinds.setdefault(kind, []).append(f"{key} {_shown(key, before)} -> {_shown(key, after)}")
+    roots = [(r[0].get("data_manifest") or {}).get("merkle_root") for r in (records, [newer_genesis])]
+    if roots[0] != roots[1]:
+        kinds.setdefault("data", []).append(f"data files Merkle root {str(roots[0])[:12]}... -> {str(roots[1])[:12]}...")
+    moments = {"kept": "kept", "reset": "reset"}.get((newer_genesis.get("init_from") or {}).get("optimizer"), "unknown")
+    parts = [f"{kind}: {'; '.join(kinds[kind])}" for kind, _ in STAGE_CHANGE_KINDS if kind in kinds]
+    return Check(name, PASS, f"from stage {stage - 1} step {link.get('step')}: " + (" | ".join(parts) or "no recipe "
+                 "key changed") + f" | optimizer moments {moments}, schedule restarted at step 0")
+
+
+def _history_check(lineage: list[Check], stages: int) -> Check:
+    """The verdict on the chain of stages, newest first: every ledger chain, initial weights and link must
+    hold, and the first stage's initial weights decide between from scratch and external weights."""
+    count = f"{stages} stage{'s' if stages > 1 else ''}"
+    broken = [c.name for c in lineage if c.status == FAIL]
+    if broken:
+        return Check("history", FAIL, f"not shown to be from scratch ({count}): {', '.join(broken)} failed")
+    first = lineage[-1]  # the first stage's init_weights (its chain held, so its genesis was read)
+    if first.status == SKIP:
+        return Check("history", SKIP, f"{count} back to genesis; from scratch not checked ({first.reason})")
+    if first.status == WARN:
+        return Check("history", WARN, f"from external weights, {count}: {first.reason}")
+    return Check("history", PASS, f"from scratch, {count}")
 
 
 def failed(checks: list[Check]) -> bool:

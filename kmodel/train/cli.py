@@ -42,9 +42,17 @@ def _add_train(sub) -> None:
                    help="with --resume: continue a run whose ledger.jsonl is missing or broken with a new chain "
                    "whose first record states the gap (by default that is refused)")
     p.add_argument("--init-from", metavar="CKPT",
-                   help="start this run from a checkpoint's weights (verified): an imported one (`kmodel import hf`) "
-                   "or another run's (a new stage); fresh optimizer and schedule. The ledger records the source, and "
-                   "provenance verify reports the run as initialised from external weights")
+                   help="start this run from a checkpoint's weights (verified): another run's, as a new stage whose "
+                   "recipe may change seq_len, RoPE (rope_theta, rope_scaling), data, batch, schedule and parallel "
+                   "layout but not the architecture; or an imported one (`kmodel import hf`). The step and the "
+                   "learning-rate schedule start at 0. The ledger links a stage to the previous run's ledger, so "
+                   "provenance verify walks every stage back to genesis; imported weights are reported as external")
+    optimizer = p.add_mutually_exclusive_group()
+    optimizer.add_argument("--keep-optimizer", dest="keep_optimizer", action="store_const", const=True, default=None,
+                           help="with --init-from: continue from the checkpoint's optimizer moments under this "
+                           "recipe's hyperparameters (the default when the checkpoint has them)")
+    optimizer.add_argument("--reset-optimizer", dest="keep_optimizer", action="store_const", const=False,
+                           help="with --init-from: start fresh optimizer moments")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
     p.set_defaults(func=_run_train)
 
@@ -62,7 +70,7 @@ def _run_train(args) -> int:
     try:
         train(cfg, args.out, resume=args.resume, max_steps=args.max_steps, force=args.force, restart=args.restart,
               ledger_gap=args.ledger_gap, recipe=args.recipe, progress=False if args.no_progress else None,
-              init_from=args.init_from)
+              init_from=args.init_from, keep_optimizer=args.keep_optimizer)
     except TrainingInterrupted as stopped:
         print(f"kmodel train: {stopped}", file=sys.stderr)
         return 128 + stopped.signum  # the shell's convention for "ended by a signal"

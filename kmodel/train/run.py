@@ -54,13 +54,15 @@ class RunDirError(RuntimeError):
 UNSTARTED_CONTENTS = {CONFIG_FILE, LEDGER_FILE, METRICS_FILE, CHECKPOINTS_DIR}
 
 
-def _flatten(tree: Any, prefix: str = "") -> dict[str, Any]:
-    if not isinstance(tree, dict):
-        return {prefix[:-1]: tree}
-    flat = {}
-    for key, value in tree.items():
-        flat.update(_flatten(value, f"{prefix}{key}."))
-    return flat
+def config_changes(old: Any, new: Any, prefix: str = "") -> dict[str, tuple[Any, Any]]:
+    """The keys ("section.key") in which two recipe dicts differ, each with its (old, new) value, in key order;
+    a section set on one side only (model.rope_scaling) is one key, lists are compared whole."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        changes = {}
+        for key in sorted(old.keys() | new.keys()):
+            changes.update(config_changes(old.get(key), new.get(key), f"{prefix}{key}."))
+        return changes
+    return {} if old == new else {prefix[:-1]: (old, new)}
 
 
 def saved_config(run_dir: Path) -> Config:
@@ -78,15 +80,15 @@ def check_resumable(saved: Config, requested: Config, run_dir: Path) -> None:
     """Refuse a resume that changes anything but RESUMABLE_CHANGES, or the topology (TOPOLOGY_CHANGES) when the
     global batch stays the same: checkpoints are topology-free and the data order follows the global batch.
     Data locations may change; the trainer checks the data's content against the checkpoint's."""
-    old, new = (_flatten(without_locations(c.to_dict())) for c in (saved, requested))
-    changed = [k for k in sorted(old.keys() | new.keys()) if old.get(k) != new.get(k)]
+    changed = config_changes(*(without_locations(c.to_dict()) for c in (saved, requested)))
     allowed = RESUMABLE_CHANGES + (TOPOLOGY_CHANGES if global_batch(saved) == global_batch(requested) else ())
     refused = [k for k in changed if not k.startswith(allowed)]
     if refused:
-        details = "; ".join(f"{k}: run has {old.get(k)!r}, now {new.get(k)!r}" for k in refused[:8])
+        details = "; ".join(f"{k}: run has {changed[k][0]!r}, now {changed[k][1]!r}" for k in refused[:8])
         raise ConfigError(
             f"cannot resume {run_dir} with a different recipe ({details}). A resumed run may change only "
-            f"{', '.join(RESUMABLE_CHANGES)}; start a new run directory for anything else"
+            f"{', '.join(RESUMABLE_CHANGES)}; for anything else start a new run directory (a new stage: "
+            "kmodel train RECIPE --out NEW --init-from CHECKPOINT)"
         )
 
 
@@ -342,24 +344,29 @@ def train(
     recipe: str | Path | None = None,
     progress: bool | None = None,
     init_from: str | Path | None = None,
+    keep_optimizer: bool | None = None,
 ) -> Trainer:
     """Run (or continue) a training run in `out_dir`; returns the finished Trainer (its summary is printed).
 
     `cfg` may be None when resuming (the run's own config.yaml is used). `max_steps` sets train.max_steps,
     which the learning-rate schedule spans. `recipe` (the file `cfg` came from) is protected from --force.
-    `init_from` starts a fresh run from a checkpoint's weights (see Trainer.init_from).
+    `init_from` starts a fresh run from a checkpoint's weights, a new stage when it is another run's (see
+    Trainer.init_from); `keep_optimizer` False starts fresh optimizer moments (default: kept when it has them).
     The directory is locked for the whole run; nothing in it is written or deleted before the recipe, the
     tokenizer and the data have been loaded."""
     run_dir = Path(out_dir)
     if init_from is not None and resume:
         raise RunDirError("--init-from starts a run; a resumed run continues from its own checkpoints (drop --init-from)")
+    if keep_optimizer is not None and init_from is None:
+        raise RunDirError("--keep-optimizer and --reset-optimizer choose what a run started with --init-from does with "
+                          "the checkpoint's optimizer state; add --init-from CHECKPOINT or drop them")
     with RunLock(run_dir, create=not resume):
         try:
             cfg = check_request(cfg, run_dir, resume=resume, max_steps=max_steps, force=force, restart=restart,
                                 ledger_gap=ledger_gap, recipe=recipe)
             trainer = Trainer(cfg, run_dir, progress=progress)
             write_run(cfg, run_dir, resume=resume)
-            start(trainer, resume, ledger_gap=ledger_gap, init_from=init_from)
+            start(trainer, resume, ledger_gap=ledger_gap, init_from=init_from, keep_optimizer=keep_optimizer)
             trainer.fit()
             print(trainer.finish())
         except OSError as error:
@@ -449,14 +456,18 @@ def prepare_run(
 
 
 def start(trainer: Trainer, resume: bool, *, writer: bool = True, ledger_gap: bool = False,
-          init_from: str | Path | None = None, share: SharedVerification | None = None) -> None:
-    """Restore the newest checkpoint that verifies when resuming (or the weights of `init_from` for a fresh run)
-    and start the ledger; `writer` (rank 0) rewinds the metrics (the records dropped are kept in
-    metrics.discarded.jsonl) and names skipped checkpoints; `share` splits the verification over the ranks."""
+          init_from: str | Path | None = None, share: SharedVerification | None = None,
+          keep_optimizer: bool | None = None) -> None:
+    """Restore the newest checkpoint that verifies when resuming (or the weights of `init_from` for a fresh run,
+    its optimizer moments unless `keep_optimizer` is False) and start the ledger; `writer` (rank 0) rewinds the
+    metrics (the records dropped are kept in metrics.discarded.jsonl) and names skipped checkpoints; `share`
+    splits the verification over the ranks."""
     run_dir = trainer.run_dir
     if init_from is not None:
-        source = trainer.init_from(init_from)
-        print(f"initialised from the weights of {source}", file=sys.stderr)
+        source = trainer.init_from(init_from, keep_optimizer)
+        moments = {"kept": "optimizer moments kept", "reset": "fresh optimizer moments", "none": "fresh optimizer"}
+        print(f"initialised from the weights of {source} ({moments[trainer.init_source['optimizer']]}; the schedule "
+              "starts at step 0)", file=sys.stderr)
     latest, skipped = latest_valid_checkpoint(run_dir, warn=writer, share=share) if resume else (None, [])
     if latest is None and skipped:
         raise RunDirError(f"cannot resume {run_dir}: none of its {len(skipped)} checkpoints verifies (reasons above); "

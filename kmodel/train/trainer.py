@@ -69,6 +69,13 @@ from kmodel.train.schedule import lr_at
 from kmodel.train.watch import HangWatchdog, StopSignals, TrainingInterrupted, directory_bytes, make_room
 
 LOSS_KEYS = ("loss", "lm_loss", "mtp_loss", "aux_loss", "z_loss")
+# Model keys a new stage (--init-from another run's checkpoint) may change: they shape positions and the loss,
+# not the weights (context extension: DeepSeek-V3 and K-EXAONE change RoPE; DeepSeek-V3 lowered the MTP weight
+# and stopped the balancing bias late in training). Every other model key is the architecture.
+STAGE_MODEL_KEYS = (
+    "max_position_embeddings", "rope_theta", "rope_scaling", "rope_local_base_freq", "aux_loss_coef",
+    "router_z_loss_coef", "router_bias_update_rate", "mtp_loss_coef", "mtp_loss_weights", "logits_z_loss_coef",
+)
 
 
 def delete_checkpoint(path: Path) -> None:
@@ -180,13 +187,14 @@ class Trainer:
         """AdamW's state_dict (full tensors, one entry per parameter); engines gather their shards into it."""
         return self.optimizer.state_dict()
 
-    def model_differences(self, ckpt: Path) -> list[str] | None:
-        """The model config keys in which a checkpoint's saved recipe differs from this one (None: it fits)."""
+    def model_differences(self, ckpt: Path) -> dict[str, tuple[Any, Any]] | None:
+        """The model config keys in which a checkpoint's saved recipe differs from this one, each with (the
+        checkpoint's value, this recipe's); None: it fits."""
         saved = load_config_from_checkpoint(ckpt)
         if saved.model == self.cfg.model:
             return None
-        theirs = saved.model.model_dump()
-        return [k for k, v in self.cfg.model.model_dump().items() if theirs[k] != v]
+        theirs = saved.model.model_dump(mode="json")
+        return {k: (theirs[k], v) for k, v in self.cfg.model.model_dump(mode="json").items() if theirs[k] != v}
 
     def restore(self, checkpoint: str | Path) -> Path:
         """Continue from a checkpoint of this recipe: weights, optimizer, RNG, data position, counters."""
@@ -213,21 +221,54 @@ class Trainer:
         self.step, self.tokens_seen, self.bad_steps = state["step"], state["tokens_seen"], state["bad_steps"]
         return ckpt
 
-    def init_from(self, checkpoint: str | Path) -> Path:
-        """Start from another checkpoint's weights (verified; the same model config): one imported from Hugging
-        Face or another run's, as a new stage (its data state, when it has one, continues as the next stage).
-        The optimizer and schedule start fresh. The source is kept for the ledger's genesis (`init_source`)."""
+    def init_from(self, checkpoint: str | Path, keep_optimizer: bool | None = None) -> Path:
+        """Start from another checkpoint's weights (verified): one imported from Hugging Face, or another run's as
+        a new stage, whose recipe may change the keys of STAGE_MODEL_KEYS (context length and RoPE, loss weights)
+        and anything outside `model` (data, seq_len, batch, schedule, layout); any other model key is refused,
+        each with its old and new value. The step and schedule start at 0; the optimizer's moments are kept
+        (`keep_optimizer` None or True, under this recipe's hyperparameters) or started fresh (False). A
+        checkpoint with a data state continues as the next data stage. The source is kept for the ledger's
+        genesis (`init_source`), which links it to the previous run's ledger."""
         ckpt = resolve_checkpoint(checkpoint)
-        keys = self.model_differences(ckpt)
-        if keys is not None:
-            raise CheckpointError(f"--init-from {ckpt}: another model config (differs in model.{', model.'.join(keys)})")
+        fixed = {k: v for k, v in (self.model_differences(ckpt) or {}).items() if k not in STAGE_MODEL_KEYS}
+        if fixed:
+            details = "; ".join(f"model.{k}: {old!r} -> {new!r}" for k, (old, new) in fixed.items())
+            raise CheckpointError(
+                f"--init-from {ckpt}: another model config, whose weights do not fit this recipe ({details}). A new "
+                f"stage may change only model.{', model.'.join(STAGE_MODEL_KEYS)}; set the others as the checkpoint has them"
+            )
         self.load_weights(read_weights(ckpt, lazy=True), str(ckpt))
         manifest = Manifest.read(ckpt)
+        optimizer = "none"  # an import carries no optimizer state
         if STATE_FILE in manifest.files:
             self.start_stage(ckpt)
+            optimizer = "reset" if keep_optimizer is False else "kept"
+            if optimizer == "kept":
+                self.keep_optimizer_state(ckpt)
+        elif keep_optimizer:
+            raise CheckpointError(f"--keep-optimizer: {ckpt} holds no optimizer state (no {STATE_FILE}: an import "
+                                  "or a weights-only checkpoint); drop --keep-optimizer")
         self.init_source = {"checkpoint": str(ckpt.resolve()), "manifest_sha256": sha256_file(ckpt / MANIFEST_FILE),
-                            "files": manifest.digests, "imported_from": manifest.extra.get("imported_from")}
+                            "files": manifest.digests, "imported_from": manifest.extra.get("imported_from"),
+                            "optimizer": optimizer}
         return ckpt
+
+    def keep_optimizer_state(self, ckpt: Path) -> None:
+        """A stage's optimizer continues from the checkpoint's moments under this recipe's hyperparameters
+        (lr, betas, weight decay ...): refused, pointing to --reset-optimizer, when the optimizer or the way it
+        groups the parameters changed, since moments would then land on other parameters."""
+        saved_optimizer = load_config_from_checkpoint(ckpt).train.optimizer
+        if saved_optimizer != self.cfg.train.optimizer:
+            raise CheckpointError(f"--init-from {ckpt}: its optimizer state is {saved_optimizer}'s, and this recipe "
+                                  f"trains with train.optimizer {self.cfg.train.optimizer}; pass --reset-optimizer")
+        saved = read_state(ckpt, lazy=self.lazy_restore)["optimizer"]
+        groups = self.optimizer_state()["param_groups"]
+        if [g["params"] for g in saved["param_groups"]] != [g["params"] for g in groups]:
+            raise CheckpointError(
+                f"--init-from {ckpt}: its optimizer groups the parameters differently from this recipe (changed "
+                "train.decay_embeddings, muon_params or adamw_params?); pass --reset-optimizer to start fresh moments"
+            )
+        self.load_optimizer_state({"state": saved["state"], "param_groups": groups})
 
     # where a run started from --init-from got its weights (recorded in the ledger's genesis), else None
     init_source: dict[str, Any] | None = None
