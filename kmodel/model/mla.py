@@ -82,7 +82,11 @@ class LatentAttention(nn.Module):
             rope_key = apply_rope(rope_key[:, :, None, :], *rope)[:, :, 0, :]
         q = torch.cat((q_nope, q_rope), dim=-1)
 
-        if cache is None or cache.keys is None:
+        if cache is None and hasattr(self.kernel, "latent_attention"):
+            # a seam that moves the latent rather than every head's keys (context parallelism; no MuonClip there)
+            out = self.kernel.latent_attention(q, latent, rope_key, self.expand, window=self.window, scale=self.scale,
+                                               cu_seqlens=cu_seqlens)
+        elif cache is None or cache.keys is None:
             keys, values = self.expand(latent, rope_key)
             if self.max_logits is not None and self.training and cache is None:
                 seen = max_logits(q, keys, scale=self.scale, window=self.window, cu_seqlens=cu_seqlens)

@@ -139,8 +139,9 @@ class MoE(nn.Module):
         self.register_buffer("last_load", torch.zeros(cfg.num_experts, dtype=torch.float32), persistent=False)
         self.kernel = reference  # replaced by Model.use_kernels
         self.expert_parallel = None  # set by kmodel.parallel.expert_parallel.attach_expert_parallel
-        # aux_loss_kind global: (counts, tokens) -> the same summed over the data-parallel ranks (set by the
-        # parallel engine; None in one process, where global is the micro-batch)
+        # (counts, tokens) -> the same summed over other ranks, set by the parallel engine: for aux_loss_kind
+        # global over the data-parallel ranks, for every kind over a sequence's context-parallel ranks (None in
+        # one process, where global is the micro-batch)
         self.global_counts = None
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,7 +187,7 @@ class MoE(nn.Module):
             probs = probs.view(groups, -1, e)
             chosen = F.one_hot(routing.experts, e).sum(dim=1).float().view(groups, -1, e)
             counts, tokens = chosen.sum(dim=1), chosen.shape[1]
-            if cfg.aux_loss_kind == "global" and self.global_counts is not None:
+            if self.global_counts is not None:
                 counts, tokens = self.global_counts(counts, tokens)
             frac = counts / tokens * (e / k)
             loss = loss + cfg.aux_loss_coef * (frac * probs.mean(dim=1)).sum(dim=-1).mean()

@@ -11,25 +11,42 @@ What each attention layer exchanges:
   the whole sequence. When W−1 exceeds a chunk the halo would span several chunks; that layer then gathers like a
   global one (exact, counted as a gather).
 - A global layer gathers every rank's keys and values (all-gather; backward sums the gradients back, a
-  reduce-scatter). MLA gathers its compressed latent, which is what makes it cheap there; the caller decides what
-  `gather_sequence` gathers.
+  reduce-scatter). MLA exchanges its compressed latent and shared RoPE key instead of per-head keys and values
+  (`exchanged_attention` with the module's expansion applied on arrival), which is what makes it cheap there.
 Attention itself runs on the local queries against the keys they can see, with a mask built from global
 positions, so packed documents (`doc_ids` of the whole sequence), RoPE (the caller rotates with
 `ContextLayout.positions()`), NoPE and attention sinks are exact.
 
 Every exchange adds its bytes to `CommStats` by layer kind, so tests compare them with `halo_bytes` /
 `gather_bytes`, the formulas the planner uses.
+
+In training (`ContextParallel`, one per engine): every CP rank of a data-parallel rank reads the same rows and keeps
+its chunks of them (`layout.shard`: input ids and the already shifted labels, so each chunk keeps its own targets),
+rotates with the chunks' global positions, and each attention module's kernel seam is replaced from outside the
+model by `ContextParallelAttention`, which exchanges keys and values while a batch is open and hands everything else
+(evaluation on whole sequences, cached decoding) to the module's own kernel. Document ids come from the whole rows,
+so packed documents crossing chunk boundaries stay exact. The loss a CP rank backpropagates is CP x its share of the
+one-process micro-batch loss: token means (cross-entropy, logits z-loss) re-weighted by the rank's share of the
+rows' label tokens, and the MoE balance loss computed from expert counts summed over the group (its probability
+means are over local tokens, so their CP-rank mean is the whole sequence's). Averaged over the replica group (DP x
+CP ranks: DeepSpeed's and the expert optimizer's reduction), the gradient is the one-process gradient.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections import defaultdict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.distributed as dist
 
+from kmodel.config import Config, ConfigError
+from kmodel.data import IGNORE_INDEX, Batch
 from kmodel.kernels.attention.reference import masked_attention, visibility_mask
+from kmodel.train.trainer import LOSS_KEYS
 
 
 @dataclass(frozen=True)
@@ -213,29 +230,50 @@ def context_parallel_attention(
     doc_ids: (batch, seq_len) document index of every token of the whole sequence (packed documents), or None.
     Equals `kmodel.kernels.attention.reference.attention` over the whole sequence, restricted to local rows.
     """
+    k_dim = k.shape[-1]
+    return exchanged_attention(q, torch.cat([k, v], dim=-1), lambda kv: (kv[..., :k_dim], kv[..., k_dim:]),
+                               layout=layout, group=group, window=window, scale=scale, doc_ids=doc_ids, sinks=sinks,
+                               stats=stats)
+
+
+def exchanged_attention(
+    q: torch.Tensor,
+    rows: torch.Tensor,
+    unpack: Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]],
+    *,
+    layout: ContextLayout,
+    group,
+    window: int | None = None,
+    scale: float | None = None,
+    doc_ids: torch.Tensor | None = None,
+    sinks: torch.Tensor | None = None,
+    stats: CommStats | None = None,
+) -> torch.Tensor:
+    """`context_parallel_attention` over what each token contributes to keys and values: `rows` (batch, local,
+    ...) are exchanged (GQA: keys and values; MLA: the compressed latent and shared RoPE key), and `unpack`
+    turns exchanged rows into keys (batch, n, kv_heads, d) and values (batch, n, kv_heads, d_v) on arrival."""
     head_dim = q.shape[-1]
     scale = head_dim**-0.5 if scale is None else scale
     length = layout.chunk_len
     pos = layout.positions(device=q.device)
     qt = q.transpose(1, 2)
     if window is not None and window - 1 <= length:
-        kv = torch.cat([k, v], dim=-1)
-        halos = halo(kv, layout, group, window - 1, stats) if window > 1 else [None, None]
+        halos = halo(rows, layout, group, window - 1, stats) if window > 1 else [None, None]
         outs = []
         for i, h in enumerate(halos):
-            rows = slice(i * length, (i + 1) * length)
-            keys = kv[:, rows] if h is None else torch.cat([h, kv[:, rows]], dim=1)
-            key_pos = pos[rows] if h is None else torch.cat([pos[rows][:1] - h.shape[1] + torch.arange(
-                h.shape[1], device=q.device), pos[rows]])
-            outs.append(_attend(qt[:, :, rows], keys, k.shape[-1], pos[rows], key_pos, window, doc_ids, scale, sinks))
+            chunk = slice(i * length, (i + 1) * length)
+            seen = rows[:, chunk] if h is None else torch.cat([h, rows[:, chunk]], dim=1)
+            key_pos = pos[chunk] if h is None else torch.cat([pos[chunk][:1] - h.shape[1] + torch.arange(
+                h.shape[1], device=q.device), pos[chunk]])
+            outs.append(_attend(qt[:, :, chunk], *unpack(seen), pos[chunk], key_pos, window, doc_ids, scale, sinks))
         return torch.cat(outs, dim=2).transpose(1, 2)
     kind = "global" if window is None else "sliding"
-    kv, key_pos = gather_sequence(torch.cat([k, v], dim=-1), layout, group, stats, kind)
-    return _attend(qt, kv, k.shape[-1], pos, key_pos, window, doc_ids, scale, sinks).transpose(1, 2)
+    everything, key_pos = gather_sequence(rows, layout, group, stats, kind)
+    return _attend(qt, *unpack(everything), pos, key_pos, window, doc_ids, scale, sinks).transpose(1, 2)
 
 
-def _attend(qt, kv, k_dim, q_pos, k_pos, window, doc_ids, scale, sinks) -> torch.Tensor:
-    keys, values = kv[..., :k_dim].transpose(1, 2), kv[..., k_dim:].transpose(1, 2)
+def _attend(qt, keys, values, q_pos, k_pos, window, doc_ids, scale, sinks) -> torch.Tensor:
+    keys, values = keys.transpose(1, 2), values.transpose(1, 2)
     mask = visibility_mask(q_pos, k_pos, window=window, causal=True).expand(qt.shape[0], 1, -1, -1)
     if doc_ids is not None:
         mask = mask & (doc_ids[:, None, q_pos, None] == doc_ids[:, None, None, k_pos])
@@ -243,3 +281,147 @@ def _attend(qt, kv, k_dim, q_pos, k_pos, window, doc_ids, scale, sinks) -> torch
         group = qt.shape[1] // keys.shape[1]
         keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
     return masked_attention(qt, keys, values, mask, scale=scale, sinks=sinks)
+
+
+# --- training: the engine's side --------------------------------------------------------------------------------
+
+
+def check_supported(cfg: Config) -> None:
+    """Refuse, naming the keys, what context parallelism does not split exactly yet."""
+    cp = cfg.parallel.context_parallel_size
+    if cp == 1:
+        return
+    depth = cfg.model.num_nextn_predict_layers
+    if depth:
+        raise ConfigError(
+            f"parallel.context_parallel_size {cp} with model.num_nextn_predict_layers {depth}: multi-token prediction "
+            f"reads the tokens up to {depth + 1} positions ahead of each position, across chunk boundaries, which the "
+            "context-parallel split does not exchange yet; set model.num_nextn_predict_layers=0 (or train this stage "
+            "with parallel.context_parallel_size=1)"
+        )
+    if cfg.train.qk_clip_tau is not None:
+        raise ConfigError(
+            f"parallel.context_parallel_size {cp} with train.qk_clip_tau: MuonClip's per-head logit maxima are taken "
+            "over a rank's whole sequence, which a context-parallel rank does not hold; unset train.qk_clip_tau"
+        )
+    if cfg.parallel.zero_stage == 0:
+        raise ConfigError(
+            f"parallel.context_parallel_size {cp} needs parallel.zero_stage 1, 2 or 3: DeepSpeed's stage-0 gradient "
+            "clipping has no group to reduce over beside its tensor-parallel one; set parallel.zero_stage=1"
+        )
+
+
+def gathered_windows(cfg: Config) -> list[tuple[int, int]]:
+    """(layer, window) of the sliding layers whose window reaches past the previous chunk: they gather."""
+    chunk = cfg.data.seq_len // (2 * cfg.parallel.context_parallel_size)
+    windows = [(i, cfg.model.window_of(i)) for i in range(cfg.model.num_hidden_layers)]
+    return [(i, w) for i, w in windows if w is not None and w - 1 > chunk]
+
+
+def token_share(local_labels: torch.Tensor, labels: torch.Tensor) -> float:
+    """This rank's fraction of the label tokens of the whole rows (0 when the rows have none)."""
+    total = int((labels != IGNORE_INDEX).sum())
+    return int((local_labels != IGNORE_INDEX).sum()) / total if total else 0.0
+
+
+# Loss terms that are means over label tokens (a rank's share re-weights them); the MoE aux loss is not.
+TOKEN_MEANS = ("lm_loss", "z_loss")
+
+
+def rank_terms(out: Any, scale: float) -> dict[str, torch.Tensor]:
+    """The loss terms of `out` (a ModelOutput) as this rank contributes them: token means times `scale`
+    (CP x the rank's token share), the aux loss as it is, and their total."""
+    terms = {k: getattr(out, k) for k in LOSS_KEYS if getattr(out, k) is not None}
+    if "mtp_loss" in terms:
+        raise ValueError("multi-token prediction under context parallelism is refused (check_supported)")
+    aux = terms.get("aux_loss", 0.0)
+    terms["loss"] = scale * (out.loss - aux) + aux
+    for key in TOKEN_MEANS:
+        if key in terms:
+            terms[key] = scale * terms[key]
+    return terms
+
+
+class ContextParallelAttention:
+    """An attention module's kernel seam under context parallelism: while the engine has a batch open,
+    `attention` runs on this rank's chunks and exchanges keys and values with the group; otherwise (evaluation
+    on whole sequences) and for every other name (`decode_attention`) it is the module's own kernel."""
+
+    def __init__(self, inner: Any, context: ContextParallel):
+        self.inner, self.context = inner, context
+
+    def attention(self, q, k, v, **options) -> torch.Tensor:
+        if not self.context.open:
+            return self.inner.attention(q, k, v, **options)
+        return context_parallel_attention(q, k, v, **self._exchange(options))
+
+    def latent_attention(self, q, latent, rope_key, expand, **options) -> torch.Tensor:
+        """MLA's seam: exchange each token's normalised latent and shared rotated key (kv_lora_rank + rope dims)
+        and expand them to every head's keys and values (`expand`, the module's kv_b_proj) where they arrive."""
+        if not self.context.open:
+            return self.inner.attention(q, *expand(latent, rope_key), **options)
+        width = latent.shape[-1]
+        return exchanged_attention(q, torch.cat([latent, rope_key], dim=-1),
+                                   lambda rows: expand(rows[..., :width], rows[..., width:]), **self._exchange(options))
+
+    def _exchange(self, options: dict[str, Any]) -> dict[str, Any]:
+        unknown = set(options) - {"window", "scale", "cu_seqlens", "sinks"}
+        if unknown:
+            raise ValueError(f"context-parallel attention has no option {sorted(unknown)}")
+        # cu_seqlens describes the local rows only; the document ids of the whole rows replace it
+        context = self.context
+        return {"layout": context.layout, "group": context.group, "window": options.get("window"),
+                "scale": options.get("scale"), "doc_ids": context.doc_ids, "sinks": options.get("sinks"),
+                "stats": context.stats}
+
+    def __getattr__(self, name: str):
+        if name in ("inner", "context"):  # not set yet (copying): no recursion
+            raise AttributeError(name)
+        return getattr(self.inner, name)
+
+
+class ContextParallel:
+    """One engine's context parallelism: this rank's layout in its group, the open batch's document ids and the
+    bytes its attention layers received in the last forward, by layer kind."""
+
+    def __init__(self, seq_len: int, group):
+        self.group = group
+        self.layout = ContextLayout(seq_len, dist.get_world_size(group), dist.get_rank(group))
+        self.stats = CommStats()
+        self.forward_bytes: dict[str, int] = {}
+        self.open = False
+        self.doc_ids: torch.Tensor | None = None
+
+    def attach(self, model: torch.nn.Module) -> int:
+        """Put the exchange in every attention module's kernel seam; returns how many."""
+        from kmodel.model.decoder import ATTENTION_KINDS
+
+        modules = [m for m in model.modules() if isinstance(m, tuple(ATTENTION_KINDS.values()))]
+        for module in modules:
+            module.kernel = ContextParallelAttention(module.kernel, self)
+        return len(modules)
+
+    @contextlib.contextmanager
+    def opened(self, doc_ids: torch.Tensor | None) -> Iterator[None]:
+        self.open, self.doc_ids = True, doc_ids
+        try:
+            yield
+        finally:
+            self.open, self.doc_ids = False, None
+
+    def run(self, batch: Batch, forward: Callable[..., Any], backward: Callable[[torch.Tensor], None]
+            ) -> dict[str, torch.Tensor]:
+        """Forward and backward of this rank's chunks of `batch` (a data-parallel rank's whole rows):
+        `forward(input_ids, labels, position_ids=...)` returns a ModelOutput, `backward(loss)` runs inside the open
+        batch too (activation checkpointing recomputes attention there). Returns the loss terms, each CP x this
+        rank's share of the one-process micro-batch's (`rank_terms`)."""
+        layout = self.layout
+        labels = layout.shard(batch.labels)
+        scale = layout.size * token_share(labels, batch.labels)
+        self.stats = CommStats()
+        with self.opened(batch.segment_ids):
+            out = forward(layout.shard(batch.input_ids), labels, position_ids=layout.positions(device=labels.device))
+            self.forward_bytes = dict(self.stats.received)
+            terms = rank_terms(out, scale)
+            backward(terms["loss"])
+        return terms

@@ -38,6 +38,7 @@ import collections
 import contextlib
 import functools
 import math
+import sys
 import time
 from collections.abc import Mapping
 from pathlib import Path
@@ -51,7 +52,9 @@ from kmodel.checkpoint.writer import snapshot
 from kmodel.config import Config, ConfigError
 from kmodel.data import Batch
 from kmodel.hashing import sorted_weights_sha256
-from kmodel.parallel.deepspeed_config import deepspeed_config
+from kmodel.parallel import context_parallel as cp
+from kmodel.parallel.deepspeed_config import ReplicaTopology, deepspeed_config
+from kmodel.parallel.mesh import Mesh, build_groups
 from kmodel.model import build_model
 from kmodel.parallel import expert_parallel as xp
 from kmodel.rundir import step_dir_name
@@ -98,8 +101,14 @@ class DeepSpeedTrainer(Trainer):
                 f"parallel.world_size is {cfg.parallel.world_size} but {self.world} processes were started; "
                 f"set --set parallel.world_size={self.world} (and keep micro_batch_size x grad_accum_steps x world_size)"
             )
+        cp.check_supported(cfg)
+        self.mesh = Mesh.from_config(cfg.parallel)
+        self.coords = self.mesh.coords(self.rank)
+        # Context (or pipeline) parallelism: every group from the mesh, once; otherwise only what EP needs.
+        self.process_groups = build_groups(self.mesh, self.rank) if self.mesh.world > self.mesh.data else None
         ep = cfg.parallel.expert_parallel_size
-        self.groups = xp.make_groups(ep) if ep > 1 else None
+        self.groups = xp.make_groups(ep, self.process_groups) if ep > 1 else None
+        self.context: cp.ContextParallel | None = None  # set by make_model when context_parallel_size > 1
         super().__init__(cfg, run_dir, **kwargs)
         self.engine = None
         self.experts: xp.ExpertOptimizer | None = None
@@ -120,8 +129,24 @@ class DeepSpeedTrainer(Trainer):
             model = build_model(self.cfg, self.device, experts=xp.local_experts(self.cfg.model.num_experts, self.groups))
             xp.attach_expert_parallel(model, self.groups)
         if self.cfg.model.aux_loss_kind == "global":
-            xp.attach_global_balance(model)
+            xp.attach_global_balance(model, self._replica_group)
+        if self.mesh.context > 1:
+            self.context = cp.ContextParallel(self.cfg.data.seq_len, self.process_groups["context"])
+            self.context.attach(model)
+            if self.cfg.model.aux_loss_kind != "global":  # a sequence's expert counts span its CP ranks
+                xp.attach_global_balance(model, self.process_groups["context"])
+            if self.rank == 0:
+                for layer, window in cp.gathered_windows(self.cfg):
+                    print(f"note: layer {layer}'s sliding window {window} reaches past the previous context-parallel "
+                          f"chunk of {self.context.layout.chunk_len} tokens (data.seq_len {self.cfg.data.seq_len} / "
+                          f"(2 x context_parallel_size {self.mesh.context})): it gathers keys and values like a "
+                          "global layer (exact, more bytes)", file=sys.stderr)
         return model
+
+    @property
+    def _replica_group(self):
+        """The ranks holding the same dense weights (None: the whole world)."""
+        return None if self.process_groups is None else self.process_groups["replica"]
 
     def is_expert(self, param: torch.nn.Parameter) -> bool:
         return self.experts is not None and param in self.experts
@@ -142,7 +167,7 @@ class DeepSpeedTrainer(Trainer):
                 self.experts.optimizer = expert_muon(self.experts, self.cfg.train)
         optimizer = self._engine_optimizer()
         self.engine, self.optimizer, _, _ = deepspeed.initialize(
-            model=self.model, optimizer=optimizer, config=config, dist_init_required=False
+            model=self.model, optimizer=optimizer, config=config, dist_init_required=False, mpu=self.topology()
         )
         if isinstance(optimizer, Muon):  # ZeRO flattened the matrices: Newton-Schulz on whole ones, at owners
             attach_to_zero(self.engine.optimizer, optimizer)
@@ -159,6 +184,10 @@ class DeepSpeedTrainer(Trainer):
                 self.experts.load_state(param, entry["step"], {k: _read(v, rows) for k, v in entry.items() if k != "step"})
         if restored:
             self._load_moments(restored)
+
+    def topology(self):
+        """DeepSpeed's `mpu`: which groups ZeRO partitions, reduces and takes norms over (None: the world)."""
+        return None if self.context is None else ReplicaTopology(self._replica_group, self.mesh.data, self.coords.data)
 
     def _engine_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over what DeepSpeed optimises (every parameter but the expert shards). With optimizer offload
@@ -224,15 +253,16 @@ class DeepSpeedTrainer(Trainer):
 
     @property
     def tokens_per_step(self) -> int:
-        return super().tokens_per_step * self.world
+        return super().tokens_per_step * self.mesh.data
 
     # --- one step --------------------------------------------------------------------------------------------
     def next_micro_batch(self) -> Batch:
-        micro = self.cfg.train.micro_batch_size
-        rows = slice(self.rank * micro, (self.rank + 1) * micro)
+        micro, dp = self.cfg.train.micro_batch_size, self.mesh.data
+        # the data-parallel rank picks the rows: a sequence's context-parallel ranks read the same ones
+        rows = slice(self.coords.data * micro, (self.coords.data + 1) * micro)
         if self.ledger is None:  # a rank reads only its rows of the global micro-batch
-            return self.data.next_batch(micro * self.world, keep=rows).to(self.device)
-        batch = self.data.next_batch(micro * self.world)  # the ledger digests the whole global micro-batch
+            return self.data.next_batch(micro * dp, keep=rows).to(self.device)
+        batch = self.data.next_batch(micro * dp)  # the ledger digests the whole global micro-batch
         self.ledger.observe_batch(batch.input_ids)
         segments = None if batch.segment_ids is None else batch.segment_ids[rows]
         return Batch(batch.input_ids[rows], batch.labels[rows], segments).to(self.device)
@@ -241,8 +271,14 @@ class DeepSpeedTrainer(Trainer):
         """engine.backward scales by 1/accumulation; engine.step between micro-batches only counts them."""
         meter = SavedActivations() if self._activations_peak is not None else contextlib.nullcontext()
         with meter:
-            out = self.engine(batch.input_ids, batch.labels, segment_ids=batch.segment_ids)
-            self.engine.backward(out.loss)
+            if self.context is None:
+                out = self.engine(batch.input_ids, batch.labels, segment_ids=batch.segment_ids)
+                self.engine.backward(out.loss)
+                terms = {k: getattr(out, k) for k in LOSS_KEYS if getattr(out, k) is not None}
+            else:  # this rank's chunks; each term CP x its share, so the mean over the ranks is the sequence's
+                terms = self.context.run(batch, self.engine, self.engine.backward)
+        if self.context is not None and self._activations_peak is not None and self.engine.is_gradient_accumulation_boundary():
+            self._log_context_bytes()  # once: the first step's last micro-batch
         if self.experts is not None:
             self.experts.reduce_micro_batch(self.engine.is_gradient_accumulation_boundary())
         if self._activations_peak is not None:
@@ -250,10 +286,21 @@ class DeepSpeedTrainer(Trainer):
             self._grads_peak = max(self._grads_peak, self._grads_bytes())
         if not self.engine.is_gradient_accumulation_boundary():
             self.engine.step()
-        keys = [k for k in LOSS_KEYS if getattr(out, k) is not None]
-        values = torch.stack([getattr(out, k).detach().float() for k in keys])
+        values = torch.stack([v.detach().float() for v in terms.values()])
         dist.all_reduce(values)
-        return dict(zip(keys, (values / self.world).tolist()))
+        return dict(zip(terms, (values / self.world).tolist()))
+
+    def _log_context_bytes(self) -> None:
+        """Once, at the first step's last micro-batch: the bytes each rank's attention layers received in its
+        forward, by layer kind, with the layout that determines them (collective; rank 0 writes every rank's record)."""
+        layout = self.context.layout
+        record = {"kind": "context_parallel", "step": self.step + 1, "rank": self.rank, "cp_rank": layout.rank,
+                  "cp_size": layout.size, "seq_len": layout.seq_len, "chunk_len": layout.chunk_len,
+                  "received_bytes": self.context.forward_bytes}
+        records = [None] * self.world
+        dist.all_gather_object(records, record)
+        for r in records:
+            self.log(r)
 
     def update(self, lr: float, losses: dict[str, float]) -> tuple[float, bool]:
         if self.experts is not None:
@@ -272,7 +319,7 @@ class DeepSpeedTrainer(Trainer):
             self._log_memory()
         if applied:
             self.clip_attention_logits()
-            xp.synchronize_router_load(self.model)
+            xp.synchronize_router_load(self.model, self._replica_group)
             self.model.end_step()
         else:
             self.discard_step()

@@ -33,6 +33,7 @@ from torch import nn
 
 from kmodel.config import TrainConfig
 from kmodel.model.moe import MoE
+from kmodel.parallel.mesh import Mesh
 from kmodel.train.optim import adamw_over_groups, param_groups
 
 
@@ -45,23 +46,24 @@ class Groups:
     expert_dp_group: dist.ProcessGroup
 
 
-def make_groups(ep_size: int) -> Groups:
-    """Create the expert-parallel and expert-data-parallel groups (every rank must call this, in step)."""
+def make_groups(ep_size: int, built: dict[str, dist.ProcessGroup] | None = None) -> Groups:
+    """The expert-parallel and expert-data-parallel groups of this rank, as `kmodel.parallel.mesh` lays them out
+    (consecutive ranks of a stage, which may span context-parallel ranks): taken from `built`
+    (`mesh.build_groups`, which made every group) or, without it, created here for a world of data and expert
+    parallelism only (every rank must call this, in step)."""
     world, rank = dist.get_world_size(), dist.get_rank()
     if ep_size <= 0 or world % ep_size:
         raise ValueError(f"expert_parallel_size ({ep_size}) must divide the world size ({world})")
-    ep_group = expert_dp_group = None
-    for g in range(world // ep_size):  # new_group is collective: all ranks create all groups in the same order
-        ranks = list(range(g * ep_size, (g + 1) * ep_size))
-        group = dist.new_group(ranks)
-        if rank in ranks:
-            ep_group = group
-    for i in range(ep_size):
-        ranks = list(range(i, world, ep_size))
-        group = dist.new_group(ranks)
-        if rank in ranks:
-            expert_dp_group = group
-    return Groups(world, ep_size, rank % ep_size, ep_group, expert_dp_group)
+    if built is None:
+        built = {}
+        for kind in ("expert", "expert_data"):  # new_group is collective: all ranks create all groups in one order
+            for ranks in Mesh(world, expert=ep_size).groups(kind):
+                group = dist.new_group(ranks)
+                if rank in ranks:
+                    built[kind] = group
+    # the ranks that replicate this rank's part of the model: one pipeline stage (the world without pipelining)
+    stage = world if "replica" not in built else dist.get_world_size(built["replica"])
+    return Groups(stage, ep_size, rank % ep_size, built["expert"], built["expert_data"])
 
 
 class _AllToAll(torch.autograd.Function):

@@ -1,0 +1,140 @@
+"""Context parallelism in training (kmodel.parallel.entry under torchrun, gloo, CPU): CP 2 and CP 4 give the losses of
+one process on the tiny recipe, and so does CP 2 x DP 2 with expert parallelism and ZeRO-2; the bytes each rank's
+attention layers receive, by layer kind, are the formula's; what CP cannot split is refused naming the numbers.
+
+The model: per-layer windows 16, 24, 16 and a global NoPE layer, attention sinks, document masking, 128 tokens
+(5 to 8 windows). CP 2 cuts a row into 4 chunks of 32 (every halo comes from the neighbouring chunk); CP 4 into 8
+chunks of 16, so layer 1's window of 24 reaches past the previous chunk and that layer gathers instead. The MLA
+variant exchanges each token's latent and shared RoPE key (16 + 8 numbers) instead of 4 heads' keys and values.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from launching import train_ranks
+
+from kmodel.config import ConfigError, load_config
+from kmodel.parallel.context_parallel import (
+    ContextLayout,
+    check_supported,
+    gather_bytes,
+    gathered_windows,
+    halo_bytes,
+)
+from kmodel.train.run import train
+from kmodel.train.trainer import Trainer
+
+RECIPE = "recipes/tiny-ko-moe.yaml"
+TINY = ["model.hidden_size=64", "model.sliding_window_pattern=null", "model.sliding_window=24",
+        "model.sliding_windows=[16,24,16,null]", "model.attention_sinks=true", "model.num_nextn_predict_layers=0",
+        "data.seq_len=128", "data.document_masking=true", "train.micro_batch_size=2", "train.max_steps=4",
+        "train.warmup_steps=1", "train.checkpoint_every=4", "train.eval_every=0", "train.eval_batches=1"]
+MLA = ["model.attention_kind=mla", "model.num_key_value_heads=4", "model.kv_lora_rank=16", "model.qk_nope_head_dim=24",
+       "model.qk_rope_head_dim=8", "model.v_head_dim=16", "model.qk_norm=false", "model.attention_sinks=false"]
+
+
+def _records(run_dir, kind: str) -> list[dict]:
+    with open(run_dir / "metrics.jsonl", encoding="utf-8") as lines:
+        return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+def _losses(run_dir) -> dict[int, float]:
+    return {r["step"]: r["loss"] for r in _records(run_dir, "train")}
+
+
+def _single(run_dir, extra: list[str] = ()) -> dict[int, float]:
+    train(load_config(RECIPE, TINY + list(extra)), run_dir, progress=False)
+    return _losses(run_dir)
+
+
+def _context_parallel(run_dir, procs: int, cp: int, extra: list[str] = ()):
+    sets = TINY + ["parallel.backend=deepspeed", f"parallel.world_size={procs}",
+                   f"parallel.context_parallel_size={cp}", *extra]
+    return train_ranks(run_dir, RECIPE, procs, sets, timeout=500)
+
+
+def _assert_same_losses(got: dict[int, float], reference: dict[int, float]) -> None:
+    assert got.keys() == reference.keys() == {1, 2, 3, 4}
+    for step, loss in reference.items():
+        assert got[step] == pytest.approx(loss, rel=1e-5), step
+
+
+@pytest.fixture(scope="module")
+def references(tmp_path_factory):
+    """One-process losses per model variant, trained on first use."""
+    done = {}
+
+    def losses(variant: str) -> dict[int, float]:
+        if variant not in done:
+            done[variant] = _single(tmp_path_factory.mktemp(f"single-{variant}"), MLA if variant == "mla" else [])
+        return done[variant]
+
+    return losses
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("cp, variant", [(2, "gqa"), (4, "gqa"), (2, "mla")])
+def test_context_parallel_matches_one_process(tmp_path, references, cp, variant):
+    model = MLA if variant == "mla" else []
+    done = _context_parallel(tmp_path, cp, cp, ["parallel.zero_stage=1", *model])
+    _assert_same_losses(_losses(tmp_path), references(variant))
+
+    # Bytes received in one forward, by layer kind: halo rows from the neighbours' chunks for sliding layers (or a
+    # gather where the window reaches past a chunk), every other rank's rows for the global layer.
+    cfg = load_config(RECIPE, TINY + model + ["parallel.backend=deepspeed", f"parallel.world_size={cp}",
+                                              f"parallel.context_parallel_size={cp}"])
+    m = cfg.model
+    if variant == "mla":  # the normalised latent and the shared rotated key, fp32
+        row_bytes = cfg.train.micro_batch_size * (m.kv_lora_rank + m.qk_rope_head_dim) * 4
+    else:  # every key/value head's key and value, fp32
+        row_bytes = cfg.train.micro_batch_size * m.num_key_value_heads * 2 * m.head_dim * 4
+    records = _records(tmp_path, "context_parallel")
+    assert sorted(r["cp_rank"] for r in records) == list(range(cp))
+    for record in records:
+        layout = ContextLayout(cfg.data.seq_len, cp, record["cp_rank"])
+        windows = [m.window_of(i) for i in range(m.num_hidden_layers)]
+        expected = {"sliding": sum(halo_bytes(layout, w, row_bytes) for w in windows if w is not None),
+                    "global": sum(gather_bytes(layout, row_bytes) for w in windows if w is None)}
+        assert record["received_bytes"] == expected, record
+        if cp == 2:  # every sliding layer exchanges a halo: a fraction of what gathering would move
+            assert expected["sliding"] < 3 * gather_bytes(layout, row_bytes) / 2
+    if cp == 4:
+        assert gathered_windows(cfg) == [(1, 24)]
+        assert "layer 1's sliding window 24 reaches past the previous context-parallel chunk of 16 tokens" in done.stderr
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_context_data_and_expert_parallel_compose(tmp_path):
+    """World 4 = CP 2 x DP 2, EP 2 (each EP group spans the two CP ranks of one sequence), ZeRO-2: the losses of
+    one process reading the same two micro-batches per step."""
+    reference = _single(tmp_path / "single", ["train.grad_accum_steps=2"])
+    _context_parallel(tmp_path / "cp2dp2", 4, 2, ["parallel.zero_stage=2", "parallel.expert_parallel_size=2"])
+    _assert_same_losses(_losses(tmp_path / "cp2dp2"), reference)
+
+
+@pytest.mark.slow
+def test_documents_cross_chunk_boundaries(tmp_path):
+    """The equality tests above mean something: in the first rows they train on, documents run across the chunk
+    boundaries of both layouts."""
+    trainer = Trainer(load_config(RECIPE, TINY), tmp_path, progress=False)
+    segments = trainer.data.next_batch(2).segment_ids
+    for cp in (2, 4):
+        length = 128 // (2 * cp)
+        crossing = [b for b in range(length, 128, length) if bool((segments[:, b - 1] == segments[:, b]).any())]
+        assert len(crossing) >= cp, (cp, crossing)
+
+
+def test_refused_with_the_numbers():
+    with pytest.raises(ValueError, match=r"splits each sequence into 8 zigzag chunks, which must divide data.seq_len \(100\)"):
+        load_config(RECIPE, TINY + ["data.seq_len=100", "parallel.backend=deepspeed", "parallel.world_size=4",
+                                    "parallel.context_parallel_size=4"])
+    layout = ["parallel.backend=deepspeed", "parallel.world_size=2", "parallel.context_parallel_size=2"]
+    with pytest.raises(ConfigError, match="model.num_nextn_predict_layers 1"):
+        check_supported(load_config(RECIPE, TINY + layout + ["model.num_nextn_predict_layers=1", "parallel.zero_stage=1"]))
+    with pytest.raises(ConfigError, match="parallel.zero_stage 1, 2 or 3"):
+        check_supported(load_config(RECIPE, TINY + layout))
+    check_supported(load_config(RECIPE, TINY + layout + ["parallel.zero_stage=1"]))
