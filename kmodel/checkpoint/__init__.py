@@ -42,6 +42,7 @@ from kmodel.checkpoint.directory import (
     resolve_checkpoint,
     save_checkpoint,
     split_moments,
+    tensor_files_of,
     verify_checkpoint,
     verify_manifest,
 )
@@ -62,5 +63,5 @@ __all__ = [
     "TOKENIZER_DIR", "TORCH_DTYPES", "CheckpointError", "FileRecord", "LazyTensor", "Manifest", "SharedVerification",
     "TensorStream", "latest_valid_checkpoint", "lazy_tensors", "list_checkpoints", "load_config_from_checkpoint",
     "load_model", "load_weights_into", "model_state", "move_aside", "read_state", "read_weights", "resolve_checkpoint",
-    "save_checkpoint", "split_moments", "verify_checkpoint", "verify_manifest", "write_safetensors",
+    "save_checkpoint", "split_moments", "tensor_files_of", "verify_checkpoint", "verify_manifest", "write_safetensors",
 ]

@@ -30,6 +30,7 @@ from kmodel.checkpoint.files import (
     file_sha256,
     fsync_dir,
     lazy_tensors,
+    move_digests,
     remember_digest,
     safetensors_problem,
     write_bytes,
@@ -298,6 +299,7 @@ def commit(tmp: Path, final: Path, files: dict[str, FileRecord], step: int | Non
         fsync_dir(sub)
     os.replace(tmp, final)
     fsync_dir(final.parent)
+    move_digests(tmp, final)
     return manifest
 
 
@@ -441,10 +443,11 @@ def _is_moment(value: Any) -> bool:
     return isinstance(value, torch.Tensor) and value.ndim > 0 or callable(getattr(value, "load", None))
 
 
-def read_state(path: str | Path, *, lazy: bool = False) -> dict[str, Any]:
+def read_state(path: str | Path, *, lazy: bool = False, moments: bool = True) -> dict[str, Any]:
     """The trainer state, verified, with the optimizer's moments merged back from optimizer.safetensors
-    (`lazy`: as unread `LazyTensor`s). A state whose optimizer has entries but no moments anywhere is refused
-    (torch's AdamW would fail on it mid-step)."""
+    (`lazy`: as unread `LazyTensor`s; `moments` False: state.pt alone, its moments' files neither verified nor
+    read). A state whose optimizer has entries but no moments anywhere is refused (torch's AdamW would fail on
+    it mid-step)."""
     ckpt = resolve_checkpoint(path)
     manifest = Manifest.read(ckpt)
     if STATE_FILE not in manifest.files:
@@ -454,6 +457,8 @@ def read_state(path: str | Path, *, lazy: bool = False) -> dict[str, Any]:
         state = torch.load(ckpt / STATE_FILE, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises several types for truncated or foreign files
         raise CheckpointError(f"checkpoint {ckpt}: cannot read {STATE_FILE}: {error}") from None
+    if not moments:
+        return state
     entries = state.get("optimizer", {}).get("state", {}) if isinstance(state, dict) else {}
     if tensor_files_of(manifest, "optimizer"):
         for name, tensor in read_tensors(ckpt, "optimizer", lazy).items():

@@ -51,6 +51,14 @@ def remember_digest(path: Path, sha256: str) -> None:
     _known_digests[str(Path(path).resolve())] = (stat.st_size, stat.st_mtime_ns, sha256)
 
 
+def move_digests(old_dir: Path, new_dir: Path) -> None:
+    """Keep the digests remembered for the files of a directory renamed from `old_dir` to `new_dir` (a rename
+    keeps size and modification time), so a checkpoint just committed is not hashed again."""
+    old, new = str(Path(old_dir).resolve()), str(Path(new_dir).resolve())
+    for path in [p for p in _known_digests if p.startswith(old + os.sep)]:
+        _known_digests[new + path[len(old):]] = _known_digests.pop(path)
+
+
 def file_sha256(path: Path) -> str:
     """sha256 of a file, from memory when this process wrote or hashed it and it has not changed since."""
     stat = os.stat(path)
@@ -194,6 +202,16 @@ class LazyTensor:
     def load(self, rows: slice | None = None) -> torch.Tensor:
         with safe_open(self.path, framework="pt") as f:
             return f.get_tensor(self.name) if rows is None else f.get_slice(self.name)[rows]
+
+    def load_flat(self, begin: int, end: int) -> torch.Tensor:
+        """Elements [begin, end) of the tensor in row-major order (a ZeRO partition, an expert optimizer's
+        piece), 1-D, reading only the rows that hold them."""
+        if not self.shape:
+            return self.load().reshape(-1)[begin:end]
+        row = math.prod(self.shape[1:])
+        first = begin // row
+        rows = self.load(slice(first, -(-end // row)))
+        return rows.reshape(-1)[begin - first * row:end - first * row]
 
 
 def lazy_tensors(path: Path) -> dict[str, LazyTensor]:

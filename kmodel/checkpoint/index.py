@@ -89,8 +89,8 @@ def index_entries(kind_pieces: dict[str, list[tuple[str, PieceSpec]]], world: in
 
 
 class ShardedTensor(LazyTensor):
-    """A global tensor of a sharded checkpoint, read on `load` (all of it, or a block of leading rows) from the
-    pieces that hold those elements."""
+    """A global tensor of a sharded checkpoint, read on `load` (all of it, or a block of leading rows) or
+    `load_flat` (a range of its elements) from the pieces that hold those elements."""
 
     def __init__(self, ckpt: Path, name: str, dtype: torch.dtype, shape: tuple[int, ...], pieces: list[dict[str, Any]]):
         super().__init__(ckpt, name, dtype, shape)
@@ -101,20 +101,23 @@ class ShardedTensor(LazyTensor):
         if rows is not None and rows.step not in (None, 1):
             raise ValueError("only contiguous row blocks can be read")
         row = math.prod(self.shape[1:]) if self.shape else 1
-        begin, end = first * row, stop * row
+        shape = self.shape if rows is None else (stop - first, *self.shape[1:])
+        return self.load_flat(first * row, stop * row).reshape(shape)
+
+    def load_flat(self, begin: int, end: int) -> torch.Tensor:
         out = torch.empty(end - begin, dtype=self.dtype)
         for piece in self.pieces:
             lo, hi = max(begin, piece["begin"]), min(end, piece["end"])
             if lo >= hi:
                 continue
-            with safe_open(self.path / piece["file"], framework="pt") as f:
-                if piece["key"] == self.name:  # the whole tensor, in its own shape
-                    values = f.get_slice(self.name)[first:stop] if self.shape else f.get_tensor(self.name)
-                else:
+            file = self.path / piece["file"]
+            if piece["key"] == self.name:  # the whole tensor, in its own shape
+                values = LazyTensor(file, self.name, self.dtype, self.shape).load_flat(lo, hi)
+            else:
+                with safe_open(file, framework="pt") as f:
                     values = f.get_slice(piece["key"])[lo - piece["begin"]:hi - piece["begin"]]
             out[lo - begin:hi - begin] = values.reshape(-1)
-        shape = self.shape if rows is None else (stop - first, *self.shape[1:])
-        return out.reshape(shape)
+        return out
 
 
 def read_index(ckpt: Path) -> dict[str, Any]:

@@ -86,19 +86,6 @@ def balanced_owners(specs: list[tuple[str, torch.dtype, tuple[int, ...]]], world
     return owners
 
 
-def owned_stream(stream: TensorStream, owners: dict[str, int], rank: int) -> ShardStream:
-    """The whole tensors `rank` owns out of a stream every rank consumes to the end (a distributed gather: the
-    values of the tensors it does not own are produced and dropped, so the collectives stay in step)."""
-    pieces = [PieceSpec(name, dtype, shape, 0, math.prod(shape)) for name, dtype, shape in stream.specs if owners[name] == rank]
-
-    def values():
-        for (name, _, _), value in zip(stream.specs, stream.values):
-            if owners[name] == rank:
-                yield value
-
-    return ShardStream(pieces, values())
-
-
 def write_rank(tmp: Path, rank: int, world: int, streams: dict[str, ShardStream | None]) -> dict[str, FileRecord]:
     """One rank's shard files (one per kind it owns pieces of), then its fragment, renamed into place last."""
     files: dict[str, FileRecord] = {}
@@ -111,19 +98,12 @@ def write_rank(tmp: Path, rank: int, world: int, streams: dict[str, ShardStream 
         reshaped = (next(values).reshape(p.stored_shape) for p in stream.pieces)
         if stream.pieces:
             files[file] = write_safetensors(tmp / file, TensorStream([(p.key, p.dtype, p.stored_shape) for p in stream.pieces], reshaped))
-        drain(values)
         placed[kind] = [[file, p.name, SAFETENSORS_DTYPES[p.dtype], list(p.shape), p.begin, p.end] for p in stream.pieces]
     fragment = {"rank": rank, "world_size": world, "files": {f: [r.sha256, r.bytes] for f, r in files.items()}, "pieces": placed}
     name = f"{FRAGMENT_PREFIX}{rank:05d}.json"
     write_bytes(tmp / f"{name}.part", json.dumps(fragment).encode())
     os.replace(tmp / f"{name}.part", tmp / name)
     return files
-
-
-def drain(values) -> None:
-    """Run a generator to its end (the remaining collectives of a gather whose values this rank drops)."""
-    for _ in values:
-        pass
 
 
 def wait_for_fragments(tmp: Path, world: int, timeout: float) -> list[dict[str, Any]]:

@@ -16,10 +16,12 @@ What changes against the one-process Trainer:
              and skips an update whose gradient norm is not finite. Router loads are summed over the ranks
              before model.end_step, so every rank takes the same aux-loss-free bias step.
   logging    losses are averaged over the ranks; only rank 0 writes metrics, the ledger, plots.
-  checkpoint every rank gathers the fp32 master weights and AdamW moments (safe_get_full_*: ZeRO 1/2
-             partitions, ZeRO-3 shards), keeps the whole tensors it owns (spread over the ranks by bytes) and
-             writes them as its shards, in the background; rank 0 commits (kmodel.checkpoint.sharded): global
-             names, the AdamW state_dict layout. A checkpoint from any world size restores into any other.
+  checkpoint every rank writes what it holds, nothing gathered: its pieces of the fp32 master weights and
+             AdamW moments (ZeRO-1/2 fragments of the flat partitions, ZeRO-3 partitions, expert pieces)
+             under global names and element ranges (`owned_weights`, `owned_moments`), in the background;
+             rank 0 commits (kmodel.checkpoint.sharded). A restore reads, per rank, only the elements of
+             its own partitions, so a checkpoint from any world size, EP size or ZeRO stage restores into
+             any other.
 
 Expert parallelism (parallel.expert_parallel_size P > 1, ZeRO-1/2): every rank builds only its E/P routed
 experts per MoE layer (nothing bigger is allocated) and its MoE layers exchange tokens by all-to-all
@@ -29,7 +31,7 @@ group as ZeRO-1/2 shard the dense ones: gradients reduce-scattered, the owned pi
 all-gathered). Clipping
 stays joint: ZeRO's global-norm computation is extended with the experts' share, so DeepSpeed clips (or
 skips, when non-finite) with the norm of all parameters and the experts are scaled by the same factor.
-Checkpoints gather the expert shards, so they keep the one-process format and resume on any EP size.
+Checkpoints hold each rank's expert pieces under global element ranges, so they resume on any EP size.
 """
 
 from __future__ import annotations
@@ -47,7 +49,8 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from kmodel.checkpoint import CheckpointError, LazyTensor, TensorStream, load_weights_into, sharded
+from kmodel.checkpoint import CheckpointError, LazyTensor, load_weights_into, sharded
+from kmodel.checkpoint.index import PieceSpec
 from kmodel.checkpoint.writer import snapshot
 from kmodel.config import Config, ConfigError
 from kmodel.data import Batch
@@ -75,11 +78,11 @@ def joint_norm(dense: torch.Tensor | float, experts: torch.Tensor) -> torch.Tens
     return torch.sqrt(dense.square() + experts.float().square())
 
 
-def _read(value: torch.Tensor | LazyTensor, rows: slice | None = None) -> torch.Tensor:
-    """A checkpoint tensor (or a block of its rows), read from disk if it has not been yet."""
+def _read_range(value: torch.Tensor | LazyTensor, span: tuple[int, int]) -> torch.Tensor:
+    """Elements [begin, end) of a flattened checkpoint tensor, reading only the pieces that hold them."""
     if isinstance(value, LazyTensor):
-        return value.load(rows)
-    return value if rows is None else value[rows]
+        return value.load_flat(*span)
+    return value.reshape(-1)[span[0]:span[1]]
 
 
 def clip_factor(total_norm: float, clip: float) -> float:
@@ -178,10 +181,10 @@ class DeepSpeedTrainer(Trainer):
         if self.experts is not None:
             self.experts.write_back()  # DeepSpeed's start-up broadcast overwrote every shard with rank 0's
             self._add_expert_norm_to_zero()
-            rows = self._expert_rows()
             for param in [p for p in restored if self.is_expert(p)]:
                 entry = restored.pop(param)
-                self.experts.load_state(param, entry["step"], {k: _read(v, rows) for k, v in entry.items() if k != "step"})
+                span = self.experts.owned_range(param)
+                self.experts.load_state(param, entry["step"], {k: _read_range(v, span) for k, v in entry.items() if k != "step"})
         if restored:
             self._load_moments(restored)
 
@@ -228,8 +231,6 @@ class DeepSpeedTrainer(Trainer):
             zero._lazy_init_hp_params_optimizer_state()
 
     def _load_moments(self, restored: dict[torch.Tensor, dict[str, torch.Tensor]]) -> None:
-        from deepspeed.utils import safe_set_full_optimizer_state
-
         base, zero = self._base_optimizer(), self.engine.optimizer
         step = next(iter(restored.values()))["step"]
         # Adam creates its state lazily: allocate it for ZeRO's flat fp32 partitions, then fill the fragments.
@@ -243,9 +244,22 @@ class DeepSpeedTrainer(Trainer):
             keys = state_keys(base.param_groups[group])  # AdamW's moments, or Muon's momentum
             base.state[flat] = {"step": count, **{k: torch.zeros_like(flat) for k in keys}}
         self._link_moments()
-        for param, state in restored.items():
-            for key in (k for k in state if k != "step"):  # one full tensor at a time; ZeRO keeps its partition
-                safe_set_full_optimizer_state(param, _read(state[key]).to(self.device), key)
+        for param, state in restored.items():  # each rank reads the elements of its own partition only
+            span = self._owned_range(param)
+            if span is None or span[1] <= span[0]:
+                continue
+            for key in (k for k in state if k != "step"):
+                self._place_owned(param, key, _read_range(state[key], span))
+
+    def _place_owned(self, param: torch.nn.Parameter, key: str, value: torch.Tensor) -> None:
+        """This rank's piece (the elements in `_owned_range`) of a dense parameter's optimizer state."""
+        from deepspeed.utils import safe_set_local_optimizer_state
+
+        if hasattr(param, "ds_tensor"):  # ZeRO-3 takes its whole, padded partition
+            padded = torch.nn.functional.pad(value.float(), (0, param.ds_tensor.ds_numel - value.numel()))
+            safe_set_local_optimizer_state(param, padded.to(self.device), key)
+        else:
+            param._hp_mapping.get_hp_fragment(key).copy_(value)
 
     def scale_rows(self, scales: dict[str, torch.Tensor]) -> None:
         """MuonClip's rescale on ZeRO's fp32 masters and the module weights (collective)."""
@@ -378,50 +392,70 @@ class DeepSpeedTrainer(Trainer):
             state = type(self.model)(self.cfg.model).state_dict()
         return {name: (t.dtype, tuple(t.shape)) for name, t in state.items()}
 
-    def weight_stream(self) -> TensorStream:
-        """fp32 weights under their global names, in name order, each gathered from ZeRO or the expert shards
-        when the file writer asks for it (collective: every rank consumes the stream to the end)."""
-        from deepspeed.utils import safe_get_full_fp32_param
+    def _owned_range(self, param: torch.nn.Parameter) -> tuple[int, int] | None:
+        """Elements [begin, end) of the flattened global parameter whose fp32 master and moments this rank holds
+        (None: none): its ZeRO-1/2 fragment of the flat partition, its ZeRO-3 partition, or its expert
+        optimizer piece."""
+        if self.is_expert(param):
+            return self.experts.owned_range(param)
+        if hasattr(param, "ds_tensor"):  # ZeRO-3: rank r holds elements [r * size, (r + 1) * size), padded
+            size = param.ds_tensor.ds_numel
+            begin = dist.get_rank(group=param.ds_process_group) * size
+            return (begin, min(begin + size, param.ds_numel)) if begin < param.ds_numel else None
+        fragment = param._hp_mapping  # ZeRO-1/2 (None: this rank's partition holds nothing of it)
+        if fragment is None:
+            return None
+        address = fragment.lp_fragment_address
+        return address.start, address.start + address.numel
 
-        specs = self._full_specs
+    def _owned_value(self, param: torch.nn.Parameter, key: str | None, count: int) -> torch.Tensor:
+        """This rank's fp32 master (`key` None) or optimizer-state piece of `param`: a view, no copy, no
+        collective (DeepSpeed's per-rank partition accessors)."""
+        from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
+
+        if self.is_expert(param):
+            return self.experts.owned(param, key)
+        if hasattr(param, "ds_tensor"):
+            local = safe_get_local_fp32_param(param) if key is None else safe_get_local_optimizer_state(param, key)
+            return local.reshape(-1)[:count]
+        return param._hp_mapping.get_hp_fragment(key)
+
+    def _owned_pieces(self, names: list[tuple[str, torch.nn.Parameter, str | None]]) -> list[tuple[PieceSpec, torch.Tensor]]:
+        """(stored name, parameter, state key) -> the pieces of them this rank holds, fp32, global shapes."""
+        specs, owned = self._full_specs, []
+        parameter_names = {p: n for n, p in self.model.named_parameters()}
+        for stored, param, key in names:
+            span = self._owned_range(param)
+            if span is not None and span[1] > span[0]:
+                shape = specs[parameter_names[param]][1]
+                owned.append((PieceSpec(stored, torch.float32, shape, *span),
+                              self._owned_value(param, key, span[1] - span[0]).detach().float()))
+        return owned
+
+    def owned_weights(self) -> list[tuple[PieceSpec, torch.Tensor]]:
+        """The weights this rank holds, as pieces of the global tensors (name, global shape, element range): the
+        fp32 masters of its ZeRO partitions and expert pieces, and the buffers (the same on every rank) spread
+        over the ranks by bytes. Views of the training state, found without any collective."""
         params, state = dict(self.model.named_parameters()), self.model.state_dict()
-        names = sorted(specs)
+        buffers = sorted((n, *self._full_specs[n]) for n in state if n not in params)
+        # the ranks holding these buffers: this rank's replica group (its pipeline stage; the world without one)
+        owners = sharded.balanced_owners(buffers, dist.get_world_size(self._replica_group))
+        mine = [(PieceSpec(n, dtype, shape, 0, math.prod(shape)), state[n].detach())
+                for n, dtype, shape in buffers if owners[n] == dist.get_rank(self._replica_group)]
+        return sorted(mine + self._owned_pieces([(n, p, None) for n, p in params.items()]), key=lambda o: o[0].name)
 
-        def values():
-            for name in names:
-                if name not in params:
-                    yield state[name].detach().cpu()  # buffers: identical on every rank
-                elif self.is_expert(params[name]):
-                    yield self.experts.full_master(params[name]).cpu()
-                else:
-                    yield safe_get_full_fp32_param(params[name]).detach().float().cpu()
-
-        return TensorStream([(n, *specs[n]) for n in names], values())
-
-    def moment_stream(self) -> TensorStream | None:
-        """AdamW's moments as optimizer.safetensors names them (`state.<index>.<key>`, the one-process
-        parameter order), gathered one at a time (collective); None before the first step."""
-        from deepspeed.utils import safe_get_full_optimizer_state
-
+    def owned_moments(self) -> list[tuple[PieceSpec, torch.Tensor]] | None:
+        """The optimizer's moments this rank holds, named as optimizer.safetensors names them (`state.<index>.<key>`,
+        the one-process parameter order), as pieces like `owned_weights`; None before the first step."""
         if not self._base_optimizer().state:
             return None
         self._link_moments()
-        specs, names = self._full_specs, {p: n for n, p in self.model.named_parameters()}
         keys = {param: state_keys(hyper) for hyper, params in self._optimizer_groups for param in params}
-        entries = sorted((f"state.{i}.{key}", param, key) for i, param in enumerate(self._optimizer_params)
-                         for key in keys[param])
-
-        def values():
-            for _, param, key in entries:
-                if self.is_expert(param):
-                    yield self.experts.full_state(param, key).cpu()
-                else:
-                    yield safe_get_full_optimizer_state(param, key).detach().float().cpu()
-
-        return TensorStream([(n, torch.float32, specs[names[p]][1]) for n, p, _ in entries], values())
+        return self._owned_pieces(sorted((f"state.{i}.{key}", param, key) for i, param in enumerate(self._optimizer_params)
+                                         for key in keys[param]))
 
     def optimizer_state(self) -> dict[str, Any]:
-        """The one-process AdamW state_dict without its moments (those go through `moment_stream`)."""
+        """The one-process AdamW state_dict without its moments (those are written as `owned_moments`)."""
         base = self._base_optimizer()
         # saved as torch's AdamW keeps it (a float tensor), whichever Adam ran
         step = torch.tensor(float(next(iter(base.state.values()))["step"])) if base.state else None
@@ -436,9 +470,10 @@ class DeepSpeedTrainer(Trainer):
         return {"state": state, "param_groups": groups}
 
     def save_checkpoint(self) -> Path:
-        """Every rank gathers the streams (collective) and keeps a copy of the tensors it owns (spread by bytes);
-        then, on the checkpoint writer (a background thread with train.async_checkpoint), writes them as its
-        shards, and rank 0 commits the checkpoint, records it and rotates (kmodel.checkpoint.sharded)."""
+        """Every rank copies the pieces it holds (its ZeRO partitions and expert pieces, found locally: nothing
+        is gathered); then, on the checkpoint writer (a background thread with train.async_checkpoint),
+        writes them as its shards, and rank 0 commits the checkpoint, records it and rotates
+        (kmodel.checkpoint.sharded)."""
         started = time.perf_counter()
         self.checkpoint_writer.wait()
         self.make_room_for_checkpoint()
@@ -447,11 +482,9 @@ class DeepSpeedTrainer(Trainer):
         if self.rank == 0:
             sharded.prepare(directory)
         dist.barrier()
-        streams = {}
-        for kind, stream in (("model", self.weight_stream()), ("optimizer", self.moment_stream())):
-            if stream is not None:  # same collectives, same order on every rank: the weights, then the moments
-                owned = sharded.owned_stream(stream, sharded.balanced_owners(stream.specs, self.world), self.rank)
-                streams[kind] = sharded.ShardStream(owned.pieces, [value.clone() for value in owned.values])
+        streams = {kind: sharded.ShardStream([piece for piece, _ in owned], [snapshot(value) for _, value in owned])
+                   for kind, owned in (("model", self.owned_weights()), ("optimizer", self.owned_moments()))
+                   if owned is not None}
         tmp, rank, world = sharded.tmp_dir(directory), self.rank, self.world
 
         def write() -> int:

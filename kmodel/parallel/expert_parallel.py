@@ -210,8 +210,11 @@ class _Shard:
 
     def take(self, full: torch.Tensor) -> torch.Tensor:
         """This rank's owned elements of a full (local-shard) tensor, fp32, padded to `size`."""
-        piece = full.detach().reshape(-1)[self.start:self.stop].float()
-        return torch.nn.functional.pad(piece, (0, self.size - piece.numel())).clone()
+        return self.pad(full.detach().reshape(-1)[self.start:self.stop])
+
+    def pad(self, piece: torch.Tensor) -> torch.Tensor:
+        """The owned elements (stop - start of them), fp32, padded to `size`, as a new tensor."""
+        return torch.nn.functional.pad(piece.float(), (0, self.size - piece.numel())).clone()
 
 
 class ExpertOptimizer:
@@ -326,16 +329,19 @@ class ExpertOptimizer:
             "optimizer": sum(size(s.master) for s in self.shards) + sum(size(t) for t in state),
         }
 
-    # --- topology-free state ------------------------------------------------------------------------------
-    def full_master(self, param: nn.Parameter) -> torch.Tensor:
-        """fp32 weights of all experts in global order (collective over both groups)."""
+    # --- topology-free state: the pieces this rank owns, under global element positions ------------------
+    def owned_range(self, param: nn.Parameter) -> tuple[int, int]:
+        """Elements [begin, end) of the flattened global stacked tensor (every expert) whose fp32 master and
+        optimizer state this rank holds: its piece of its expert-parallel rank's block of experts."""
         shard = self.shard_of[param]
-        return gather_experts(self._gather(shard, shard.master).view(param.shape), self.groups)
+        offset = self.groups.ep_rank * shard.numel  # the block of experts [ep_rank * E/P, (ep_rank + 1) * E/P)
+        return offset + shard.start, offset + max(shard.stop, shard.start)
 
-    def full_state(self, param: nn.Parameter, key: str) -> torch.Tensor:
-        """An optimizer-state tensor (e.g. AdamW's exp_avg) of all experts in global order (collective)."""
+    def owned(self, param: nn.Parameter, key: str | None = None) -> torch.Tensor:
+        """The fp32 master (`key` None) or an optimizer-state tensor of the owned range, unpadded (a view)."""
         shard = self.shard_of[param]
-        return gather_experts(self._gather(shard, self.optimizer.state[shard.master][key]).view(param.shape), self.groups)
+        piece = shard.master if key is None else self.optimizer.state[shard.master][key]
+        return piece[:max(shard.stop - shard.start, 0)]
 
     def full_grad(self, param: nn.Parameter) -> torch.Tensor:
         """The reduced gradient of all experts in global order (collective; after `reduce_gradients`)."""
@@ -343,9 +349,9 @@ class ExpertOptimizer:
         return gather_experts(self._gather(shard, shard.grad).view(param.shape), self.groups)
 
     def load_state(self, param: nn.Parameter, step: torch.Tensor, state: dict[str, torch.Tensor]) -> None:
-        """Restore the optimizer state of `param`'s shard from its rows of the full state tensors; this rank
-        keeps its owned elements."""
+        """Restore the optimizer state of `param`'s shard from the elements of the global state tensors in
+        `owned_range` (read from a checkpoint of any layout)."""
         shard = self.shard_of[param]
         self.optimizer.state[shard.master] = {
-            "step": step.clone(), **{k: shard.take(v.to(shard.master.device)) for k, v in state.items()}
+            "step": step.clone(), **{k: shard.pad(v.to(shard.master.device)) for k, v in state.items()}
         }

@@ -8,8 +8,9 @@ record therefore breaks the chain at that point.
     genesis      code commit + hash of uncommitted changes, resolved config (and its hash), environment,
                  tokenizer fingerprint, data manifest, seed, hash of the seed-derived initial weights
     checkpoint   step, digest of every micro-batch's token ids since the previous record, loss, lr,
-                 grad norm, sha256 of the checkpoint's model / state / manifest files, and separate hashes
-                 of the optimizer and RNG state read back from state.pt
+                 grad norm, and the checkpoint's hashes as its writer took them while writing (manifest.json:
+                 the model / state / manifest files, the Merkle roots of the tensor files), with separate
+                 hashes of the optimizer and RNG state (`checkpoint_hashes`: no tensor file is read back)
     resume       a training run picked the ledger up again (code and environment at that moment)
 
 Each record is flushed and fsynced before the call returns. The head can be signed with an ed25519 key
@@ -42,8 +43,18 @@ from kmodel.checkpoint import (
     Manifest,
     read_state,
     read_weights,
+    tensor_files_of,
 )
-from kmodel.hashing import canonical_json, object_sha256, sha256_bytes, sha256_file, sorted_weights_sha256, weights_sha256
+from kmodel.checkpoint.files import file_sha256
+from kmodel.hashing import (
+    canonical_json,
+    merkle_root,
+    object_sha256,
+    sha256_bytes,
+    sha256_file,
+    sorted_weights_sha256,
+    weights_sha256,
+)
 from kmodel.rundir import CHECKPOINTS_DIR, CONFIG_FILE, LEDGER_FILE, RunDir
 SIGNATURE_FILE = "ledger.sig.json"
 GENESIS_PREV_HASH = "0" * 64
@@ -168,47 +179,86 @@ def _now() -> str:
 # --- checkpoint hashes ----------------------------------------------------------------------------------
 
 
-def checkpoint_hashes(checkpoint_dir: Path) -> dict[str, Any]:
-    """What a checkpoint record pins: file hashes from manifest.json; the hash of the weights' content
-    (`weights_sha256`, independent of how the file was laid out); and per-part hashes of the trainer state
-    (optimizer with its moments from optimizer.safetensors, rng, scheduler, data position ... each top-level
-    entry separately). Tensors are read and hashed one at a time."""
-    manifest_path = checkpoint_dir / MANIFEST_FILE
-    if not manifest_path.is_file():
-        raise LedgerError(f"checkpoint {checkpoint_dir} has no {MANIFEST_FILE}; write the checkpoint before recording it")
-    try:
-        recorded = Manifest.read(checkpoint_dir)
-        manifest = recorded.digests
-    except CheckpointError as error:
-        raise LedgerError(str(error)) from None
-    if MODEL_FILE not in manifest and INDEX_FILE not in manifest:
-        raise LedgerError(f"checkpoint {checkpoint_dir}: {MANIFEST_FILE} lists neither {MODEL_FILE} nor {INDEX_FILE}")
+# How a checkpoint record's hashes were made (`hash_basis`): from the digests the writer recorded, or (records
+# without the field, written before) by reading every tensor back.
+RECORDED_BASIS = "recorded"
+
+
+def checkpoint_hashes(checkpoint_dir: Path, record: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a checkpoint record pins, from the digests the checkpoint's writer took while writing (manifest.json:
+    every file's sha256, the Merkle root of the tensor files): no tensor file is read again, however large.
+    `weights_sha256` is the Merkle root of the files the weights are read from (model.safetensors, or index.json
+    and the model shards), `optimizer_sha256` that of the optimizer's entries in state.pt and its moments'
+    files; the other parts of the trainer state (state.pt is small: its moments are in the tensor files) are
+    hashed each on its own. Given an existing `record` made before `hash_basis` existed, the hashes are made as
+    it made them (`content_hashes`), so old ledgers still verify."""
+    if record is not None and record.get("hash_basis") != RECORDED_BASIS:
+        return content_hashes(checkpoint_dir)
+    recorded = _manifest(checkpoint_dir)
+    digests = recorded.digests
     state_parts: dict[str, str] = {}
-    if STATE_FILE in manifest:
-        try:
-            state = read_state(checkpoint_dir, lazy=True)
-        except CheckpointError as error:
-            raise LedgerError(str(error)) from None
-        try:
-            parts = state.items() if isinstance(state, dict) else [("state", state)]
-            state_parts = {str(key): object_sha256(value) for key, value in parts}
-        except TypeError as error:
-            raise LedgerError(f"checkpoint {checkpoint_dir}: {error}") from None
+    if STATE_FILE in digests:
+        state_parts = _state_parts(checkpoint_dir, moments=False)
+        if "optimizer" in state_parts:
+            moments = [digests[name] for name in tensor_files_of(recorded, "optimizer")]
+            state_parts["optimizer"] = merkle_root([state_parts["optimizer"], *moments])
+    return {
+        "hash_basis": RECORDED_BASIS,
+        "model_sha256": digests.get(MODEL_FILE, recorded.tensor_root),  # sharded: the Merkle root of the shards
+        "tensor_root": recorded.tensor_root,
+        "weights_sha256": merkle_root([digests[name] for name in tensor_files_of(recorded, "model")]),
+        "state_sha256": digests.get(STATE_FILE),
+        "manifest_sha256": file_sha256(checkpoint_dir / MANIFEST_FILE),  # remembered by the process that wrote it
+        "optimizer_sha256": state_parts.get("optimizer"),
+        "rng_sha256": state_parts.get("rng"),
+        "state_parts": state_parts,
+    }
+
+
+def content_hashes(checkpoint_dir: Path) -> dict[str, Any]:
+    """The hashes of records made before `hash_basis`: the weights' content (`weights_sha256`, independent of
+    the file layout) and every state part with its moments, each tensor read back and hashed."""
+    recorded = _manifest(checkpoint_dir)
+    state_parts = _state_parts(checkpoint_dir, lazy=True) if STATE_FILE in recorded.files else {}
     try:
         lazy = read_weights(checkpoint_dir, lazy=True)
         weights = sorted_weights_sha256((name, lazy[name].load()) for name in sorted(lazy))
     except CheckpointError as error:
         raise LedgerError(str(error)) from None
     return {
-        "model_sha256": manifest.get(MODEL_FILE, recorded.tensor_root),  # sharded: the Merkle root of the shards
+        "model_sha256": recorded.digests.get(MODEL_FILE, recorded.tensor_root),
         "tensor_root": recorded.tensor_root,
         "weights_sha256": weights,
-        "state_sha256": manifest.get(STATE_FILE),
-        "manifest_sha256": sha256_file(manifest_path),
+        "state_sha256": recorded.digests.get(STATE_FILE),
+        "manifest_sha256": file_sha256(checkpoint_dir / MANIFEST_FILE),
         "optimizer_sha256": state_parts.get("optimizer"),
         "rng_sha256": state_parts.get("rng"),
         "state_parts": state_parts,
     }
+
+
+def _manifest(checkpoint_dir: Path) -> Manifest:
+    if not (checkpoint_dir / MANIFEST_FILE).is_file():
+        raise LedgerError(f"checkpoint {checkpoint_dir} has no {MANIFEST_FILE}; write the checkpoint before recording it")
+    try:
+        recorded = Manifest.read(checkpoint_dir)
+    except CheckpointError as error:
+        raise LedgerError(str(error)) from None
+    if MODEL_FILE not in recorded.files and INDEX_FILE not in recorded.files:
+        raise LedgerError(f"checkpoint {checkpoint_dir}: {MANIFEST_FILE} lists neither {MODEL_FILE} nor {INDEX_FILE}")
+    return recorded
+
+
+def _state_parts(checkpoint_dir: Path, **how: Any) -> dict[str, str]:
+    """object_sha256 of each top-level entry of the trainer state (`read_state(checkpoint_dir, **how)`)."""
+    try:
+        state = read_state(checkpoint_dir, **how)
+        parts = state.items() if isinstance(state, dict) else [("state", state)]
+        return {str(key): object_sha256(value) for key, value in parts}
+    except CheckpointError as error:
+        raise LedgerError(str(error)) from None
+    except TypeError as error:
+        raise LedgerError(f"checkpoint {checkpoint_dir}: {error}") from None
 
 
 # --- reading and checking -------------------------------------------------------------------------------

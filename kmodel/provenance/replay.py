@@ -168,7 +168,7 @@ def _run_segment(cfg: Config, run_dir: Path, from_step: int, targets: list[dict[
             last = trainer.train_step()
         directory = work / f"step_{target['step']}"
         save_checkpoint(directory, trainer.model, trainer.cfg, state=trainer.state_dict())
-        hashes = checkpoint_hashes(directory)
+        hashes = checkpoint_hashes(directory, target)  # made as the recorded ones were
         replayed = {
             "batch_digest": recorder.batches.hexdigest(),
             "loss": last.get("loss"),

@@ -312,7 +312,7 @@ def _checkpoint_checks(run_dir: Path, records: list[dict[str, Any]], cfg) -> lis
             continue
         try:
             verify_manifest(directory)
-            actual = checkpoint_hashes(directory)
+            actual = checkpoint_hashes(directory, record)  # made as the record made them
         except (CheckpointError, LedgerError) as error:
             checks.append(Check(name, FAIL, str(error)))
             continue

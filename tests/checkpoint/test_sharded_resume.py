@@ -4,13 +4,14 @@ process with the losses of an uninterrupted run (CPU, gloo)."""
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
 from launching import train_ranks
 
 from kmodel.checkpoint import Manifest
-from kmodel.checkpoint.index import shard_file
+from kmodel.checkpoint.index import INDEX_FILE, shard_file
 from kmodel.config import load_config
 from kmodel.train.run import train
 
@@ -43,6 +44,16 @@ def test_four_rank_sharded_checkpoint_resumes_on_two_ranks_and_one_process(tmp_p
     step2 = run_dir / "checkpoints" / "step_0000002"
     manifest = Manifest.read(step2)
     assert {shard_file("model", r, 4) for r in range(4)} <= set(manifest.files)  # every rank wrote a shard
+    # each rank wrote only what it holds, nothing was gathered to one rank: a quarter of every stacked expert
+    # tensor (EP 2 x expert-data-parallel 2), ZeRO-2 fragments of the dense ones, and the same of the moments
+    index = json.loads((step2 / INDEX_FILE).read_text(encoding="utf-8"))["tensors"]
+    experts = [entry["pieces"] for name, entry in index["model"].items() if ".experts." in name]
+    assert experts and all(sorted(p["file"] for p in pieces) == [shard_file("model", r, 4) for r in range(4)] for pieces in experts)
+    largest = max(index["model"].values(), key=lambda entry: math.prod(entry["shape"]))
+    assert len(largest["pieces"]) > 1
+    moments = index["optimizer"].values()
+    assert sum(len(entry["pieces"]) for entry in moments) > len(moments)
+    assert {shard_file("optimizer", r, 4) for r in range(4)} <= set(manifest.files)
     assert losses(run_dir) == pytest.approx(expected, rel=1e-5)
 
     shutil.rmtree(run_dir / "checkpoints" / "step_0000004")
