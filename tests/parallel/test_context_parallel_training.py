@@ -11,13 +11,22 @@ variant exchanges each token's latent and shared RoPE key (16 + 8 numbers) inste
 from __future__ import annotations
 
 import json
+import os
+import socket
 
 import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
 from launching import train_ranks
 
 from kmodel.config import ConfigError, load_config
+from kmodel.data import Batch
+from kmodel.model import build_model
+from kmodel.parallel import expert_parallel as xp
 from kmodel.parallel.context_parallel import (
     ContextLayout,
+    ContextParallel,
     check_supported,
     gather_bytes,
     gathered_windows,
@@ -59,6 +68,81 @@ def _assert_same_losses(got: dict[int, float], reference: dict[int, float]) -> N
     assert got.keys() == reference.keys() == {1, 2, 3, 4}
     for step, loss in reference.items():
         assert got[step] == pytest.approx(loss, rel=1e-5), step
+
+
+# Gradients, float64, without DeepSpeed: every loss term switched on (balance loss per sequence or per micro-batch,
+# router and logits z-losses), labels with ignored positions, documents crossing chunk boundaries.
+LOSSES = ["model.aux_loss_coef=0.01", "model.router_z_loss_coef=0.001", "model.logits_z_loss_coef=0.0001"]
+GRADIENT_CASES = [([], "sequence"), ([], "batch"), (MLA, "sequence")]
+
+
+def _batch(seq: int) -> Batch:
+    g = torch.Generator().manual_seed(7)
+    ids = torch.randint(0, 8192, (2, seq + 1), generator=g)
+    labels = ids[:, 1:].clone()
+    labels[torch.rand(labels.shape, generator=g) < 0.1] = -100
+    starts = [[0, 13, 40, 77, 100], [0, 29, 35, 90]]  # across the chunks of CP 2 (32) and CP 4 (16)
+    segments = torch.stack([torch.bucketize(torch.arange(seq), torch.tensor(b[1:]), right=True) for b in starts])
+    return Batch(ids[:, :-1], labels, segments)
+
+
+def _gradient_worker(rank: int, size: int, port: int, failures) -> None:
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=size)
+    try:
+        for model_sets, kind in GRADIENT_CASES:
+            cfg = load_config(RECIPE, TINY + LOSSES + model_sets + [f"model.aux_loss_kind={kind}"])
+            batch = _batch(cfg.data.seq_len)
+            one = build_model(cfg).double()
+            out = one(batch.input_ids, batch.labels, segment_ids=batch.segment_ids)
+            out.loss.backward()
+
+            split = build_model(cfg).double()
+            context = ContextParallel(cfg.data.seq_len, dist.group.WORLD)
+            context.attach(split)
+            xp.attach_global_balance(split, dist.group.WORLD)  # as the engine does: counts over the CP group
+            terms = context.run(batch, split, lambda loss: loss.backward())
+
+            where = f"CP {size} rank {rank} {cfg.model.attention_kind} {kind}"
+            for key, value in terms.items():  # the mean over the ranks is the one-process term
+                mean = value.detach().clone()
+                dist.all_reduce(mean)
+                torch.testing.assert_close(mean / size, getattr(out, key).detach(), rtol=1e-10, atol=1e-13,
+                                           msg=lambda m, k=key: f"{where} {k}: {m}")
+            reference = dict(one.named_parameters())
+            for name, param in split.named_parameters():  # and so is the mean of the gradients
+                grad = param.grad.clone()
+                dist.all_reduce(grad)
+                torch.testing.assert_close(grad / size, reference[name].grad, rtol=1e-9, atol=1e-13,
+                                           msg=lambda m, n=name: f"{where} d{n}: {m}")
+            for name, moe in split.moe_layers().items():  # expert loads for the bias step: summed over ranks
+                load = moe.load.clone()
+                dist.all_reduce(load)
+                assert torch.equal(load, one.moe_layers()[name].load), f"{where} {name} load"
+    except BaseException as error:  # reported to the parent, which fails the test with every rank's message
+        failures.put(f"rank {rank}: {error!r}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+@pytest.mark.parametrize("size", [2, 4])
+def test_context_parallel_gradients_equal_one_process(size):
+    context = mp.get_context("spawn")
+    failures = context.Queue()
+    mp.start_processes(_gradient_worker, args=(size, _free_port(), failures), nprocs=size, start_method="spawn")
+    messages = []
+    while not failures.empty():
+        messages.append(failures.get())
+    assert not messages, "\n".join(messages)
 
 
 @pytest.fixture(scope="module")
