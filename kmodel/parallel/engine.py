@@ -126,10 +126,9 @@ class DeepSpeedTrainer(Trainer):
         self._optimizer_params = [p for _, group in self._optimizer_groups for p in group]  # index -> parameter
 
     def make_model(self) -> torch.nn.Module:
-        if self.groups is None:
-            model = super().make_model()
-        else:
-            model = build_model(self.cfg, self.device, experts=xp.local_experts(self.cfg.model.num_experts, self.groups))
+        experts = None if self.groups is None else xp.local_experts(self.cfg.model.num_experts, self.groups)
+        model = build_model(self.cfg, self.device, experts=experts, keep=self.keep_modules)
+        if self.groups is not None:
             xp.attach_expert_parallel(model, self.groups)
         if self.cfg.model.aux_loss_kind == "global":
             xp.attach_global_balance(model, self._replica_group)
@@ -146,6 +145,10 @@ class DeepSpeedTrainer(Trainer):
                           "global layer (exact, more bytes)", file=sys.stderr)
         return model
 
+    def keep_modules(self, model: torch.nn.Module) -> None:
+        """Drop from the meta model what this rank does not hold (besides other ranks' experts): nothing here; a
+        pipeline stage drops the other stages' layers (kmodel.parallel.pipeline)."""
+
     @property
     def _replica_group(self):
         """The ranks holding the same dense weights (None: the whole world)."""
@@ -161,7 +164,7 @@ class DeepSpeedTrainer(Trainer):
         import deepspeed
 
         restored, self._restored = self._restored, {}
-        config = deepspeed_config(self.cfg, self.device.type)
+        config = self.engine_config()
         if config["bf16"]["enabled"]:
             self.amp_dtype = None  # DeepSpeed keeps bf16 weights (fp32 masters in the optimizer): no autocast
         if self.groups is not None:
@@ -187,6 +190,10 @@ class DeepSpeedTrainer(Trainer):
                 self.experts.load_state(param, entry["step"], {k: _read_range(v, span) for k, v in entry.items() if k != "step"})
         if restored:
             self._load_moments(restored)
+
+    def engine_config(self) -> dict[str, Any]:
+        """deepspeed.initialize's config (a pipeline engine accumulates inside its schedule)."""
+        return deepspeed_config(self.cfg, self.device.type)
 
     def topology(self):
         """DeepSpeed's `mpu`: which groups ZeRO partitions, reduces and takes norms over (None: the world)."""

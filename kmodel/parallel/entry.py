@@ -5,9 +5,9 @@
 Reads RANK / WORLD_SIZE / MASTER_ADDR / MASTER_PORT (and LOCAL_RANK) from the launcher, initialises
 torch.distributed (nccl on CUDA; gloo and DeepSpeed's CPU accelerator without a GPU), lets rank 0 prepare
 the run directory (the others wait and stop with the same error when it fails), then every rank builds the
-DeepSpeedTrainer, restores the latest checkpoint when resuming, starts the engine and trains. Rank 0 prints
-the summary. `--start-or-resume` (what `kmodel launch` passes) decides by the directory: see
-kmodel.parallel.launch.run_state.
+DeepSpeedTrainer (kmodel.parallel.pipeline's PipelineTrainer when parallel.pipeline_parallel_size > 1), restores
+the latest checkpoint when resuming, starts the engine and trains. Rank 0 prints the summary.
+`--start-or-resume` (what `kmodel launch` passes) decides by the directory: see kmodel.parallel.launch.run_state.
 """
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ from kmodel.checkpoint import SharedVerification
 from kmodel.config import load_config
 from kmodel.parallel.engine import DeepSpeedTrainer
 from kmodel.parallel.launch import run_state
+from kmodel.parallel.pipeline import PipelineTrainer
 from kmodel.train.run import RunLock, check_resumable, prepare_run, saved_config, start, write_config
 from kmodel.train.watch import TrainingInterrupted
 
@@ -121,7 +122,8 @@ def main(argv: list[str] | None = None) -> int:
         held = contextlib.ExitStack()
         cfg, resume = _prepare_on_rank0(args, run_dir, held)
         rank0 = dist.get_rank() == 0
-        trainer = DeepSpeedTrainer(cfg, run_dir, progress=None if rank0 else False)
+        engine = PipelineTrainer if cfg.parallel.pipeline_parallel_size > 1 else DeepSpeedTrainer
+        trainer = engine(cfg, run_dir, progress=None if rank0 else False)
         start(trainer, resume, writer=rank0, ledger_gap=args.ledger_gap, init_from=None if resume else args.init_from,
               share=SharedVerification(dist.get_rank(), dist.get_world_size(), _every_rank_ok))
         trainer.start_engine()

@@ -39,7 +39,7 @@ from kmodel.train.optim import adamw_over_groups, param_groups
 
 @dataclass
 class Groups:
-    world_size: int
+    world_size: int  # ranks replicating this rank's part of the model: its pipeline stage (all, without pipelining)
     ep_size: int
     ep_rank: int  # position inside the expert-parallel group
     ep_group: dist.ProcessGroup
@@ -241,7 +241,7 @@ class ExpertOptimizer:
             raise ValueError(f"the expert optimizer shards like ZeRO-1 or ZeRO-2, not stage {zero_stage}")
         self.groups, self.zero_stage = groups, zero_stage
         self.dp_ranks = groups.world_size // groups.ep_size
-        self.dp_position = dist.get_rank() // groups.ep_size  # place in the group {i, i + P, i + 2P, ...}
+        self.dp_position = dist.get_rank(groups.expert_dp_group)  # place in the group {i, i + P, i + 2P, ...}
         named = [(n, p) for n, p in model.named_parameters() if is_expert_param(n)]
         self.shards = [_Shard(n, p, self.dp_position, self.dp_ranks) for n, p in named]
         self.shard_of = {s.param: s for s in self.shards}

@@ -73,7 +73,7 @@ def saved_config(run_dir: Path) -> Config:
 
 
 def global_batch(cfg: Config) -> int:
-    return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.parallel.world_size
+    return cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.parallel.data_parallel_size
 
 
 def check_resumable(saved: Config, requested: Config, run_dir: Path) -> None:

@@ -342,6 +342,11 @@ class Trainer:
         (out.loss / self.cfg.train.grad_accum_steps).backward()
         return {k: getattr(out, k).item() for k in LOSS_KEYS if getattr(out, k) is not None}
 
+    def accumulate(self) -> list[dict[str, float]]:
+        """The step's micro-batches, each read and backpropagated; their loss terms (a pipeline engine runs them
+        all through its schedule at once)."""
+        return [self.forward_backward(self.next_micro_batch()) for _ in range(self.cfg.train.grad_accum_steps)]
+
     def clip_gradients(self) -> float:
         """Global gradient norm (before clipping); clips to train.grad_clip when it is positive."""
         limit = self.cfg.train.grad_clip or float("inf")
@@ -389,7 +394,7 @@ class Trainer:
     def train_step(self) -> dict[str, Any]:
         start = time.perf_counter()
         lr = lr_at(self.step, self.cfg.train, self.total_steps)
-        micro = [self.forward_backward(self.next_micro_batch()) for _ in range(self.cfg.train.grad_accum_steps)]
+        micro = self.accumulate()
         losses = {k: sum(m[k] for m in micro) / len(micro) for k in micro[0]}
         grad_norm, finite = self.update(lr, losses)
         if finite:
