@@ -212,6 +212,9 @@ def _init_check(genesis: dict[str, Any], cfg) -> Check:
                      "are not covered by this chain")
     source = genesis.get("init_from")
     link = (source or {}).get("previous_stage")
+    if link is not None and not _well_formed(link):
+        return Check("init_weights", FAIL, f"the link to the previous stage is malformed (stage {link.get('stage')!r})"
+                     if isinstance(link, dict) else "the link to the previous stage is malformed")
     if link is not None:  # a stage: the weights were read (verified) from the checkpoint the previous ledger records
         stage, loaded = link.get("stage"), source.get("manifest_sha256")
         if loaded == link.get("manifest_sha256"):
@@ -386,7 +389,12 @@ STAGE_CHANGE_KINDS = (
 def _previous_stage(records: list[dict[str, Any]] | None) -> dict[str, Any] | None:
     if not records or records[0].get("kind") != "genesis":
         return None
-    return (records[0].get("init_from") or {}).get("previous_stage")
+    link = (records[0].get("init_from") or {}).get("previous_stage")
+    return link if _well_formed(link) else None
+
+
+def _well_formed(link: Any) -> bool:
+    return isinstance(link, dict) and isinstance(link.get("stage"), int) and link["stage"] >= 1
 
 
 def _readable_records(run_dir: Path) -> list[dict[str, Any]] | None:
@@ -411,12 +419,12 @@ def stage_checks(run_dir: Path, own_checks: list[Check], options: dict[str, Any]
     (named `stage K ...`), its link (`stage K link`: its ledger still holds the head and the checkpoint record
     the next stage started from, and that checkpoint, when still on disk, is the one), what the next stage
     changed (`stage K+1 changes`), and the verdict on the whole `history` ("from scratch, N stages" only when
-    the first stage's weights come from the seed and every link holds)."""
+    the first stage's weights come from the seed and every link holds). Nothing for a run that is no stage."""
     records = _readable_records(run_dir)
-    if not records or records[0].get("kind") != "genesis":
+    link = _previous_stage(records)
+    if link is None:  # one run: its own checks say it all
         return []
-    link, newer_run, newer_genesis = _previous_stage(records), run_dir, records[0]
-    number = link["stage"] + 1 if link else 1
+    newer_run, newer_genesis, number = run_dir, records[0], link["stage"] + 1
     checks, seen, count = [], {run_dir.resolve()}, 1
     lineage = [c for c in own_checks if c.name in LINEAGE_CHECKS]  # newest stage first
     while link is not None:

@@ -234,7 +234,7 @@ class Trainer:
         if fixed:
             details = "; ".join(f"model.{k}: {old!r} -> {new!r}" for k, (old, new) in fixed.items())
             raise CheckpointError(
-                f"--init-from {ckpt}: another model config, whose weights do not fit this recipe ({details}). A new "
+                f"--init-from {ckpt}: another model config whose weights do not fit this recipe ({details}). A new "
                 f"stage may change only model.{', model.'.join(STAGE_MODEL_KEYS)}; set the others as the checkpoint has them"
             )
         self.load_weights(read_weights(ckpt, lazy=True), str(ckpt))
@@ -262,7 +262,8 @@ class Trainer:
             raise CheckpointError(f"--init-from {ckpt}: its optimizer state is {saved_optimizer}'s, and this recipe "
                                   f"trains with train.optimizer {self.cfg.train.optimizer}; pass --reset-optimizer")
         saved = read_state(ckpt, lazy=self.lazy_restore)["optimizer"]
-        groups = self.optimizer_state()["param_groups"]
+        # the one-process optimizer's layout, which checkpoints keep (an engine's, built before its engine starts)
+        groups = self.optimizer.state_dict()["param_groups"]
         if [g["params"] for g in saved["param_groups"]] != [g["params"] for g in groups]:
             raise CheckpointError(
                 f"--init-from {ckpt}: its optimizer groups the parameters differently from this recipe (changed "

@@ -14,7 +14,7 @@ import torch
 from kmodel.checkpoint import CheckpointError, read_state, save_checkpoint
 from kmodel.config import ConfigError
 from kmodel.model import build_model
-from kmodel.provenance.ledger import LedgerError, read_records, record_hash
+from kmodel.ledger import LedgerError, read_records, record_hash
 from kmodel.provenance.verify import FAIL, PASS, verify_run
 from kmodel.rundir import LEDGER_FILE, step_dir_name
 from kmodel.train import RunDirError, Trainer, train
@@ -223,3 +223,58 @@ def test_three_stages_verify_back_to_genesis_and_tampering_names_the_stage(tiny,
     assert named["stage 1"].status == FAIL and "is gone" in named["stage 1"].reason
     assert named["history"].status == FAIL and "stage 1" in named["history"].reason
     assert named["stage 2 chain"].status == PASS and named["stage 2 link"].status == PASS
+
+
+@pytest.mark.slow
+def test_a_history_that_starts_from_outside_weights_is_external_in_every_stage(tiny, tmp_path):
+    from kmodel.provenance.verify import WARN
+
+    first = tiny(*STAGE_1)
+    save_checkpoint(tmp_path / "outside", build_model(first), first)  # weights from no kmodel run: external
+    fast = ["train.max_steps=2", "train.checkpoint_every=2", "train.micro_batch_size=1"]
+    train(tiny(*STAGE_1, *fast), tmp_path / "stage1", progress=False, init_from=tmp_path / "outside")
+    train(tiny(*STAGE_1, *fast, "train.lr=1e-3"), tmp_path / "stage2", progress=False,
+          init_from=checkpoint(tmp_path / "stage1", 2))
+    named = by_name(verify_run(tmp_path / "stage2", check_data=False))
+    assert named["history"].status == WARN and named["history"].reason.startswith("from external weights, 2 stages")
+    assert named["stage 1 init_weights"].status == WARN and named["stage 1 link"].status == PASS
+    assert "schedule: train.lr 0.01 -> 0.001" in named["stage 2 changes"].reason
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_a_stage_on_two_ranks_continues_the_moments_as_one_process_does(tmp_path):
+    """Stage 2 changes the layout (1 process -> 2 ZeRO-1 ranks, the same global batch) and keeps the moments:
+    its losses are the one-process stage 2's; with the moments reset they are not."""
+    from launching import torchrun
+
+    from kmodel.config import load_config
+
+    recipe = "recipes/tiny-ko-moe.yaml"
+    base = ["model.hidden_size=64", "model.num_hidden_layers=2", "train.warmup_steps=1", "train.checkpoint_every=2",
+            "train.max_steps=2", "train.eval_every=0", "train.eval_batches=1", "train.lr=1e-2"]
+    one = ["train.micro_batch_size=2", "train.grad_accum_steps=2"]
+    longer = ["data.seq_len=128", "model.max_position_embeddings=128", "model.rope_theta=20000"]
+    train(load_config(recipe, base + one + ["data.seq_len=64"]), tmp_path / "stage1", progress=False)
+    source = checkpoint(tmp_path / "stage1", 2)
+
+    def losses(run: Path) -> list[float]:
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text(encoding="utf-8").splitlines()]
+        return [r["loss"] for r in rows if r["kind"] == "train"]
+
+    train(load_config(recipe, base + one + longer), tmp_path / "single", progress=False, init_from=source)
+    train(load_config(recipe, base + one + longer), tmp_path / "reset", progress=False, init_from=source,
+          keep_optimizer=False)
+    ranks = ["parallel.backend=deepspeed", "parallel.world_size=2", "parallel.zero_stage=1", "train.micro_batch_size=2"]
+    args = ["-m", "kmodel.parallel.entry", recipe, "--out", str(tmp_path / "ranks"), "--init-from", str(source)]
+    for assignment in base + longer + ranks:
+        args += ["--set", assignment]
+    torchrun(2, *args, log=tmp_path / "ranks.log")
+
+    assert losses(tmp_path / "ranks") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+    assert losses(tmp_path / "reset")[1] != pytest.approx(losses(tmp_path / "single")[1], rel=1e-5)
+    named = by_name(verify_run(tmp_path / "ranks", check_data=False))
+    assert named["history"].reason == "from scratch, 2 stages"
+    changes = named["stage 2 changes"].reason
+    assert "layout: parallel.backend \"none\" -> \"deepspeed\"" in changes and "parallel.world_size 1 -> 2" in changes
+    assert "batch: train.grad_accum_steps 2 -> 1" in changes and "optimizer moments kept" in changes
