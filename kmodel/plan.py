@@ -23,9 +23,12 @@ Communication uses ring collectives on NVLink inside a node and InfiniBand acros
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from collections import Counter
+from dataclasses import dataclass, field, replace
 
 from kmodel.config import Config, ModelConfig
+from kmodel.parallel import context_parallel
+from kmodel.parallel.context_parallel import ContextLayout, gather_bytes, halo_bytes
 from kmodel.train.flops import (
     PEAK_BF16_FLOPS,
     attention_flops_per_token,
@@ -249,11 +252,14 @@ def adamw_params_under_muon(cfg: ModelConfig) -> int:
     return v * h * (1 if cfg.tie_word_embeddings else 2) + moe_layers * cfg.num_experts * h
 
 
-def optimizer_bytes(cfg: Config, assume: Assumptions, dense: float) -> tuple[float, float]:
-    """Optimizer bytes per parameter for `dense` non-expert-shard parameters and for routed-expert shards:
-    `assume.optimizer_bytes` under AdamW; under Muon its matrices keep MUON_SAVED_BYTES less."""
+def optimizer_bytes(cfg: Config, assume: Assumptions) -> tuple[float, float]:
+    """Optimizer bytes per parameter for the data-parallel (non-expert-shard) parameters and for routed-expert
+    shards: `assume.optimizer_bytes` under AdamW; under Muon its matrices keep MUON_SAVED_BYTES less (the
+    data-parallel share by the whole model's count, also for a pipeline stage's part of it)."""
     if cfg.train.optimizer != "muon":
         return assume.optimizer_bytes, assume.optimizer_bytes
+    counts = parameter_counts(cfg.model)
+    dense = counts.total if cfg.parallel.expert_parallel_size == 1 else counts.dense
     muon_share = 1 - adamw_params_under_muon(cfg.model) / dense
     return assume.optimizer_bytes - MUON_SAVED_BYTES * muon_share, assume.optimizer_bytes - MUON_SAVED_BYTES
 
@@ -268,19 +274,21 @@ def newton_schulz_flops_per_gpu(cfg: Config, world: int) -> float:
     dense = counts.dense - adamw_params_under_muon(m)
     expert_side = min(m.hidden_size, m.moe_intermediate_size or m.hidden_size)
     total = NS_FLOPS_PER_ELEMENT * cfg.train.muon_ns_steps * (dense * m.hidden_size + counts.expert * expert_side)
-    return total / (world if cfg.parallel.zero_stage >= 1 else 1)
+    return total / (world if cfg.parallel.zero_stage >= 1 else cfg.parallel.pipeline_parallel_size)
 
 
 def muon_exchange_bytes(cfg: Config, world: int) -> float:
     """Bytes one rank sends per step in Muon's owner exchange (kmodel.parallel.muon_zero): its fp32 pieces of
-    the directions to the owners and the owners' update pieces back, for the dense matrices over all ranks and
-    the expert shards over the expert-data-parallel group. None at ZeRO-0 (whole matrices on every rank)."""
+    the directions to the owners and the owners' update pieces back, for the dense matrices over a pipeline
+    stage's ranks and the expert shards over the expert-data-parallel group. None at ZeRO-0 (whole matrices on
+    every rank)."""
     if cfg.train.optimizer != "muon" or cfg.parallel.zero_stage == 0:
         return 0.0
     m, counts, ep = cfg.model, parameter_counts(cfg.model), cfg.parallel.expert_parallel_size
     dense = counts.dense - adamw_params_under_muon(m) + (counts.expert if ep == 1 else 0)
     expert = counts.expert / ep if ep > 1 else 0.0
-    return 2 * 4 * (ring_bytes(dense / world, world) + ring_bytes(expert / (world // ep), world // ep))
+    stage = world // cfg.parallel.pipeline_parallel_size
+    return 2 * 4 * (ring_bytes(dense / world, stage) + ring_bytes(expert / (world // ep), stage // ep))
 
 
 # --- memory -----------------------------------------------------------------------------------------
@@ -383,6 +391,7 @@ class Piece:
     layer_elements: float  # elements a layer keeps for backward; only its input under activation checkpointing
     kept_elements: float  # elements kept either way (the heads' norm inputs and outputs)
     logits: int  # fp32 logits an unfused loss keeps (the head: every prediction's)
+    attention_of: int | None = None  # the decoder layer whose attention it runs (an MTP depth: the last layer's)
 
 
 def model_pieces(cfg: Config) -> list[Piece]:
@@ -395,7 +404,7 @@ def model_pieces(cfg: Config) -> list[Piece]:
         matmul = dense + active + extra_params + head
         flops = 3 * (2 * matmul + layer_attention_flops_per_token(m, seq, attention_of))
         elements = sum(activation_elements_per_token(m, sparse).values())
-        return Piece(name, flops, dense + extra_params, expert, elements, kept, 0)
+        return Piece(name, flops, dense + extra_params, expert, elements, kept, 0, attention_of)
 
     pieces = [Piece("embedding", 0.0, v * h, 0, 0, 0, 0)]  # a lookup: no matmul FLOPs
     pieces += [layer(f"layers.{i}", t == "sparse", i) for i, t in enumerate(m.mlp_layer_types)]
@@ -471,8 +480,7 @@ def pieces_memory(cfg: Config, replicas: int, assume: Assumptions, pieces: list[
     params = (dense_part(3) + expert) * assume.param_bytes
     expert_grad_bytes = EXPERT_GRAD_BYTES if p.zero_stage >= 2 else assume.grad_bytes
     grads = dense_part(2) * assume.grad_bytes + expert_part(2) * expert_grad_bytes
-    counts = parameter_counts(cfg.model)  # Muon's share of the optimizer is the whole model's
-    dense_optimizer_bytes, expert_optimizer_bytes = optimizer_bytes(cfg, assume, counts.total if ep == 1 else counts.dense)
+    dense_optimizer_bytes, expert_optimizer_bytes = optimizer_bytes(cfg, assume)
     optimizer = dense_part(1) * dense_optimizer_bytes + expert_part(1) * expert_optimizer_bytes
     offloaded_optimizer = 0.0
     if p.offload_optimizer:  # DeepSpeed's part: the expert optimizer keeps its state on the GPU
@@ -510,20 +518,70 @@ def zero_bytes_per_step(params: float, group: int, stage: int, accum: int, eleme
     return 3 * accum * one
 
 
-def all_to_all_bytes_per_step(cfg: Config, element_bytes: int) -> float:
-    """Bytes each rank sends in EP all-to-alls per step: per MoE layer and micro-batch, dispatch and combine
-    in forward and again in backward (x 1.5 with activation recomputation), k copies of each token."""
+def all_to_all_bytes_per_step(cfg: Config, element_bytes: int, moe_layers: int | None = None) -> float:
+    """Bytes each rank sends in EP all-to-alls per step: per MoE layer (all of them, or a pipeline stage's
+    `moe_layers`) and micro-batch, dispatch and combine in forward and again in backward (x 1.5 with activation
+    recomputation), k copies of each of the rank's tokens (1/CP of each sequence under context parallelism)."""
     m, p = cfg.model, cfg.parallel
     ep = p.expert_parallel_size
     if ep == 1:
         return 0.0
-    moe_layers = m.mlp_layer_types.count("sparse") + (
-        m.num_nextn_predict_layers if m.mtp_mlp_type == "sparse" else 0
-    )
-    tokens = cfg.train.micro_batch_size * seq_len_of(cfg)
-    per_exchange = tokens * m.num_experts_per_tok * m.hidden_size * element_bytes * (ep - 1) / ep
+    if moe_layers is None:
+        moe_layers = m.mlp_layer_types.count("sparse") + (
+            m.num_nextn_predict_layers if m.mtp_mlp_type == "sparse" else 0
+        )
+    per_exchange = tokens_per_rank(cfg) * m.num_experts_per_tok * m.hidden_size * element_bytes * (ep - 1) / ep
     exchanges = 4 * (1.5 if cfg.train.activation_checkpointing else 1)
     return per_exchange * exchanges * moe_layers * cfg.train.grad_accum_steps
+
+
+def context_bytes_per_step(cfg: Config, element_bytes: int, attention_layers: list[int] | None = None) -> dict[str, float]:
+    """Bytes the busiest rank of a context-parallel group receives per step in the attention layers
+    `attention_layers` (decoder layer indices, an MTP depth repeating the last; default all), by layer kind: each
+    sliding layer's halo (`context_parallel.halo_bytes`: the window's rows of the neighbouring chunk, or a gather
+    when the window outreaches a chunk), each global layer's all-gather (`context_parallel.gather_bytes`), of the
+    rows a token contributes to keys and values (`kv_cache_values_per_position`: keys and values under GQA, the
+    latent and RoPE key under MLA). Per micro-batch in forward and again in backward (the gradients go back the
+    same way), once more when activation checkpointing recomputes the forward."""
+    m, cp = cfg.model, cfg.parallel.context_parallel_size
+    if cp == 1:
+        return {"sliding": 0.0, "global": 0.0}
+    if attention_layers is None:
+        attention_layers = [*range(m.num_hidden_layers), *[m.num_hidden_layers - 1] * m.num_nextn_predict_layers]
+    row_bytes = cfg.train.micro_batch_size * m.kv_cache_values_per_position * element_bytes
+    windows = Counter(m.window_of(i) for i in attention_layers)
+    busiest = (0.0, 0.0)
+    for rank in range(cp):
+        layout = ContextLayout(seq_len_of(cfg), cp, rank)
+        sliding = sum(n * halo_bytes(layout, w, row_bytes) for w, n in windows.items() if w is not None)
+        whole = windows[None] * gather_bytes(layout, row_bytes)
+        busiest = max(busiest, (sliding, whole), key=sum)
+    exchanges = 2 * (1.5 if cfg.train.activation_checkpointing else 1) * cfg.train.grad_accum_steps
+    return {"sliding": busiest[0] * exchanges, "global": busiest[1] * exchanges}
+
+
+def pipeline_bytes_per_step(cfg: Config, element_bytes: int) -> float:
+    """Bytes a GPU of a middle pipeline stage sends per step: each micro-batch's hidden states (all residual
+    streams, and the input embeddings the last stage's MTP reads: kmodel.parallel.pipeline) to the next stage in
+    forward and their gradient to the previous one in backward, once per chunk it holds. None without a pipeline."""
+    p, m = cfg.parallel, cfg.model
+    if p.pipeline_parallel_size == 1:
+        return 0.0
+    streams = m.hc_mult + (1 if m.num_nextn_predict_layers else 0)
+    hidden = tokens_per_rank(cfg) * m.hidden_size * streams * element_bytes
+    return 2 * p.pipeline_virtual_stages * cfg.train.grad_accum_steps * hidden
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One pipeline stage as planned: its chunks' layers, the memory of each of its GPUs, the micro-batches
+    of activations it keeps in flight and its busy time per step (compute, all-to-all, context and pipeline
+    exchanges of all micro-batches)."""
+
+    layers: tuple[range, ...]
+    memory: Memory
+    in_flight: float
+    busy_s: float
 
 
 @dataclass(frozen=True)
@@ -548,6 +606,11 @@ class Plan:
     kv_cache_bytes_per_seq: float
     newton_schulz_flops: float = 0.0  # Muon, per GPU per step (in compute_s)
     muon_exchange_bytes: float = 0.0  # Muon's owner exchange, per GPU per step (in comm_s)
+    context_bytes: dict[str, float] = field(default_factory=dict)  # CP halo ("sliding") / gather ("global") per step
+    pipeline_bytes: float = 0.0  # point-to-point sends per GPU per step (in comm_s)
+    bubble_fraction: float = 0.0  # pipeline idle time over busy time
+    bubble_s: float = 0.0  # pipeline idle time per step (in step_s)
+    stages: tuple[Stage, ...] = ()  # one per pipeline stage; `memory` is the largest stage's
 
     @property
     def fits(self) -> bool:
@@ -570,7 +633,8 @@ def kv_cache_bytes(cfg: ModelConfig, context: int, element_bytes: int = 2) -> fl
 
 def _bandwidth(group: int, contiguous: bool, cluster: Cluster) -> float:
     """Bytes/s per GPU for a collective over `group` ranks: NVLink if the group stays inside one node.
-    Expert-parallel groups are consecutive ranks; data-parallel groups stride across them."""
+    Expert-parallel, context-parallel groups and a pipeline stage's ranks are consecutive ranks; data-parallel
+    groups without a pipeline stride across all of them."""
     inside = group <= cluster.gpus_per_node if contiguous else cluster.world_size <= cluster.gpus_per_node
     return (cluster.gpu.nvlink_gbps if inside else cluster.gpu.network_gbps) * 1e9
 
@@ -586,7 +650,10 @@ def offload_seconds(memory: Memory, assume: Assumptions) -> float:
 
 def make_plan(cfg: Config, cluster: Cluster, assume: Assumptions | None = None, token_budget: float | None = None) -> Plan:
     """The per-GPU memory, communication and time of running `cfg` on `cluster` (does not raise on misfit;
-    `check_fits` does)."""
+    `check_fits` does). Under pipeline parallelism every stage is planned: the largest stage's memory decides
+    the fit, the busiest stage paces the pipeline."""
+    from kmodel.parallel import pipeline_split  # it builds on this module's pieces and memory model
+
     p, t, m = cfg.parallel, cfg.train, cfg.model
     world = cluster.world_size
     _check_layout(cfg, world)
@@ -594,46 +661,72 @@ def make_plan(cfg: Config, cluster: Cluster, assume: Assumptions | None = None, 
         assume = Assumptions.for_config(cfg)
     counts = parameter_counts(m)
     fused_loss = uses_fused_loss(cfg)
-    memory = memory_per_gpu(cfg, world, assume, fused_loss=fused_loss)
-    ep = p.expert_parallel_size
+    ep, pp, cp, v = p.expert_parallel_size, p.pipeline_parallel_size, p.context_parallel_size, p.pipeline_virtual_stages
+    stage_size, micro_batches = world // pp, t.grad_accum_steps
+    try:
+        split = pipeline_split.check_pipeline(cfg)
+    except pipeline_split.PipelineSplitError as error:
+        raise PlanError(str(error)) from None
     seq = seq_len_of(cfg)
-    tokens_per_gpu = t.micro_batch_size * t.grad_accum_steps * seq
-    tokens_per_step = tokens_per_gpu * world
+    tokens_per_step = t.micro_batch_size * micro_batches * (world // (pp * cp)) * seq
+    rate = cluster.gpu.peak_tflops * 1e12 * assume.kernel_efficiency
+    recompute = 4 / 3 if t.activation_checkpointing else 1  # recompute = one more forward
+    element_bytes = assume.param_bytes
+    pipeline_bytes = pipeline_bytes_per_step(cfg, element_bytes)
+    pipeline_s = pipeline_bytes / _bandwidth(world, False, cluster)  # some stage boundary crosses nodes if any can
 
-    flops = model_flops_per_token(m, seq)
-    hardware_flops = flops * (4 / 3 if t.activation_checkpointing else 1)  # recompute = one more forward
-    ns_flops = newton_schulz_flops_per_gpu(cfg, world)
-    compute_s = (tokens_per_gpu * hardware_flops + ns_flops) / (cluster.gpu.peak_tflops * 1e12 * assume.kernel_efficiency)
-
-    dense_bytes = zero_bytes_per_step(counts.dense, world, p.zero_stage, t.grad_accum_steps, assume.grad_bytes)
-    expert_bytes = zero_bytes_per_step(
-        counts.expert / ep, world // ep, p.zero_stage, t.grad_accum_steps, assume.grad_bytes
-    )
-    a2a_bytes = all_to_all_bytes_per_step(cfg, assume.param_bytes)
+    stages, extra_s, parts = [], [], []
+    for index, pieces in enumerate(pipeline_split.stage_pieces(cfg, split, pp)):
+        in_flight = pipeline_split.micro_batches_in_flight(pp, v, index, micro_batches)
+        memory = pieces_memory(cfg, stage_size, assume, pieces, fused_loss=fused_loss, in_flight=in_flight)
+        compute = micro_batches * tokens_per_rank(cfg) * sum(x.flops_per_token for x in pieces) * recompute / rate
+        a2a = all_to_all_bytes_per_step(cfg, element_bytes, sum(1 for x in pieces if x.expert))
+        context = context_bytes_per_step(cfg, element_bytes, [x.attention_of for x in pieces if x.attention_of is not None])
+        dense, expert = sum(x.dense for x in pieces), sum(x.expert for x in pieces)
+        zero_dense = zero_bytes_per_step(dense, stage_size, p.zero_stage, micro_batches, assume.grad_bytes)
+        zero_expert = zero_bytes_per_step(expert / ep, stage_size // ep, p.zero_stage, micro_batches, assume.grad_bytes)
+        exchanges = a2a / _bandwidth(ep, True, cluster) + sum(context.values()) / _bandwidth(cp, True, cluster)
+        busy = compute + exchanges + pipeline_s  # exchanges sit on the critical path
+        chunks = tuple(split[c] for c in range(index, len(split), pp))
+        stages.append(Stage(chunks, memory, in_flight, busy))
+        # each stage reduces its own weights over its replicas, partly behind compute
+        zero_s = (zero_dense + zero_expert) / _bandwidth(stage_size, True, cluster)
+        extra_s.append(zero_s * (1 - assume.zero_overlap) + offload_seconds(memory, assume))
+        parts.append({"compute": compute, "a2a": a2a, "a2a_s": a2a / _bandwidth(ep, True, cluster),
+                      "zero_dense": zero_dense, "zero_expert": zero_expert, **context})
+    pace = max(range(pp), key=lambda i: stages[i].busy_s)  # the busiest stage sets the pipeline's rhythm
+    bubble = pipeline_split.bubble_fraction(pp, v, micro_batches)
+    bubble_s = bubble * stages[pace].busy_s
     muon_bytes = muon_exchange_bytes(cfg, world)
-    zero_s = muon_bytes / _bandwidth(world, False, cluster) + dense_bytes / _bandwidth(world, False, cluster) + expert_bytes / _bandwidth(world // ep, False, cluster)
-    a2a_s = a2a_bytes / _bandwidth(ep, True, cluster)
-    comm_s = zero_s * (1 - assume.zero_overlap) + a2a_s  # all-to-all sits on the critical path
-    comm_s += offload_seconds(memory, assume)
-    step_s = compute_s + comm_s
+    muon_s = muon_bytes / _bandwidth(stage_size, True, cluster) * (1 - assume.zero_overlap)
+    ns_flops = newton_schulz_flops_per_gpu(cfg, world)
+    compute_s = parts[pace]["compute"] + ns_flops / rate
+    comm_s = stages[pace].busy_s - parts[pace]["compute"] + max(extra_s) + muon_s
+    step_s = compute_s + comm_s + bubble_s
     # Routing imbalance: under EP every rank waits for the one whose experts got the most tokens; with the
     # busiest expert at IMBALANCE x the mean load, that rank's routed-expert compute and all-to-all traffic grow
     # by as much. Without EP each rank runs all experts on its own tokens: the same work however they route.
     routed_share = 2 * counts.active_expert / (2 * counts.matmul_active + attention_flops_per_token(m, seq))
-    imbalanced_step_s = step_s + (IMBALANCE - 1) * (compute_s * routed_share + a2a_s) * (ep > 1)
-    mfu = tokens_per_gpu * flops / step_s / (cluster.gpu.peak_tflops * 1e12)
+    imbalanced_step_s = step_s + (IMBALANCE - 1) * (compute_s * routed_share + parts[pace]["a2a_s"]) * (ep > 1)
+    flops = model_flops_per_token(m, seq)
+    mfu = tokens_per_step * flops / world / step_s / (cluster.gpu.peak_tflops * 1e12)
     tokens_per_day = tokens_per_step / step_s * 86400
     budget = token_budget if token_budget is not None else float(t.max_steps * tokens_per_step)
+    largest = max(stages, key=lambda x: x.memory.total)
+
+    def most(key: str) -> float:
+        return max(part[key] for part in parts)
+
     return Plan(
         cluster=cluster,
         assumptions=assume,
         counts=counts,
-        memory=memory,
+        memory=largest.memory,
         usable_bytes=cluster.gpu.memory_bytes * assume.memory_headroom,
-        zero_dense_bytes=dense_bytes,
-        zero_expert_bytes=expert_bytes,
-        all_to_all_bytes=a2a_bytes,
-        global_batch=t.micro_batch_size * t.grad_accum_steps * world,
+        zero_dense_bytes=most("zero_dense"),
+        zero_expert_bytes=most("zero_expert"),
+        all_to_all_bytes=most("a2a"),
+        global_batch=t.micro_batch_size * micro_batches * (world // (pp * cp)),
         tokens_per_step=tokens_per_step,
         compute_s=compute_s,
         comm_s=comm_s,
@@ -645,6 +738,11 @@ def make_plan(cfg: Config, cluster: Cluster, assume: Assumptions | None = None, 
         kv_cache_bytes_per_seq=kv_cache_bytes(m, m.max_position_embeddings),
         newton_schulz_flops=ns_flops,
         muon_exchange_bytes=muon_bytes,
+        context_bytes={"sliding": most("sliding"), "global": most("global")},
+        pipeline_bytes=pipeline_bytes,
+        bubble_fraction=bubble,
+        bubble_s=bubble_s,
+        stages=tuple(stages),
     )
 
 
@@ -654,11 +752,36 @@ def uses_fused_loss(cfg: Config) -> bool:
 
 
 def _check_layout(cfg: Config, world: int) -> None:
-    ep = cfg.parallel.expert_parallel_size
-    if world % ep:
-        raise PlanError(f"parallel.expert_parallel_size ({ep}) does not divide the {world} GPUs")
+    p = cfg.parallel
+    ep, cp, pp = p.expert_parallel_size, p.context_parallel_size, p.pipeline_parallel_size
+    if world % (cp * pp):
+        raise PlanError(f"parallel.context_parallel_size ({cp}) x pipeline_parallel_size ({pp}) does not divide the "
+                        f"{world} GPUs")
+    if (world // pp) % ep:
+        raise PlanError(f"parallel.expert_parallel_size ({ep}) does not divide the {world // pp} GPUs of a pipeline "
+                        f"stage ({world} / pipeline_parallel_size {pp})")
     if cfg.model.num_experts and cfg.model.num_experts % ep:
         raise PlanError(f"parallel.expert_parallel_size ({ep}) does not divide model.num_experts ({cfg.model.num_experts})")
+    if cp > 1 and seq_len_of(cfg) % (2 * cp):
+        raise PlanError(f"parallel.context_parallel_size ({cp}) cuts each sequence into {2 * cp} zigzag chunks, which "
+                        f"must divide the sequence length ({seq_len_of(cfg)})")
+    refusal = _engine_refusal(cfg)
+    if refusal:
+        raise PlanError(refusal)
+
+
+def _engine_refusal(cfg: Config) -> str | None:
+    """Why the engine refuses the layout (context parallelism: context_parallel.check_supported; the pipeline:
+    pipeline.check_engine_layout), or None."""
+    try:
+        context_parallel.check_supported(cfg)
+        if cfg.parallel.pipeline_parallel_size > 1:
+            from kmodel.parallel.pipeline import check_engine_layout  # the engine (DeepSpeed): only for a pipeline
+
+            check_engine_layout(cfg)
+    except ValueError as error:
+        return str(error)
+    return None
 
 
 def with_parallel(cfg: Config, world: int, **changes) -> Config:
@@ -742,23 +865,35 @@ def plan_json(plan: Plan, cfg: Config) -> dict:
     """The plan as `kmodel plan --json` prints it: bytes and seconds per GPU, categories as the trainer's
     `{"kind": "memory"}` records name them."""
     p, mem, a = cfg.parallel, plan.memory, plan.assumptions
+    world, pp = plan.cluster.world_size, p.pipeline_parallel_size
     return {
         "recipe": cfg.name,
         "cluster": {"nodes": plan.cluster.nodes, "gpus_per_node": plan.cluster.gpus_per_node,
-                    "gpu": plan.cluster.gpu.name, "world_size": plan.cluster.world_size},
+                    "gpu": plan.cluster.gpu.name, "world_size": world},
         "parallel": {"zero_stage": p.zero_stage, "expert_parallel_size": p.expert_parallel_size,
-                     "expert_data_parallel_size": plan.cluster.world_size // p.expert_parallel_size,
+                     "expert_data_parallel_size": world // pp // p.expert_parallel_size,
+                     "data_parallel_size": world // (pp * p.context_parallel_size),
+                     "context_parallel_size": p.context_parallel_size, "pipeline_parallel_size": pp,
+                     "pipeline_schedule": p.pipeline_schedule, "pipeline_virtual_stages": p.pipeline_virtual_stages,
                      "micro_batch_size": cfg.train.micro_batch_size, "grad_accum_steps": cfg.train.grad_accum_steps,
                      "activation_checkpointing": cfg.train.activation_checkpointing,
                      "offload_optimizer": p.offload_optimizer, "offload_params": p.offload_params},
         "memory_bytes": {**mem.by_category(), "total": mem.total, "usable": plan.usable_bytes,
                          "cpu_offloaded": mem.cpu_offloaded},
         "fits": plan.fits,
+        "pipeline": {"bubble_fraction": plan.bubble_fraction,
+                     "stages": [{"layers": [[r.start, r.stop] for r in stage.layers],
+                                 "micro_batches_in_flight": stage.in_flight, "busy_s": stage.busy_s,
+                                 "memory_bytes": {**stage.memory.by_category(), "total": stage.memory.total}}
+                                for stage in plan.stages]},
         "communication_bytes": {"zero_dense": plan.zero_dense_bytes, "zero_expert": plan.zero_expert_bytes,
                                 "expert_all_to_all": plan.all_to_all_bytes,
-                                "muon_exchange": plan.muon_exchange_bytes},
-        "time_s": {"compute": plan.compute_s, "exposed_communication": plan.comm_s, "step": plan.step_s,
-                   f"step_busiest_expert_{IMBALANCE}x": plan.imbalanced_step_s},
+                                "muon_exchange": plan.muon_exchange_bytes,
+                                "context_halo": plan.context_bytes["sliding"],
+                                "context_gather": plan.context_bytes["global"],
+                                "pipeline_p2p": plan.pipeline_bytes},
+        "time_s": {"compute": plan.compute_s, "exposed_communication": plan.comm_s, "pipeline_bubble": plan.bubble_s,
+                   "step": plan.step_s, f"step_busiest_expert_{IMBALANCE}x": plan.imbalanced_step_s},
         "newton_schulz_flops": plan.newton_schulz_flops,
         "mfu": plan.mfu,
         "tokens_per_step": plan.tokens_per_step,
@@ -784,23 +919,49 @@ def _kv_cache_layers(m: ModelConfig, context: int) -> str:
     return kept + (f", full layers ({full}) all {context}" if full else "")
 
 
+def _largest_stage(plan: Plan) -> int:
+    return max(range(len(plan.stages)), key=lambda i: plan.stages[i].memory.total)
+
+
+def _pipeline_lines(plan: Plan, cfg: Config) -> list[str]:
+    """The pipeline's schedule, bubble and stages (none without a pipeline)."""
+    p, m = cfg.parallel, cfg.train.grad_accum_steps
+    if p.pipeline_parallel_size == 1:
+        return []
+    lines = [f"pipeline: {p.pipeline_parallel_size} stages x {p.pipeline_virtual_stages} chunk(s), {p.pipeline_schedule}, "
+             f"{m} micro-batches; bubble (p - 1) / (v m) = {plan.bubble_fraction * 100:.1f}% "
+             f"({'parallel.pipeline_layers' if p.pipeline_layers else 'cost-model split'})"]
+    for index, stage in enumerate(plan.stages):
+        layers = ", ".join(f"{r.start}-{r.stop - 1}" for r in stage.layers)
+        ends = ("embedding + " if index == 0 else "") + f"layers {layers}" + (
+            " + head/MTP" if index == len(plan.stages) - 1 else "")
+        lines.append(f"  stage {index}: {ends}; {stage.memory.total / GiB:.2f} GiB, {stage.in_flight:g} micro-batches "
+                     f"in flight, busy {stage.busy_s:.3f} s")
+    return lines
+
+
 def format_plan(plan: Plan, cfg: Config) -> str:
     c, mem, a, g = plan.counts, plan.memory, plan.assumptions, GiB
     p = cfg.parallel
+    world, pp, cp = plan.cluster.world_size, p.pipeline_parallel_size, p.context_parallel_size
     lines = [
         f"plan: {cfg.name} on {plan.cluster.nodes} node(s) x {plan.cluster.gpus_per_node} {plan.cluster.gpu.name} "
-        f"= {plan.cluster.world_size} GPUs; ZeRO-{p.zero_stage}, EP {p.expert_parallel_size}, "
-        f"data-parallel {plan.cluster.world_size}, expert-data-parallel {plan.cluster.world_size // p.expert_parallel_size}",
+        f"= {world} GPUs; ZeRO-{p.zero_stage}, EP {p.expert_parallel_size}, "
+        f"data-parallel {world // (pp * cp)}, context-parallel {cp}, pipeline {pp}, "
+        f"expert-data-parallel {world // pp // p.expert_parallel_size}",
         f"parameters: total {_count(c.total)} (dense {_count(c.dense)}, routed experts {_count(c.expert)}), "
         f"active per token {_count(c.active)}",
         f"global batch {plan.global_batch} sequences = {plan.tokens_per_step:,} tokens per step",
-        "memory per GPU:",
+        *_pipeline_lines(plan, cfg),
+        "memory per GPU" + (f" (the largest stage, {_largest_stage(plan)}):" if pp > 1 else ":"),
         f"  parameters        {mem.params / g:9.2f} GiB",
         f"  gradients         {mem.grads / g:9.2f} GiB",
         f"  optimizer states  {mem.optimizer / g:9.2f} GiB",
         f"  activations       {mem.activations / g:9.2f} GiB"
-        f"  (micro-batch {cfg.train.micro_batch_size} x {seq_len_of(cfg)}, checkpointing "
-        f"{'on' if cfg.train.activation_checkpointing else 'off'})",
+        f"  (micro-batch {cfg.train.micro_batch_size} x {seq_len_of(cfg)}"
+        + (f" / CP {cp} = {tokens_per_rank(cfg)} tokens" if cp > 1 else "")
+        + (f", {plan.stages[_largest_stage(plan)].in_flight:g} in flight" if pp > 1 else "")
+        + f", checkpointing {'on' if cfg.train.activation_checkpointing else 'off'})",
         f"  total             {mem.total / g:9.2f} GiB of {plan.usable_bytes / g:.2f} usable"
         + (f"; {mem.cpu_offloaded / g:.2f} GiB offloaded to CPU" if mem.cpu_offloaded else ""),
         f"  inference KV cache per {cfg.model.max_position_embeddings}-token sequence: "
@@ -810,8 +971,12 @@ def format_plan(plan: Plan, cfg: Config) -> str:
         f"  ZeRO dense        {plan.zero_dense_bytes / g:9.2f} GiB",
         f"  ZeRO experts      {plan.zero_expert_bytes / g:9.2f} GiB",
         f"  EP all-to-all     {plan.all_to_all_bytes / g:9.2f} GiB",
-        f"time: compute {plan.compute_s:.3f} s + exposed communication {plan.comm_s:.3f} s = step {plan.step_s:.3f} s; "
-        f"MFU {plan.mfu * 100:.1f}%",
+        *([f"  CP halo (sliding) {plan.context_bytes['sliding'] / g:9.2f} GiB",
+           f"  CP gather (global){plan.context_bytes['global'] / g:9.2f} GiB"] if cp > 1 else []),
+        *([f"  pipeline p2p      {plan.pipeline_bytes / g:9.2f} GiB"] if pp > 1 else []),
+        f"time: compute {plan.compute_s:.3f} s + exposed communication {plan.comm_s:.3f} s"
+        + (f" + pipeline bubble {plan.bubble_s:.3f} s" if pp > 1 else "")
+        + f" = step {plan.step_s:.3f} s; MFU {plan.mfu * 100:.1f}%",
         f"  routing imbalance: {plan.imbalanced_step_s:.3f} s per step when the busiest expert gets {IMBALANCE}x "
         f"the mean load (+{(plan.imbalanced_step_s / plan.step_s - 1) * 100:.0f}%)",
         f"throughput: {plan.tokens_per_day / 1e9:.2f} B tokens/day; {plan.token_budget / 1e12:.3f} T tokens in "
@@ -839,36 +1004,98 @@ def _powers_of_two_dividing(n: int) -> list[int]:
     return [d for d in (2**i for i in range(n.bit_length())) if n % d == 0]
 
 
+def _schedules(stages: int, layers: int) -> list[tuple[str, int]]:
+    """(schedule, chunks per stage) to try: 1F1B, and the interleaved schedule with 2 chunks where layers allow."""
+    if stages == 1:
+        return [("1f1b", 1)]
+    return [("1f1b", 1)] + ([("interleaved_1f1b", 2)] if 2 * stages <= layers else [])
+
+
+MIN_CONTEXT_TOKENS = 1024  # the search's shortest per-rank slice of a sequence under context parallelism
+
+
+def _layouts(cfg: Config, world: int) -> list[tuple[dict, tuple[str, ...]]]:
+    """The (pipeline, context, expert) layouts of `world` GPUs the search tries, with their --set overrides;
+    each still to be combined with a ZeRO stage, micro-batch, checkpointing and offload."""
+    m, p = cfg.model, cfg.parallel
+    seq = seq_len_of(cfg)
+    pinned = p.pipeline_layers is not None
+    layouts = []
+    for pp in (d for d in _powers_of_two_dividing(world) if d <= m.num_hidden_layers):
+        for cp in (c for c in _powers_of_two_dividing(world // pp) if c == 1 or seq % (2 * c) == 0 and seq // c >= MIN_CONTEXT_TOKENS):
+            for schedule, virtual in _schedules(pp, m.num_hidden_layers):
+                change = {"pipeline_parallel_size": pp, "context_parallel_size": cp, "pipeline_schedule": schedule,
+                          "pipeline_virtual_stages": virtual}
+                sets = (f"parallel.pipeline_parallel_size={pp}", f"parallel.context_parallel_size={cp}",
+                        f"parallel.pipeline_schedule={schedule}", f"parallel.pipeline_virtual_stages={virtual}")
+                if pinned and (pp, virtual) != (p.pipeline_parallel_size, p.pipeline_virtual_stages):
+                    change["pipeline_layers"] = None  # the recipe's split is for its own stages: the cost model's here
+                    sets += ("parallel.pipeline_layers=null",)
+                layouts.append((change, sets))
+    return layouts
+
+
 def search(cfg: Config, cluster: Cluster, assume: Assumptions | None = None) -> list[Candidate]:
-    """Every layout of the same global batch on `cluster` that fits, fastest first: EP size (dividing experts
-    and GPUs; 1 = plain data parallelism), ZeRO stage (3 only without EP, which the engine refuses), micro-batch
-    (a power of two dividing the per-GPU batch; accumulation makes up the rest), activation checkpointing and
-    optimizer offload. kmodel has no pipeline or context parallelism, so there is nothing more to enumerate."""
+    """Every layout of the same global batch on `cluster` that fits, fastest first: pipeline stages (powers of two
+    up to the layers; 1F1B, and interleaved with 2 chunks per stage), context-parallel size (powers of two whose
+    2 CP chunks divide the sequence, each rank keeping at least MIN_CONTEXT_TOKENS of it), EP size (dividing
+    experts and a stage's GPUs; 1 = plain data parallelism), ZeRO stage (3 only without EP or a pipeline, 2 only
+    without a pipeline: it would reduce-scatter every micro-batch), micro-batch (a power of two dividing the
+    per-replica batch; accumulation makes up the rest, at least one micro-batch per stage), activation
+    checkpointing and optimizer offload (each tried only where the layout does not fit without it: they only
+    add time)."""
     world, t = cluster.world_size, cfg.train
-    global_batch = t.micro_batch_size * t.grad_accum_steps * cfg.parallel.world_size
-    if global_batch % world:
-        raise PlanError(f"the global batch of {global_batch} sequences does not split over {world} GPUs; "
-                        "change train.grad_accum_steps or the cluster")
-    per_gpu = global_batch // world
-    found = []
-    for ep in [1, *_ep_choices(cfg.model.num_experts, world)]:
-        for stage in (1, 2, 3) if ep == 1 else (1, 2):
-            for micro in _powers_of_two_dividing(per_gpu):
-                for checkpointing in (False, True):
-                    for offload in (False, True):
-                        change = {"expert_parallel_size": ep, "zero_stage": stage, "micro_batch_size": micro,
-                                  "grad_accum_steps": per_gpu // micro, "activation_checkpointing": checkpointing,
-                                  "offload_optimizer": offload}
-                        layout = with_parallel(cfg, world, **change)
-                        plan = make_plan(layout, cluster, assume)
-                        if plan.fits:
-                            sets = (f"parallel.world_size={world}", f"parallel.expert_parallel_size={ep}",
-                                    f"parallel.zero_stage={stage}", f"train.micro_batch_size={micro}",
-                                    f"train.grad_accum_steps={per_gpu // micro}",
-                                    f"train.activation_checkpointing={str(checkpointing).lower()}",
-                                    f"parallel.offload_optimizer={str(offload).lower()}")
-                            found.append(Candidate(sets, layout, plan))
+    global_batch = t.micro_batch_size * t.grad_accum_steps * cfg.parallel.data_parallel_size
+    found, splits = [], False
+    for change, layout_sets in _layouts(cfg, world):
+        pp, cp, virtual = change["pipeline_parallel_size"], change["context_parallel_size"], change["pipeline_virtual_stages"]
+        replicas = world // (pp * cp)
+        if global_batch % replicas or _engine_refusal(with_parallel(cfg, world, **change, zero_stage=1,
+                                                                        offload_optimizer=False)):
+            continue
+        splits = True
+        per_replica = global_batch // replicas
+        for ep in [1, *_ep_choices(cfg.model.num_experts, world // pp)]:
+            for stage in (1, 2, 3) if ep == 1 and pp == 1 else (1, 2) if pp == 1 else (1,):
+                for micro in _powers_of_two_dividing(per_replica):
+                    accum = per_replica // micro
+                    if pp > 1 and (accum < pp or accum % pp and virtual > 1):
+                        continue
+                    base = {**change, "expert_parallel_size": ep, "zero_stage": stage, "micro_batch_size": micro,
+                            "grad_accum_steps": accum}
+                    for checkpointing, offload, layout, plan in _fitting(cfg, world, cluster, assume, base):
+                        sets = (f"parallel.world_size={world}", f"parallel.expert_parallel_size={ep}",
+                                f"parallel.zero_stage={stage}", f"train.micro_batch_size={micro}",
+                                f"train.grad_accum_steps={accum}",
+                                f"train.activation_checkpointing={str(checkpointing).lower()}",
+                                f"parallel.offload_optimizer={str(offload).lower()}", *layout_sets)
+                        found.append(Candidate(sets, layout, plan))
+    if not splits:
+        raise PlanError(f"the global batch of {global_batch} sequences does not split over the data-parallel ranks of "
+                        f"any layout of {world} GPUs; change train.grad_accum_steps or the cluster")
     return sorted(found, key=lambda c: (c.plan.step_s, c.plan.memory.total))
+
+
+def _fitting(cfg: Config, world: int, cluster: Cluster, assume: Assumptions | None, base: dict
+             ) -> list[tuple[bool, bool, Config, Plan]]:
+    """The (activation checkpointing, optimizer offload) settings under which the layout `base` fits, with the
+    layout and its plan, leaving out those a fitting cheaper setting dominates: neither first, then each alone,
+    then both. Offload needs ZeRO >= 1 and AdamW (DeepSpeed's CPU Adam); layouts the engine refuses are left out."""
+    can_offload = base["zero_stage"] >= 1 and cfg.train.optimizer != "muon"
+
+    def planned(checkpointing: bool, offload: bool) -> list[tuple[bool, bool, Config, Plan]]:
+        layout = with_parallel(cfg, world, **base, activation_checkpointing=checkpointing, offload_optimizer=offload)
+        try:
+            plan = make_plan(layout, cluster, assume)
+        except PlanError:
+            return []
+        return [(checkpointing, offload, layout, plan)] if plan.fits else []
+
+    for tries in ([(False, False)], [(True, False)] + [(False, True)] * can_offload, [(True, True)] * can_offload):
+        fitting = [entry for setting in tries for entry in planned(*setting)]
+        if fitting:
+            return fitting
+    return []
 
 
 def format_search(found: list[Candidate], cfg: Config, cluster: Cluster, limit: int = 10) -> str:

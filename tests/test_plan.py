@@ -30,6 +30,7 @@ from kmodel.plan import (
 TINY = "recipes/tiny-ko-moe.yaml"
 TINY_MLA = "recipes/tiny/deepseek-v3.yaml"
 KEXAONE = "recipes/k-exaone-236b-a23b-multinode.yaml"
+NO_PIPELINE = ["parallel.pipeline_parallel_size=1", "parallel.pipeline_schedule=1f1b", "parallel.pipeline_virtual_stages=1"]
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
 # vocab 16, hidden 8, 1 dense layer, 2 q heads / 1 kv head of 4, SwiGLU 16, untied, no QK-norm:
@@ -204,14 +205,16 @@ def test_plan_time_is_consistent():
     cfg = load_config("recipes/moe-30b-a3b-multinode.yaml")
     plan = make_plan(cfg, Cluster(2))
     assert plan.fits
-    assert plan.step_s == pytest.approx(plan.compute_s + plan.comm_s)
+    assert plan.step_s == pytest.approx(plan.compute_s + plan.comm_s + plan.bubble_s)
+    assert plan.bubble_s == pytest.approx(plan.bubble_fraction * max(s.busy_s for s in plan.stages)) and plan.bubble_s > 0
     assert plan.tokens_per_day == pytest.approx(plan.tokens_per_step / plan.step_s * 86400)
     assert 0 < plan.mfu < plan.assumptions.kernel_efficiency  # recompute and communication cost something
     assert plan.days == pytest.approx(plan.token_budget / plan.tokens_per_day)
 
 
 def test_k_exaone_on_one_node_fails_with_a_suggestion():
-    cfg = load_config(KEXAONE, ["parallel.world_size=8", "parallel.expert_parallel_size=8", "parallel.zero_stage=1"])
+    cfg = load_config(KEXAONE, ["parallel.world_size=8", "parallel.expert_parallel_size=8", "parallel.zero_stage=1",
+                                *NO_PIPELINE])
     plan = make_plan(cfg, Cluster(1))
     with pytest.raises(PlanError, match=r"does not fit on 1 node.*over by [\d.]+ GiB; the largest category is optimizer.*--nodes \d+"):
         check_fits(plan, cfg)
@@ -223,11 +226,12 @@ def test_plan_cli(capsys):
     out = capsys.readouterr().out
     for word in ("optimizer states", "activations", "EP all-to-all", "MFU", "tokens/day", "days", "fits: yes"):
         assert word in out
+    no_pipeline = [arg for o in NO_PIPELINE for arg in ("--set", o)]
     assert main(["plan", KEXAONE, "--nodes", "1", "--set", "parallel.expert_parallel_size=8",
-                 "--set", "parallel.zero_stage=1"]) == 2
+                 "--set", "parallel.zero_stage=1", *no_pipeline]) == 2
     assert "does not fit" in capsys.readouterr().err
     assert main(["plan", KEXAONE, "--nodes", "3", "--set", "parallel.expert_parallel_size=64",
-                 "--set", "parallel.zero_stage=1"]) == 2  # 24 GPUs: EP 64 does not divide them
+                 "--set", "parallel.zero_stage=1", *no_pipeline]) == 2  # 24 GPUs: EP 64 does not divide them
     assert "expert_parallel_size (64) does not divide world_size (24)" in capsys.readouterr().err
 
 
@@ -411,7 +415,7 @@ def test_k_exaone_expert_state_is_sharded_over_expert_data_parallel_ranks():
     """The recipe's EP 64 on 256 GPUs: each rank keeps 1/4 of its experts' fp32 masters and moments (the
     expert optimizer shards them over the 4 ranks holding the same experts); unsharded it would need ~99 GiB."""
     cfg = load_config(KEXAONE, ["parallel.expert_parallel_size=64", "parallel.zero_stage=1", "train.micro_batch_size=1",
-                                "train.grad_accum_steps=4"])
+                                "train.grad_accum_steps=4", *NO_PIPELINE])
     counts = parameter_counts(cfg.model)
     memory = make_plan(cfg, Cluster(32)).memory
     assert memory.optimizer == pytest.approx((counts.dense / 256 + counts.expert / 64 / 4) * 12)
@@ -435,8 +439,8 @@ def test_search_ranks_layouts_that_fit_and_their_overrides_select_them():
     for c in (found[0], found[-1]):  # the overrides reproduce the plan, with the recipe's global batch
         chosen = load_config(recipe, list(c.overrides))
         assert make_plan(chosen, Cluster(2)).step_s == pytest.approx(c.plan.step_s)
-        assert chosen.train.micro_batch_size * chosen.train.grad_accum_steps * 16 == (
-            cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.parallel.world_size)
+        assert chosen.train.micro_batch_size * chosen.train.grad_accum_steps * chosen.parallel.data_parallel_size == (
+            cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.parallel.data_parallel_size)
 
 
 @pytest.mark.parametrize("recipe, nodes", [(KEXAONE, 32), ("recipes/moe-30b-a3b-multinode.yaml", 2)])

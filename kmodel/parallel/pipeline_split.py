@@ -170,6 +170,9 @@ class _Extras:
     once: float = 0.0
 
 
+_FASTEST: dict[tuple, float] = {}  # see _Costs.fastest
+
+
 class _Costs:
     """Per-layer time and memory of one recipe's chunks, as prefix sums, for the bottleneck search."""
 
@@ -178,7 +181,7 @@ class _Costs:
         pieces = model_pieces(cfg)
         cost = _piece_cost(cfg, stages)
         layer_costs = [cost([x]) for x in pieces[1 : 1 + self.n]]
-        first, last = cost(pieces[:1]), cost(pieces[1 + self.n :] + _shared_embedding(cfg, pieces))
+        first, last = cost(pieces[:1]), cost(pieces[1 + self.n :])
         self.extras = [first] + [_Extras()] * (self.chunks - 2) + [last]
         self.flops = _prefix([c.flops for c in layer_costs])
         self.fixed = _prefix([c.fixed for c in layer_costs])
@@ -199,62 +202,75 @@ class _Costs:
     def greedy(self, max_time: float, max_memory: float) -> list[int] | None:
         """Layers per chunk when each chunk in turn takes as many layers as fit under both bounds (leaving one for
         every later chunk), or None when the last chunk then exceeds them. Optimal for feasibility: any split
-        within the bounds ends each chunk no later than this one does."""
+        within the bounds ends each chunk no later than this one does. (The search's inner loop: kept flat.)"""
+        flops, fixed, per_micro_batch, layer_once, n = self.flops, self.fixed, self.per_micro_batch, self.once, self.n
         counts, start = [], 0
         for chunk in range(self.chunks):
-            end_max = self.n - (self.chunks - chunk - 1)
-            end, once = start, 0.0
-            while end < end_max:
-                peak = max(once, self.once[end])
-                if chunk < self.chunks - 1 and not self._within(chunk, start, end + 1, peak, max_time, max_memory):
+            extra, in_flight, last = self.extras[chunk], self.in_flight[chunk], chunk == self.chunks - 1
+            time_left = max_time - extra.flops + flops[start]
+            memory_left = max_memory - extra.fixed + fixed[start] - in_flight * (extra.per_micro_batch - per_micro_batch[start])
+            end, once, fits = start, extra.once, False
+            for candidate in range(start + 1, (n if last else n - (self.chunks - chunk - 1)) + 1):
+                peak = max(once, layer_once[candidate - 1])
+                fits = flops[candidate] <= time_left and fixed[candidate] + in_flight * per_micro_batch[candidate] + peak <= memory_left
+                if not (fits or last):
                     break
-                end, once = end + 1, peak
-            if end == start or not self._within(chunk, start, end, once, max_time, max_memory):
+                end, once = candidate, peak
+            if end == start or (last and not fits):
                 return None
             counts.append(end - start)
             start = end
         return counts
 
-    def _within(self, chunk: int, i: int, j: int, once: float, max_time: float, max_memory: float) -> bool:
-        return self.time(chunk, i, j) <= max_time and self.memory(chunk, i, j, once) <= max_memory
-
-    def largest_memory(self, counts: list[int]) -> float:
-        worst, start = 0.0, 0
-        for chunk, count in enumerate(counts):
-            worst = max(worst, self.memory(chunk, start, start + count, max(self.once[start : start + count])))
-            start += count
-        return worst
-
     def best_counts(self, memory_limit: float | None) -> list[int]:
         # per chunk: 1/v of a stage's limit (the stage's v chunks together then fit)
         limit = float("inf") if memory_limit is None else memory_limit / self.virtual
-        times = sorted({self.time(c, i, j) for c in {0, 1, self.chunks - 1} for i in range(self.n)
-                        for j in range(i + 1, self.n + 1)})
-        best_time = _least(times, lambda t: self.greedy(t, limit) is not None)
-        if best_time is None:  # nothing fits the limit: the fastest split, least memory first
-            best_time = _least(times, lambda t: self.greedy(t, float("inf")) is not None)
-        bound = limit if self.greedy(best_time, limit) is not None else float("inf")
-        high = self.largest_memory(self.greedy(best_time, bound))
-        low = 0.0
-        for _ in range(60):  # bisect the least largest-chunk memory at the best time
-            middle = (low + high) / 2
-            if self.greedy(best_time, middle) is None:
-                low = middle
-            else:
-                high = middle
-        return self.greedy(best_time, high)
+        if self.greedy(float("inf"), limit) is None:  # nothing fits the limit: the fastest split, least memory first
+            limit = float("inf")
+        best_time = self.fastest(limit)
+        least_memory = _least(lambda m: self.greedy(best_time, m) is not None, self.largest(self.greedy(best_time, limit))[1])
+        return self.greedy(best_time, least_memory)
+
+    def fastest(self, limit: float) -> float:
+        """The least time of the slowest chunk; without a memory limit it depends on the FLOPs alone, so it is
+        kept for the other layouts a planner search tries."""
+        key = (tuple(self.flops), tuple(e.flops for e in self.extras)) if limit == float("inf") else None
+        if key in _FASTEST:
+            return _FASTEST[key]
+        best = self.largest(self.greedy(_least(lambda t: self.greedy(t, limit) is not None, self.longest()), limit))[0]
+        if key is not None:
+            if len(_FASTEST) > 4096:
+                _FASTEST.clear()
+            _FASTEST[key] = best
+        return best
+
+    def longest(self) -> float:
+        """An upper bound of any chunk's time: all layers and both ends."""
+        return self.flops[-1] + sum(e.flops for e in self.extras)
+
+    def largest(self, counts: list[int]) -> tuple[float, float]:
+        """The slowest chunk's time and the largest chunk's memory of a split."""
+        time = memory = 0.0
+        start = 0
+        for chunk, count in enumerate(counts):
+            end = start + count
+            time = max(time, self.time(chunk, start, end))
+            memory = max(memory, self.memory(chunk, start, end, max(self.once[start:end])))
+            start = end
+        return time, memory
 
 
-def _least(sorted_values: list[float], ok: Callable[[float], bool]) -> float | None:
-    """The least value for which `ok` holds, `ok` being monotone over the sorted values; None if none."""
-    low, high = 0, len(sorted_values)
-    while low < high:
-        middle = (low + high) // 2
-        if ok(sorted_values[middle]):
+def _least(ok: Callable[[float], bool], high: float) -> float:
+    """A bound within 1e-9 (relative) above the least one for which `ok` holds, `ok` being monotone and
+    holding at `high`: bisection, so the answer is the same on every machine."""
+    low = 0.0
+    while high - low > 1e-9 * high:
+        middle = (low + high) / 2
+        if ok(middle):
             high = middle
         else:
-            low = middle + 1
-    return sorted_values[low] if low < len(sorted_values) else None
+            low = middle
+    return high
 
 
 def _prefix(values: list[float]) -> list[float]:
@@ -262,15 +278,6 @@ def _prefix(values: list[float]) -> list[float]:
     for v in values:
         sums.append(sums[-1] + v)
     return sums
-
-
-def _shared_embedding(cfg: Config, pieces: list[Piece]) -> list[Piece]:
-    """The last stage's copy of the embedding: the tied LM head is that matrix, and MTP embeds the next tokens."""
-    m = cfg.model
-    if not (m.tie_word_embeddings or m.num_nextn_predict_layers):
-        return []
-    embedding = pieces[0]
-    return [Piece("embedding copy", 0.0, embedding.dense, 0, 0, 0, 0)]
 
 
 def _piece_cost(cfg: Config, stages: int) -> Callable[[list[Piece]], _Extras]:
@@ -289,9 +296,7 @@ def _piece_cost(cfg: Config, stages: int) -> Callable[[list[Piece]], _Extras]:
 
 
 def stage_pieces(cfg: Config, split: list[range], stages: int) -> list[list[Piece]]:
-    """The pieces each stage holds: its chunks c, c + p, ... (and the embedding copy on the last stage)."""
+    """The pieces each stage holds: its chunks c, c + p, ... (MTP reads the input embeddings, which travel with
+    the hidden states from the first stage: kmodel.parallel.pipeline)."""
     held = chunk_pieces(cfg, split)
-    per_stage = [[x for c in range(s, len(held), stages) for x in held[c]] for s in range(stages)]
-    if stages > 1:
-        per_stage[-1] += _shared_embedding(cfg, model_pieces(cfg))
-    return per_stage
+    return [[x for c in range(s, len(held), stages) for x in held[c]] for s in range(stages)]
