@@ -4,7 +4,7 @@
     DIR/metrics.jsonl    one JSON object per logged step, evaluation and checkpoint
     DIR/checkpoints/     step_NNNNNNN/ (see kmodel.checkpoint)
     DIR/plots/           PNG curves
-    DIR/ledger.jsonl     the provenance ledger (kmodel.provenance.ledger)
+    DIR/ledger.jsonl     the provenance ledger (kmodel.ledger)
     DIR/summary.txt      the end-of-run summary
     DIR/.lock            held by the process training in DIR
     DIR/run_id           a random id made at the first checkpoint; every checkpoint records it, so one copied

@@ -376,7 +376,7 @@ class PipelineTrainer(DeepSpeedTrainer):
     def start_ledger(self, resume: bool) -> None:
         """Rank 0 holds one stage, so the genesis hashes the whole initial model from its source, tensor by tensor:
         the seed (the verifier's own computation) or the checkpoint --init-from loaded."""
-        from kmodel.provenance.verify import initial_weights_sha256
+        from kmodel.ledger import initial_weights_sha256
 
         if self.rank != 0:
             return

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any
 
 from kmodel.data.shards import DOCS_SUFFIX, TOKENS_SUFFIX
-from kmodel.provenance.ledger import SOURCE_DIRS, source_root
+from kmodel.ledger import SOURCE_DIRS, source_root
 from kmodel.safe_path import python_command
 
 # Packages that ship model architectures or pretrained weights.

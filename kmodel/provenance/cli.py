@@ -278,7 +278,7 @@ def _add_sign(commands) -> None:
 
 
 def _run_sign(args) -> int:
-    from kmodel.provenance.ledger import sign_ledger
+    from kmodel.ledger import sign_ledger
 
     signature = sign_ledger(args.run_dir, args.key)
     print(f"signed record {signature['index']} ({signature['head_hash'][:16]}...) with key {signature['public_key']}")
@@ -297,7 +297,7 @@ def _add_keygen(commands) -> None:
 
 
 def _run_keygen(args) -> int:
-    from kmodel.provenance.ledger import generate_key
+    from kmodel.ledger import generate_key
 
     print(f"wrote {args.out}; public key {generate_key(args.out)}")
     return 0

@@ -27,7 +27,7 @@ import torch
 
 from kmodel.checkpoint import read_weights, save_checkpoint
 from kmodel.config import Config, config_from_dict
-from kmodel.provenance.ledger import (
+from kmodel.ledger import (
     BatchDigest,
     LedgerError,
     checkpoint_hashes,

@@ -15,7 +15,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from kmodel.provenance.ledger import LedgerError, checkpoint_records, read_records
+from kmodel.ledger import LedgerError, checkpoint_records, read_records
 from kmodel.provenance.verify import FAIL, PASS, SKIP, WARN, Check, verify_run
 from kmodel.rundir import METRICS_FILE
 

@@ -24,7 +24,6 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from kmodel.checkpoint import (
@@ -36,8 +35,8 @@ from kmodel.checkpoint import (
     verify_manifest,
 )
 from kmodel.config import ConfigError, config_from_dict
-from kmodel.hashing import merkle_root, sha256_file, sorted_weights_sha256
-from kmodel.provenance.ledger import (
+from kmodel.hashing import merkle_root, sha256_file
+from kmodel.ledger import (
     SIGNATURE_FILE,
     LedgerError,
     chain_problems,
@@ -45,11 +44,13 @@ from kmodel.provenance.ledger import (
     checkpoint_hashes,
     code_state,
     git_output,
+    initial_weights_sha256,
     read_records,
     source_root,
     superseded,
 )
 from kmodel.rundir import CONFIG_FILE, LEDGER_FILE, METRICS_FILE, RunDir, step_of
+from kmodel.train.run import config_changes
 
 PASS, FAIL, WARN, SKIP = "pass", "fail", "warn", "skip"
 # Hashes a checkpoint record pins, compared one by one so a report says which part differs.
@@ -191,17 +192,6 @@ def _code_check(genesis: dict[str, Any]) -> Check:
         return Check("code", WARN, f"commit {commit[:12]} is not in this checkout ({source_root()}){dirty}")
     return Check("code", WARN, f"the run used commit {commit[:12]}, which this checkout has, but the checkout is at "
                  f"{str(here.get('commit'))[:12]}{' with other uncommitted changes' if here.get('dirty') else ''}{dirty}")
-
-
-def initial_weights_sha256(cfg) -> str:
-    """The hash of the seed-derived initial weights, streamed tensor by tensor from a meta-device model:
-    memory stays at one tensor (one expert's for stacked experts) whatever the model size."""
-    from kmodel.model import Model
-    from kmodel.model.init import initial_state
-
-    with torch.device("meta"):
-        model = Model(cfg.model)
-    return sorted_weights_sha256(initial_state(model, cfg.seed, cfg.model.initializer_range))
 
 
 def _init_check(genesis: dict[str, Any], cfg) -> Check:
@@ -503,8 +493,6 @@ def _shown(key: str, value: Any) -> str:
 
 def _changes_check(link: dict[str, Any], records: list[dict[str, Any]] | None, newer_genesis: dict[str, Any]) -> Check:
     """What stage K+1's recipe changed from the one stage K's checkpoint was trained with, by kind."""
-    from kmodel.train.run import config_changes
-
     stage = link["stage"] + 1
     name = f"stage {stage} changes"
     if records is None:
@@ -518,7 +506,7 @@ def _changes_check(link: dict[str, Any], records: list[dict[str, Any]] | None, n
     roots = [(r[0].get("data_manifest") or {}).get("merkle_root") for r in (records, [newer_genesis])]
     if roots[0] != roots[1]:
         kinds.setdefault("data", []).append(f"data files Merkle root {str(roots[0])[:12]}... -> {str(roots[1])[:12]}...")
-    moments = {"kept": "kept", "reset": "reset"}.get((newer_genesis.get("init_from") or {}).get("optimizer"), "unknown")
+    moments = (newer_genesis.get("init_from") or {}).get("optimizer", "unknown")
     parts = [f"{kind}: {'; '.join(kinds[kind])}" for kind, _ in STAGE_CHANGE_KINDS if kind in kinds]
     return Check(name, PASS, f"from stage {stage - 1} step {link.get('step')}: " + (" | ".join(parts) or "no recipe "
                  "key changed") + f" | optimizer moments {moments}, schedule restarted at step 0")

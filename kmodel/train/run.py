@@ -31,6 +31,7 @@ import yaml
 from kmodel.checkpoint import SharedVerification, latest_valid_checkpoint, list_checkpoints
 from kmodel.config import Config, ConfigError, config_from_dict
 from kmodel.data.manifest import without_locations
+from kmodel.ledger import LedgerError, checkpoint_records, continuation_problem, read_records
 from kmodel.train.metrics import MetricsLog, read_metrics
 from kmodel.rundir import (
     CHECKPOINTS_DIR, CONFIG_FILE, LEDGER_FILE, LOCK_FILE, METRICS_FILE, STEP_PREFIX, RunDir, checkpoint_dirs, step_of,
@@ -113,8 +114,6 @@ def _readable_config(run_dir: Path) -> bool:
 
 def _ledger_checkpoint_steps(run_dir: Path) -> list[int] | None:
     """Steps the run's ledger records checkpoints at; None when there is no ledger or it cannot be read."""
-    from kmodel.provenance.ledger import LedgerError, checkpoint_records, read_records
-
     if not (run_dir / LEDGER_FILE).is_file():
         return None
     try:
@@ -232,8 +231,6 @@ def check_resume_target(run_dir: Path, cfg: Config, *, restart: bool, ledger_gap
                 f"(its history stays in {METRICS_FILE}, {LEDGER_FILE}), pass --restart"
             )
     if cfg.provenance.ledger and not ledger_gap:
-        from kmodel.provenance.ledger import continuation_problem
-
         problem = continuation_problem(run_dir, bool(checkpoints))
         if problem:
             raise RunDirError(

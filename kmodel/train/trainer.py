@@ -58,6 +58,7 @@ from kmodel.data import (
     training_mixture,
 )
 from kmodel.hashing import sha256_file, weights_sha256
+from kmodel.ledger import Ledger, continuation_problem, set_aside
 from kmodel.model import build_model
 from kmodel.rundir import CHECKPOINTS_DIR, LEDGER_FILE, step_dir_name
 from kmodel.train.evaluate import combine_results, evaluate_docs
@@ -297,8 +298,6 @@ class Trainer:
     ledger_gap = False
 
     def _ledger_gap_reason(self, resume: bool) -> str | None:
-        from kmodel.provenance.ledger import continuation_problem
-
         if not (resume and self.ledger_gap):
             return None
         return continuation_problem(self.run_dir, self.step > 0)
@@ -313,8 +312,6 @@ class Trainer:
         it continues from), or, with --ledger-gap, a new chain whose genesis states the gap."""
         if not self.cfg.provenance.ledger:
             return
-        from kmodel.provenance.ledger import Ledger, set_aside
-
         if self.ledger_exists(resume):
             self.ledger = Ledger.open(self.run_dir, resumed_from_step=self.step)
             return

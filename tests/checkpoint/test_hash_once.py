@@ -11,8 +11,8 @@ from test_sharded import save_sharded, trained  # noqa: F401  (the module fixtur
 from kmodel.checkpoint import Manifest, save_checkpoint
 from kmodel.checkpoint import files as checkpoint_files
 from kmodel.hashing import merkle_root, sorted_weights_sha256
-from kmodel.provenance import ledger
-from kmodel.provenance.ledger import RECORDED_BASIS, checkpoint_hashes, content_hashes
+from kmodel import ledger
+from kmodel.ledger import RECORDED_BASIS, checkpoint_hashes, content_hashes
 
 
 def no_file_hashing(monkeypatch) -> list[str]:

@@ -10,7 +10,7 @@ from kmodel.checkpoint import CheckpointError, latest_valid_checkpoint, read_wei
 from kmodel.export.hf import export_hf
 from kmodel.export.hf_import import import_hf
 from kmodel.hashing import weights_sha256
-from kmodel.provenance.ledger import read_records
+from kmodel.ledger import read_records
 from kmodel.provenance.verify import PASS, WARN, verify_run
 from kmodel.train import RunDirError, train
 

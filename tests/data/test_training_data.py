@@ -11,7 +11,7 @@ import yaml
 
 from kmodel.config import load_config
 from kmodel.data import DataError, prepare
-from kmodel.provenance.ledger import read_records
+from kmodel.ledger import read_records
 from kmodel.rundir import CONFIG_FILE, LEDGER_FILE
 from kmodel.train import Trainer, train
 from kmodel.train.metrics import read_metrics

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from kmodel.checkpoint import list_checkpoints
-from kmodel.provenance.ledger import chain_problems, checkpoint_records, read_records
+from kmodel.ledger import chain_problems, checkpoint_records, read_records
 from kmodel.provenance.replay import replay, replayable_segments
 from kmodel.provenance.verify import FAIL, verify_run
 from kmodel.train import RunDirError, train

@@ -45,7 +45,7 @@ def test_restart_trains_again_from_step_0_keeping_the_history(short_run):
         ("genesis", None, None), ("checkpoint", 4, None), ("checkpoint", 8, None), ("resume", None, 0),
         ("checkpoint", 4, None),
     ]
-    from kmodel.provenance.ledger import chain_problems
+    from kmodel.ledger import chain_problems
 
     assert chain_problems(ledger) == []
 

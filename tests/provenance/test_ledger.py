@@ -14,7 +14,7 @@ from kmodel.checkpoint import save_checkpoint
 from kmodel.config import load_config
 from kmodel.hashing import object_sha256, weights_sha256
 from kmodel.model import build_model
-from kmodel.provenance.ledger import (
+from kmodel.ledger import (
     GENESIS_PREV_HASH,
     SIGNATURE_FILE,
     BatchDigest,
@@ -221,7 +221,7 @@ def test_signature_covers_the_head_and_detects_forgery(tmp_path, small):
 def test_initial_weights_hash_streams_without_building_the_model(recipe):
     """verify recomputes the genesis hash from a meta-device model one tensor at a time; it must equal the
     hash of the built model (biases, (1 + w) norms, MLA, per-expert draws, buffers included)."""
-    from kmodel.provenance.verify import initial_weights_sha256
+    from kmodel.ledger import initial_weights_sha256
 
     cfg = load_config(recipe)
     assert initial_weights_sha256(cfg) == weights_sha256(build_model(cfg))

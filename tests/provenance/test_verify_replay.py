@@ -12,7 +12,7 @@ import torch
 from kmodel.checkpoint import read_state, read_weights, save_checkpoint
 from kmodel.config import config_from_dict
 from kmodel.model import build_model
-from kmodel.provenance.ledger import (
+from kmodel.ledger import (
     Ledger,
     checkpoint_hashes,
     read_records,

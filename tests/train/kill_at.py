@@ -41,7 +41,7 @@ elif mode == "save":
 
     torch.save = save_then_die
 elif mode == "record":
-    from kmodel.provenance.ledger import Ledger
+    from kmodel.ledger import Ledger
 
     record = Ledger.record_checkpoint
 

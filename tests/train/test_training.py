@@ -17,7 +17,7 @@ from kmodel.checkpoint import CheckpointError, list_checkpoints, load_model, rea
 from kmodel.config import ConfigError
 from kmodel.data import DataError
 from kmodel.model import ModelOutput
-from kmodel.provenance.ledger import chain_problems, checkpoint_records, read_records
+from kmodel.ledger import chain_problems, checkpoint_records, read_records
 from kmodel.rundir import LEDGER_FILE
 from kmodel.safe_path import python_command
 from kmodel.train import RunDirError, Trainer, TrainingDiverged, train

@@ -1,5 +1,8 @@
 """The run ledger: an append-only, hash-chained record of how a model was trained.
 
+It sits below the trainer and the engines, which write it, and below kmodel.provenance, which reads, verifies
+and replays it: train/ and parallel/ never import kmodel.provenance (tests/test_import_direction.py).
+
 `DIR/ledger.jsonl` holds one JSON record per line. Every record carries `prev_hash`, the hash of the
 record before it (64 zeros for the first), and its own `hash`: the sha256 of the record's canonical JSON
 (sorted keys, no spaces, UTF-8) without the `hash` field. Editing, removing, reordering or inserting any
@@ -174,6 +177,17 @@ def _run_config(run_dir: Path) -> dict[str, Any]:
 
 def _now() -> str:
     return datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
+
+
+def initial_weights_sha256(cfg) -> str:
+    """The hash of the seed-derived initial weights, streamed tensor by tensor from a meta-device model:
+    memory stays at one tensor (one expert's for stacked experts) whatever the model size."""
+    from kmodel.model import Model
+    from kmodel.model.init import initial_state
+
+    with torch.device("meta"):
+        model = Model(cfg.model)
+    return sorted_weights_sha256(initial_state(model, cfg.seed, cfg.model.initializer_range))
 
 
 # --- checkpoint hashes ----------------------------------------------------------------------------------
