@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 
 import pytest
@@ -32,6 +33,7 @@ from kmodel.parallel.context_parallel import (
     gathered_windows,
     halo_bytes,
 )
+from kmodel.parallel.deepspeed_config import deepspeed_config
 from kmodel.train.run import train
 from kmodel.train.trainer import Trainer
 
@@ -58,10 +60,10 @@ def _single(run_dir, extra: list[str] = ()) -> dict[int, float]:
     return _losses(run_dir)
 
 
-def _context_parallel(run_dir, procs: int, cp: int, extra: list[str] = ()):
+def _context_parallel(run_dir, procs: int, cp: int, extra: list[str] = (), resume: bool = False):
     sets = TINY + ["parallel.backend=deepspeed", f"parallel.world_size={procs}",
                    f"parallel.context_parallel_size={cp}", *extra]
-    return train_ranks(run_dir, RECIPE, procs, sets, timeout=500)
+    return train_ranks(run_dir, RECIPE, procs, sets, resume=resume, timeout=500)
 
 
 def _assert_same_losses(got: dict[int, float], reference: dict[int, float]) -> None:
@@ -109,13 +111,13 @@ def _gradient_worker(rank: int, size: int, port: int, failures) -> None:
                 mean = value.detach().clone()
                 dist.all_reduce(mean)
                 torch.testing.assert_close(mean / size, getattr(out, key).detach(), rtol=1e-10, atol=1e-13,
-                                           msg=lambda m, k=key: f"{where} {k}: {m}")
+                                           msg=lambda m, k=key, w=where: f"{w} {k}: {m}")
             reference = dict(one.named_parameters())
             for name, param in split.named_parameters():  # and so is the mean of the gradients
                 grad = param.grad.clone()
                 dist.all_reduce(grad)
                 torch.testing.assert_close(grad / size, reference[name].grad, rtol=1e-9, atol=1e-13,
-                                           msg=lambda m, n=name: f"{where} d{n}: {m}")
+                                           msg=lambda m, n=name, w=where: f"{w} d{n}: {m}")
             for name, moe in split.moe_layers().items():  # expert loads for the bias step: summed over ranks
                 load = moe.load.clone()
                 dist.all_reduce(load)
@@ -160,11 +162,15 @@ def references(tmp_path_factory):
 
 @pytest.mark.distributed
 @pytest.mark.slow
-@pytest.mark.parametrize("cp, variant", [(2, "gqa"), (4, "gqa"), (2, "mla")])
-def test_context_parallel_matches_one_process(tmp_path, references, cp, variant):
+@pytest.mark.parametrize("cp, variant, layout", [
+    (2, "gqa", ["parallel.zero_stage=1"]), (4, "gqa", ["parallel.zero_stage=1"]), (2, "mla", ["parallel.zero_stage=1"]),
+    (2, "gqa", ["parallel.zero_stage=3", "train.activation_checkpointing=true"]),  # attention recomputed in backward
+], ids=["cp2", "cp4", "cp2-mla", "cp2-zero3-recompute"])
+def test_context_parallel_matches_one_process(tmp_path, references, cp, variant, layout):
     model = MLA if variant == "mla" else []
-    done = _context_parallel(tmp_path, cp, cp, ["parallel.zero_stage=1", *model])
+    done = _context_parallel(tmp_path, cp, cp, [*layout, *model])
     _assert_same_losses(_losses(tmp_path), references(variant))
+    assert _records(tmp_path, "train")[-1]["tokens"] == 4 * 2 * 128  # a step trains the DP ranks' rows once
 
     # Bytes received in one forward, by layer kind: halo rows from the neighbours' chunks for sliding layers (or a
     # gather where the window reaches past a chunk), every other rank's rows for the global layer.
@@ -192,12 +198,28 @@ def test_context_parallel_matches_one_process(tmp_path, references, cp, variant)
 
 @pytest.mark.distributed
 @pytest.mark.slow
+def test_resume_between_one_process_and_context_parallel(tmp_path):
+    """One process writes step 2 and CP 2 (ZeRO-2: dense state partitioned over the replica group) continues from
+    it; CP 2 writes step 3 and one process continues: every loss is the uninterrupted run's."""
+    no_ledger = ["provenance.ledger=false"]  # the ledger rightly refuses the history rewinds this test makes
+    reference = _single(tmp_path, [*no_ledger, "train.checkpoint_every=2"])
+    shutil.rmtree(tmp_path / "checkpoints" / "step_0000004")
+    _context_parallel(tmp_path, 2, 2, [*no_ledger, "parallel.zero_stage=2", "train.checkpoint_every=1"], resume=True)
+    _assert_same_losses(_losses(tmp_path), reference)  # steps 3 and 4 logged again, by CP 2
+    shutil.rmtree(tmp_path / "checkpoints" / "step_0000004")
+    train(load_config(RECIPE, TINY + no_ledger), tmp_path, resume=True, progress=False)
+    _assert_same_losses(_losses(tmp_path), reference)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_context_data_and_expert_parallel_compose(tmp_path):
     """World 4 = CP 2 x DP 2, EP 2 (each EP group spans the two CP ranks of one sequence), ZeRO-2: the losses of
     one process reading the same two micro-batches per step."""
     reference = _single(tmp_path / "single", ["train.grad_accum_steps=2"])
     _context_parallel(tmp_path / "cp2dp2", 4, 2, ["parallel.zero_stage=2", "parallel.expert_parallel_size=2"])
     _assert_same_losses(_losses(tmp_path / "cp2dp2"), reference)
+    assert _records(tmp_path / "cp2dp2", "train")[-1]["tokens"] == 4 * 2 * 2 * 128
 
 
 @pytest.mark.slow
@@ -222,3 +244,11 @@ def test_refused_with_the_numbers():
     with pytest.raises(ConfigError, match="parallel.zero_stage 1, 2 or 3"):
         check_supported(load_config(RECIPE, TINY + layout))
     check_supported(load_config(RECIPE, TINY + layout + ["parallel.zero_stage=1"]))
+
+
+def test_deepspeed_counts_the_rows_of_data_parallel_ranks_only():
+    """CP ranks share rows: DeepSpeed's global batch is micro x accumulation x DP, not x world."""
+    cfg = load_config(RECIPE, TINY + ["parallel.backend=deepspeed", "parallel.world_size=8", "parallel.zero_stage=1",
+                                      "parallel.context_parallel_size=4", "train.grad_accum_steps=3",
+                                      "parallel.global_batch_size=12"])
+    assert deepspeed_config(cfg, "cpu")["train_batch_size"] == 12 == 2 * 3 * cfg.parallel.data_parallel_size
