@@ -15,7 +15,7 @@ from .corpus_build import (
     write_heldout_samples,
 )
 from .errors import TokenizerError
-from .evaluate import BASELINES, evaluate, load_encoders, markdown_report, save_report
+from .evaluate import BASELINES, evaluate, load_encoders, markdown_report, measured, save_report
 from .stream_train import (
     BACKENDS,
     DEFAULT_BACKEND,
@@ -110,7 +110,9 @@ def add_commands(subparsers) -> None:
         default=DEFAULT_MIX,
         metavar="LANG=W,...",
         help=f"share of training characters per document language, the 'lang' field of the input "
-        f"(default {DEFAULT_MIX}); languages left out are not used",
+        f"(default {DEFAULT_MIX}); languages left out are not used. With --stream an entry may also name a "
+        f"source (the 'source' field up to its ':'), which then gets its own share apart from its language "
+        f"(0 leaves it out)",
     )
     train.add_argument(
         "--input",
@@ -284,7 +286,7 @@ def run_eval(args: argparse.Namespace) -> int:
     path = SHIPPED_TOKENIZER if args.tokenizer == "shipped" else args.tokenizer
     try:
         encoders, skipped = load_encoders(path, against)
-        report = evaluate(encoders, args.files)
+        report = measured(lambda: evaluate(encoders, args.files))
     except (TokenizerError, FileNotFoundError) as error:
         print(f"error: {error}", file=sys.stderr)
         return 1

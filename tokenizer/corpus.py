@@ -120,8 +120,9 @@ def _parse_jsonl_record(line: bytes, origin: str) -> Document:
     return Document(unicodedata.normalize("NFC", record["text"]), record["lang"], origin)
 
 
-def parse_mix(spec: str | dict[str, float]) -> dict[str, float]:
-    """Parse `ko=0.6,en=0.25,code=0.15` (or a dict) into weights that sum to 1."""
+def parse_mix(spec: str | dict[str, float], keep_zero: bool = False) -> dict[str, float]:
+    """Parse `ko=0.6,en=0.25,code=0.15` (or a dict) into weights that sum to 1; entries weighted 0 are
+    dropped unless `keep_zero` (the streaming sampler needs them to leave a named source out)."""
     if isinstance(spec, dict):
         items = [(str(lang), weight) for lang, weight in spec.items()]
     else:
@@ -145,7 +146,7 @@ def parse_mix(spec: str | dict[str, float]) -> dict[str, float]:
     total = sum(weights.values())
     if total <= 0:
         raise TokenizerError(f"--mix weights sum to zero: {spec!r}")
-    return {lang: value / total for lang, value in weights.items() if value > 0}
+    return {lang: value / total for lang, value in weights.items() if value > 0 or keep_zero}
 
 
 @dataclass

@@ -34,6 +34,7 @@ import subprocess
 import tarfile
 import tempfile
 import unicodedata
+import urllib.parse
 import zipfile
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
@@ -329,6 +330,11 @@ SOURCES: tuple[Source, ...] = (
         plain_files("usr/include/**/*.h", max_bytes=_MAX_CODE_FILE_BYTES),
     ),
     Source(
+        "code_cpp", "code", "GNU C++ standard library headers (libstdc++ 12)", ("libstdc++-12-dev",),
+        "GPL-3+ with the GCC Runtime Library Exception (Free Software Foundation)",
+        plain_files("usr/include/c++/*/**/*", max_bytes=_MAX_CODE_FILE_BYTES),
+    ),
+    Source(
         "code_go", "code", "Go 1.19 standard library", ("golang-1.19-src",), "BSD-3-Clause (The Go Authors)",
         plain_files("usr/share/go-1.19/src/**/*.go", exclude=r"(_test\.go|/testdata/|/vendor/)",
                     max_bytes=_MAX_CODE_FILE_BYTES),
@@ -480,6 +486,54 @@ def build_corpus(
     }
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     return manifest
+
+
+BUILD_COMMAND = "kmodel tokenizer build-corpus --out CORPUS --debs DEBS --download"
+
+
+def corpus_root(path: str | Path) -> Path | None:
+    """The built corpus that a file of its train/ or heldout/ part belongs to (the directory holding the
+    manifest), or None for any other file."""
+    parent = Path(path).resolve().parent
+    if parent.name in ("train", "heldout") and (parent.parent / MANIFEST_FILE).is_file():
+        return parent.parent
+    return None
+
+
+def _deb_version(deb_name: str) -> str:
+    """`libreoffice-help-ko_4%3a7.4.7-1+deb12u14_all.deb` -> `4:7.4.7-1+deb12u14` (apt quotes the epoch colon)."""
+    parts = deb_name.split("_")
+    return urllib.parse.unquote(parts[1]) if len(parts) == 3 else deb_name
+
+
+def corpus_provenance(root: str | Path, source_names: Iterable[str]) -> dict:
+    """What rebuilds the part of the corpus at `root` that a tokenizer was trained on, without machine paths:
+    the build command, the manifest's sha256, and per source its domain, licence and Debian packages (name,
+    version, .deb sha256)."""
+    manifest_path = Path(root) / MANIFEST_FILE
+    manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+    wanted = set(source_names)
+    sources = [
+        {
+            "name": source["name"],
+            "lang": source["lang"],
+            "domain": source["domain"],
+            "licence": source["licence"],
+            "packages": [
+                {"package": package["package"], "version": _deb_version(package["deb"]), "deb_sha256": package["sha256"]}
+                for package in source["packages"]
+            ],
+        }
+        for source in manifest["sources"]
+        if source["name"] in wanted
+    ]
+    return {
+        "command": BUILD_COMMAND,
+        "distribution": "Debian 12 (bookworm)",
+        "manifest_sha256": _sha256_file(manifest_path),
+        "heldout_rule": manifest["heldout_rule"],
+        "sources": sources,
+    }
 
 
 def _source(name: str) -> Source:

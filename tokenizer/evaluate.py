@@ -16,7 +16,10 @@ Tekken (Mistral NeMo) from `mistral-common`.
 from __future__ import annotations
 
 import json
+import os
+import platform
 import sys
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -162,6 +165,29 @@ def evaluate(encoders: list[Encoder], files: Iterable[str | Path]) -> dict:
     }
 
 
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text(encoding="utf-8").splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measured(report_of: Callable[[], dict]) -> dict:
+    """Run `report_of` and add where it ran: the CPU, its cores, the 1-minute load average before and after
+    (the machine is shared; compression does not depend on it, the wall time does) and the wall time."""
+    load_before, started = os.getloadavg()[0], time.perf_counter()
+    report = report_of()
+    report["machine"] = {
+        "device": f"{_cpu_name()}, {os.cpu_count()} cores (CPU only)",
+        "load_average": [round(load_before, 1), round(os.getloadavg()[0], 1)],
+        "wall_seconds": round(time.perf_counter() - started, 1),
+    }
+    return report
+
+
 def load_encoders(tokenizer_path: str | Path, against: Iterable[str]) -> tuple[list[Encoder], dict[str, str]]:
     """The kmodel tokenizer plus the baselines that load; returns (encoders, {skipped baseline: reason})."""
     encoders = [kmodel_encoder(Tokenizer.load(tokenizer_path))]
@@ -231,6 +257,12 @@ def markdown_report(report: dict) -> str:
             lines.append(f"{tokenizer['name']}: model sha256 {tokenizer['sha256']}")
     lines += [f"{f['path']}: sha256 {f['sha256']}" for f in report["files"]]
     lines += [f"Baseline {name} skipped: {reason}" for name, reason in report.get("skipped_baselines", {}).items()]
+    if "machine" in report:
+        machine = report["machine"]
+        lines.append(
+            f"Measured on {machine['device']}, load average {machine['load_average'][0]} before and "
+            f"{machine['load_average'][1]} after, {machine['wall_seconds']} s"
+        )
     return "\n".join(lines) + "\n"
 
 

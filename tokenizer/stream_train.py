@@ -2,10 +2,13 @@
 BPE learners, both producing the same kind of kmodel tokenizer (a SentencePiece model plus tokenizer.json).
 
 Sampling. The input files are read line by line (JSON Lines) and never held whole. Each document gets a
-random key from a seeded generator; per language the sampler keeps the documents with the smallest keys
-whose characters fit the language's share of `sample_chars` (a bounded heap), which is a uniform sample
-without replacement. After the pass the mix is made exact the way `corpus.draw_sample` does it: the language
-in shortest supply for its weight sets the total and the others are trimmed to their share.
+random key from a seeded generator; per mix entry the sampler keeps the documents with the smallest keys
+whose characters fit the entry's share of `sample_chars` (a bounded heap), which is a uniform sample
+without replacement. A mix entry is a language (the `lang` field) or a builder source (the name before the
+`:` of the `source` field): a document is sampled under its source when the mix names it, else under its
+language, so one source can be given its own share (or 0, to leave it out) apart from the rest of its
+language. After the pass the mix is made exact the way `corpus.draw_sample` does it: the entry in shortest
+supply for its weight sets the total and the others are trimmed to their share.
 
 Learners (`backend`):
 
@@ -34,7 +37,8 @@ from pathlib import Path
 from sentencepiece import sentencepiece_model_pb2 as model_pb2
 
 from . import special_tokens
-from .corpus import display_path, parse_mix
+from .corpus import REPO_ROOT, display_path, parse_mix
+from .corpus_build import corpus_provenance, corpus_root
 from .errors import TokenizerError
 from .tokenizer import (
     SPACE_SYMBOL,
@@ -57,16 +61,20 @@ MAX_PIECE_CHARS = 16  # SentencePiece's default max_piece_length, kept for both 
 
 # The pre-split of the `hf` learner, on text whose spaces are U+2581: a space run gives all but its last
 # space to a whitespace-only piece, the last one leads the next word; a word is a run of one script's letters
-# (with combining marks) led by at most one space or punctuation character (`.append`, `(self`, `"대화`), a
-# single digit, or a run of punctuation/symbols that may end in newlines; other whitespace (newlines, tabs)
-# forms runs of its own. A space never follows another character inside a piece, as SentencePiece requires.
+# (with combining marks) led by a space, one or two punctuation characters or a space and one punctuation
+# character (`.append`, ` (see`, `("대화`, `\cs`); a Hangul word may end in one of . , ? ! and newlines, so
+# Korean sentence and clause endings (`니다.\n`, `다,`) can become pieces. Otherwise a single digit, or a run of
+# punctuation/symbols that may end in newlines; other whitespace (newlines, tabs) forms runs of its own. A
+# space never follows another character inside a piece, as SentencePiece requires. Chosen by measurement
+# (docs/tokenizer.md, "The pre-split").
 _S = SPACE_SYMBOL
+_PUNCT = rf"[^\p{{L}}\p{{M}}\p{{N}}\s{_S}]"  # one punctuation or symbol character
 HF_PRESPLIT = (
     rf"{_S}+(?={_S})"
-    rf"|(?:{_S}|[^\p{{L}}\p{{M}}\p{{N}}\s{_S}])?(?:\p{{Hangul}}[\p{{Hangul}}\p{{M}}]*|\p{{Han}}+|[\p{{Hiragana}}\p{{Katakana}}ー]+"
-    rf"|\p{{Latin}}[\p{{Latin}}\p{{M}}]*|\p{{L}}[\p{{L}}\p{{M}}]*)"
+    rf"|(?:{_S}|{_PUNCT}{{1,2}}|{_S}{_PUNCT})?(?:\p{{Hangul}}[\p{{Hangul}}\p{{M}}]*[.,?!]?[\r\n]*|\p{{Han}}+"
+    rf"|[\p{{Hiragana}}\p{{Katakana}}ー]+|\p{{Latin}}[\p{{Latin}}\p{{M}}]*|\p{{L}}[\p{{L}}\p{{M}}]*)"
     rf"|{_S}?\p{{N}}"
-    rf"|{_S}?[^\p{{L}}\p{{M}}\p{{N}}\s{_S}]+[\r\n]*"
+    rf"|{_S}?{_PUNCT}+[\r\n]*"
     rf"|\s+"
     rf"|{_S}+"
 )
@@ -80,9 +88,10 @@ def _check_file(path: Path) -> None:
         raise TokenizerError(f"corpus file {path} does not exist" if not path.exists() else f"{path} is not a file")
 
 
-def stream_documents(path: Path, digest=None) -> Iterator[tuple[str, str]]:
-    """(lang, NFC text) of each JSON Lines record of `path`, read line by line; every byte read also goes
-    into `digest` (a hashlib object) when given, so the file is hashed in the same pass."""
+def stream_documents(path: Path, digest=None) -> Iterator[tuple[str, str, str]]:
+    """(lang, source name, NFC text) of each JSON Lines record of `path`, read line by line; the source name is
+    the `source` field up to its first `:` ("" without one). Every byte read also goes into `digest` (a
+    hashlib object) when given, so the file is hashed in the same pass."""
     _check_file(path)
     with path.open("rb") as handle:
         for line_number, line in enumerate(handle, start=1):
@@ -96,11 +105,13 @@ def stream_documents(path: Path, digest=None) -> Iterator[tuple[str, str]]:
                 raise TokenizerError(f"{path}:{line_number}: not valid JSON: {error}") from None
             if not isinstance(record, dict) or not isinstance(record.get("text"), str) or not record.get("lang"):
                 raise TokenizerError(f"{path}:{line_number}: expected an object with string 'text' and 'lang'")
-            yield record["lang"], unicodedata.normalize("NFC", record["text"])
+            source = record.get("source")
+            source_name = source.split(":", 1)[0] if isinstance(source, str) else ""
+            yield record["lang"], source_name, unicodedata.normalize("NFC", record["text"])
 
 
 class LanguageSample:
-    """The documents of one language with the smallest random keys whose characters fit `quota`."""
+    """The documents of one mix entry with the smallest random keys whose characters fit `quota`."""
 
     def __init__(self, quota: float):
         self.quota = quota
@@ -124,45 +135,83 @@ class LanguageSample:
             self.characters -= len(heapq.heappop(self.heap)[2])
 
 
+def portable_path(path: Path) -> str:
+    """How metadata names an input file without machine paths: relative to the repository when inside it,
+    else relative to the built corpus it belongs to (`train/code_c.jsonl`), else by its name."""
+    resolved = Path(path).resolve()
+    if resolved.is_relative_to(REPO_ROOT):
+        return display_path(resolved)
+    root = corpus_root(resolved)
+    return resolved.relative_to(root).as_posix() if root else resolved.name
+
+
+def training_command(out_dir: Path, paths: list[Path], settings: dict) -> str:
+    """The `kmodel tokenizer train` line that retrains a tokenizer from `settings`, its inputs named as in the
+    metadata: a built corpus as CORPUS (its whole train/ part as CORPUS/train/*.jsonl)."""
+    roots = {corpus_root(path) for path in paths}
+    if len(roots) == 1 and None not in roots:
+        root = roots.pop()
+        whole_train = {path.resolve() for path in paths} == {path.resolve() for path in (root / "train").glob("*.jsonl")}
+        inputs = ["CORPUS/train/*.jsonl"] if whole_train else [f"CORPUS/{portable_path(path)}" for path in paths]
+    else:
+        inputs = [portable_path(path) for path in paths]
+    mix = ",".join(f"{entry}={weight:g}" for entry, weight in settings["mix"].items())
+    return " ".join([
+        "kmodel tokenizer train --stream", f"--backend {settings['backend']}", *(["--upsample"] * settings["upsample"]),
+        f"--mix {mix}", f"--vocab-size {settings['vocab_size']}", f"--sample-chars {settings['sample_chars']}",
+        f"--character-coverage {settings['character_coverage']:g}", f"--seed {settings['seed']}",
+        "--input", *inputs, "--out", portable_path(out_dir),
+    ])  # fmt: skip
+
+
+def mix_entry(lang: str, source: str, mix: dict[str, float]) -> str:
+    """The mix entry a document is sampled under: its source when the mix names it, else its language."""
+    return source if source in mix else lang
+
+
 def sample_corpus(
     paths: list[Path], mix: dict[str, float], sample_chars: int, seed: int, upsample: bool = False
 ) -> tuple[list[str], dict]:
-    """One pass over `paths`: the texts of the sample, in a seeded order, and its record.
+    """One pass over `paths`: the texts of the sample, in a seeded order, and its record. `mix` weighs
+    languages and sources (`mix_entry`); an entry weighted 0 or absent is left out.
 
-    Without `upsample` the language in shortest supply for its weight sets the total. With it, every language
-    gets its share of `sample_chars`, a language with less text than its share being repeated a whole number
-    of times (the nearest to its share): its pairs then weigh in BPE as if it had that much text."""
+    Without `upsample` the entry in shortest supply for its weight sets the total. With it, every entry gets
+    its share of `sample_chars`, one with less text than its share being repeated a whole number of times
+    (the nearest to its share): its pairs then weigh in BPE as if it had that much text."""
     rng = random.Random(seed)
-    samples = {lang: LanguageSample(weight * sample_chars) for lang, weight in mix.items()}
-    files, excluded, order = [], Counter(), 0
+    weights = {entry: weight for entry, weight in mix.items() if weight > 0}
+    samples = {entry: LanguageSample(weight * sample_chars) for entry, weight in weights.items()}
+    files, excluded, sources, order = [], Counter(), set(), 0
     for path in paths:
         digest, documents, characters = hashlib.sha256(), 0, 0
-        for lang, text in stream_documents(path, digest):
+        for lang, source, text in stream_documents(path, digest):
             documents += 1
             characters += len(text)
-            if lang not in samples:
-                excluded[lang] += 1
+            entry = mix_entry(lang, source, mix)
+            if entry not in samples:
+                excluded[entry] += 1
                 continue
             if text:
-                samples[lang].offer(rng.random(), order, text)
+                samples[entry].offer(rng.random(), order, text)
+                sources.add(source)
                 order += 1
-        files.append({"path": display_path(path), "sha256": digest.hexdigest(), "documents": documents,
+        files.append({"path": portable_path(path), "sha256": digest.hexdigest(), "documents": documents,
                       "characters": characters})  # fmt: skip
-    missing = [lang for lang, sample in samples.items() if not sample.seen_documents]
+    missing = [entry for entry, sample in samples.items() if not sample.seen_documents]
     if missing:
         raise TokenizerError(
-            f"--mix asks for language(s) {', '.join(map(repr, missing))} but "
+            f"--mix asks for language(s) or source(s) {', '.join(map(repr, missing))} but "
             f"{', '.join(display_path(p) for p in paths)} has none"
         )
     if upsample:
         total = sample_chars
     else:
-        total = min(sample_chars, *(samples[lang].seen_characters / weight for lang, weight in mix.items()))
-    for lang, sample in samples.items():
-        sample.trim(mix[lang] * total)
+        total = min(sample_chars, *(samples[entry].seen_characters / weight for entry, weight in weights.items()))
+    for entry, sample in samples.items():
+        sample.trim(weights[entry] * total)
     repeats = {
-        lang: max(1, round(mix[lang] * total / sample.characters)) if upsample else 1
-        for lang, sample in samples.items()
+        entry: max(1, round(weights[entry] * total / sample.characters)) if upsample else 1
+        for entry, sample in samples.items()
     }
     drawn = sorted((order, lang, text) for lang, sample in samples.items() for _, order, text in sample.heap)
     texts = [text for _, lang, text in drawn for _ in range(repeats[lang])]  # repeats share the str object
@@ -177,6 +226,7 @@ def sample_corpus(
             "repeats_by_lang": {lang: repeats[lang] for lang in sorted(samples)},
             "documents_by_lang": {lang: len(samples[lang].heap) for lang in sorted(samples)},
             "excluded_documents_by_lang": dict(sorted(excluded.items())),
+            "sources": sorted(source for source in sources if source),
         },
     }
     return texts, record
@@ -301,7 +351,7 @@ def train_streaming(
         raise TokenizerError(f"--backend {backend!r} is not one of {', '.join(BACKENDS)}")
     if isinstance(sample_chars, bool) or not isinstance(sample_chars, int) or sample_chars <= 0:
         raise TokenizerError(f"--sample-chars must be a positive integer, got {sample_chars!r}")
-    weights = parse_mix(mix)
+    weights = parse_mix(mix, keep_zero=True)
     paths = [Path(path) for path in inputs]
     if not paths:
         raise TokenizerError("no input files given")
@@ -356,5 +406,9 @@ def train_streaming(
         metadata["settings"]["hf_presplit"] = HF_PRESPLIT
         metadata["tokenizers_version"] = tokenizers.__version__
     metadata["timing"] = {"sampling_seconds": round(sampled - started, 2), "learning_seconds": round(finished - sampled, 2)}
+    metadata["settings"]["command"] = training_command(Path(out_dir), paths, metadata["settings"])
+    roots = {corpus_root(path) for path in paths}
+    if len(roots) == 1 and None not in roots:
+        metadata["corpus"]["build"] = corpus_provenance(roots.pop(), corpus_record["sample"]["sources"])
     return _write_tokenizer_dir(out_dir, model_bytes, metadata)
 

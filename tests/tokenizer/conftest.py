@@ -1,4 +1,5 @@
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -9,6 +10,17 @@ from kmodel.tokenizer.corpus import BUNDLED_HELDOUT_DIR, BUNDLED_TRAIN_DIR
 def write_jsonl(path: Path, records: list[dict]) -> Path:
     path.write_text("".join(json.dumps(record, ensure_ascii=False) + "\n" for record in records), encoding="utf-8")
     return path
+
+
+def machine_paths(value) -> list[str]:
+    """Every word of every string (keys included) in a JSON value that is an absolute or home-relative path."""
+    if isinstance(value, dict):
+        return [found for key, item in value.items() for found in machine_paths(key) + machine_paths(item)]
+    if isinstance(value, list):
+        return [found for item in value for found in machine_paths(item)]
+    if isinstance(value, str):
+        return [word for word in value.split() if re.match(r"(/|~|[A-Za-z]:[\\/])", word)]
+    return []
 
 
 def read_bundled(path: Path, limit: int) -> list[dict]:

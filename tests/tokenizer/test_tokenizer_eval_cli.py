@@ -80,6 +80,9 @@ def test_cli_eval_json_and_save(tmp_path, make_jsonl, capsys):
     assert printed["rows"][0]["chars_per_token"] > 2.0
     assert json.loads((tmp_path / "report.json").read_text()) == printed
     assert "| kmodel:ko-8k |" in (tmp_path / "report.md").read_text()
+    machine = printed["machine"]  # saved tables name the device and how busy it was
+    assert "cores" in machine["device"] and len(machine["load_average"]) == 2 and machine["wall_seconds"] >= 0
+    assert f"Measured on {machine['device']}, load average" in (tmp_path / "report.md").read_text()
 
 
 def test_cli_eval_against_a_baseline(make_jsonl, capsys):

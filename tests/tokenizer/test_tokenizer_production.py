@@ -4,7 +4,8 @@ import json
 
 import pytest
 import yaml
-from kmodel.tokenizer import PRODUCTION_TOKENIZER, Tokenizer
+from conftest import machine_paths
+from kmodel.tokenizer import PRODUCTION_TOKENIZER, SHIPPED_TOKENIZER, Tokenizer
 from kmodel.tokenizer.corpus import REPO_ROOT
 from kmodel.tokenizer.corpus_build import SOURCES
 
@@ -41,3 +42,20 @@ def test_korean_eojeol_are_single_tokens(production):
     for word in ("대한민국", " 있습니다", " 설정합니다", " 데이터베이스"):
         assert len(production.encode(word)) == 1, word
     assert json.loads((PRODUCTION_TOKENIZER / "tokenizer.json").read_text(encoding="utf-8"))["model"]["type"] == "BPE"
+
+
+@pytest.mark.parametrize("directory", [SHIPPED_TOKENIZER, PRODUCTION_TOKENIZER], ids=lambda path: path.name)
+def test_shipped_metadata_names_no_machine_paths(directory):
+    metadata = json.loads((directory / "metadata.json").read_text(encoding="utf-8"))
+    assert machine_paths(metadata) == []
+
+
+def test_production_metadata_says_how_to_rebuild_it(production):
+    corpus = production.metadata["corpus"]
+    build = corpus["build"]
+    assert build["command"].startswith("kmodel tokenizer build-corpus") and len(build["manifest_sha256"]) == 64
+    assert [source["name"] for source in build["sources"]] == sorted(corpus["sample"]["sources"], key=[s.name for s in SOURCES].index)
+    for source in build["sources"]:
+        assert source["licence"] and source["packages"], source["name"]
+        assert all(package["version"] and len(package["deb_sha256"]) == 64 for package in source["packages"])
+    assert production.metadata["settings"]["command"].endswith("--input CORPUS/train/*.jsonl --out tokenizer/shipped/ko-128k")

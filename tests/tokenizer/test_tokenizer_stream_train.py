@@ -3,6 +3,7 @@
 import json
 
 import pytest
+from conftest import machine_paths
 from kmodel.tokenizer import Tokenizer, TokenizerError
 from kmodel.tokenizer.stream_train import (
     HF_PRESPLIT,
@@ -61,14 +62,30 @@ def test_upsampling_repeats_the_scarce_language(tmp_path):
     assert len(korean) == 100 and len(set(korean)) == 10
 
 
+def test_a_source_named_in_the_mix_gets_its_own_share_or_is_left_out(tmp_path):
+    path = write_lines(
+        tmp_path / "c.jsonl",
+        [{"text": "가" * 100, "lang": "ko", "source": f"ko_help:page{i}"} for i in range(40)]
+        + [{"text": "漢" * 100, "lang": "ko", "source": f"ko_dictionary:part{i}"} for i in range(40)]
+        + [{"text": "a" * 100, "lang": "en"} for _ in range(80)],
+    )
+    _, record = sample_corpus([path], {"ko": 0.4, "ko_dictionary": 0.1, "en": 0.5}, 8000, seed=0)
+    assert record["sample"]["characters_by_lang"] == {"en": 4000, "ko": 3200, "ko_dictionary": 800}
+    texts, record = sample_corpus([path], {"ko": 0.5, "ko_dictionary": 0.0, "en": 0.5}, 8000, seed=0)
+    assert record["sample"]["excluded_documents_by_lang"] == {"ko_dictionary": 40}
+    assert not any("漢" in text for text in texts) and sum(text.startswith("가") for text in texts) == 40
+
+
 def test_sample_errors_name_the_culprit(tmp_path):
     path = write_lines(tmp_path / "c.jsonl", [{"text": "a", "lang": "en"}])
-    with pytest.raises(TokenizerError, match="--mix asks for language\\(s\\) 'ko'"):
+    with pytest.raises(TokenizerError, match="--mix asks for language\\(s\\) or source\\(s\\) 'ko'"):
         sample_corpus([path], {"ko": 1.0}, 100, seed=0)
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "a", "lang": "en"}\n{oops\n', encoding="utf-8")
     with pytest.raises(TokenizerError, match="bad.jsonl:2: not valid JSON"):
         sample_corpus([bad], {"en": 1.0}, 100, seed=0)
+    with pytest.raises(TokenizerError, match="'ko_hanja'"):
+        sample_corpus([path], {"en": 0.5, "ko_hanja": 0.5}, 100, seed=0)
 
 
 def test_presplit_keeps_pieces_within_a_word_and_a_script():
@@ -78,7 +95,16 @@ def test_presplit_keeps_pieces_within_a_word_and_a_script():
     assert "".join(words) == text
     assert words == ["대화", "Box", "를", "▁▁", "▁열고", "▁2", "0", "2", "4", "년", "):\n", "\t", "끝"]
     words = [word for word, _ in pre.pre_tokenize_str("x.append(self)\n▁▁▁▁return▁“대화”")]
-    assert words == ["x", ".append", "(self", ")\n", "▁▁▁", "▁return", "▁“", "대화", "”"]
+    assert words == ["x", ".append", "(self", ")\n", "▁▁▁", "▁return", "▁“대화", "”"]
+
+
+def test_presplit_lets_korean_endings_and_short_punctuation_leads_form_pieces():
+    pre = tokenizers.pre_tokenizers.Split(tokenizers.Regex(HF_PRESPLIT), behavior="isolated")
+    text = "설정합니다.\n다음, 그리고 (see \\cs{이라} 됩니까?\n\n /// x:::y".replace(" ", SPACE_SYMBOL)
+    words = [word for word, _ in pre.pre_tokenize_str(text)]
+    assert words == [
+        "설정합니다.\n", "다음,", "▁그리고", "▁(see", "▁\\cs", "{이라", "}", "▁됩니까?\n\n", "▁///", "▁x", ":::", "y",
+    ]  # fmt: skip
 
 
 def test_hf_merges_replayed_by_sentencepiece(small_corpus, heldout_documents):
@@ -129,3 +155,29 @@ def test_train_streaming_bad_options(small_corpus, tmp_path):
         train_streaming(tmp_path / "a", small_corpus[:1], vocab_size=200_000, mix="ko=1", num_threads=1)
     with pytest.raises(TokenizerError, match="corpus file .*missing.jsonl does not exist"):
         train_streaming(tmp_path / "a", [tmp_path / "missing.jsonl"], vocab_size=1024, mix="ko=1")
+
+
+def test_metadata_describes_a_built_corpus_without_machine_paths(small_corpus, tmp_path):
+    corpus = tmp_path / "built"
+    (corpus / "train").mkdir(parents=True)
+    sources = []
+    for path in small_corpus:
+        name = f"{path.stem}_src"
+        records = [json.loads(line) | {"source": f"{name}:doc{i}"} for i, line in enumerate(path.read_text().splitlines())]
+        write_lines(corpus / "train" / f"{name}.jsonl", records)
+        deb = {"package": f"pkg-{path.stem}", "deb": f"pkg-{path.stem}_1%3a2.0-1_all.deb", "sha256": "ab" * 32}
+        sources.append({"name": name, "lang": path.stem, "domain": "d", "licence": "MIT", "packages": [deb]})
+    sources.append({"name": "unused_src", "lang": "ko", "domain": "d", "licence": "MIT", "packages": []})
+    (corpus / "manifest.json").write_text(json.dumps({"format": "kmodel-corpus/1", "heldout_rule": "r", "sources": sources}))
+    tok = train_streaming(
+        tmp_path / "tok", sorted((corpus / "train").glob("*.jsonl")), vocab_size=1024, mix="ko=0.6,en=0.25,code=0.15",
+        sample_chars=10_000_000, num_threads=1,
+    )  # fmt: skip
+    metadata = json.loads((tmp_path / "tok" / "metadata.json").read_text(encoding="utf-8"))
+    assert machine_paths(metadata) == []
+    assert {entry["path"] for entry in metadata["corpus"]["files"]} == {f"train/{p.stem}_src.jsonl" for p in small_corpus}
+    build = metadata["corpus"]["build"]
+    assert [source["name"] for source in build["sources"]] == [f"{p.stem}_src" for p in small_corpus]  # not unused_src
+    assert build["sources"][0]["packages"][0]["version"] == "1:2.0-1" and len(build["manifest_sha256"]) == 64
+    assert "--input CORPUS/train/*.jsonl --out tok" in metadata["settings"]["command"]
+    assert tok.metadata == metadata
