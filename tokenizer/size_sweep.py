@@ -22,6 +22,7 @@ from pathlib import Path
 import sentencepiece
 
 from . import special_tokens
+from .corpus import parse_mix
 from .corpus_build import MANIFEST_FILE
 from .evaluate import load_baseline
 from .stream_train import (
@@ -77,9 +78,7 @@ def main(argv: list[str] | None = None) -> int:
     train_files = sorted((args.corpus / "train").glob("*.jsonl"))
     rows = []
     for mix_spec in args.mix.split(";"):
-        mix = {lang: float(weight) for lang, weight in (item.split("=") for item in mix_spec.split(","))}
-        total = sum(mix.values())
-        mix = {lang: weight / total for lang, weight in mix.items()}
+        mix = parse_mix(mix_spec)
         started = time.perf_counter()
         texts, record = sample_corpus(train_files, mix, args.sample_chars, seed=0, upsample=True)
         alphabet = alphabet_for_coverage(texts, DEFAULT_CHARACTER_COVERAGE)
@@ -103,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     load = subprocess.run(["uptime"], capture_output=True, text=True, check=False).stdout.strip()
     names = list(groups)
     summary = (
-        f"Corpus {args.corpus}, HF BPE learner, sample {args.sample_chars:,} characters (upsampled to the mix), "
+        f"Corpus {args.corpus.name}, HF BPE learner, sample {args.sample_chars:,} characters (upsampled to the mix), "
         f"scored on up to {args.score_chars:,} held-out characters per file. Load: `{load}`."
     )
     lines = [
@@ -116,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
     for row in rows:
         cells = [f"{row['chars_per_token'][n]:.3f} ({row['vs_o200k'][n]:.2f}x)" for n in names]
         lines.append(f"| {row['mix']} | {row['vocab_size']:,} | " + " | ".join(cells) + " |")
-    report = {"corpus": str(args.corpus), "load": load, "o200k": reference, "rows": rows}
+    report = {"corpus": args.corpus.name, "load": load, "o200k": reference, "rows": rows}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     Path(f"{args.out}.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
     Path(f"{args.out}.md").write_text("\n".join(lines) + "\n", encoding="utf-8")
