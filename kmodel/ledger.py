@@ -376,8 +376,10 @@ def current_checkpoint_records(records: list[dict[str, Any]]) -> list[dict[str, 
     return [r for position, r in enumerate(records) if r.get("kind") == "checkpoint" and position not in redone]
 
 
-def stage_link(checkpoint: str | Path) -> dict[str, Any] | None:
-    """What a new stage's genesis pins of the run it starts from (`--init-from RUN/checkpoints/step_N`): that
+def stage_link(checkpoint: str | Path, manifest_sha256: str) -> dict[str, Any] | None:
+    """What a new stage's genesis pins of the run it starts from (`--init-from RUN/checkpoints/step_N`, whose
+    manifest.json had `manifest_sha256` when its weights were read, so a checkpoint rotated away since is still
+    found in the ledger): that
     run's directory and id, its stage number, its ledger head now, and the record of the checkpoint (index,
     hash, step, manifest sha256, Merkle root of the tensor files, weights hash), so verify can walk back through
     every stage. None for a checkpoint outside a run with a ledger (an import: external weights). A run whose
@@ -391,7 +393,6 @@ def stage_link(checkpoint: str | Path) -> dict[str, Any] | None:
     except LedgerError as error:
         raise LedgerError(f"--init-from {checkpoint}: {error}; a stage cannot link to it (restore the ledger, or "
                           "copy the checkpoint out of the run directory to start from it as external weights)") from None
-    manifest_sha256 = sha256_file(checkpoint / MANIFEST_FILE)
     redone = superseded(records)
     matching = [(position, r) for position, r in enumerate(records) if r.get("kind") == "checkpoint"
                 and r.get("manifest_sha256") == manifest_sha256 and position not in redone]
@@ -466,7 +467,7 @@ class Ledger:
             "init_weights_sha256": model if isinstance(model, str) else weights_sha256(model),
         }
         if init_from is not None:
-            previous = stage_link(init_from["checkpoint"])
+            previous = stage_link(init_from["checkpoint"], init_from["manifest_sha256"])
             genesis["init_from"] = init_from if previous is None else {**init_from, "previous_stage": previous}
         if gap is not None:
             genesis["gap"] = {**gap, "weights_sha256": genesis["init_weights_sha256"]}
