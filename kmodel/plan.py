@@ -611,6 +611,7 @@ class Plan:
     bubble_fraction: float = 0.0  # pipeline idle time over busy time
     bubble_s: float = 0.0  # pipeline idle time per step (in step_s)
     stages: tuple[Stage, ...] = ()  # one per pipeline stage; `memory` is the largest stage's
+    engine_refusal: str | None = None  # why the engine does not run this layout yet (planned all the same)
 
     @property
     def fits(self) -> bool:
@@ -652,7 +653,9 @@ def make_plan(cfg: Config, cluster: Cluster, assume: Assumptions | None = None, 
     """The per-GPU memory, communication and time of running `cfg` on `cluster` (does not raise on misfit;
     `check_fits` does). Under pipeline parallelism every stage is planned: the largest stage's memory decides
     the fit, the busiest stage paces the pipeline."""
-    from kmodel.parallel import pipeline_split  # it builds on this module's pieces and memory model
+    from kmodel.parallel import (
+        pipeline_split,  # it builds on this module's pieces and memory model
+    )
 
     p, t, m = cfg.parallel, cfg.train, cfg.model
     world = cluster.world_size
@@ -743,6 +746,7 @@ def make_plan(cfg: Config, cluster: Cluster, assume: Assumptions | None = None, 
         bubble_fraction=bubble,
         bubble_s=bubble_s,
         stages=tuple(stages),
+        engine_refusal=_engine_refusal(cfg),
     )
 
 
@@ -765,9 +769,6 @@ def _check_layout(cfg: Config, world: int) -> None:
     if cp > 1 and seq_len_of(cfg) % (2 * cp):
         raise PlanError(f"parallel.context_parallel_size ({cp}) cuts each sequence into {2 * cp} zigzag chunks, which "
                         f"must divide the sequence length ({seq_len_of(cfg)})")
-    refusal = _engine_refusal(cfg)
-    if refusal:
-        raise PlanError(refusal)
 
 
 def _engine_refusal(cfg: Config) -> str | None:
@@ -776,7 +777,9 @@ def _engine_refusal(cfg: Config) -> str | None:
     try:
         context_parallel.check_supported(cfg)
         if cfg.parallel.pipeline_parallel_size > 1:
-            from kmodel.parallel.pipeline import check_engine_layout  # the engine (DeepSpeed): only for a pipeline
+            from kmodel.parallel.pipeline import (
+                check_engine_layout,  # the engine (DeepSpeed): only for a pipeline
+            )
 
             check_engine_layout(cfg)
     except ValueError as error:
@@ -881,6 +884,7 @@ def plan_json(plan: Plan, cfg: Config) -> dict:
         "memory_bytes": {**mem.by_category(), "total": mem.total, "usable": plan.usable_bytes,
                          "cpu_offloaded": mem.cpu_offloaded},
         "fits": plan.fits,
+        "engine_refusal": plan.engine_refusal,
         "pipeline": {"bubble_fraction": plan.bubble_fraction,
                      "stages": [{"layers": [[r.start, r.stop] for r in stage.layers],
                                  "micro_batches_in_flight": stage.in_flight, "busy_s": stage.busy_s,
@@ -981,6 +985,7 @@ def format_plan(plan: Plan, cfg: Config) -> str:
         f"the mean load (+{(plan.imbalanced_step_s / plan.step_s - 1) * 100:.0f}%)",
         f"throughput: {plan.tokens_per_day / 1e9:.2f} B tokens/day; {plan.token_budget / 1e12:.3f} T tokens in "
         f"{plan.days:.1f} days",
+        *([f"engine: planned, but not run yet: {plan.engine_refusal}"] if plan.engine_refusal else []),
         f"assumptions: peak {plan.cluster.gpu.peak_tflops:.0f} TFLOP/s bf16, kernel efficiency {a.kernel_efficiency:.2f}, "
         f"NVLink {plan.cluster.gpu.nvlink_gbps:.0f} GB/s, network {plan.cluster.gpu.network_gbps:.0f} GB/s per GPU, "
         f"{a.zero_overlap:.0%} of ZeRO traffic overlapped, all-to-all not overlapped, balanced routing, "
@@ -1089,7 +1094,7 @@ def _fitting(cfg: Config, world: int, cluster: Cluster, assume: Assumptions | No
             plan = make_plan(layout, cluster, assume)
         except PlanError:
             return []
-        return [(checkpointing, offload, layout, plan)] if plan.fits else []
+        return [(checkpointing, offload, layout, plan)] if plan.fits and plan.engine_refusal is None else []
 
     for tries in ([(False, False)], [(True, False)] + [(False, True)] * can_offload, [(True, True)] * can_offload):
         fitting = [entry for setting in tries for entry in planned(*setting)]

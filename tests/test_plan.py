@@ -10,7 +10,6 @@ import torch
 from kmodel.cli import main
 from kmodel.config import config_from_dict, load_config
 from kmodel.model import build_model
-from kmodel.train.flops import attention_flops_per_token, mean_keys_seen, training_flops_per_token
 from kmodel.plan import (
     Assumptions,
     Cluster,
@@ -25,6 +24,11 @@ from kmodel.plan import (
     parameter_counts,
     with_parallel,
     zero_bytes_per_step,
+)
+from kmodel.train.flops import (
+    attention_flops_per_token,
+    mean_keys_seen,
+    training_flops_per_token,
 )
 
 TINY = "recipes/tiny-ko-moe.yaml"
@@ -443,13 +447,136 @@ def test_search_ranks_layouts_that_fit_and_their_overrides_select_them():
             cfg.train.micro_batch_size * cfg.train.grad_accum_steps * cfg.parallel.data_parallel_size)
 
 
-@pytest.mark.parametrize("recipe, nodes", [(KEXAONE, 32), ("recipes/moe-30b-a3b-multinode.yaml", 2)])
+AXK1_MULTINODE = "recipes/ax-k1-519b-a33b-multinode.yaml"
+DEEPSEEK_MULTINODE = "recipes/deepseek-v3-671b-a37b-multinode.yaml"
+LONG_32K = "recipes/k-exaone-long-context/32k.yaml"
+LONG_256K = "recipes/k-exaone-long-context/256k.yaml"
+# every multi-node recipe and the cluster its header states
+STATED_CLUSTERS = [(KEXAONE, 32), ("recipes/moe-30b-a3b-multinode.yaml", 2), (AXK1_MULTINODE, 64),
+                   (DEEPSEEK_MULTINODE, 64), (LONG_32K, 32), (LONG_256K, 32)]
+
+
+@pytest.mark.parametrize("recipe, nodes", STATED_CLUSTERS)
+def test_shipped_multinode_recipes_fit_their_stated_cluster(recipe, nodes):
+    cfg = load_config(recipe)
+    assert cfg.parallel.world_size == nodes * 8
+    plan = make_plan(cfg, Cluster(nodes))
+    check_fits(plan, cfg)
+    assert plan.memory.total == max(stage.memory.total for stage in plan.stages)
+
+
+@pytest.mark.parametrize("recipe, nodes", [r for r in STATED_CLUSTERS if r[0] != LONG_256K])
 def test_shipped_multinode_recipes_use_the_best_plan_the_search_finds(recipe, nodes):
     from kmodel.plan import search
 
     cfg = load_config(recipe)
     best = search(cfg, Cluster(nodes))[0]
     assert make_plan(cfg, Cluster(nodes)).step_s == pytest.approx(best.plan.step_s)
+
+
+def test_the_256k_stage_needs_context_parallelism_and_says_what_the_engine_lacks():
+    """At 256K tokens no layout without context parallelism fits 32 nodes; CP 16 does. The engine's context
+    parallelism does not split MTP yet, so the plan says so instead of claiming the layout runs."""
+    from kmodel.plan import search
+
+    cfg = load_config(LONG_256K)
+    plan = make_plan(cfg, Cluster(32))
+    assert plan.fits and cfg.parallel.context_parallel_size == 16
+    assert plan.engine_refusal is None or "num_nextn_predict_layers" in plan.engine_refusal
+    without_cp = [c for c in search(cfg.model_copy(update={"model": cfg.model.model_copy(
+        update={"num_nextn_predict_layers": 0})}), Cluster(32)) if c.cfg.parallel.context_parallel_size == 1]
+    assert without_cp == []
+
+
+@pytest.mark.parametrize("recipe, base", [(AXK1_MULTINODE, "recipes/ax-k1-519b-a33b.yaml"),
+                                          (DEEPSEEK_MULTINODE, "recipes/deepseek-v3-671b-a37b.yaml"),
+                                          (LONG_32K, KEXAONE), (LONG_256K, KEXAONE)])
+def test_stage_and_multinode_recipes_keep_their_models_architecture(recipe, base):
+    assert load_config(recipe).model == load_config(base).model
+
+
+def test_context_parallelism_halves_activations_and_exchanges_by_the_context_parallel_formulas():
+    from kmodel.parallel.context_parallel import ContextLayout, gather_bytes, halo_bytes
+    from kmodel.plan import context_bytes_per_step
+
+    cfg = load_config(KEXAONE, [*NO_PIPELINE, "parallel.expert_parallel_size=1", "parallel.zero_stage=3",
+                                "model.num_nextn_predict_layers=0"])
+    one, two = (make_plan(with_parallel(cfg, 256, context_parallel_size=cp, grad_accum_steps=16 * cp), Cluster(32))
+                for cp in (1, 2))
+    assert two.memory.activations == one.memory.activations / 2
+    assert (two.memory.params, two.memory.optimizer) == (one.memory.params, one.memory.optimizer)
+
+    cp4 = with_parallel(cfg, 256, context_parallel_size=4, micro_batch_size=2, grad_accum_steps=3)
+    row = 2 * (2 * 8 * 128) * 2  # micro-batch 2 x (keys + values: 8 kv heads x 128) x 2 bytes
+    exchanges = 2 * 1.5 * 3  # forward and backward, the checkpointed forward again, 3 micro-batches
+    # 8192 tokens in 8 chunks of 1024: rank 1 holds chunks 1 and 6, both after another rank's chunk; window 128
+    assert cfg.model.window_of(0) == 128 and cfg.model.window_of(3) is None
+    sliding = context_bytes_per_step(cp4, 2, [0])
+    assert sliding["sliding"] == 2 * 127 * row * exchanges == halo_bytes(ContextLayout(8192, 4, 1), 128, row) * exchanges
+    assert sliding["global"] == 0
+    whole = context_bytes_per_step(cp4, 2, [3])["global"]
+    assert whole == 3 * 2 * 1024 * row * exchanges == gather_bytes(ContextLayout(8192, 4, 0), row) * exchanges
+    every = context_bytes_per_step(cp4, 2)
+    assert every == {"sliding": 36 * sliding["sliding"], "global": 12 * whole}
+
+
+def test_pipeline_bubble_stage_memory_and_point_to_point_follow_the_formulas():
+    from kmodel.plan import tokens_per_rank
+
+    cfg = load_config(AXK1_MULTINODE)
+    plan = make_plan(cfg, Cluster(64))
+    p, m = cfg.parallel.pipeline_parallel_size, cfg.train.grad_accum_steps
+    assert plan.bubble_fraction == (p - 1) / m
+    busiest = max(stage.busy_s for stage in plan.stages)
+    assert plan.bubble_s == pytest.approx(plan.bubble_fraction * busiest)
+    assert plan.step_s == pytest.approx(plan.compute_s + plan.comm_s + plan.bubble_s)
+    assert [stage.in_flight for stage in plan.stages] == [p - i for i in range(p)]  # 1F1B
+    # every stage holds its own layers' weights: together, the whole model once (EP 8 shards the experts)
+    counts = parameter_counts(cfg.model)
+    assert sum(stage.memory.params for stage in plan.stages) == pytest.approx((counts.dense + counts.expert / 8) * 2)
+    assert sum(len(r) for stage in plan.stages for r in stage.layers) == 61
+    # forward activations to the next stage and gradients back, hidden states plus the embeddings MTP reads
+    assert plan.pipeline_bytes == 2 * m * tokens_per_rank(cfg) * 7168 * 2 * 2
+    interleaved = make_plan(with_parallel(cfg, 512, pipeline_schedule="interleaved_1f1b", pipeline_virtual_stages=2),
+                            Cluster(64))
+    assert interleaved.bubble_fraction == (p - 1) / (2 * m)
+    assert interleaved.pipeline_bytes == 2 * plan.pipeline_bytes
+
+
+def test_bad_pipeline_layouts_are_plan_errors_with_numbers():
+    cfg = load_config(AXK1_MULTINODE)
+    with pytest.raises(PlanError, match=r"grad_accum_steps \(4 micro-batches\) is fewer than .*\(8\)"):
+        make_plan(with_parallel(cfg, 512, grad_accum_steps=4), Cluster(64))
+    with pytest.raises(PlanError, match=r"pipeline_layers \[30, 30, 1, 1, 1, 1, 1, 1\] sum to 66"):
+        make_plan(with_parallel(cfg, 512, pipeline_layers=[30, 30, 1, 1, 1, 1, 1, 1]), Cluster(64))
+
+
+def test_search_ranges_over_pipeline_and_context_sizes_and_leaves_out_what_the_engine_refuses():
+    from kmodel.plan import search
+
+    recipe = "recipes/moe-30b-a3b-multinode.yaml"
+    cfg = load_config(recipe, ["model.num_nextn_predict_layers=0"])  # context parallelism does not split MTP yet
+    found = search(cfg, Cluster(2))
+    sizes = {(c.cfg.parallel.pipeline_parallel_size, c.cfg.parallel.context_parallel_size) for c in found}
+    assert {p for p, _ in sizes} >= {1, 2, 4} and {c for _, c in sizes} >= {1, 2}
+    assert all(p == 1 or c == 1 for p, c in sizes)  # the pipeline engine does not run CP yet
+    assert all(c.cfg.parallel.zero_stage == 1 for c in found if c.cfg.parallel.pipeline_parallel_size > 1)
+    # a needless context-parallel size is not preferred: where the same layout fits without it, that one is faster
+    # (CP earns its place by what it saves in memory: here the best layout runs without activation checkpointing)
+    compared = 0
+    for c in found:
+        cp = c.cfg.parallel.context_parallel_size
+        if cp > 1:
+            assert c.plan.context_bytes["global"] > 0 and c.plan.context_bytes["sliding"] > 0
+        if cp > 1 and c.cfg.train.grad_accum_steps % cp == 0:
+            plain = make_plan(with_parallel(c.cfg, 16, context_parallel_size=1,
+                                            grad_accum_steps=c.cfg.train.grad_accum_steps // cp), Cluster(2))
+            if plain.fits:
+                compared += 1
+                assert plain.step_s < c.plan.step_s
+    assert compared
+    with_mtp = search(load_config(recipe), Cluster(2))
+    assert all(c.cfg.parallel.context_parallel_size == 1 for c in with_mtp)
 
 
 def test_plan_search_json_describes_each_layout(capsys):

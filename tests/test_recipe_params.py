@@ -45,6 +45,8 @@ CARD, NAME = "card (rounded: 2%)", "name (truncated: [n, n + 1) billion)"
 PUBLISHED = [
     ("deepseek-v3-671b-a37b.yaml", 671, 37, False, CARD, "DeepSeek-V3 report and README_WEIGHTS.md (main model)"),
     ("ax-k1-519b-a33b.yaml", 519, 33, False, CARD, "skt/A.X-K1 model card"),
+    ("deepseek-v3-671b-a37b-multinode.yaml", 671, 37, False, CARD, "DeepSeek-V3 report and README_WEIGHTS.md (main model)"),
+    ("ax-k1-519b-a33b-multinode.yaml", 519, 33, False, CARD, "skt/A.X-K1 model card"),
     ("qwen3-30b-a3b.yaml", 30.5, 3.3, False, CARD, "Qwen3-30B-A3B model card"),
     ("gpt-oss-20b.yaml", 21, 3.6, True, CARD, "gpt-oss model card as restated by NVIDIA NeMo's gpt-oss page"),
     ("vaetki-112b-a10b.yaml", 112.2, 10.1, False, CARD, "NC-AI-consortium-VAETKI/VAETKI model card"),
