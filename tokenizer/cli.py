@@ -15,7 +15,14 @@ from .corpus_build import (
     write_heldout_samples,
 )
 from .errors import TokenizerError
-from .evaluate import BASELINES, evaluate, load_encoders, markdown_report, measured, save_report
+from .evaluate import (
+    BASELINES,
+    evaluate,
+    load_encoders,
+    markdown_report,
+    measured,
+    save_report,
+)
 from .stream_train import (
     BACKENDS,
     DEFAULT_BACKEND,
