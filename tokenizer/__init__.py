@@ -10,14 +10,14 @@ from kmodel.safe_path import defer_bare_import
 defer_bare_import(__name__, __file__)  # `import tokenizer` from the repository root means another package
 
 # Absolute imports: under a bare-name import the body goes on after another package has taken our place.
-from kmodel.tokenizer.errors import TokenizerError  # noqa: E402
-from kmodel.tokenizer.tokenizer import (  # noqa: E402
+from kmodel.tokenizer.errors import TokenizerError
+from kmodel.tokenizer.tokenizer import (
     PRODUCTION_TOKENIZER,
     SHIPPED_TOKENIZER,
     Tokenizer,
     normalize,
 )
-from kmodel.tokenizer.train import train_tokenizer  # noqa: E402
+from kmodel.tokenizer.train import train_tokenizer
 
 __all__ = [
     "PRODUCTION_TOKENIZER",

@@ -4,7 +4,12 @@ import shutil
 import unicodedata
 
 import pytest
-from kmodel.tokenizer import SHIPPED_TOKENIZER, Tokenizer, TokenizerError, special_tokens
+from kmodel.tokenizer import (
+    SHIPPED_TOKENIZER,
+    Tokenizer,
+    TokenizerError,
+    special_tokens,
+)
 
 
 def test_shipped_tokenizer_shape(shipped):
