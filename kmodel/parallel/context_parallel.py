@@ -46,6 +46,7 @@ import torch.distributed as dist
 from kmodel.config import Config, ConfigError
 from kmodel.data import IGNORE_INDEX, Batch
 from kmodel.kernels.attention.reference import masked_attention, visibility_mask
+from kmodel.model.decoder import ATTENTION_KINDS
 from kmodel.train.trainer import LOSS_KEYS
 
 
@@ -306,8 +307,10 @@ def check_supported(cfg: Config) -> None:
         )
     if cfg.parallel.zero_stage == 0:
         raise ConfigError(
-            f"parallel.context_parallel_size {cp} needs parallel.zero_stage 1, 2 or 3: DeepSpeed's stage-0 gradient "
-            "clipping has no group to reduce over beside its tensor-parallel one; set parallel.zero_stage=1"
+            f"parallel.context_parallel_size {cp} needs parallel.zero_stage 1, 2 or 3: DeepSpeed's stage-0 clipping "
+            "takes its gradient norm over a tensor-parallel group, which the replica layout given to DeepSpeed "
+            "(kmodel.parallel.deepspeed_config.ReplicaTopology) does not have; set parallel.zero_stage=1 (the same "
+            "memory for weights and gradients, optimizer states partitioned)"
         )
 
 
@@ -392,14 +395,11 @@ class ContextParallel:
         self.open = False
         self.doc_ids: torch.Tensor | None = None
 
-    def attach(self, model: torch.nn.Module) -> int:
-        """Put the exchange in every attention module's kernel seam; returns how many."""
-        from kmodel.model.decoder import ATTENTION_KINDS
-
-        modules = [m for m in model.modules() if isinstance(m, tuple(ATTENTION_KINDS.values()))]
-        for module in modules:
-            module.kernel = ContextParallelAttention(module.kernel, self)
-        return len(modules)
+    def attach(self, model: torch.nn.Module) -> None:
+        """Put the exchange in every attention module's kernel seam."""
+        for module in model.modules():
+            if isinstance(module, tuple(ATTENTION_KINDS.values())):
+                module.kernel = ContextParallelAttention(module.kernel, self)
 
     @contextlib.contextmanager
     def opened(self, doc_ids: torch.Tensor | None) -> Iterator[None]:

@@ -215,9 +215,10 @@ def test_resume_between_one_process_and_context_parallel(tmp_path):
 @pytest.mark.slow
 def test_context_data_and_expert_parallel_compose(tmp_path):
     """World 4 = CP 2 x DP 2, EP 2 (each EP group spans the two CP ranks of one sequence), ZeRO-2: the losses of
-    one process reading the same two micro-batches per step."""
-    reference = _single(tmp_path / "single", ["train.grad_accum_steps=2"])
-    _context_parallel(tmp_path / "cp2dp2", 4, 2, ["parallel.zero_stage=2", "parallel.expert_parallel_size=2"])
+    one process reading the same two micro-batches per step. Without document masking: plain causal attention."""
+    plain = ["data.document_masking=false"]
+    reference = _single(tmp_path / "single", [*plain, "train.grad_accum_steps=2"])
+    _context_parallel(tmp_path / "cp2dp2", 4, 2, [*plain, "parallel.zero_stage=2", "parallel.expert_parallel_size=2"])
     _assert_same_losses(_losses(tmp_path / "cp2dp2"), reference)
     assert _records(tmp_path / "cp2dp2", "train")[-1]["tokens"] == 4 * 2 * 2 * 128
 
