@@ -416,8 +416,9 @@ class DeepSpeedTrainer(Trainer):
         return address.start, address.start + address.numel
 
     def _owned_value(self, param: torch.nn.Parameter, key: str | None, count: int) -> torch.Tensor:
-        """This rank's fp32 master (`key` None) or optimizer-state piece of `param`: a view, no copy, no
-        collective (DeepSpeed's per-rank partition accessors)."""
+        """This rank's fp32 master (`key` None) or optimizer-state piece of `param`, without a collective
+        (DeepSpeed's per-rank partition accessors): a view of the training state (ZeRO-3 hands a copy when it
+        keeps the partition on another device)."""
         from deepspeed.utils import safe_get_local_fp32_param, safe_get_local_optimizer_state
 
         if self.is_expert(param):
@@ -489,7 +490,10 @@ class DeepSpeedTrainer(Trainer):
         if self.rank == 0:
             sharded.prepare(directory)
         dist.barrier()
-        streams = {kind: sharded.ShardStream([piece for piece, _ in owned], [snapshot(value) for _, value in owned])
+        # a background write needs a copy (training goes on changing the partitions); a synchronous one writes
+        # straight from them, one piece at a time
+        copy = snapshot if self.checkpoint_writer.asynchronous else torch.Tensor.detach
+        streams = {kind: sharded.ShardStream([piece for piece, _ in owned], [copy(value) for _, value in owned])
                    for kind, owned in (("model", self.owned_weights()), ("optimizer", self.owned_moments()))
                    if owned is not None}
         tmp, rank, world = sharded.tmp_dir(directory), self.rank, self.world
