@@ -551,6 +551,7 @@ def test_bad_pipeline_layouts_are_plan_errors_with_numbers():
         make_plan(with_parallel(cfg, 512, pipeline_layers=[30, 30, 1, 1, 1, 1, 1, 1]), Cluster(64))
 
 
+@pytest.mark.slow
 def test_search_ranges_over_pipeline_and_context_sizes_and_leaves_out_what_the_engine_refuses():
     from kmodel.plan import search
 
