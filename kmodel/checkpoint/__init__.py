@@ -17,9 +17,10 @@ every reader (resume, `load_model`, eval, generate, export, provenance) checks t
 manifest, and `latest_valid_checkpoint` picks the newest checkpoint of a run that verifies, naming why newer
 ones were skipped (missing, truncated or corrupt file, no manifest, written by another run).
 
-Tensor files are written one tensor at a time (`TensorStream`, `write_safetensors`) and read one tensor, or a
-block of rows, at a time (`LazyTensor`): a distributed engine writes and restores a model far larger than one
-process's memory (kmodel.parallel.engine).
+Tensor files are written one tensor at a time (`TensorStream`, `write_safetensors`) and read one tensor, a block
+of rows or a range of elements at a time (`LazyTensor`): each rank of a distributed engine writes the pieces of the
+global tensors it holds and restores the ones it owns in its own layout (kmodel.checkpoint.sharded,
+kmodel.parallel.engine).
 """
 
 from kmodel.checkpoint.directory import (

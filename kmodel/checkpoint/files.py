@@ -193,8 +193,8 @@ def safetensors_problem(path: Path) -> str | None:
 
 
 class LazyTensor:
-    """One tensor of a safetensors file, read on `load` (all of it, or a block of leading rows): restoring or
-    hashing a checkpoint this way holds one tensor at a time."""
+    """One tensor of a safetensors file, read on `load` (all of it, or a block of leading rows) or `load_flat` (a
+    range of its elements): restoring a checkpoint this way holds one tensor, or one rank's part of it, at a time."""
 
     def __init__(self, path: Path, name: str, dtype: torch.dtype, shape: tuple[int, ...]):
         self.path, self.name, self.dtype, self.shape = path, name, dtype, shape
