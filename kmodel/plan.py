@@ -826,10 +826,18 @@ def suggestions(cfg: Config, cluster: Cluster, assume: Assumptions | None) -> li
         tries.append(("train.micro_batch_size=1", {"micro_batch_size": 1}, cluster))
     if not p.offload_optimizer and p.zero_stage >= 1:
         tries.append(("parallel.offload_optimizer=true", {"offload_optimizer": True}, cluster))
+    accum = cfg.train.grad_accum_steps
+    for key in ("context_parallel_size", "pipeline_parallel_size"):  # twice as many, the same global batch
+        size = 2 * getattr(p, key)
+        tries.append((f"parallel.{key}={size} with train.grad_accum_steps={2 * accum}",
+                      {key: size, "grad_accum_steps": 2 * accum, "pipeline_layers": None}, cluster))
+    if p.pipeline_parallel_size > 1 and p.pipeline_layers is None:
+        tries.append(_memory_bounded_split(cfg, cluster, assume))
     found = []
     for label, change, target in tries:
         try:
-            if make_plan(with_parallel(cfg, target.world_size, **change), target, assume).fits:
+            plan = make_plan(with_parallel(cfg, target.world_size, **change), target, assume)
+            if plan.fits and plan.engine_refusal is None:
                 found.append(label)
         except PlanError:
             continue
@@ -844,6 +852,21 @@ def suggestions(cfg: Config, cluster: Cluster, assume: Assumptions | None) -> li
             changes = [o for o in fitting[0].overrides if not o.startswith("parallel.world_size=")]
             found.append(f"--nodes {nodes} with " + " ".join(f"--set {o}" for o in changes))
     return found
+
+
+def _memory_bounded_split(cfg: Config, cluster: Cluster, assume: Assumptions | None) -> tuple[str, dict, Cluster]:
+    """The pipeline split that keeps every stage within the usable memory where one does (the cost model's
+    default balances time first), as a recipe change."""
+    # imported here: pipeline_split builds on this module's pieces and memory model
+    from kmodel.parallel.pipeline_split import split_layers
+
+    assume = assume or Assumptions.for_config(cfg)
+    p = cfg.parallel
+    layout = with_parallel(cfg, cluster.world_size)
+    bounded = split_layers(layout, p.pipeline_parallel_size, p.pipeline_virtual_stages,
+                           memory_limit=cluster.gpu.memory_bytes * assume.memory_headroom)
+    counts = [len(r) for r in bounded]
+    return f"parallel.pipeline_layers=[{','.join(map(str, counts))}]", {"pipeline_layers": counts}, cluster
 
 
 def check_fits(plan: Plan, cfg: Config) -> None:

@@ -599,3 +599,18 @@ def test_zero3_with_expert_parallelism_is_refused_with_the_best_alternative(caps
     assert "zero_stage 3 with expert_parallel_size > 1 is refused" in captured.err
     assert "the fastest layout that fits on this cluster: --set parallel.world_size=256" in captured.err
     assert "layouts of k-exaone-236b-a23b-multinode fit on 256 GPUs" in captured.out
+
+
+def test_a_misfitting_pipeline_is_offered_the_split_that_fits_the_memory():
+    """With 56 GiB usable, the cost model's split of A.X K1 (9 layers on stages 5 and 6) is 1.3 GiB over; the
+    memory-bounded split (kmodel.parallel.pipeline_split with memory_limit) is suggested, and it fits."""
+    cfg = load_config(AXK1_MULTINODE)
+    tight = Assumptions.for_config(cfg, memory_headroom=0.7)
+    plan = make_plan(cfg, Cluster(64), tight)
+    assert not plan.fits
+    with pytest.raises(PlanError, match=r"parallel\.pipeline_layers=\[([\d,]+)\]") as error:
+        check_fits(plan, cfg)
+    counts = [int(n) for n in error.value.args[0].split("parallel.pipeline_layers=[")[1].split("]")[0].split(",")]
+    assert sum(counts) == 61 and len(counts) == 8
+    bounded = make_plan(with_parallel(cfg, 512, pipeline_layers=counts), Cluster(64), tight)
+    assert bounded.fits
