@@ -46,7 +46,7 @@ import torch.distributed as dist
 from kmodel.config import Config, ConfigError
 from kmodel.data import IGNORE_INDEX, Batch
 from kmodel.kernels.attention.reference import masked_attention, visibility_mask
-from kmodel.model.decoder import ATTENTION_KINDS
+from kmodel.model.decoder import ATTENTION_KINDS, ModelOutput
 from kmodel.train.trainer import LOSS_KEYS
 
 
@@ -381,6 +381,26 @@ class ContextParallelAttention:
         if name in ("inner", "context"):  # not set yet (copying): no recursion
             raise AttributeError(name)
         return getattr(self.inner, name)
+
+
+class SplitEvaluation(torch.nn.Module):
+    """Held-out evaluation under context parallelism: `model(input_ids, labels)` on whole rows runs as this rank's
+    chunks (no rank holds a whole sequence's activations) and returns the rows' mean cross-entropy as `lm_loss`,
+    the same on every rank of the group (collective)."""
+
+    def __init__(self, model: torch.nn.Module, context: ContextParallel):
+        super().__init__()
+        self.model, self.context = model, context
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> ModelOutput:
+        layout = self.context.layout
+        local = layout.shard(labels)
+        with self.context.opened(None):
+            out = self.model(layout.shard(input_ids), local, position_ids=layout.positions(device=local.device))
+        nats_and_tokens = torch.stack([out.lm_loss.double() * (local != IGNORE_INDEX).sum(),
+                                       (local != IGNORE_INDEX).sum().double()])
+        dist.all_reduce(nats_and_tokens, group=self.context.group)
+        return ModelOutput(logits=None, lm_loss=nats_and_tokens[0] / nats_and_tokens[1].clamp(min=1))
 
 
 class ContextParallel:

@@ -149,6 +149,11 @@ class DeepSpeedTrainer(Trainer):
         """Drop from the meta model what this rank does not hold (besides other ranks' experts): nothing here; a
         pipeline stage drops the other stages' layers (kmodel.parallel.pipeline)."""
 
+    @functools.cached_property
+    def eval_model(self) -> torch.nn.Module:
+        """Under context parallelism each rank evaluates its chunks of the held-out rows."""
+        return self.model if self.context is None else cp.SplitEvaluation(self.model, self.context)
+
     @property
     def _replica_group(self):
         """The ranks holding the same dense weights (None: the whole world)."""

@@ -490,6 +490,11 @@ class Trainer:
         make_room(self.checkpoints_dir, int(need * 1.05), checkpoints, delete_checkpoint)
 
     # --- evaluation ------------------------------------------------------------------------------------------
+    @property
+    def eval_model(self) -> torch.nn.Module:
+        """What held-out evaluation calls as `model(input_ids, labels)` (an engine that splits sequences wraps it)."""
+        return self.model
+
     def evaluate_heldout(self, max_batches: int | None) -> dict[str, Any] | None:
         """Loss, perplexity and bits per byte on data.heldout (None when the recipe has none)."""
         if not self.cfg.data.heldout:
@@ -498,7 +503,7 @@ class Trainer:
             self._heldout = {path: file_docs(path, self.tokenizer, self.cache_dir) for path in self.cfg.data.heldout}
         per_file = {
             path: evaluate_docs(
-                self.model, docs, self.cfg.data.seq_len, self.cfg.train.micro_batch_size, self.tokenizer.pad_id,
+                self.eval_model, docs, self.cfg.data.seq_len, self.cfg.train.micro_batch_size, self.tokenizer.pad_id,
                 self.amp_dtype, max_batches,
             )
             for path, docs in self._heldout.items()

@@ -28,6 +28,7 @@ from kmodel.parallel import expert_parallel as xp
 from kmodel.parallel.context_parallel import (
     ContextLayout,
     ContextParallel,
+    SplitEvaluation,
     check_supported,
     gather_bytes,
     gathered_windows,
@@ -122,6 +123,10 @@ def _gradient_worker(rank: int, size: int, port: int, failures) -> None:
                 load = moe.load.clone()
                 dist.all_reduce(load)
                 assert torch.equal(load, one.moe_layers()[name].load), f"{where} {name} load"
+            with torch.no_grad():  # held-out evaluation on the chunks: the whole rows' cross-entropy on every rank
+                evaluated = SplitEvaluation(split, context).eval()(batch.input_ids, batch.labels).lm_loss
+                expected = one.eval()(batch.input_ids, batch.labels).lm_loss
+            torch.testing.assert_close(evaluated, expected, rtol=1e-10, atol=0, msg=lambda m, w=where: f"{w} eval: {m}")
     except BaseException as error:  # reported to the parent, which fails the test with every rank's message
         failures.put(f"rank {rank}: {error!r}")
     finally:
@@ -152,12 +157,13 @@ def references(tmp_path_factory):
     """One-process losses per model variant, trained on first use."""
     done = {}
 
-    def losses(variant: str) -> dict[int, float]:
+    def run(variant: str):
         if variant not in done:
-            done[variant] = _single(tmp_path_factory.mktemp(f"single-{variant}"), MLA if variant == "mla" else [])
+            done[variant] = tmp_path_factory.mktemp(f"single-{variant}")
+            _single(done[variant], MLA if variant == "mla" else [])
         return done[variant]
 
-    return losses
+    return run
 
 
 @pytest.mark.distributed
@@ -169,7 +175,10 @@ def references(tmp_path_factory):
 def test_context_parallel_matches_one_process(tmp_path, references, cp, variant, layout):
     model = MLA if variant == "mla" else []
     done = _context_parallel(tmp_path, cp, cp, [*layout, *model])
-    _assert_same_losses(_losses(tmp_path), references(variant))
+    reference = references(variant)
+    _assert_same_losses(_losses(tmp_path), _losses(reference))
+    # the final held-out evaluation, each rank on its chunks of the rows (weights as close as the losses)
+    assert _records(tmp_path, "eval")[-1]["loss"] == pytest.approx(_records(reference, "eval")[-1]["loss"], rel=1e-5)
     assert _records(tmp_path, "train")[-1]["tokens"] == 4 * 2 * 128  # a step trains the DP ranks' rows once
 
     # Bytes received in one forward, by layer kind: halo rows from the neighbours' chunks for sliding layers (or a
