@@ -131,7 +131,8 @@ def _add_plan(sub) -> None:
         "plan",
         help="say whether a recipe fits a cluster: memory, communication, step time, MFU, days",
         description="Print, per GPU, parameter / gradient / optimizer-state / activation memory, ZeRO and EP "
-        "all-to-all traffic per step, estimated step time and MFU, tokens per day and days to the token budget, "
+        "all-to-all, context-parallel and pipeline traffic per step, each pipeline stage and the bubble, estimated "
+        "step time and MFU, tokens per day and days to the token budget, "
         "for RECIPE on NODES x GPUS_PER_NODE GPUs (the recipe's parallel.world_size is replaced by that product). "
         "Exits with an error naming what does not fit, and changes that would, when the plan does not fit. "
         "Formulas and assumptions: docs/parallel.md.",
@@ -149,8 +150,9 @@ def _add_plan(sub) -> None:
     p.add_argument("--memory-headroom", type=float, default=0.9,
                    help="usable share of GPU memory after CUDA context and fragmentation (default 0.9)")
     p.add_argument("--search", action="store_true",
-                   help="list every layout of the same global batch that fits (EP size, ZeRO stage, micro-batch, "
-                   "activation checkpointing, optimizer offload), fastest first, each with its --set overrides")
+                   help="list every layout of the same global batch that fits and the engine runs (pipeline stages "
+                   "and schedule, context-parallel size, EP size, ZeRO stage, micro-batch, activation checkpointing, "
+                   "optimizer offload), fastest first, each with its --set overrides")
     p.add_argument("--json", action="store_true",
                    help="print the plan as JSON: bytes per GPU by category (params, grads, optimizer, activations, "
                    "as the trainer's memory records name them), communication, step time, MFU")
