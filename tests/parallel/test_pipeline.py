@@ -1,12 +1,14 @@
 """Pipeline parallelism (kmodel.parallel.pipeline) on CPU gloo ranks: the losses equal one process's on the same
 global batch for PP 2, PP 2 x DP 2 (interleaved schedule) and PP 2 x EP 2; a checkpoint written by PP 2 resumes
-in one process; a rank whose experts get no token does not hang the pipeline; bad layouts are refused."""
+in one process and on PP 4; a rank whose experts get no token does not hang the pipeline; bad layouts are
+refused."""
 
 from __future__ import annotations
 
 import datetime
 import json
 import os
+import shutil
 import socket
 from functools import partial
 
@@ -25,21 +27,33 @@ from kmodel.parallel.pipeline_split import PipelineSplitError, check_pipeline
 from kmodel.train.run import train
 
 RECIPE = "recipes/tiny-ko-moe.yaml"
-# 4 layers: layer 0 dense, 1-3 MoE (first_k_dense_replace 1), one MTP depth (on the last stage)
-TINY = ["model.hidden_size=64", "model.num_hidden_layers=4", "data.seq_len=64", "train.micro_batch_size=2",
-        "train.max_steps=4", "train.warmup_steps=1", "train.checkpoint_every=2", "train.eval_every=0",
-        "train.eval_batches=1", "train.grad_accum_steps=2", "provenance.ledger=false"]
+# 4 layers: layer 0 dense, 1-3 MoE (first_k_dense_replace 1), one MTP depth (on the last stage); documents masked
+# (their boundaries travel between the stages)
+TINY = ["model.hidden_size=64", "model.num_hidden_layers=4", "data.seq_len=64", "data.document_masking=true",
+        "train.micro_batch_size=2", "train.max_steps=4", "train.warmup_steps=1", "train.checkpoint_every=2",
+        "train.eval_every=0", "train.eval_batches=1", "train.grad_accum_steps=2", "provenance.ledger=false"]
 PIPELINE = ["parallel.backend=deepspeed", "parallel.zero_stage=1", "parallel.pipeline_parallel_size=2"]
 
 
+def _records(run_dir) -> list[dict]:
+    return [json.loads(line) for line in open(run_dir / "metrics.jsonl", encoding="utf-8")]
+
+
 def _losses(run_dir) -> dict[int, float]:
-    records = [json.loads(line) for line in open(run_dir / "metrics.jsonl", encoding="utf-8")]
-    return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+    return {r["step"]: r["loss"] for r in _records(run_dir) if r["kind"] == "train"}
 
 
-def _single(run_dir, accumulation: int, resume: bool = False) -> dict[int, float]:
+class Losses(dict):
+    """Step -> loss of a run, remembering the run directory."""
+
+    def __init__(self, run_dir):
+        super().__init__(_losses(run_dir))
+        self.run_dir = run_dir
+
+
+def _single(run_dir, accumulation: int, resume: bool = False) -> Losses:
     train(load_config(RECIPE, TINY + [f"train.grad_accum_steps={accumulation}"]), run_dir, resume=resume, progress=False)
-    return _losses(run_dir)
+    return Losses(run_dir)
 
 
 @pytest.fixture(scope="module")
@@ -60,20 +74,48 @@ def _assert_same(got: dict[int, float], reference: dict[int, float]) -> None:
         assert got[step] == pytest.approx(loss, rel=1e-5), step
 
 
+@pytest.fixture(scope="module")
+def pp2_run(tmp_path_factory):
+    """PP 2 on 2 ranks, 1F1B, layers split 1 | 3 (stage 0: the embedding and the dense layer only, so the aux loss
+    it passes on carries no gradient); checkpoints at steps 2 and 4."""
+    run = tmp_path_factory.mktemp("pp2") / "run"
+    train_ranks(run, RECIPE, 2, TINY + PIPELINE + ["parallel.world_size=2", "parallel.pipeline_layers=[1,3]"])
+    return run
+
+
+def _resume_copy(run, tmp_path):
+    """A copy of the run that has only its step-2 checkpoint."""
+    copy = tmp_path / "resumed"
+    shutil.copytree(run, copy)
+    shutil.rmtree(copy / "checkpoints" / "step_0000004")
+    return copy
+
+
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_pp2_uneven_split_matches_one_process_and_resumes_in_one(tmp_path, reference4):
-    """PP 2 on 2 ranks, 1F1B, layers split 1 | 3 (stage 0: the embedding and the dense layer only, so its aux
-    loss carries no gradient); the step-2 checkpoint resumes in one process with the same losses."""
-    run = tmp_path / "pp2"
-    train_ranks(run, RECIPE, 2, TINY + PIPELINE + ["parallel.world_size=2", "parallel.pipeline_layers=[1,3]"])
-    _assert_same(_losses(run), reference4)
-    records = [json.loads(line) for line in open(run / "metrics.jsonl", encoding="utf-8")]
-    router = next(r["router"] for r in records if r["kind"] == "train")
-    assert list(router) == ["layers.1.mlp", "layers.2.mlp", "layers.3.mlp", "mtp.0.block.mlp"]  # from stage 1 too
+def test_pp2_uneven_split_matches_one_process_and_resumes_in_one(pp2_run, tmp_path, reference4):
+    _assert_same(_losses(pp2_run), reference4)
+    train_records = [r for r in _records(pp2_run) if r["kind"] == "train"]
+    assert list(train_records[0]["router"]) == ["layers.1.mlp", "layers.2.mlp", "layers.3.mlp", "mtp.0.block.mlp"]
+    # the clip's norm covers both stages (DeepSpeed's norm is ~2e-5 from torch's, with or without stages)
+    single = {r["step"]: r["grad_norm"] for r in _records(reference4.run_dir) if r["kind"] == "train"}
+    for r in train_records:
+        assert r["grad_norm"] == pytest.approx(single[r["step"]], rel=1e-4), r["step"]
 
-    (run / "checkpoints" / "step_0000004").rename(tmp_path / "pp2-step4")
-    resumed = _single(run, 2, resume=True)
+    resumed = _single(_resume_copy(pp2_run, tmp_path), 2, resume=True)
+    for step in (3, 4):
+        assert resumed[step] == pytest.approx(reference4[step], rel=1e-5), step
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_pp2_checkpoint_resumes_with_pp4(pp2_run, tmp_path, reference4):
+    """The step-2 checkpoint of PP 2 (2 micro-batches of 2 rows) resumes on 4 stages of one layer each (4
+    micro-batches of 1 row: the same global batch) with the same losses."""
+    copy = _resume_copy(pp2_run, tmp_path)
+    train_ranks(copy, RECIPE, 4, TINY + PIPELINE + ["parallel.world_size=4", "parallel.pipeline_parallel_size=4",
+                                                    "train.micro_batch_size=1", "train.grad_accum_steps=4"], resume=True)
+    resumed = _losses(copy)
     for step in (3, 4):
         assert resumed[step] == pytest.approx(reference4[step], rel=1e-5), step
 
@@ -91,8 +133,10 @@ def test_pp2_dp2_interleaved_matches_one_process(tmp_path, reference8):
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_pp2_ep2_matches_one_process(tmp_path, reference8):
-    """4 ranks: 2 stages, each with 2 data-parallel ranks that shard the experts (EP 2 inside the stage)."""
-    train_ranks(tmp_path, RECIPE, 4, TINY + PIPELINE + ["parallel.world_size=4", "parallel.expert_parallel_size=2"])
+    """4 ranks: 2 stages, each with 2 data-parallel ranks that shard the experts (EP 2 inside the stage), the decoder
+    layers recomputed in backward (activation checkpointing, the experts' all-to-all included)."""
+    train_ranks(tmp_path, RECIPE, 4, TINY + PIPELINE + ["parallel.world_size=4", "parallel.expert_parallel_size=2",
+                                                        "train.activation_checkpointing=true"])
     _assert_same(_losses(tmp_path), reference8)
 
 
