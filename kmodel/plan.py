@@ -653,9 +653,8 @@ def make_plan(cfg: Config, cluster: Cluster, assume: Assumptions | None = None, 
     """The per-GPU memory, communication and time of running `cfg` on `cluster` (does not raise on misfit;
     `check_fits` does). Under pipeline parallelism every stage is planned: the largest stage's memory decides
     the fit, the busiest stage paces the pipeline."""
-    from kmodel.parallel import (
-        pipeline_split,  # it builds on this module's pieces and memory model
-    )
+    # imported here: pipeline_split builds on this module's pieces and memory model
+    from kmodel.parallel import pipeline_split
 
     p, t, m = cfg.parallel, cfg.train, cfg.model
     world = cluster.world_size
@@ -673,30 +672,17 @@ def make_plan(cfg: Config, cluster: Cluster, assume: Assumptions | None = None, 
     seq = seq_len_of(cfg)
     tokens_per_step = t.micro_batch_size * micro_batches * (world // (pp * cp)) * seq
     rate = cluster.gpu.peak_tflops * 1e12 * assume.kernel_efficiency
-    recompute = 4 / 3 if t.activation_checkpointing else 1  # recompute = one more forward
-    element_bytes = assume.param_bytes
-    pipeline_bytes = pipeline_bytes_per_step(cfg, element_bytes)
+    pipeline_bytes = pipeline_bytes_per_step(cfg, assume.param_bytes)
     pipeline_s = pipeline_bytes / _bandwidth(world, False, cluster)  # some stage boundary crosses nodes if any can
-
     stages, extra_s, parts = [], [], []
     for index, pieces in enumerate(pipeline_split.stage_pieces(cfg, split, pp)):
         in_flight = pipeline_split.micro_batches_in_flight(pp, v, index, micro_batches)
         memory = pieces_memory(cfg, stage_size, assume, pieces, fused_loss=fused_loss, in_flight=in_flight)
-        compute = micro_batches * tokens_per_rank(cfg) * sum(x.flops_per_token for x in pieces) * recompute / rate
-        a2a = all_to_all_bytes_per_step(cfg, element_bytes, sum(1 for x in pieces if x.expert))
-        context = context_bytes_per_step(cfg, element_bytes, [x.attention_of for x in pieces if x.attention_of is not None])
-        dense, expert = sum(x.dense for x in pieces), sum(x.expert for x in pieces)
-        zero_dense = zero_bytes_per_step(dense, stage_size, p.zero_stage, micro_batches, assume.grad_bytes)
-        zero_expert = zero_bytes_per_step(expert / ep, stage_size // ep, p.zero_stage, micro_batches, assume.grad_bytes)
-        exchanges = a2a / _bandwidth(ep, True, cluster) + sum(context.values()) / _bandwidth(cp, True, cluster)
-        busy = compute + exchanges + pipeline_s  # exchanges sit on the critical path
+        part = _stage_costs(cfg, cluster, assume, pieces, stage_size)
         chunks = tuple(split[c] for c in range(index, len(split), pp))
-        stages.append(Stage(chunks, memory, in_flight, busy))
-        # each stage reduces its own weights over its replicas, partly behind compute
-        zero_s = (zero_dense + zero_expert) / _bandwidth(stage_size, True, cluster)
-        extra_s.append(zero_s * (1 - assume.zero_overlap) + offload_seconds(memory, assume))
-        parts.append({"compute": compute, "a2a": a2a, "a2a_s": a2a / _bandwidth(ep, True, cluster),
-                      "zero_dense": zero_dense, "zero_expert": zero_expert, **context})
+        stages.append(Stage(chunks, memory, in_flight, part["busy_s"] + pipeline_s))
+        extra_s.append(part["reduce_s"] + offload_seconds(memory, assume))
+        parts.append(part)
     pace = max(range(pp), key=lambda i: stages[i].busy_s)  # the busiest stage sets the pipeline's rhythm
     bubble = pipeline_split.bubble_fraction(pp, v, micro_batches)
     bubble_s = bubble * stages[pace].busy_s
@@ -748,6 +734,27 @@ def make_plan(cfg: Config, cluster: Cluster, assume: Assumptions | None = None, 
         stages=tuple(stages),
         engine_refusal=_engine_refusal(cfg),
     )
+
+
+def _stage_costs(cfg: Config, cluster: Cluster, assume: Assumptions, pieces: list[Piece], stage_size: int) -> dict:
+    """Per step, for a GPU holding `pieces` in a stage of `stage_size` ranks: compute seconds, all-to-all and CP
+    bytes (and seconds, on the critical path: `busy_s` = compute + exchanges), ZeRO bytes and the exposed part of
+    their seconds (`reduce_s`: each stage reduces its own weights over its replicas, partly behind compute)."""
+    p, t = cfg.parallel, cfg.train
+    ep, cp, micro_batches, element_bytes = p.expert_parallel_size, p.context_parallel_size, t.grad_accum_steps, assume.param_bytes
+    recompute = 4 / 3 if t.activation_checkpointing else 1  # recompute = one more forward
+    rate = cluster.gpu.peak_tflops * 1e12 * assume.kernel_efficiency
+    compute = micro_batches * tokens_per_rank(cfg) * sum(x.flops_per_token for x in pieces) * recompute / rate
+    a2a = all_to_all_bytes_per_step(cfg, element_bytes, sum(1 for x in pieces if x.expert))
+    context = context_bytes_per_step(cfg, element_bytes, [x.attention_of for x in pieces if x.attention_of is not None])
+    dense, expert = sum(x.dense for x in pieces), sum(x.expert for x in pieces)
+    zero_dense = zero_bytes_per_step(dense, stage_size, p.zero_stage, micro_batches, assume.grad_bytes)
+    zero_expert = zero_bytes_per_step(expert / ep, stage_size // ep, p.zero_stage, micro_batches, assume.grad_bytes)
+    a2a_s = a2a / _bandwidth(ep, True, cluster)
+    busy_s = compute + a2a_s + sum(context.values()) / _bandwidth(cp, True, cluster)
+    reduce_s = (zero_dense + zero_expert) / _bandwidth(stage_size, True, cluster) * (1 - assume.zero_overlap)
+    return {"compute": compute, "a2a": a2a, "a2a_s": a2a_s, "zero_dense": zero_dense, "zero_expert": zero_expert,
+            "busy_s": busy_s, "reduce_s": reduce_s, **context}
 
 
 def uses_fused_loss(cfg: Config) -> bool:
