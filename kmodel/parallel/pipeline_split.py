@@ -161,8 +161,9 @@ def _ranges(counts: list[int]) -> list[range]:
 
 
 @dataclass(frozen=True)
-class _Extras:
-    """What a chunk holds besides its layers: time, fixed bytes, activation bytes per micro-batch, recompute peak."""
+class _Cost:
+    """What a group of pieces costs a chunk: FLOPs per token, fixed bytes (weights, gradients, optimizer state),
+    activation bytes per micro-batch in flight, and its recompute peak (once per chunk)."""
 
     flops: float = 0.0
     fixed: float = 0.0
@@ -182,7 +183,7 @@ class _Costs:
         cost = _piece_cost(cfg, stages)
         layer_costs = [cost([x]) for x in pieces[1 : 1 + self.n]]
         first, last = cost(pieces[:1]), cost(pieces[1 + self.n :])
-        self.extras = [first] + [_Extras()] * (self.chunks - 2) + [last]
+        self.extras = [first] + [_Cost()] * (self.chunks - 2) + [last]
         self.flops = _prefix([c.flops for c in layer_costs])
         self.fixed = _prefix([c.fixed for c in layer_costs])
         self.per_micro_batch = _prefix([c.per_micro_batch for c in layer_costs])
@@ -280,16 +281,16 @@ def _prefix(values: list[float]) -> list[float]:
     return sums
 
 
-def _piece_cost(cfg: Config, stages: int) -> Callable[[list[Piece]], _Extras]:
+def _piece_cost(cfg: Config, stages: int) -> Callable[[list[Piece]], _Cost]:
     """The cost of a group of pieces, split by kmodel.plan's memory model into fixed bytes, bytes per micro-batch
     in flight and the once-per-stage recompute peak (activation checkpointing)."""
     assume, fused = Assumptions.for_config(cfg), uses_fused_loss(cfg)
     replicas = cfg.parallel.world_size // stages
 
-    def cost(group: list[Piece]) -> _Extras:
+    def cost(group: list[Piece]) -> _Cost:
         idle = pieces_memory(cfg, replicas, assume, group, fused_loss=fused, in_flight=0)
         busy = pieces_memory(cfg, replicas, assume, group, fused_loss=fused, in_flight=1)
-        return _Extras(sum(x.flops_per_token for x in group), idle.total - idle.activations,
+        return _Cost(sum(x.flops_per_token for x in group), idle.total - idle.activations,
                        busy.activations - idle.activations, idle.activations)
 
     return cost
