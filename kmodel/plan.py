@@ -1,4 +1,4 @@
-"""The planner: will a recipe fit on a cluster, and how fast will it train? Config only, no torch.
+"""The planner: will a recipe fit on a cluster, and how fast will it train? Arithmetic on the config (no tensors).
 
 Everything here is arithmetic on the recipe, written out so it can be checked by hand (docs/parallel.md
 derives each formula). Units: parameters and elements are counts, memory is bytes, time is seconds.
@@ -19,6 +19,10 @@ gets k/E of the tokens). Attention is a fused kernel that stores no score matrix
 most `sliding_window` keys, which is counted in the attention FLOPs and in the inference KV cache. Multi-head
 latent attention (MLA) is counted as training runs it: its latent is expanded to per-head keys and values.
 Communication uses ring collectives on NVLink inside a node and InfiniBand across nodes.
+Context parallelism divides each sequence's tokens over its ranks and adds the halo / gather exchanges of
+kmodel.parallel.context_parallel; pipeline parallelism plans every stage (its pieces of the model from
+kmodel.parallel.pipeline_split, its activations times the micro-batches in flight) and adds the bubble and the
+stage-to-stage sends. Layouts the engine refuses are planned and marked (`Plan.engine_refusal`).
 """
 
 from __future__ import annotations
