@@ -270,7 +270,18 @@ def exchanged_attention(
         return torch.cat(outs, dim=2).transpose(1, 2)
     kind = "global" if window is None else "sliding"
     everything, key_pos = gather_sequence(rows, layout, group, stats, kind)
-    return _attend(qt, *unpack(everything), pos, key_pos, window, doc_ids, scale, sinks).transpose(1, 2)
+    # In sequence order a chunk's visible keys are one slice (causal: up to its last token; window: from W-1
+    # before its first), so each chunk attends to that slice only: about half the work of every key for all.
+    order = torch.argsort(key_pos)
+    keys, values = unpack(everything[:, order])
+    key_pos = key_pos[order]
+    outs = []
+    for i, c in enumerate(layout.chunks()):
+        chunk = slice(i * length, (i + 1) * length)
+        seen = slice(0 if window is None else max(0, c * length - window + 1), (c + 1) * length)
+        outs.append(_attend(qt[:, :, chunk], keys[:, seen], values[:, seen], pos[chunk], key_pos[seen],
+                            window, doc_ids, scale, sinks))
+    return torch.cat(outs, dim=2).transpose(1, 2)
 
 
 def _attend(qt, keys, values, q_pos, k_pos, window, doc_ids, scale, sinks) -> torch.Tensor:
@@ -278,10 +289,7 @@ def _attend(qt, keys, values, q_pos, k_pos, window, doc_ids, scale, sinks) -> to
     mask = visibility_mask(q_pos, k_pos, window=window, causal=True).expand(qt.shape[0], 1, -1, -1)
     if doc_ids is not None:
         mask = mask & (doc_ids[:, None, q_pos, None] == doc_ids[:, None, None, k_pos])
-    if qt.shape[1] != keys.shape[1]:
-        group = qt.shape[1] // keys.shape[1]
-        keys, values = keys.repeat_interleave(group, dim=1), values.repeat_interleave(group, dim=1)
-    return masked_attention(qt, keys, values, mask, scale=scale, sinks=sinks)
+    return masked_attention(qt, keys, values, mask, scale=scale, sinks=sinks)  # GQA: grouped there
 
 
 # --- training: the engine's side --------------------------------------------------------------------------------
@@ -347,8 +355,9 @@ def rank_terms(out: Any, scale: float) -> dict[str, torch.Tensor]:
 
 class ContextParallelAttention:
     """An attention module's kernel seam under context parallelism: while the engine has a batch open,
-    `attention` runs on this rank's chunks and exchanges keys and values with the group; otherwise (evaluation
-    on whole sequences) and for every other name (`decode_attention`) it is the module's own kernel."""
+    `attention` runs on this rank's chunks and exchanges keys and values with the group; otherwise (a forward
+    on whole sequences outside training and `SplitEvaluation`) and for every other name (`decode_attention`) it
+    is the module's own kernel."""
 
     def __init__(self, inner: Any, context: ContextParallel):
         self.inner, self.context = inner, context
