@@ -1,6 +1,7 @@
 """`kmodel provenance replay DIR --from STEP --steps K`: retrain a recorded segment and compare.
 
-The replay restores the checkpoint of step STEP (or, for STEP 0, builds the model from the seed alone),
+The replay restores the checkpoint of step STEP (or, for STEP 0, builds the model from the seed alone, or for a
+run started with --init-from loads the checkpoint it started from again, verified against the genesis),
 regenerates the batches from the seed and the data manifest through the run's own data pipeline, trains
 K steps with the trainer, and at every checkpoint the ledger recorded on the way compares the batch
 digest, loss, learning rate and gradient norm, and the hashes of the weights, optimizer and RNG state.
@@ -25,8 +26,9 @@ from typing import Any
 
 import torch
 
-from kmodel.checkpoint import read_weights, save_checkpoint
+from kmodel.checkpoint import MANIFEST_FILE, read_weights, save_checkpoint
 from kmodel.config import Config, config_from_dict
+from kmodel.hashing import sha256_file
 from kmodel.ledger import (
     BatchDigest,
     LedgerError,
@@ -112,15 +114,37 @@ def _checkpoint_dir(run_dir: Path, record: dict[str, Any]) -> Path:
     return location if location.is_absolute() else run_dir / location
 
 
+def _initial_checkpoint(genesis: dict[str, Any]) -> Path | None:
+    """The checkpoint a run started from with --init-from (None for a run from the seed); a ReplayError when it
+    is gone or no longer the one the genesis recorded."""
+    source = genesis.get("init_from")
+    if source is None:
+        return None
+    checkpoint = Path(source["checkpoint"])
+    if not (checkpoint / MANIFEST_FILE).is_file():
+        raise ReplayError(f"the run started from {checkpoint} (--init-from), which is gone: step 0 cannot be rebuilt; "
+                          "replay a segment that starts at one of this run's own checkpoints")
+    if sha256_file(checkpoint / MANIFEST_FILE) != source["manifest_sha256"]:
+        raise ReplayError(f"{checkpoint} is no longer the checkpoint this run started from (its manifest hash differs "
+                          "from the genesis record's): step 0 cannot be rebuilt")
+    return checkpoint
+
+
 def replayable_segments(run_dir: str | Path) -> list[tuple[int, int]]:
     """(from_step, steps) of every segment between consecutive recorded checkpoints whose start can be
-    restored: step 0 (the seed) or a checkpoint still on disk."""
+    restored: step 0 (the seed, or the --init-from checkpoint while it is unchanged) or a checkpoint still on disk."""
     run_dir = Path(run_dir)
-    records = current_checkpoint_records(load_chain(run_dir))
+    chain = load_chain(run_dir)
+    records = current_checkpoint_records(chain)
+    try:
+        _initial_checkpoint(chain[0])
+        start_restorable = True
+    except ReplayError:
+        start_restorable = False
     segments = []
     previous = 0
     for record in records:
-        if previous == 0 or any(_checkpoint_dir(run_dir, r).is_dir() for r in records if r["step"] == previous):
+        if (previous == 0 and start_restorable) or any(_checkpoint_dir(run_dir, r).is_dir() for r in records if r["step"] == previous):
             segments.append((previous, record["step"] - previous))
         previous = record["step"]
     return segments
@@ -161,6 +185,8 @@ def _run_segment(cfg: Config, run_dir: Path, from_step: int, targets: list[dict[
     if from_step > 0:
         start = next(r for r in current_checkpoint_records(records) if r["step"] == from_step)
         trainer.restore(_checkpoint_dir(run_dir, start))
+    elif (initial := _initial_checkpoint(records[0])) is not None:  # as `kmodel train --init-from` started it
+        trainer.init_from(initial, keep_optimizer=records[0]["init_from"]["optimizer"] == "kept")
     recorder = _BatchRecorder()
     trainer.ledger = recorder
     for target in targets:

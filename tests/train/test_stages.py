@@ -15,6 +15,7 @@ from kmodel.checkpoint import CheckpointError, read_state, save_checkpoint
 from kmodel.config import ConfigError
 from kmodel.model import build_model
 from kmodel.ledger import LedgerError, read_records, record_hash
+from kmodel.provenance.replay import ReplayError, format_result, replay, replayable_segments
 from kmodel.provenance.verify import FAIL, PASS, verify_run
 from kmodel.rundir import LEDGER_FILE, step_dir_name
 from kmodel.train import RunDirError, Trainer, train
@@ -223,6 +224,28 @@ def test_three_stages_verify_back_to_genesis_and_tampering_names_the_stage(tiny,
     assert named["stage 1"].status == FAIL and "is gone" in named["stage 1"].reason
     assert named["history"].status == FAIL and "stage 1" in named["history"].reason
     assert named["stage 2 chain"].status == PASS and named["stage 2 link"].status == PASS
+
+
+@pytest.mark.slow
+def test_a_stage_replays_from_its_step_0_through_the_checkpoint_it_started_from(tiny, stage_one, tmp_path):
+    """Replaying a stage from step 0 loads the --init-from checkpoint again (moments kept, as recorded) and gives
+    the recorded steps bit for bit; when that checkpoint changed or is gone, the replay says so."""
+    source = tmp_path / "stage1"
+    shutil.copytree(stage_one, source)
+    stage2 = tmp_path / "stage2"
+    train(tiny(*STAGE_2), stage2, progress=False, init_from=checkpoint(source, 4))
+    assert replayable_segments(stage2) == [(0, 2)]
+    result = replay(stage2, 0)
+    assert result.bit_exact_expected and result.passed, format_result(result)
+
+    manifest = checkpoint(source, 4) / "manifest.json"
+    manifest.write_text(manifest.read_text(encoding="utf-8") + " ", encoding="utf-8")
+    with pytest.raises(ReplayError, match="no longer the checkpoint this run started from"):
+        replay(stage2, 0)
+    assert replayable_segments(stage2) == []
+    shutil.rmtree(source)
+    with pytest.raises(ReplayError, match=r"--init-from\), which is gone"):
+        replay(stage2, 0)
 
 
 @pytest.mark.slow
