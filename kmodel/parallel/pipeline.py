@@ -26,7 +26,6 @@ every stage: the clip is the global one, and experts join it as without pipelini
 from __future__ import annotations
 
 import contextlib
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from torch import nn
 from kmodel.checkpoint import read_weights
 from kmodel.config import Config, ConfigError
 from kmodel.hashing import sorted_weights_sha256
-from kmodel.model.decoder import Model, cu_seqlens_from_segments
+from kmodel.model.decoder import Model, ModelOutput, cu_seqlens_from_segments
 from kmodel.parallel import expert_parallel as xp
 from kmodel.parallel.engine import DeepSpeedTrainer
 from kmodel.parallel.mesh import Mesh
@@ -160,12 +159,14 @@ class PipelineLoss:
         return out.loss / self.micro_batches
 
 
-def example_io(cfg: Config, plan: ChunkPlan, carried: Carried, dtype: torch.dtype) -> tuple[tuple, tuple]:
+def example_io(cfg: Config, plan: ChunkPlan, carried: Carried, dtype: torch.dtype,
+               rows: int | None = None) -> tuple[tuple, tuple]:
     """Meta tensors shaped like a chunk's inputs and outputs for one micro-batch (`PipelineStage`'s static
     metadata), so the stages know what they exchange without a trial forward, which would count router loads and
-    run the experts' all-to-all on made-up tokens. Floating tensors are marked as carrying gradients."""
+    run the experts' all-to-all on made-up tokens. Floating tensors are marked as carrying gradients. `rows`:
+    another batch size than train.micro_batch_size (evaluation)."""
     m = cfg.model
-    rows, seq = cfg.train.micro_batch_size, cfg.data.seq_len
+    rows, seq = cfg.train.micro_batch_size if rows is None else rows, cfg.data.seq_len
 
     def floats(*shape):
         return torch.empty(shape, dtype=dtype, device="meta", requires_grad=True)
@@ -194,6 +195,45 @@ def make_schedule(cfg: Config, model: Model, chunks: list[ChunkPlan], carried: C
     if cfg.parallel.pipeline_schedule == "interleaved_1f1b":
         return ScheduleInterleaved1F1B(stages, micro_batches, loss_fn=loss, scale_grads=False)
     return Schedule1F1B(stages[0], micro_batches, loss_fn=loss, scale_grads=False)
+
+
+class PipelineEvaluation(nn.Module):
+    """What held-out evaluation calls as `model(input_ids, labels)` on a pipeline stage (collective over the pipeline
+    group): every chunk's forward in pipeline order, each rank running its own and passing what the next chunk reads
+    to that chunk's rank (blocking send and receive: evaluation batches vary in rows, which the training schedule's
+    fixed shapes do not allow); the last stage's LM loss is shared with every stage. Evaluation batches carry no
+    document ids."""
+
+    def __init__(self, cfg: Config, model: Model, chunks: list[ChunkPlan], group):
+        super().__init__()
+        self.model, self.cfg, self.group = model, cfg, group
+        self.carried = Carried(embeds=cfg.model.num_nextn_predict_layers > 0, segments=False)
+        self.chunks = {plan.index: Chunk(model, plan, self.carried) for plan in chunks}  # a plain dict: no new names
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> ModelOutput:
+        ranks = dist.get_process_group_ranks(self.group)  # the global rank of each stage of this pipeline
+        count = next(iter(self.chunks.values())).plan.count
+        dtype = next(self.model.parameters()).dtype
+        lm_loss = torch.zeros((), dtype=torch.float64, device=input_ids.device)
+        for index, chunk in sorted(self.chunks.items()):
+            if chunk.plan.first:
+                inputs = (input_ids,)
+            else:
+                shapes = example_io(self.cfg, chunk.plan, self.carried, dtype, rows=input_ids.shape[0])[0]
+                inputs = tuple(torch.empty(t.shape, dtype=t.dtype, device=input_ids.device) for t in shapes)
+                for tensor in inputs:
+                    dist.recv(tensor, src=ranks[(index - 1) % len(ranks)], group=self.group)
+            outputs = chunk(*inputs)
+            if chunk.plan.last:
+                hidden, aux, *rest = outputs
+                positions = torch.arange(labels.shape[1], device=labels.device)
+                embeds = rest[0] if self.carried.embeds else None
+                lm_loss.copy_(self.model.losses(hidden, embeds, aux, labels, positions).lm_loss)
+            else:
+                for tensor in outputs:
+                    dist.send(tensor.contiguous(), dst=ranks[(index + 1) % len(ranks)], group=self.group)
+        dist.broadcast(lm_loss, src=ranks[(count - 1) % len(ranks)], group=self.group)
+        return ModelOutput(logits=None, lm_loss=lm_loss)
 
 
 class StageTopology:
@@ -270,7 +310,6 @@ class PipelineTrainer(DeepSpeedTrainer):
         self.chunks = stage_chunks(self.split, cfg.parallel.pipeline_parallel_size, stage)
         self.carried = Carried(embeds=cfg.model.num_nextn_predict_layers > 0, segments=cfg.data.document_masking)
         self.schedule = None
-        self._eval_noted = False
         super().__init__(cfg, run_dir, **kwargs)
         with torch.device("meta"):  # MFU counts the whole model's FLOPs per token, as the other engines do
             self.flops_per_token = training_flops_per_token(Model(cfg.model), cfg.data.seq_len)
@@ -366,14 +405,9 @@ class PipelineTrainer(DeepSpeedTrainer):
         dist.all_gather_object(records, super()._router_record(), group=self.process_groups["pipeline"])
         return {name: stats for record in records for name, stats in record.items()}
 
-    def evaluate_heldout(self, max_batches: int | None) -> dict[str, Any] | None:
-        """Held-out evaluation does not run through the pipeline yet: say so once; `kmodel eval` evaluates the
-        (topology-free) checkpoints in one process."""
-        if self.cfg.data.heldout and self.rank == 0 and not self._eval_noted:
-            print("note: held-out evaluation is not run under pipeline parallelism; evaluate the checkpoints with "
-                  "kmodel eval", file=sys.stderr)
-        self._eval_noted = True
-        return None
+    @property
+    def eval_model(self) -> PipelineEvaluation:
+        return PipelineEvaluation(self.cfg, self.model, self.chunks, self.process_groups["pipeline"])
 
     # --- checkpoints: a stage holds, reads and writes its own layers under their global names -------------------
     def load_weights(self, weights, source: str) -> None:

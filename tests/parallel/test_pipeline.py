@@ -102,9 +102,16 @@ def test_pp2_uneven_split_matches_one_process_and_resumes_in_one(pp2_run, tmp_pa
     for r in train_records:
         assert r["grad_norm"] == pytest.approx(single[r["step"]], rel=1e-4), r["step"]
 
+    # the final held-out evaluation runs through the stages too
+    assert _final_eval(pp2_run) == pytest.approx(_final_eval(reference4.run_dir), rel=1e-5)
+
     resumed = _single(_resume_copy(pp2_run, tmp_path), 2, resume=True)
     for step in (3, 4):
         assert resumed[step] == pytest.approx(reference4[step], rel=1e-5), step
+
+
+def _final_eval(run_dir) -> float:
+    return next(r["loss"] for r in _records(run_dir) if r["kind"] == "eval" and r["final"])
 
 
 @pytest.mark.distributed
@@ -128,6 +135,7 @@ def test_pp2_dp2_interleaved_matches_one_process(tmp_path, reference8):
                        "parallel.pipeline_virtual_stages=2"]
     train_ranks(tmp_path, RECIPE, 4, TINY + sets)
     _assert_same(_losses(tmp_path), reference8)
+    assert _final_eval(tmp_path) == pytest.approx(_final_eval(reference8.run_dir), rel=1e-5)
 
 
 @pytest.mark.distributed
