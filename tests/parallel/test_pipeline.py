@@ -22,7 +22,8 @@ from kmodel.config import ConfigError, load_config
 from kmodel.model import build_model
 from kmodel.parallel import expert_parallel as xp
 from kmodel.parallel.mesh import Mesh, build_groups
-from kmodel.parallel.pipeline import Carried, PipelineLoss, check_engine_layout, keep_chunks, make_schedule, stage_chunks
+from kmodel.parallel.pipeline import (Carried, Chunk, PipelineLoss, check_engine_layout, keep_chunks, make_schedule,
+                                      stage_chunks)
 from kmodel.parallel.pipeline_split import PipelineSplitError, check_pipeline
 from kmodel.train.run import train
 
@@ -241,6 +242,34 @@ def test_idle_expert_rank_does_not_hang_the_pipeline(tmp_path):
         held = {**first["loads"], **last["loads"]}[name]  # counts of every expert, summed over the pipelines
         torch.testing.assert_close(held, moe.load)
         assert held[4:].sum() == 0 and held[:4].sum() > 0, name  # expert-parallel rank 1 really got nothing
+
+
+# --- stages in one process ---------------------------------------------------------------------------------------
+
+def test_stage_models_partition_the_model_and_their_chunks_compose_to_its_loss():
+    """Each stage's model holds exactly its layers under the one-process names and values; running the chunks one
+    after the other (what the schedule does across ranks) gives the one-process loss terms."""
+    cfg = load_config(RECIPE, TINY + ["data.seq_len=32", "parallel.pipeline_layers=[1,3]"]
+                      + PIPELINE + ["parallel.world_size=2"])
+    whole = build_model(cfg)
+    split = check_pipeline(cfg)
+    stages = [build_model(cfg, keep=partial(keep_chunks, chunks=stage_chunks(split, 2, s))) for s in range(2)]
+    names = [set(stage.state_dict()) for stage in stages]
+    assert not names[0] & names[1] and names[0] | names[1] == set(whole.state_dict())
+    assert "embed_tokens.weight" in names[0] and "layers.1.mlp.gate.weight" in names[1] and "mtp.0.eh_proj.weight" in names[1]
+    for stage in stages:
+        for name, tensor in stage.state_dict().items():
+            torch.testing.assert_close(tensor, whole.state_dict()[name], rtol=0, atol=0, msg=name)
+
+    ids = torch.randint(0, cfg.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(5))
+    segments = torch.cat([torch.zeros(2, 12, dtype=torch.long), torch.ones(2, 20, dtype=torch.long)], dim=1)
+    carried = Carried(embeds=True, segments=True)
+    loss = PipelineLoss(stages[1], carried, micro_batches=1)
+    first, last = (Chunk(stage, stage_chunks(split, 2, s)[0], carried) for s, stage in enumerate(stages))
+    loss(last(*first(ids, segments)), ids)
+    expected = whole(ids, ids, segment_ids=segments)
+    for key, value in loss.terms[0].items():
+        torch.testing.assert_close(value, getattr(expected, key).detach(), rtol=1e-6, atol=0, msg=key)
 
 
 # --- bad input -------------------------------------------------------------------------------------------------
