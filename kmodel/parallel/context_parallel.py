@@ -24,8 +24,8 @@ In training (`ContextParallel`, one per engine): every CP rank of a data-paralle
 its chunks of them (`layout.shard`: input ids and the already shifted labels, so each chunk keeps its own targets),
 rotates with the chunks' global positions, and each attention module's kernel seam is replaced from outside the
 model by `ContextParallelAttention`, which exchanges keys and values while a batch is open and hands everything else
-(evaluation on whole sequences, cached decoding) to the module's own kernel. Document ids come from the whole rows,
-so packed documents crossing chunk boundaries stay exact. The loss a CP rank backpropagates is CP x its share of the
+(cached decoding) to the module's own kernel; held-out evaluation runs split too (`SplitEvaluation`). Document ids
+come from the whole rows, so packed documents crossing chunk boundaries stay exact. The loss a CP rank backpropagates is CP x its share of the
 one-process micro-batch loss: token means (cross-entropy, logits z-loss) re-weighted by the rank's share of the
 rows' label tokens, and the MoE balance loss computed from expert counts summed over the group (its probability
 means are over local tokens, so their CP-rank mean is the whole sequence's). Averaged over the replica group (DP x
