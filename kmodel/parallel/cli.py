@@ -6,6 +6,8 @@ import argparse
 import shlex
 from pathlib import Path
 
+from kmodel.train.cli import add_init_from_arguments
+
 
 def add_commands(sub) -> None:
     _add_launch(sub)
@@ -51,6 +53,7 @@ def _add_launch(sub) -> None:
     p.add_argument("--max-restarts", type=int, default=0, metavar="N",
                    help="restart a failed run (a crashed rank, or a hung one stopped by train.hang_timeout_s) up to N "
                    "times, each from its newest checkpoint (default 0; SLURM jobs are requeued instead)")
+    add_init_from_arguments(p)  # a new stage on the cluster: loaded at the first start, not when requeued
     p.add_argument("--dry-run", action="store_true", help="print what would run (and the sbatch script) without running it")
     _add_overrides(p)
     p.set_defaults(func=_run_launch)
@@ -71,7 +74,10 @@ def _run_launch(args) -> int:
                             gpus_per_node=args.gpus_per_node)
     cfg = load_config(args.recipe, args.overrides)  # refuses layouts the code cannot run (EP vs experts, ...)
     nodes, per_node = launch.layout(cfg, args.nodes, args.gpus_per_node)
-    plan = launch.LaunchPlan(nodes, per_node, args.recipe, args.out, list(args.overrides), args.master_port)
+    if args.keep_optimizer is not None and args.init_from is None:
+        raise ValueError("--keep-optimizer / --reset-optimizer go with --init-from")
+    plan = launch.LaunchPlan(nodes, per_node, args.recipe, args.out, list(args.overrides), args.master_port,
+                             args.init_from, args.keep_optimizer)
     run_dir = Path(args.out)
     state = launch.run_state(run_dir)  # the ranks' checks, made here before any process starts
     if state == "begin":

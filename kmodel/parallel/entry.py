@@ -28,6 +28,7 @@ from kmodel.config import load_config
 from kmodel.parallel.engine import DeepSpeedTrainer
 from kmodel.parallel.launch import run_state
 from kmodel.parallel.pipeline import PipelineTrainer
+from kmodel.train.cli import add_init_from_arguments
 from kmodel.train.run import RunLock, check_resumable, prepare_run, saved_config, start, write_config
 from kmodel.train.watch import TrainingInterrupted
 
@@ -48,10 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="with --resume: continue although ledger.jsonl is missing or broken, recording the gap")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="overrides",
                    help="override a recipe key (repeatable)")
-    p.add_argument("--init-from", metavar="CKPT",
-                   help="start the run from a checkpoint's weights (kmodel train --init-from; ignored when resuming)")
+    add_init_from_arguments(p)  # as kmodel train; ignored when resuming
     p.add_argument("--local_rank", type=int, help=argparse.SUPPRESS)  # passed by the deepspeed launcher
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.keep_optimizer is not None and args.init_from is None:
+        p.error("--keep-optimizer / --reset-optimizer go with --init-from")
+    return args
 
 
 # The collective timeout is the backstop behind the hang watchdog (train.hang_timeout_s): it fires this much
@@ -125,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
         engine = PipelineTrainer if cfg.parallel.pipeline_parallel_size > 1 else DeepSpeedTrainer
         trainer = engine(cfg, run_dir, progress=None if rank0 else False)
         start(trainer, resume, writer=rank0, ledger_gap=args.ledger_gap, init_from=None if resume else args.init_from,
+              keep_optimizer=args.keep_optimizer,
               share=SharedVerification(dist.get_rank(), dist.get_world_size(), _every_rank_ok))
         trainer.start_engine()
         with held:

@@ -42,11 +42,17 @@ class LaunchPlan:
     run_dir: str
     overrides: list[str] = field(default_factory=list)
     master_port: int = 29500
+    init_from: str | None = None  # a new stage: the first start loads it, a requeued job resumes its own run
+    keep_optimizer: bool | None = None
 
     def entry_args(self) -> list[str]:
         args = [self.recipe, "--out", self.run_dir, "--start-or-resume"]
         for assignment in self.overrides:
             args += ["--set", assignment]
+        if self.init_from is not None:
+            args += ["--init-from", self.init_from]
+        if self.keep_optimizer is not None:
+            args.append("--keep-optimizer" if self.keep_optimizer else "--reset-optimizer")
         return args
 
 

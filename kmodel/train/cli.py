@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 from pathlib import Path
@@ -41,6 +42,14 @@ def _add_train(sub) -> None:
     p.add_argument("--ledger-gap", action="store_true",
                    help="with --resume: continue a run whose ledger.jsonl is missing or broken with a new chain "
                    "whose first record states the gap (by default that is refused)")
+    add_init_from_arguments(p)
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
+    p.set_defaults(func=_run_train)
+
+
+def add_init_from_arguments(p: argparse.ArgumentParser) -> None:
+    """--init-from CKPT [--keep-optimizer | --reset-optimizer]: shared by `kmodel train`, `kmodel launch` and the
+    per-rank entry, so a stage starts the same way on one process and on a cluster."""
     p.add_argument("--init-from", metavar="CKPT",
                    help="start this run from a checkpoint's weights (verified): another run's, as a new stage whose "
                    "recipe may change seq_len, RoPE (rope_theta, rope_scaling), data, batch, schedule and parallel "
@@ -53,8 +62,6 @@ def _add_train(sub) -> None:
                            "recipe's hyperparameters (the default when the checkpoint has them)")
     optimizer.add_argument("--reset-optimizer", dest="keep_optimizer", action="store_const", const=False,
                            help="with --init-from: start fresh optimizer moments")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (default: shown on a terminal)")
-    p.set_defaults(func=_run_train)
 
 
 def _run_train(args) -> int:

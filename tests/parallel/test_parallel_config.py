@@ -9,6 +9,7 @@ import pytest
 from kmodel.cli import main
 from kmodel.config import ConfigError, load_config
 from kmodel.parallel.deepspeed_config import deepspeed_config
+from kmodel.parallel.entry import parse_args
 from kmodel.parallel.launch import render
 
 TINY = "recipes/tiny-ko-moe.yaml"
@@ -62,6 +63,16 @@ def test_launch_dry_runs(tmp_path, capsys):
     assert "--set parallel.world_size=2" in line
     assert main(["launch", TINY, "--out", str(tmp_path / "a"), "--dry-run", "--launcher", "torchrun", *two]) == 0
     assert "torchrun --standalone --nproc_per_node 2 -m kmodel.parallel.entry" in capsys.readouterr().out
+    # a new stage on the cluster: every rank is told where the stage starts; a requeued job resumes its own run
+    stage = ["--init-from", "old/checkpoints/step_0000004", "--reset-optimizer"]
+    assert main(["launch", TINY, "--out", str(tmp_path / "a"), "--dry-run", *two, *stage]) == 0
+    assert "--start-or-resume --set parallel.backend=deepspeed --set parallel.world_size=2 --init-from " \
+           "old/checkpoints/step_0000004 --reset-optimizer" in capsys.readouterr().out
+    assert main(["launch", TINY, "--out", str(tmp_path / "a"), "--dry-run", *two, "--keep-optimizer"]) == 2
+    assert "--keep-optimizer / --reset-optimizer go with --init-from" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        parse_args([TINY, "--out", str(tmp_path / "a"), "--reset-optimizer"])
+    assert parse_args([TINY, "--out", "x", *stage]).keep_optimizer is False
 
     recipe = "recipes/moe-30b-a3b-multinode.yaml"
     assert main(["launch", recipe, "--out", str(tmp_path / "b"), "--nodes", "2", "--hosts", "n1,n2", "--dry-run"]) == 0
