@@ -195,6 +195,7 @@ class DeepSpeedTrainer(Trainer):
                 self.experts.load_state(param, entry["step"], {k: _read_range(v, span) for k, v in entry.items() if k != "step"})
         if restored:
             self._load_moments(restored)
+        self._load_masters()
 
     def engine_config(self) -> dict[str, Any]:
         """deepspeed.initialize's config (a pipeline engine accumulates inside its schedule)."""
@@ -263,13 +264,18 @@ class DeepSpeedTrainer(Trainer):
             for key in (k for k in state if k != "step"):
                 self._place_owned(param, key, _read_range(state[key], span))
 
-    def _place_owned(self, param: torch.nn.Parameter, key: str, value: torch.Tensor) -> None:
-        """This rank's piece (the elements in `_owned_range`) of a dense parameter's optimizer state."""
-        from deepspeed.utils import safe_set_local_optimizer_state
+    @torch.no_grad()  # the fp32 masters are leaves that require grad
+    def _place_owned(self, param: torch.nn.Parameter, key: str | None, value: torch.Tensor) -> None:
+        """This rank's piece (the elements in `_owned_range`) of a dense parameter's fp32 master (`key` None) or
+        optimizer state."""
+        from deepspeed.utils import safe_set_local_fp32_param, safe_set_local_optimizer_state
 
         if hasattr(param, "ds_tensor"):  # ZeRO-3 takes its whole, padded partition
-            padded = torch.nn.functional.pad(value.float(), (0, param.ds_tensor.ds_numel - value.numel()))
-            safe_set_local_optimizer_state(param, padded.to(self.device), key)
+            padded = torch.nn.functional.pad(value.float(), (0, param.ds_tensor.ds_numel - value.numel())).to(self.device)
+            if key is None:
+                safe_set_local_fp32_param(param, padded)
+            else:
+                safe_set_local_optimizer_state(param, padded, key)
         else:
             param._hp_mapping.get_hp_fragment(key).copy_(value)
 
@@ -527,10 +533,26 @@ class DeepSpeedTrainer(Trainer):
         return slice(first, first + count)
 
     def load_weights(self, weights: Mapping[str, torch.Tensor | LazyTensor], source: str) -> None:
-        """Each tensor read on its own; an expert-parallel rank reads only its experts' rows."""
+        """Each tensor read on its own; an expert-parallel rank reads only its experts' rows. The weights are kept
+        (unread) for `start_engine`, which puts this rank's elements of them into ZeRO's fp32 masters."""
         rows = self._expert_rows()
         load_weights_into(self.model, weights, source, None if rows is None else
                           (lambda name: rows if xp.is_expert_param(name) else None))
+        self._restored_weights = weights
+
+    _restored_weights: Mapping[str, torch.Tensor | LazyTensor] | None = None
+
+    def _load_masters(self) -> None:
+        """The restored weights' elements this rank owns into ZeRO's fp32 masters: DeepSpeed builds them from the
+        module's weights, which under bf16 are the checkpoint's rounded. (The expert optimizer takes its masters
+        from the module before DeepSpeed casts it.)"""
+        weights, self._restored_weights = self._restored_weights, None
+        if weights is None:
+            return
+        for name, param in self.model.named_parameters():
+            span = None if self.is_expert(param) else self._owned_range(param)
+            if span is not None and span[1] > span[0]:
+                self._place_owned(param, None, _read_range(weights[name], span))
 
     def load_optimizer_state(self, state: dict[str, Any]) -> None:
         """Keep the checkpoint's AdamW entries (moments unread) for `start_engine`, which places them one

@@ -8,10 +8,10 @@ import shutil
 import pytest
 from test_sharded import save_sharded, trained  # noqa: F401  (the module fixture)
 
+from kmodel import ledger
 from kmodel.checkpoint import Manifest, save_checkpoint
 from kmodel.checkpoint import files as checkpoint_files
 from kmodel.hashing import merkle_root, sorted_weights_sha256
-from kmodel import ledger
 from kmodel.ledger import RECORDED_BASIS, checkpoint_hashes, content_hashes
 
 

@@ -67,3 +67,34 @@ def test_four_rank_sharded_checkpoint_resumes_on_two_ranks_and_one_process(tmp_p
     cfg = load_config(RECIPE, TINY + ["train.micro_batch_size=2", "train.grad_accum_steps=2"])
     train(cfg, run_dir, resume=True, progress=False)  # one process from the 4-rank step 2
     assert losses(run_dir) == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_bf16_run_resumes_with_its_fp32_masters(tmp_path):
+    """bf16 weights with fp32 masters in ZeRO-2's partitions: a resume puts each rank's saved masters back
+    (DeepSpeed alone would rebuild them from the bf16 weights, rounded), so steps 3-4 repeat exactly."""
+    run_dir = tmp_path / "run"
+    bf16 = ["train.dtype=bf16", "train.micro_batch_size=2", "parallel.zero_stage=2"]
+    distributed(run_dir, 2, bf16)
+    uninterrupted = losses(run_dir)
+    shutil.rmtree(run_dir / "checkpoints" / "step_0000004")
+    distributed(run_dir, 2, bf16, resume=True)
+    assert losses(run_dir) == uninterrupted
+
+
+def test_zero3_partitions_resume_in_one_process_and_on_zero1(tmp_path):
+    """2 ranks with ZeRO-3 write their parameter partitions (flat ranges, the last one short); one process resumes
+    from step 2, and 2 ranks with ZeRO-1 from the step 3 it wrote: every loss is the uninterrupted run's."""
+    reference = tmp_path / "reference"
+    single = TINY + ["train.micro_batch_size=2", "train.grad_accum_steps=2"]
+    train(load_config(RECIPE, single), reference, progress=False)
+    run_dir = tmp_path / "run"
+    distributed(run_dir, 2, ["train.micro_batch_size=2", "parallel.zero_stage=3"])
+    index = json.loads((run_dir / "checkpoints" / "step_0000002" / INDEX_FILE).read_text(encoding="utf-8"))["tensors"]
+    largest = max(index["optimizer"].values(), key=lambda entry: math.prod(entry["shape"]))
+    assert len(largest["pieces"]) == 2 and {p["file"] for p in largest["pieces"]} == {shard_file("optimizer", r, 2) for r in range(2)}
+    shutil.rmtree(run_dir / "checkpoints" / "step_0000004")
+    train(load_config(RECIPE, single + ["train.checkpoint_every=1"]), run_dir, resume=True, progress=False)
+    assert losses(run_dir) == pytest.approx(losses(reference), rel=1e-5)
+    shutil.rmtree(run_dir / "checkpoints" / "step_0000004")
+    distributed(run_dir, 2, ["train.micro_batch_size=2", "parallel.zero_stage=1", "train.checkpoint_every=1"], resume=True)
+    assert losses(run_dir) == pytest.approx(losses(reference), rel=1e-5)
