@@ -23,7 +23,7 @@ from kmodel.model.diff_latent_attention import DifferentialLatentAttention
 from kmodel.model.hyper_connections import HyperConnection
 from kmodel.model.init import init_parameters
 from kmodel.model.mla import LatentAttention
-from kmodel.model.moe import MLP, MoE
+from kmodel.model.moe import MLP, MoE, TokenMask
 from kmodel.model.norm import RMSNorm
 from kmodel.model.rope import rope_cos_sin
 
@@ -35,6 +35,16 @@ class ModelOutput(NamedTuple):  # a NamedTuple so ZeRO-3's hooks can find the te
     mtp_loss: torch.Tensor | None = None
     aux_loss: torch.Tensor | None = None  # MoE balance + router z-loss, weighted
     z_loss: torch.Tensor | None = None  # output-logits z-loss, unweighted
+    mtp_depth_losses: tuple[torch.Tensor, ...] | None = None  # each depth's cross-entropy; mtp_loss is their mean
+
+
+class Rows(NamedTuple):
+    """The whole rows a forward's positions were cut from (context parallelism: a rank holds some positions of
+    each row, its `position_ids`). Multi-token prediction reads tokens and labels ahead of the positions held."""
+
+    input_ids: torch.Tensor  # (batch, row length)
+    labels: torch.Tensor
+    segment_ids: torch.Tensor | None = None
 
 
 ATTENTION_KINDS = {
@@ -77,23 +87,25 @@ class DecoderLayer(nn.Module):
         h = self.self_attn(self._maybe(self.attn_in_norm, x), rope, positions, cu_seqlens, cache)
         return self.residual_multiplier * self._maybe(self.attn_out_norm, h)
 
-    def mlp_branch(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def mlp_branch(self, x: torch.Tensor, token_mask: TokenMask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         h = self._maybe(self.mlp_in_norm, x)
         if isinstance(self.mlp, MoE):
-            h, aux = self.mlp(h)
+            h, aux = self.mlp(h, token_mask)
         else:
             h, aux = self.mlp(h), x.new_zeros(())
         return self.residual_multiplier * self._maybe(self.mlp_out_norm, h), aux
 
-    def forward(self, x, rope, positions, cu_seqlens=None, cache=None) -> tuple[torch.Tensor, torch.Tensor]:
+    def forward(self, x, rope, positions, cu_seqlens=None, cache=None, token_mask: TokenMask | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+        """token_mask: the positions the MoE statistics count (None: all)."""
         if self.attn_hc is None:
             x = x + self.attention_branch(x, rope, positions, cu_seqlens, cache)
-            h, aux = self.mlp_branch(x)
+            h, aux = self.mlp_branch(x, token_mask)
             return x + h, aux
         inner, maps = self.attn_hc.pre(x)
         x = self.attn_hc.post(x, self.attention_branch(inner, rope, positions, cu_seqlens, cache), maps)
         inner, maps = self.mlp_hc.pre(x)
-        h, aux = self.mlp_branch(inner)
+        h, aux = self.mlp_branch(inner, token_mask)
         return self.mlp_hc.post(x, h, maps), aux
 
 
@@ -111,9 +123,24 @@ class MultiTokenPrediction(nn.Module):
         self.block = DecoderLayer(cfg, cfg.num_hidden_layers - 1, sparse=cfg.mtp_mlp_type == "sparse")
         self.norm = RMSNorm.of(cfg, cfg.hidden_size)
 
-    def forward(self, hidden, embeds, rope, positions, cu_seqlens=None, cache=None):
+    def forward(self, hidden, embeds, rope, positions, cu_seqlens=None, cache=None, token_mask=None):
         x = self.eh_proj(torch.cat((self.enorm(embeds), self.hnorm(hidden)), dim=-1))
-        return self.block(x, rope, positions, cu_seqlens, cache)
+        return self.block(x, rope, positions, cu_seqlens, cache, token_mask)
+
+
+def mtp_targets(labels: torch.Tensor, segment_ids: torch.Tensor | None, depth: int) -> torch.Tensor:
+    """MTP depth k's target at every position i (batch, seq): labels[:, i + k] (token i + k + 1), ignored (-100)
+    where i + k is past the row or token i + k + 1 lies in another document than i (not predictable from i)."""
+    seq = labels.shape[1]
+    targets = torch.full_like(labels, -100)
+    n = seq - depth
+    if n < 1:
+        return targets
+    targets[:, :n] = labels[:, depth:]
+    if segment_ids is not None:
+        crosses = segment_ids[:, depth + 1 :] != segment_ids[:, : n - 1]
+        targets[:, : n - 1][crosses] = -100
+    return targets
 
 
 def cu_seqlens_from_segments(segment_ids: torch.Tensor) -> torch.Tensor:
@@ -254,10 +281,13 @@ class Model(nn.Module):
         position_ids: torch.Tensor | None = None,
         cache: list[LayerCache] | None = None,
         return_logits: bool | None = None,
+        rows: Rows | None = None,
     ) -> ModelOutput:
         """input_ids (batch, seq). labels (batch, seq): the target of each position (already shifted),
         -100 to ignore. segment_ids (batch, seq): document index per token for document masking.
-        position_ids (seq,): absolute positions (generation with a cache); default 0..seq-1."""
+        position_ids (seq,): absolute positions (generation with a cache); default 0..seq-1.
+        rows: the whole rows when this forward holds only the positions `position_ids` of them (context
+        parallelism; attention then takes its document mask from its kernel seam): MTP reads ahead in them."""
         seq = input_ids.shape[1]
         if position_ids is None:
             position_ids = torch.arange(seq, device=input_ids.device)
@@ -268,7 +298,7 @@ class Model(nn.Module):
         logits = self.logits(hidden) if want_logits else None
         if labels is None:
             return ModelOutput(logits=logits)
-        return self.losses(hidden, embeds, aux, labels, position_ids, segment_ids, logits)
+        return self.losses(hidden, embeds, aux, labels, position_ids, segment_ids, logits, rows)
 
     def losses(
         self,
@@ -279,6 +309,7 @@ class Model(nn.Module):
         position_ids: torch.Tensor,
         segment_ids: torch.Tensor | None = None,
         logits: torch.Tensor | None = None,
+        rows: Rows | None = None,
     ) -> ModelOutput:
         """The loss and its terms from the last hidden state (before the final norm), the input embeddings (for
         MTP) and the layers' summed MoE aux loss: LM cross-entropy + aux + logits z-loss (+ the MTP depths)."""
@@ -287,14 +318,14 @@ class Model(nn.Module):
             self.head_input(hidden, self.norm).reshape(-1, cfg.hidden_size), self.head_weight, labels.reshape(-1)
         )
         loss = lm_loss + aux + cfg.logits_z_loss_coef * z_loss
-        mtp_loss = None
+        mtp_loss = losses = None
         if self.mtp is not None:
-            losses, mtp_aux = self.mtp_losses(hidden, embeds, labels, position_ids, segment_ids)
+            losses, mtp_aux = self.mtp_losses(hidden, embeds, labels, position_ids, segment_ids, rows)
             if losses:
                 mtp_loss = torch.stack(losses).mean()
                 loss = loss + sum(w * l for w, l in zip(cfg.mtp_depth_weights, losses)) + mtp_aux
                 aux = aux + mtp_aux
-        return ModelOutput(logits, loss, lm_loss, mtp_loss, aux, z_loss)
+        return ModelOutput(logits, loss, lm_loss, mtp_loss, aux, z_loss, tuple(losses) if losses else None)
 
     def mtp_losses(
         self,
@@ -303,26 +334,35 @@ class Model(nn.Module):
         labels: torch.Tensor,
         positions: torch.Tensor,
         segment_ids: torch.Tensor | None = None,
+        rows: Rows | None = None,
     ) -> tuple[list[torch.Tensor], torch.Tensor]:
         """Cross-entropy of each MTP depth (depth k: position i predicts labels[:, i + k], the token i + k + 1),
-        and the depths' summed MoE aux loss. Depths with no position left in the sequence are skipped."""
+        and the depths' summed MoE aux loss. Depths with no position left in the sequence are skipped.
+
+        Whole rows: depth k drops the last k positions. A part of the rows (`rows` given): every position held
+        stays (the parts keep their shapes) and reads token i + k from the rows; those with i + k past the row
+        are left out of the loss (ignored targets) and of the MoE statistics (`TokenMask`). Being the last
+        positions, causal attention never reads them, so the parts together compute what the whole rows do."""
         cfg = self.cfg
         seq = hidden.shape[1]
+        row_len = seq if rows is None else rows.input_ids.shape[1]
         cos, sin = self.mtp_rope(positions)
         losses, aux = [], hidden.new_zeros((), dtype=torch.float32)
         h = hidden
         for k, depth in enumerate(self.mtp, start=1):
-            n = seq - k  # positions whose token i + k is in the sequence
+            n = row_len - k  # positions whose token i + k is in the row
             if n < 1:
                 break
-            segments = None if segment_ids is None else segment_ids[:, :n]
-            cu_seqlens = None if segments is None else cu_seqlens_from_segments(segments)
-            h, depth_aux = depth(h[:, :n], embeds[:, k:], (cos[:n], sin[:n]), positions[:n], cu_seqlens)
-            targets = labels[:, k:]
-            if segment_ids is not None:  # token i + k + 1 in another document is not predictable from i
-                crosses = segment_ids[:, k + 1 :] != segment_ids[:, : n - 1]
-                targets = targets.clone()
-                targets[:, :-1][crosses] = -100
+            if rows is None:
+                segments = None if segment_ids is None else segment_ids[:, :n]
+                cu_seqlens = None if segments is None else cu_seqlens_from_segments(segments)
+                h, depth_aux = depth(h[:, :n], embeds[:, k:], (cos[:n], sin[:n]), positions[:n], cu_seqlens)
+                targets = mtp_targets(labels, segment_ids, k)[:, :n]
+            else:
+                ahead = rows.input_ids[:, (positions + k).clamp(max=row_len - 1)]  # past the row: masked below
+                counted = TokenMask(positions + k < row_len, row_tokens=n * seq / row_len)
+                h, depth_aux = depth(h, self.embed(ahead), (cos, sin), positions, token_mask=counted)
+                targets = mtp_targets(rows.labels, rows.segment_ids, k)[:, positions]
             loss, _ = self.loss_kernel.linear_cross_entropy(
                 self.head_input(h, depth.norm).reshape(-1, cfg.hidden_size), self.head_weight, targets.reshape(-1)
             )

@@ -9,6 +9,8 @@ received since the last update (outside the gradient), and/or an auxiliary loss 
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -123,6 +125,17 @@ class Experts(nn.Module):
         return options
 
 
+class TokenMask(NamedTuple):
+    """Which positions of a forward count in its MoE statistics (expert loads, balance loss, router z-loss), for
+    a forward holding a part of its rows whose last positions the whole rows drop (context-parallel MTP).
+    `valid` (seq,) marks them; `row_tokens` is this part's share of a whole row's counted positions (the whole
+    row's count x this part's fraction of the row), what its token means divide by, so that the parts' mean of
+    a statistic is the whole rows'."""
+
+    valid: torch.Tensor
+    row_tokens: float
+
+
 class MoE(nn.Module):
     """`swiglu_limit` clamps the routed and the shared experts' SwiGLU (K-EXAONE 2.0's per-layer clamp)."""
 
@@ -144,8 +157,9 @@ class MoE(nn.Module):
         # one process, where global is the micro-batch)
         self.global_counts = None
 
-    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Returns (output, auxiliary loss already weighted by its coefficients)."""
+    def forward(self, x: torch.Tensor, token_mask: TokenMask | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Returns (output, auxiliary loss already weighted by its coefficients). token_mask: the positions the
+        statistics count (None: every token)."""
         cfg = self.cfg
         batch, seq, hidden = x.shape
         tokens = x.reshape(-1, hidden)
@@ -161,8 +175,9 @@ class MoE(nn.Module):
             norm_topk_prob=cfg.norm_topk_prob,
             routed_scaling_factor=cfg.routed_scaling_factor,
         )
+        counted = None if token_mask is None else token_mask.valid.expand(batch, seq).reshape(-1)
         if self.training:
-            self.load += routing.tokens_per_expert.detach().float()
+            self.load += self.counted_load(routing, counted)
         if self.expert_parallel is None:
             out = self.experts(tokens, routing, self.kernel)
         else:  # experts sharded over ranks: kmodel.parallel.expert_parallel exchanges the tokens
@@ -171,9 +186,18 @@ class MoE(nn.Module):
             out = out + self.shared_experts(tokens)
         if self.post_mlp_norm is not None:
             out = self.post_mlp_norm(out)
-        return out.view(batch, seq, hidden), self.aux_loss(logits, routing, batch)
+        aux = self.aux_loss(logits, routing, batch, None if token_mask is None else (counted, token_mask.row_tokens))
+        return out.view(batch, seq, hidden), aux
 
-    def aux_loss(self, logits: torch.Tensor, routing: reference.Routing, batch: int) -> torch.Tensor:
+    def counted_load(self, routing: reference.Routing, counted: torch.Tensor | None) -> torch.Tensor:
+        """Assignments per expert of the counted tokens (`counted`: a mask over the flattened tokens; None: all)."""
+        if counted is None:
+            return routing.tokens_per_expert.detach().float()
+        return torch.bincount(routing.experts[counted].flatten(), minlength=self.cfg.num_experts).float()
+
+    def aux_loss(self, logits: torch.Tensor, routing: reference.Routing, batch: int,
+                 counted: tuple[torch.Tensor, float] | None = None) -> torch.Tensor:
+        """counted: (mask over the flattened tokens, row_tokens) of a `TokenMask`, or None: every token counts."""
         cfg = self.cfg
         loss = logits.new_zeros(())
         if not self.training:
@@ -186,13 +210,24 @@ class MoE(nn.Module):
             probs = routing.scores / routing.scores.sum(dim=-1, keepdim=True)
             probs = probs.view(groups, -1, e)
             chosen = F.one_hot(routing.experts, e).sum(dim=1).float().view(groups, -1, e)
-            counts, tokens = chosen.sum(dim=1), chosen.shape[1]
+            if counted is None:
+                counts, tokens = chosen.sum(dim=1), chosen.shape[1]
+                mean_probs = probs.mean(dim=1)
+            else:  # sums over the counted tokens; means over this part's share of the rows' counted tokens
+                weight = counted[0].view(groups, -1, 1)
+                tokens = counted[1] * (batch // groups)
+                counts = (chosen * weight).sum(dim=1)
+                mean_probs = (probs * weight).sum(dim=1) / tokens
             if self.global_counts is not None:
                 counts, tokens = self.global_counts(counts, tokens)
             frac = counts / tokens * (e / k)
-            loss = loss + cfg.aux_loss_coef * (frac * probs.mean(dim=1)).sum(dim=-1).mean()
+            loss = loss + cfg.aux_loss_coef * (frac * mean_probs).sum(dim=-1).mean()
         if cfg.router_z_loss_coef > 0:
-            loss = loss + cfg.router_z_loss_coef * torch.logsumexp(logits, dim=-1).pow(2).mean()
+            squares = torch.logsumexp(logits, dim=-1).pow(2)
+            if counted is None:
+                loss = loss + cfg.router_z_loss_coef * squares.mean()
+            else:
+                loss = loss + cfg.router_z_loss_coef * squares[counted[0]].sum() / (counted[1] * batch)
         return loss
 
     @torch.no_grad()

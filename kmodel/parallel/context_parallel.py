@@ -46,7 +46,7 @@ import torch.distributed as dist
 from kmodel.config import Config, ConfigError
 from kmodel.data import IGNORE_INDEX, Batch
 from kmodel.kernels.attention.reference import masked_attention, visibility_mask
-from kmodel.model.decoder import ATTENTION_KINDS, ModelOutput
+from kmodel.model.decoder import ATTENTION_KINDS, ModelOutput, Rows, mtp_targets
 from kmodel.train.trainer import LOSS_KEYS
 
 
@@ -300,14 +300,6 @@ def check_supported(cfg: Config) -> None:
     cp = cfg.parallel.context_parallel_size
     if cp == 1:
         return
-    depth = cfg.model.num_nextn_predict_layers
-    if depth:
-        raise ConfigError(
-            f"parallel.context_parallel_size {cp} with model.num_nextn_predict_layers {depth}: multi-token prediction "
-            f"reads the tokens up to {depth + 1} positions ahead of each position, across chunk boundaries, which the "
-            "context-parallel split does not exchange yet; set model.num_nextn_predict_layers=0 (or train this stage "
-            "with parallel.context_parallel_size=1)"
-        )
     if cfg.train.qk_clip_tau is not None:
         raise ConfigError(
             f"parallel.context_parallel_size {cp} with train.qk_clip_tau: MuonClip's per-head logit maxima are taken "
@@ -339,14 +331,21 @@ def token_share(local_labels: torch.Tensor, labels: torch.Tensor) -> float:
 TOKEN_MEANS = ("lm_loss", "z_loss")
 
 
-def rank_terms(out: Any, scale: float) -> dict[str, torch.Tensor]:
+def rank_terms(out: Any, scale: float, mtp_scales: list[float] = (), mtp_weights: list[float] = ()
+               ) -> dict[str, torch.Tensor]:
     """The loss terms of `out` (a ModelOutput) as this rank contributes them: token means times `scale`
-    (CP x the rank's token share), the aux loss as it is, and their total."""
+    (CP x the rank's token share), each MTP depth's cross-entropy times its own (`mtp_scales`: CP x the rank's
+    share of that depth's targets; `mtp_weights`: the depths' loss weights), the aux loss as it is (the MoE
+    statistics are split exactly already), and their total."""
     terms = {k: getattr(out, k) for k in LOSS_KEYS if getattr(out, k) is not None}
-    if "mtp_loss" in terms:
-        raise ValueError("multi-token prediction under context parallelism is refused (check_supported)")
     aux = terms.get("aux_loss", 0.0)
-    terms["loss"] = scale * (out.loss - aux) + aux
+    token_means, unscaled = out.loss - aux, aux
+    if out.mtp_depth_losses is not None:  # depths too short for the rows are skipped in the model: zip stops
+        depths = [s * loss for s, loss in zip(mtp_scales, out.mtp_depth_losses)]
+        token_means = token_means - sum(w * loss for w, loss in zip(mtp_weights, out.mtp_depth_losses))
+        unscaled = unscaled + sum(w * loss for w, loss in zip(mtp_weights, depths))
+        terms["mtp_loss"] = torch.stack(depths).mean()
+    terms["loss"] = scale * token_means + unscaled
     for key in TOKEN_MEANS:
         if key in terms:
             terms[key] = scale * terms[key]
@@ -405,7 +404,8 @@ class SplitEvaluation(torch.nn.Module):
         layout = self.context.layout
         local = layout.shard(labels)
         with self.context.opened(None):
-            out = self.model(layout.shard(input_ids), local, position_ids=layout.positions(device=local.device))
+            out = self.model(layout.shard(input_ids), local, position_ids=layout.positions(device=local.device),
+                             rows=Rows(input_ids, labels))
         nats_and_tokens = torch.stack([out.lm_loss.double() * (local != IGNORE_INDEX).sum(),
                                        (local != IGNORE_INDEX).sum().double()])
         dist.all_reduce(nats_and_tokens, group=self.context.group)
@@ -423,9 +423,12 @@ class ContextParallel:
         self.forward_bytes: dict[str, int] = {}
         self.open = False
         self.doc_ids: torch.Tensor | None = None
+        self.mtp_weights: list[float] = []
 
     def attach(self, model: torch.nn.Module) -> None:
-        """Put the exchange in every attention module's kernel seam."""
+        """Put the exchange in every attention module's kernel seam (the MTP blocks' included); keep the MTP
+        depths' loss weights."""
+        self.mtp_weights = model.cfg.mtp_depth_weights if model.mtp is not None else []
         for module in model.modules():
             if isinstance(module, tuple(ATTENTION_KINDS.values())):
                 module.kernel = ContextParallelAttention(module.kernel, self)
@@ -443,14 +446,20 @@ class ContextParallel:
         """Forward and backward of this rank's chunks of `batch` (a data-parallel rank's whole rows):
         `forward(input_ids, labels, position_ids=...)` returns a ModelOutput, `backward(loss)` runs inside the open
         batch too (activation checkpointing recomputes attention there). Returns the loss terms, each CP x this
-        rank's share of the one-process micro-batch's (`rank_terms`)."""
+        rank's share of the one-process micro-batch's (`rank_terms`). With MTP the model reads the tokens and
+        labels ahead of this rank's positions in the whole rows (`Rows`)."""
         layout = self.layout
         labels = layout.shard(batch.labels)
         scale = layout.size * token_share(labels, batch.labels)
+        mtp_scales = []
+        for depth in range(1, len(self.mtp_weights) + 1):
+            targets = mtp_targets(batch.labels, batch.segment_ids, depth)
+            mtp_scales.append(layout.size * token_share(layout.shard(targets), targets))
         self.stats = CommStats()
         with self.opened(batch.segment_ids):
-            out = forward(layout.shard(batch.input_ids), labels, position_ids=layout.positions(device=labels.device))
+            out = forward(layout.shard(batch.input_ids), labels, position_ids=layout.positions(device=labels.device),
+                          rows=Rows(batch.input_ids, batch.labels, batch.segment_ids))
             self.forward_bytes = dict(self.stats.received)
-            terms = rank_terms(out, scale)
+            terms = rank_terms(out, scale, mtp_scales, self.mtp_weights)
             backward(terms["loss"])
         return terms
