@@ -212,6 +212,23 @@ def test_context_parallel_matches_one_process(tmp_path, references, cp, variant,
 
 @pytest.mark.distributed
 @pytest.mark.slow
+def test_context_parallel_with_mtp_matches_one_process(tmp_path):
+    """MTP depth 2 (MoE blocks, balancing bias updated from their counted tokens): CP 2 trains the losses of one
+    process, the MTP and aux terms included, and evaluates the same held-out loss."""
+    mtp = ["model.num_nextn_predict_layers=2", "model.mtp_mlp_type=sparse"]
+    reference = tmp_path / "single"
+    _single(reference, mtp)
+    _context_parallel(tmp_path / "cp2", 2, 2, ["parallel.zero_stage=1", *mtp])
+    _assert_same_losses(_losses(tmp_path / "cp2"), _losses(reference))
+    got, expected = _records(tmp_path / "cp2", "train"), _records(reference, "train")
+    for key in ("mtp_loss", "aux_loss"):
+        assert [r[key] for r in got] == pytest.approx([r[key] for r in expected], rel=1e-5), key
+    assert _records(tmp_path / "cp2", "eval")[-1]["loss"] == pytest.approx(_records(reference, "eval")[-1]["loss"],
+                                                                         rel=1e-5)
+
+
+@pytest.mark.distributed
+@pytest.mark.slow
 def test_context_parallel_in_bf16_tracks_one_rank(tmp_path):
     """bf16 weights (DeepSpeed's bf16 ZeRO-1; exchanged keys and values in bf16): CP 2 follows one DeepSpeed rank
     to bf16 accuracy (measured: 4e-4 relative by step 4)."""
