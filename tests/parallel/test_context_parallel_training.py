@@ -212,13 +212,17 @@ def test_context_parallel_matches_one_process(tmp_path, references, cp, variant,
 
 @pytest.mark.distributed
 @pytest.mark.slow
-def test_context_parallel_with_mtp_matches_one_process(tmp_path):
+@pytest.mark.parametrize("layout", [["parallel.zero_stage=1"],
+                                    ["parallel.zero_stage=3", "train.activation_checkpointing=true"]],
+                         ids=["zero1", "zero3-recompute"])
+def test_context_parallel_with_mtp_matches_one_process(tmp_path, layout):
     """MTP depth 2 (MoE blocks, balancing bias updated from their counted tokens): CP 2 trains the losses of one
-    process, the MTP and aux terms included, and evaluates the same held-out loss."""
+    process, the MTP and aux terms included, and evaluates the same held-out loss; under ZeRO-3 the embedding,
+    called again for the tokens MTP reads ahead, is gathered for both calls."""
     mtp = ["model.num_nextn_predict_layers=2", "model.mtp_mlp_type=sparse"]
     reference = tmp_path / "single"
     _single(reference, mtp)
-    _context_parallel(tmp_path / "cp2", 2, 2, ["parallel.zero_stage=1", *mtp])
+    _context_parallel(tmp_path / "cp2", 2, 2, [*layout, *mtp])
     _assert_same_losses(_losses(tmp_path / "cp2"), _losses(reference))
     got, expected = _records(tmp_path / "cp2", "train"), _records(reference, "train")
     for key in ("mtp_loss", "aux_loss"):
