@@ -149,6 +149,17 @@ def test_pp2_ep2_matches_one_process(tmp_path, reference8):
     _assert_same(_losses(tmp_path), reference8)
 
 
+@pytest.mark.distributed
+@pytest.mark.slow
+def test_pp2_dp4_ep2_shards_expert_state_within_stages(tmp_path):
+    """8 ranks: 2 stages of 4 data-parallel ranks, EP 2 inside each: the expert optimizer's state is sharded over
+    expert-data-parallel pairs of one stage (their place in the pair, not in the world, picks the piece)."""
+    reference = _single(tmp_path / "single16", 8)
+    run = tmp_path / "pp2dp4ep2"
+    train_ranks(run, RECIPE, 8, TINY + PIPELINE + ["parallel.world_size=8", "parallel.expert_parallel_size=2"])
+    _assert_same(_losses(run), reference)
+
+
 # --- a rank whose experts get no token: the pipeline's all-to-alls still pair up ---------------------------------
 
 IDLE = ["model.hidden_size=64", "model.num_hidden_layers=3", "data.seq_len=32", "train.micro_batch_size=2",
