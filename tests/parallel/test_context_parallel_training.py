@@ -24,6 +24,7 @@ from launching import train_ranks
 from kmodel.config import ConfigError, load_config
 from kmodel.data import Batch
 from kmodel.model import build_model
+from kmodel.model.decoder import Rows
 from kmodel.parallel import expert_parallel as xp
 from kmodel.parallel.context_parallel import (
     ContextLayout,
@@ -281,6 +282,27 @@ def test_documents_cross_chunk_boundaries(tmp_path):
         length = 128 // (2 * cp)
         crossing = [b for b in range(length, 128, length) if bool((segments[:, b - 1] == segments[:, b]).any())]
         assert len(crossing) >= cp, (cp, crossing)
+
+
+def test_mtp_on_whole_rows_handed_as_rows_equals_the_truncated_path():
+    """One process, float64: the path a CP rank takes (`rows` given; every position kept, the last k of depth k
+    masked out of the loss and the MoE statistics) on a part that is the whole row gives the loss terms,
+    gradients and expert loads of the path that drops those positions. Fast: the default suite's check."""
+    cfg = load_config(RECIPE, TINY + LOSSES + MTP2 + ["model.mtp_mlp_type=sparse", "data.seq_len=32"])
+    batch = _batch(cfg.data.seq_len)
+    runs = []
+    for rows in (None, Rows(batch.input_ids, batch.labels)):
+        model = build_model(cfg).double()
+        out = model(batch.input_ids, batch.labels, rows=rows)
+        out.loss.backward()
+        runs.append((out, dict(model.named_parameters()), model.moe_layers()))
+    (plain, weights, moes), (masked, masked_weights, masked_moes) = runs
+    for key in ("loss", "lm_loss", "mtp_loss", "aux_loss", "z_loss"):
+        torch.testing.assert_close(getattr(masked, key), getattr(plain, key), rtol=1e-12, atol=0, msg=key)
+    for name, param in masked_weights.items():
+        torch.testing.assert_close(param.grad, weights[name].grad, rtol=1e-10, atol=1e-15, msg=name)
+    for name, moe in masked_moes.items():
+        assert torch.equal(moe.load, moes[name].load), name
 
 
 def test_refused_with_the_numbers():
