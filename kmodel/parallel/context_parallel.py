@@ -30,6 +30,11 @@ one-process micro-batch loss: token means (cross-entropy, logits z-loss) re-weig
 rows' label tokens, and the MoE balance loss computed from expert counts summed over the group (its probability
 means are over local tokens, so their CP-rank mean is the whole sequence's). Averaged over the replica group (DP x
 CP ranks: DeepSpeed's and the expert optimizer's reduction), the gradient is the one-process gradient.
+
+Multi-token prediction: the model gets the whole rows (`Rows`) beside the chunks and reads the tokens and labels
+ahead of its positions there; the last k positions of a row, which one process drops at depth k, stay in their
+chunk with ignored targets and out of the MoE statistics (kmodel.model.decoder.Model.mtp_losses), and each depth's
+cross-entropy is re-weighted by the rank's share of that depth's targets.
 """
 
 from __future__ import annotations
