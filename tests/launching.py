@@ -1,12 +1,18 @@
-"""Training on N CPU ranks for a test: `kmodel.parallel.entry` under torchrun, gloo, DS_ACCELERATOR=cpu, one thread
-per rank. Each launch's whole output is kept beside the run directory (`<run_dir>.torchrun-<n>.log`), and a
-failure shows each rank's last lines and, for a rank that died of a signal, the Python stacks the entry's
-faulthandler printed."""
+"""N CPU ranks for a test, two ways. `train_ranks`: `kmodel.parallel.entry` under torchrun, gloo,
+DS_ACCELERATOR=cpu, one thread per rank; each launch's whole output is kept beside the run directory
+(`<run_dir>.torchrun-<n>.log`), and a failure shows each rank's last lines and, for a rank that died of a signal,
+the Python stacks the entry's faulthandler printed. `spawn_ranks`: a test's own function on N spawned processes
+joined by a gloo group, failing with every rank's traceback, or naming the ranks that hung."""
 
 from __future__ import annotations
 
+import datetime
+import multiprocessing
 import os
+import socket
 import subprocess
+import time
+import traceback
 import warnings
 from pathlib import Path
 
@@ -65,3 +71,49 @@ def _story(stderr: str, keep: int = 6000) -> str:
              if line.startswith(("Fatal Python error", "Traceback", "terminate called")) or "Error:" in line]
     head = "\n".join(lines[marks[0]:marks[0] + 60]) + "\n...\n" if marks else ""
     return head + stderr[-keep:]
+
+
+def spawn_ranks(worker, world: int, *args, timeout: float = 240) -> None:
+    """worker(rank, world, *args) on `world` spawned processes in one gloo group (a module-level function of the
+    test, one thread per rank)."""
+    context = multiprocessing.get_context("spawn")
+    failures = context.Queue()
+    port = _free_port()
+    ranks = [context.Process(target=_rank_main, args=(worker, rank, world, port, timeout, failures, args))
+             for rank in range(world)]
+    for process in ranks:
+        process.start()
+    deadline = time.monotonic() + timeout
+    for process in ranks:
+        process.join(max(0.0, deadline - time.monotonic()))
+    hung = [rank for rank, process in enumerate(ranks) if process.is_alive()]
+    for rank in hung:
+        ranks[rank].kill()
+    messages = []
+    while not failures.empty():
+        messages.append(failures.get())
+    assert not hung, f"ranks {hung} hung (still running after {timeout:g} s)\n" + "\n".join(messages)
+    assert not messages, "\n".join(messages)
+    assert all(process.exitcode == 0 for process in ranks), [process.exitcode for process in ranks]
+
+
+def _rank_main(worker, rank: int, world: int, port: int, timeout: float, failures, args) -> None:
+    import torch
+    import torch.distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    # a collective that waits for a hung rank fails with its traceback before the parent stops waiting
+    dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout / 2))
+    try:
+        worker(rank, world, *args)
+    except BaseException:  # reported to the parent, which fails the test with every rank's message
+        failures.put(f"rank {rank}:\n{traceback.format_exc()}")
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

@@ -68,6 +68,8 @@ from kmodel.train.optim import optimizer_for, param_groups, state_keys
 from kmodel.train.trainer import LOSS_KEYS, Trainer
 from kmodel.train.watch import InsufficientSpace
 
+DEEPSPEED_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce and all-gather buckets
+
 
 def joint_norm(dense: torch.Tensor | float, experts: torch.Tensor) -> torch.Tensor:
     """sqrt(dense^2 + experts^2); inf when either is invalid (DeepSpeed marks an invalid norm as -1 or
@@ -198,8 +200,16 @@ class DeepSpeedTrainer(Trainer):
         self._load_masters()
 
     def engine_config(self) -> dict[str, Any]:
-        """deepspeed.initialize's config (a pipeline engine accumulates inside its schedule)."""
-        return deepspeed_config(self.cfg, self.device.type)
+        """deepspeed.initialize's config (a pipeline engine accumulates inside its schedule). ZeRO's reduce and
+        all-gather buckets hold at most the weights ZeRO optimises here (all but the expert shards under expert
+        parallelism): DeepSpeed's default, 5e8 elements, is 2 GB of fp32 allocated however small the model (CPU
+        ranks of the test suite were OOM-killed)."""
+        config = deepspeed_config(self.cfg, self.device.type)
+        zero_held = sum(p.numel() for name, p in self.model.named_parameters()
+                        if self.groups is None or not xp.is_expert_param(name))
+        for bucket in ("reduce_bucket_size", "allgather_bucket_size"):
+            config["zero_optimization"][bucket] = min(zero_held, DEEPSPEED_BUCKET_ELEMENTS)
+        return config
 
     def topology(self):
         """DeepSpeed's `mpu`: which groups ZeRO partitions, reduces and takes norms over (None: the world)."""

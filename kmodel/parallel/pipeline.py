@@ -38,7 +38,6 @@ from kmodel.checkpoint import read_weights
 from kmodel.config import Config, ConfigError
 from kmodel.hashing import sorted_weights_sha256
 from kmodel.model.decoder import Model, ModelOutput, cu_seqlens_from_segments
-from kmodel.parallel import expert_parallel as xp
 from kmodel.parallel.engine import DeepSpeedTrainer
 from kmodel.parallel.mesh import Mesh
 from kmodel.parallel.pipeline_split import check_pipeline
@@ -48,7 +47,6 @@ from kmodel.train.optim import build_optimizer
 from kmodel.train.trainer import LOSS_KEYS, Trainer
 
 
-REDUCE_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce bucket
 
 
 @dataclass(frozen=True)
@@ -348,10 +346,6 @@ class PipelineTrainer(DeepSpeedTrainer):
         rows = self.cfg.train.micro_batch_size * self.cfg.train.grad_accum_steps
         config.update(train_micro_batch_size_per_gpu=rows, gradient_accumulation_steps=1,
                       train_batch_size=rows * self.mesh.data)
-        # ZeRO-1's pipeline path allocates a reduce bucket every step: at most the stage's dense gradients, not
-        # DeepSpeed's default 5e8 elements (2 GB of fp32, whatever the stage holds)
-        dense = sum(p.numel() for name, p in self.model.named_parameters() if not xp.is_expert_param(name))
-        config["zero_optimization"]["reduce_bucket_size"] = min(dense, REDUCE_BUCKET_ELEMENTS)
         return config
 
     def topology(self) -> StageTopology:

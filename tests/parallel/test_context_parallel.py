@@ -7,13 +7,11 @@ windows shorter and longer than a chunk, and global layers. The bytes each rank 
 
 from __future__ import annotations
 
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from launching import spawn_ranks
 
 from kmodel.kernels.attention.reference import attention
 from kmodel.parallel.context_parallel import (
@@ -39,64 +37,44 @@ def _whole_sequence_inputs(seed: int):
     return q, k, v, sinks, upstream, cu, doc_ids
 
 
-def _worker(rank: int, size: int, port: int, failures) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=size)
-    try:
-        for case, (window, use_sinks) in enumerate(CASES):
-            q, k, v, sinks, upstream, cu, doc_ids = _whole_sequence_inputs(case)
-            sinks = sinks if use_sinks else None
-            # One process, whole sequence.
-            leaves = [t.clone().requires_grad_() for t in (q, k, v)] + ([sinks.clone().requires_grad_()] if use_sinks else [])
-            ref = attention(*leaves[:3], window=window, cu_seqlens=cu, sinks=leaves[3] if use_sinks else None)
-            (ref * upstream).sum().backward()
+def _worker(rank: int, size: int) -> None:
+    for case, (window, use_sinks) in enumerate(CASES):
+        q, k, v, sinks, upstream, cu, doc_ids = _whole_sequence_inputs(case)
+        sinks = sinks if use_sinks else None
+        # One process, whole sequence.
+        leaves = [t.clone().requires_grad_() for t in (q, k, v)] + ([sinks.clone().requires_grad_()] if use_sinks else [])
+        ref = attention(*leaves[:3], window=window, cu_seqlens=cu, sinks=leaves[3] if use_sinks else None)
+        (ref * upstream).sum().backward()
 
-            layout = ContextLayout(SEQ, size, rank)
-            local = [layout.shard(t).clone().requires_grad_() for t in (q, k, v)]
-            local_sinks = sinks.clone().requires_grad_() if use_sinks else None
-            stats = CommStats()
-            out = context_parallel_attention(*local, layout=layout, group=dist.group.WORLD, window=window,
-                                             doc_ids=doc_ids, sinks=local_sinks, stats=stats)
-            (out * layout.shard(upstream)).sum().backward()
+        layout = ContextLayout(SEQ, size, rank)
+        local = [layout.shard(t).clone().requires_grad_() for t in (q, k, v)]
+        local_sinks = sinks.clone().requires_grad_() if use_sinks else None
+        stats = CommStats()
+        out = context_parallel_attention(*local, layout=layout, group=dist.group.WORLD, window=window,
+                                         doc_ids=doc_ids, sinks=local_sinks, stats=stats)
+        (out * layout.shard(upstream)).sum().backward()
 
-            where = f"CP {size} rank {rank} window {window} sinks {use_sinks}"
-            torch.testing.assert_close(out, layout.shard(ref), rtol=1e-5, atol=1e-6, msg=lambda m: f"{where} out: {m}")
-            for name, mine, theirs in zip("qkv", local, leaves):
-                torch.testing.assert_close(mine.grad, layout.shard(theirs.grad), rtol=1e-5, atol=1e-6,
-                                           msg=lambda m, n=name: f"{where} d{n}: {m}")
-            if use_sinks:
-                grad = local_sinks.grad.clone()
-                dist.all_reduce(grad)
-                torch.testing.assert_close(grad, leaves[3].grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{where} dsinks: {m}")
-            row_bytes = BATCH * KV_HEADS * (HEAD_DIM + V_DIM) * q.element_size()
-            kind = "global" if window is None else "sliding"
-            expected = gather_bytes(layout, row_bytes) if window is None else halo_bytes(layout, window, row_bytes)
-            assert stats.received[kind] == expected, f"{where}: received {stats.received[kind]} bytes, formula {expected}"
-            if window == 5 and size > 1:  # the halo moves a fraction of a gather's bytes
-                assert expected < gather_bytes(layout, row_bytes) / 2
-    except BaseException as error:  # reported to the parent, which fails the test with every rank's message
-        failures.put(f"rank {rank}: {error!r}")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        where = f"CP {size} rank {rank} window {window} sinks {use_sinks}"
+        torch.testing.assert_close(out, layout.shard(ref), rtol=1e-5, atol=1e-6, msg=lambda m: f"{where} out: {m}")
+        for name, mine, theirs in zip("qkv", local, leaves):
+            torch.testing.assert_close(mine.grad, layout.shard(theirs.grad), rtol=1e-5, atol=1e-6,
+                                       msg=lambda m, n=name: f"{where} d{n}: {m}")
+        if use_sinks:
+            grad = local_sinks.grad.clone()
+            dist.all_reduce(grad)
+            torch.testing.assert_close(grad, leaves[3].grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{where} dsinks: {m}")
+        row_bytes = BATCH * KV_HEADS * (HEAD_DIM + V_DIM) * q.element_size()
+        kind = "global" if window is None else "sliding"
+        expected = gather_bytes(layout, row_bytes) if window is None else halo_bytes(layout, window, row_bytes)
+        assert stats.received[kind] == expected, f"{where}: received {stats.received[kind]} bytes, formula {expected}"
+        if window == 5 and size > 1:  # the halo moves a fraction of a gather's bytes
+            assert expected < gather_bytes(layout, row_bytes) / 2
 
 
 @pytest.mark.distributed
 @pytest.mark.parametrize("size", [2, 4])
 def test_context_parallel_attention_equals_one_process(size):
-    context = mp.get_context("spawn")
-    failures = context.Queue()
-    mp.start_processes(_worker, args=(size, _free_port(), failures), nprocs=size, start_method="spawn")
-    messages = []
-    while not failures.empty():
-        messages.append(failures.get())
-    assert not messages, "\n".join(messages)
+    spawn_ranks(_worker, size)
 
 
 def test_layout_is_load_balanced_and_round_trips():

@@ -11,14 +11,12 @@ variant exchanges each token's latent and shared RoPE key (16 + 8 numbers) inste
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from launching import spawn_ranks
 from launching import train_ranks
 
 from kmodel.config import ConfigError, load_config
@@ -94,68 +92,48 @@ def _batch(seq: int) -> Batch:
     return Batch(ids[:, :-1], labels, segments)
 
 
-def _gradient_worker(rank: int, size: int, port: int, failures) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=size)
-    try:
-        for model_sets, kind in GRADIENT_CASES:
-            cfg = load_config(RECIPE, TINY + LOSSES + model_sets + [f"model.aux_loss_kind={kind}"])
-            batch = _batch(cfg.data.seq_len)
-            one = build_model(cfg).double()
-            out = one(batch.input_ids, batch.labels, segment_ids=batch.segment_ids)
-            out.loss.backward()
+def _gradient_worker(rank: int, size: int) -> None:
+    for model_sets, kind in GRADIENT_CASES:
+        cfg = load_config(RECIPE, TINY + LOSSES + model_sets + [f"model.aux_loss_kind={kind}"])
+        batch = _batch(cfg.data.seq_len)
+        one = build_model(cfg).double()
+        out = one(batch.input_ids, batch.labels, segment_ids=batch.segment_ids)
+        out.loss.backward()
 
-            split = build_model(cfg).double()
-            context = ContextParallel(cfg.data.seq_len, dist.group.WORLD)
-            context.attach(split)
-            xp.attach_global_balance(split, dist.group.WORLD)  # as the engine does: counts over the CP group
-            terms = context.run(batch, split, lambda loss: loss.backward())
+        split = build_model(cfg).double()
+        context = ContextParallel(cfg.data.seq_len, dist.group.WORLD)
+        context.attach(split)
+        xp.attach_global_balance(split, dist.group.WORLD)  # as the engine does: counts over the CP group
+        terms = context.run(batch, split, lambda loss: loss.backward())
 
-            assert (out.mtp_loss is not None) == (cfg.model.num_nextn_predict_layers > 0)  # MTP terms compared
-            where = f"CP {size} rank {rank} {cfg.model.attention_kind} {kind} MTP {cfg.model.num_nextn_predict_layers}"
-            for key, value in terms.items():  # the mean over the ranks is the one-process term
-                mean = value.detach().clone()
-                dist.all_reduce(mean)
-                torch.testing.assert_close(mean / size, getattr(out, key).detach(), rtol=1e-10, atol=1e-13,
-                                           msg=lambda m, k=key, w=where: f"{w} {k}: {m}")
-            reference = dict(one.named_parameters())
-            for name, param in split.named_parameters():  # and so is the mean of the gradients
-                grad = param.grad.clone()
-                dist.all_reduce(grad)
-                torch.testing.assert_close(grad / size, reference[name].grad, rtol=1e-9, atol=1e-13,
-                                           msg=lambda m, n=name, w=where: f"{w} d{n}: {m}")
-            for name, moe in split.moe_layers().items():  # expert loads for the bias step: summed over ranks
-                load = moe.load.clone()
-                dist.all_reduce(load)
-                assert torch.equal(load, one.moe_layers()[name].load), f"{where} {name} load"
-            with torch.no_grad():  # held-out evaluation on the chunks: the whole rows' cross-entropy on every rank
-                evaluated = SplitEvaluation(split, context).eval()(batch.input_ids, batch.labels).lm_loss
-                expected = one.eval()(batch.input_ids, batch.labels).lm_loss
-            torch.testing.assert_close(evaluated, expected, rtol=1e-10, atol=0, msg=lambda m, w=where: f"{w} eval: {m}")
-    except BaseException as error:  # reported to the parent, which fails the test with every rank's message
-        failures.put(f"rank {rank}: {error!r}")
-    finally:
-        dist.destroy_process_group()
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        assert (out.mtp_loss is not None) == (cfg.model.num_nextn_predict_layers > 0)  # MTP terms compared
+        where = f"CP {size} rank {rank} {cfg.model.attention_kind} {kind} MTP {cfg.model.num_nextn_predict_layers}"
+        for key, value in terms.items():  # the mean over the ranks is the one-process term
+            mean = value.detach().clone()
+            dist.all_reduce(mean)
+            torch.testing.assert_close(mean / size, getattr(out, key).detach(), rtol=1e-10, atol=1e-13,
+                                       msg=lambda m, k=key, w=where: f"{w} {k}: {m}")
+        reference = dict(one.named_parameters())
+        for name, param in split.named_parameters():  # and so is the mean of the gradients
+            grad = param.grad.clone()
+            dist.all_reduce(grad)
+            torch.testing.assert_close(grad / size, reference[name].grad, rtol=1e-9, atol=1e-13,
+                                       msg=lambda m, n=name, w=where: f"{w} d{n}: {m}")
+        for name, moe in split.moe_layers().items():  # expert loads for the bias step: summed over ranks
+            load = moe.load.clone()
+            dist.all_reduce(load)
+            assert torch.equal(load, one.moe_layers()[name].load), f"{where} {name} load"
+        with torch.no_grad():  # held-out evaluation on the chunks: the whole rows' cross-entropy on every rank
+            evaluated = SplitEvaluation(split, context).eval()(batch.input_ids, batch.labels).lm_loss
+            expected = one.eval()(batch.input_ids, batch.labels).lm_loss
+        torch.testing.assert_close(evaluated, expected, rtol=1e-10, atol=0, msg=lambda m, w=where: f"{w} eval: {m}")
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
 @pytest.mark.parametrize("size", [2, 4])
 def test_context_parallel_gradients_equal_one_process(size):
-    context = mp.get_context("spawn")
-    failures = context.Queue()
-    mp.start_processes(_gradient_worker, args=(size, _free_port(), failures), nprocs=size, start_method="spawn")
-    messages = []
-    while not failures.empty():
-        messages.append(failures.get())
-    assert not messages, "\n".join(messages)
+    spawn_ranks(_gradient_worker, size)
 
 
 @pytest.fixture(scope="module")

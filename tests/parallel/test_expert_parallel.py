@@ -3,14 +3,11 @@ whose experts receive no token neither hangs nor errors."""
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from launching import spawn_ranks
 
 from kmodel.config import load_config
 from kmodel.model import build_model
@@ -21,12 +18,6 @@ pytestmark = pytest.mark.distributed
 WORLD = 2
 OVERRIDES = ["data.seq_len=32", "parallel.backend=deepspeed", "parallel.world_size=2", "parallel.expert_parallel_size=2",
              "parallel.zero_stage=1"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model(skew: bool, extra: list[str], groups: xp.Groups | None = None):
@@ -49,34 +40,28 @@ def _batch(cfg):
     return ids
 
 
-def _worker(rank: int, port: int, skew: bool, extra: list[str], out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-    try:
-        torch.set_num_threads(1)
-        groups = xp.make_groups(2)
-        cfg, model = _model(skew, extra, groups)
-        ids = _batch(cfg).chunk(WORLD)[rank]
-        experts = xp.ExpertOptimizer(model, groups, cfg.train)
-        loss = model(ids, ids).loss
-        loss.backward()
-        experts.reduce_micro_batch(last=True)
-        expert_norm = experts.reduce_gradients()
-        grads = {}
-        for name, param in model.named_parameters():
-            if xp.is_expert_param(name):
-                grads[name] = experts.full_grad(param)
-            else:  # dense: the plain data-parallel average (DeepSpeed's job in the trainer)
-                dist.all_reduce(param.grad)
-                grads[name] = param.grad / WORLD
-        xp.synchronize_router_load(model)
-        loss = loss.detach()
-        dist.all_reduce(loss)
-        loads = {n: m.load.clone() for n, m in model.moe_layers().items()}
-        if rank == 0:
-            torch.save({"loss": loss / WORLD, "grads": grads, "loads": loads, "expert_norm": expert_norm}, out)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, skew: bool, extra: list[str], out: str) -> None:
+    groups = xp.make_groups(2)
+    cfg, model = _model(skew, extra, groups)
+    ids = _batch(cfg).chunk(WORLD)[rank]
+    experts = xp.ExpertOptimizer(model, groups, cfg.train)
+    loss = model(ids, ids).loss
+    loss.backward()
+    experts.reduce_micro_batch(last=True)
+    expert_norm = experts.reduce_gradients()
+    grads = {}
+    for name, param in model.named_parameters():
+        if xp.is_expert_param(name):
+            grads[name] = experts.full_grad(param)
+        else:  # dense: the plain data-parallel average (DeepSpeed's job in the trainer)
+            dist.all_reduce(param.grad)
+            grads[name] = param.grad / WORLD
+    xp.synchronize_router_load(model)
+    loss = loss.detach()
+    dist.all_reduce(loss)
+    loads = {n: m.load.clone() for n, m in model.moe_layers().items()}
+    if rank == 0:
+        torch.save({"loss": loss / WORLD, "grads": grads, "loads": loads, "expert_norm": expert_norm}, out)
 
 
 def _reference(skew: bool, extra: list[str]):
@@ -96,18 +81,7 @@ GPT_OSS_EXPERTS = ["model.expert_bias=true", "model.expert_activation=clamped_sw
                          ids=["balanced", "idle-rank", "expert-biases"])
 def test_ep2_matches_ep1(tmp_path, skew, extra):
     out = str(tmp_path / "ep2.pt")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, skew, extra, out)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=150)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, "expert-parallel step hung"
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    spawn_ranks(_worker, WORLD, skew, extra, out, timeout=150)
 
     got = torch.load(out, weights_only=True)
     loss, grads, loads = _reference(skew, extra)

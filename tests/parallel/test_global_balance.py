@@ -4,14 +4,11 @@ process's loss on the union of their rows, where per-micro-batch balancing does 
 
 from __future__ import annotations
 
-import datetime
-import os
-import socket
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
+from launching import spawn_ranks
 
 from kmodel.config import load_config
 from kmodel.model import build_model
@@ -21,12 +18,6 @@ pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 WORLD = 2
 BALANCE = ["data.seq_len=32", "model.aux_loss_coef=0.5", "model.router_bias_update_rate=0"]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _model(kind: str):
@@ -44,37 +35,21 @@ def _aux_and_router_grad(model, ids):
     return out.aux_loss.detach(), model.layers[1].mlp.gate.weight.grad.clone()
 
 
-def _worker(rank: int, port: int, kind: str, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=WORLD, timeout=datetime.timedelta(seconds=60))
-    try:
-        torch.set_num_threads(1)
-        cfg, model = _model(kind)
-        if kind == "global":  # as the engine: the hook sums counts over the ranks it is given, whatever the kind
-            xp.attach_global_balance(model)
-        aux, grad = _aux_and_router_grad(model, _batch(cfg).chunk(WORLD)[rank])
-        for t in (aux, grad):  # the data-parallel mean, as the engine averages losses and gradients
-            dist.all_reduce(t)
-            t /= WORLD
-        if rank == 0:
-            torch.save({"aux": aux, "grad": grad}, out)
-    finally:
-        dist.destroy_process_group()
+def _worker(rank: int, world: int, kind: str, out: str) -> None:
+    cfg, model = _model(kind)
+    if kind == "global":  # as the engine: the hook sums counts over the ranks it is given, whatever the kind
+        xp.attach_global_balance(model)
+    aux, grad = _aux_and_router_grad(model, _batch(cfg).chunk(WORLD)[rank])
+    for t in (aux, grad):  # the data-parallel mean, as the engine averages losses and gradients
+        dist.all_reduce(t)
+        t /= WORLD
+    if rank == 0:
+        torch.save({"aux": aux, "grad": grad}, out)
 
 
 def _run(tmp_path, kind: str) -> dict[str, torch.Tensor]:
     out = str(tmp_path / f"{kind}.pt")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_worker, args=(r, port, kind, out)) for r in range(WORLD)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=150)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    spawn_ranks(_worker, WORLD, kind, out, timeout=150)
     return torch.load(out, weights_only=True)
 
 

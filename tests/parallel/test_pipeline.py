@@ -5,18 +5,14 @@ refused."""
 
 from __future__ import annotations
 
-import datetime
 import json
-import os
 import shutil
-import socket
 from functools import partial
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from launching import train_ranks
+from launching import spawn_ranks, train_ranks
 
 from kmodel.config import ConfigError, load_config
 from kmodel.model import build_model
@@ -167,12 +163,6 @@ IDLE = ["model.hidden_size=64", "model.num_hidden_layers=3", "data.seq_len=32", 
         "parallel.pipeline_parallel_size=2", "parallel.expert_parallel_size=2", "parallel.pipeline_layers=[2,1]"]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _skew(model) -> None:
     """Every token prefers experts 0..3, held by expert-parallel rank 0: rank 1's experts stay idle."""
     with torch.no_grad():
@@ -185,60 +175,43 @@ def _ids(cfg) -> torch.Tensor:
     return torch.randint(0, cfg.model.vocab_size, (8, cfg.data.seq_len), generator=torch.Generator().manual_seed(3))
 
 
-def _idle_worker(rank: int, port: int, out: str) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    dist.init_process_group("gloo", rank=rank, world_size=4, timeout=datetime.timedelta(seconds=90))
-    try:
-        torch.set_num_threads(1)
-        cfg = load_config(RECIPE, IDLE)
-        mesh = Mesh.from_config(cfg.parallel)
-        coords, built = mesh.coords(rank), build_groups(mesh, rank)
-        groups = xp.make_groups(2, built)
-        chunks = stage_chunks(check_pipeline(cfg), 2, coords.stage)
-        model = build_model(cfg, experts=xp.local_experts(cfg.model.num_experts, groups),
-                            keep=partial(keep_chunks, chunks=chunks))
-        xp.attach_expert_parallel(model, groups)
-        _skew(model)
-        carried = Carried(embeds=True, segments=False)
-        loss = PipelineLoss(model, carried, micro_batches=2)
-        schedule = make_schedule(cfg, model, chunks, carried, loss, torch.device("cpu"), built["pipeline"])
-        ids = _ids(cfg)[coords.data * 4:(coords.data + 1) * 4]  # this pipeline's 2 micro-batches of 2 rows
-        if coords.stage == 0:
-            schedule.step(ids, return_outputs=False)
-        else:
-            schedule.step(target=ids, return_outputs=False)
-        xp.synchronize_router_load(model, built["replica"])
-        result = {"loads": {n: m.load.clone() for n, m in model.moe_layers().items()}}  # every expert's count
-        if coords.stage == 1:
-            total = torch.stack([t["loss"] for t in loss.terms]).mean()
-            dist.all_reduce(total, group=built["replica"])
-            result["loss"] = total / 2
-        else:
-            grad = model.embed_tokens.weight.grad.clone()
-            dist.all_reduce(grad, group=built["replica"])
-            result["embed_grad"] = grad / 2
-        if coords.data == 0:
-            torch.save(result, f"{out}.{coords.stage}")
-    finally:
-        dist.destroy_process_group()
+def _idle_worker(rank: int, world: int, out: str) -> None:
+    cfg = load_config(RECIPE, IDLE)
+    mesh = Mesh.from_config(cfg.parallel)
+    coords, built = mesh.coords(rank), build_groups(mesh, rank)
+    groups = xp.make_groups(2, built)
+    chunks = stage_chunks(check_pipeline(cfg), 2, coords.stage)
+    model = build_model(cfg, experts=xp.local_experts(cfg.model.num_experts, groups),
+                        keep=partial(keep_chunks, chunks=chunks))
+    xp.attach_expert_parallel(model, groups)
+    _skew(model)
+    carried = Carried(embeds=True, segments=False)
+    loss = PipelineLoss(model, carried, micro_batches=2)
+    schedule = make_schedule(cfg, model, chunks, carried, loss, torch.device("cpu"), built["pipeline"])
+    ids = _ids(cfg)[coords.data * 4:(coords.data + 1) * 4]  # this pipeline's 2 micro-batches of 2 rows
+    if coords.stage == 0:
+        schedule.step(ids, return_outputs=False)
+    else:
+        schedule.step(target=ids, return_outputs=False)
+    xp.synchronize_router_load(model, built["replica"])
+    result = {"loads": {n: m.load.clone() for n, m in model.moe_layers().items()}}  # every expert's count
+    if coords.stage == 1:
+        total = torch.stack([t["loss"] for t in loss.terms]).mean()
+        dist.all_reduce(total, group=built["replica"])
+        result["loss"] = total / 2
+    else:
+        grad = model.embed_tokens.weight.grad.clone()
+        dist.all_reduce(grad, group=built["replica"])
+        result["embed_grad"] = grad / 2
+    if coords.data == 0:
+        torch.save(result, f"{out}.{coords.stage}")
 
 
 @pytest.mark.distributed
 @pytest.mark.slow
 def test_idle_expert_rank_does_not_hang_the_pipeline(tmp_path):
     out = str(tmp_path / "pp2ep2.pt")
-    ctx = mp.get_context("spawn")
-    port = _free_port()
-    procs = [ctx.Process(target=_idle_worker, args=(r, port, out)) for r in range(4)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=240)
-    alive = [p for p in procs if p.is_alive()]
-    for p in alive:
-        p.kill()
-    assert not alive, "the pipeline hung"
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    spawn_ranks(_idle_worker, 4, out)  # fails naming the ranks if the pipeline hung
 
     cfg = load_config(RECIPE, IDLE)
     model = build_model(cfg)
