@@ -69,7 +69,7 @@ RUN_LOCAL_READERS = {
     ("kmodel/checkpoint/directory.py", "read_state"),
     ("kmodel/checkpoint/files.py", "load"),
     ("kmodel/checkpoint/files.py", "lazy_tensors"),
-    ("kmodel/checkpoint/index.py", "load"),
+    ("kmodel/checkpoint/index.py", "load_flat"),
 }
 TRAINING_ENTRY_MODULES = ("kmodel.train.run", "kmodel.train.trainer", "kmodel.train.cli")
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx",
