@@ -483,6 +483,10 @@ class DeepSpeedTrainer(Trainer):
         return self._owned_pieces(sorted((f"state.{i}.{key}", param, key) for i, param in enumerate(self._optimizer_params)
                                          for key in keys[param]))
 
+    def optimizer_layout(self) -> list[list[int]]:
+        sizes = [len(params) for _, params in self._optimizer_groups]
+        return [list(range(sum(sizes[:i]), sum(sizes[:i + 1]))) for i in range(len(sizes))]
+
     def optimizer_state(self) -> dict[str, Any]:
         """The one-process AdamW state_dict without its moments (those are written as `owned_moments`)."""
         base = self._base_optimizer()

@@ -188,6 +188,11 @@ class Trainer:
         """AdamW's state_dict (full tensors, one entry per parameter); engines gather their shards into it."""
         return self.optimizer.state_dict()
 
+    def optimizer_layout(self) -> list[list[int]]:
+        """The one-process parameter indices of each optimizer group, as checkpoints record them (an engine's
+        from its one-process layout, known before the engine starts; a pipeline stage's covers every stage)."""
+        return [group["params"] for group in self.optimizer.state_dict()["param_groups"]]
+
     def model_differences(self, ckpt: Path) -> dict[str, tuple[Any, Any]] | None:
         """The model config keys in which a checkpoint's saved recipe differs from this one, each with (the
         checkpoint's value, this recipe's); None: it fits."""
@@ -263,9 +268,8 @@ class Trainer:
             raise CheckpointError(f"--init-from {ckpt}: its optimizer state is {saved_optimizer}'s, and this recipe "
                                   f"trains with train.optimizer {self.cfg.train.optimizer}; pass --reset-optimizer")
         saved = read_state(ckpt, lazy=self.lazy_restore)["optimizer"]
-        # the one-process optimizer's layout, which checkpoints keep (an engine's, built before its engine starts)
         groups = self.optimizer.state_dict()["param_groups"]
-        if [g["params"] for g in saved["param_groups"]] != [g["params"] for g in groups]:
+        if [g["params"] for g in saved["param_groups"]] != self.optimizer_layout():
             raise CheckpointError(
                 f"--init-from {ckpt}: its optimizer groups the parameters differently from this recipe (changed "
                 "train.decay_embeddings, muon_params or adamw_params?); pass --reset-optimizer to start fresh moments"

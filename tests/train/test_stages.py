@@ -267,8 +267,8 @@ def test_a_history_that_starts_from_outside_weights_is_external_in_every_stage(t
 @pytest.mark.slow
 @pytest.mark.distributed
 def test_a_stage_on_two_ranks_continues_the_moments_as_one_process_does(tmp_path):
-    """Stage 2 changes the layout (1 process -> 2 ZeRO-1 ranks, the same global batch) and keeps the moments:
-    its losses are the one-process stage 2's; with the moments reset they are not."""
+    """Stage 2 changes the layout (1 process -> 2 ZeRO-1 ranks, or 2 pipeline stages, the same global batch) and
+    keeps the moments: its losses are the one-process stage 2's; with the moments reset they are not."""
     from launching import torchrun
 
     from kmodel.config import load_config
@@ -293,8 +293,16 @@ def test_a_stage_on_two_ranks_continues_the_moments_as_one_process_does(tmp_path
     for assignment in base + longer + ranks:
         args += ["--set", assignment]
     torchrun(2, *args, log=tmp_path / "ranks.log")
+    # and as 2 pipeline stages, whose optimizer layout is the one-process one the checkpoint records
+    pipeline = ["parallel.pipeline_parallel_size=2", "train.grad_accum_steps=2"]
+    args = ["-m", "kmodel.parallel.entry", recipe, "--out", str(tmp_path / "stages"), "--init-from", str(source),
+            "--keep-optimizer"]
+    for assignment in base + longer + ranks + pipeline:
+        args += ["--set", assignment]
+    torchrun(2, *args, log=tmp_path / "stages.log")
 
     assert losses(tmp_path / "ranks") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
+    assert losses(tmp_path / "stages") == pytest.approx(losses(tmp_path / "single"), rel=1e-5)
     assert losses(tmp_path / "reset")[1] != pytest.approx(losses(tmp_path / "single")[1], rel=1e-5)
     named = by_name(verify_run(tmp_path / "ranks", check_data=False))
     assert named["history"].reason == "from scratch, 2 stages"
