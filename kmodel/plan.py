@@ -31,7 +31,6 @@ from collections import Counter
 from dataclasses import dataclass, field, replace
 
 from kmodel.config import Config, ModelConfig
-from kmodel.parallel import context_parallel
 from kmodel.parallel.context_parallel import ContextLayout, gather_bytes, halo_bytes
 from kmodel.train.flops import (
     PEAK_BF16_FLOPS,
@@ -783,10 +782,13 @@ def _check_layout(cfg: Config, world: int) -> None:
 
 
 def _engine_refusal(cfg: Config) -> str | None:
-    """Why the engine refuses the layout (context parallelism: context_parallel.check_supported; the pipeline:
-    pipeline.check_engine_layout), or None."""
+    """Why the engine refuses the layout (the DeepSpeed trainer's engine.check_engine, context parallelism's
+    limits included; the pipeline: pipeline.check_engine_layout), or None."""
+    from kmodel.parallel.engine import check_engine
+
     try:
-        context_parallel.check_supported(cfg)
+        if cfg.parallel.backend == "deepspeed":
+            check_engine(cfg)
         if cfg.parallel.pipeline_parallel_size > 1:
             from kmodel.parallel.pipeline import (
                 check_engine_layout,  # the engine (DeepSpeed): only for a pipeline

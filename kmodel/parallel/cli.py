@@ -66,6 +66,7 @@ def _run_launch(args) -> int:
 
     from kmodel.config import load_config
     from kmodel.parallel import launch
+    from kmodel.parallel.engine import check_engine
     from kmodel.train.run import check_request, check_resumable, prepare_run, saved_config
 
     if args.max_restarts < 0:
@@ -73,6 +74,7 @@ def _run_launch(args) -> int:
     launch.validate_options(master_port=args.master_port, cpus_per_task=args.cpus_per_task,
                             gpus_per_node=args.gpus_per_node)
     cfg = load_config(args.recipe, args.overrides)  # refuses layouts the code cannot run (EP vs experts, ...)
+    check_engine(cfg)  # and what the trainer would refuse at its first step, before any process starts
     nodes, per_node = launch.layout(cfg, args.nodes, args.gpus_per_node)
     if args.keep_optimizer is not None and args.init_from is None:
         raise ValueError("--keep-optimizer / --reset-optimizer go with --init-from")

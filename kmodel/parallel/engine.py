@@ -71,6 +71,18 @@ from kmodel.train.watch import InsufficientSpace
 DEEPSPEED_BUCKET_ELEMENTS = 500_000_000  # DeepSpeed's default reduce and all-gather buckets
 
 
+def check_engine(cfg: Config) -> None:
+    """What the DeepSpeed trainer refuses before it trains a step (the entry's ranks, `kmodel launch`, the planner),
+    with the key and a fix."""
+    if cfg.parallel.zero_stage == 0:
+        raise ConfigError(
+            "parallel.zero_stage 0 with parallel.backend deepspeed: every rank saves its share of ZeRO's partitions, "
+            "which stage 0 does not have; set parallel.zero_stage=1 (the same update and losses, the optimizer state "
+            "sharded over the data-parallel ranks)"
+        )
+    cp.check_supported(cfg)
+
+
 def joint_norm(dense: torch.Tensor | float, experts: torch.Tensor) -> torch.Tensor:
     """sqrt(dense^2 + experts^2); inf when either is invalid (DeepSpeed marks an invalid norm as -1 or
     non-finite), so ZeRO treats the step as an overflow and skips it."""
@@ -106,7 +118,7 @@ class DeepSpeedTrainer(Trainer):
                 f"parallel.world_size is {cfg.parallel.world_size} but {self.world} processes were started; "
                 f"set --set parallel.world_size={self.world} (and keep micro_batch_size x grad_accum_steps x world_size)"
             )
-        cp.check_supported(cfg)
+        check_engine(cfg)
         self.mesh = Mesh.from_config(cfg.parallel)
         self.coords = self.mesh.coords(self.rank)
         # Context (or pipeline) parallelism: every group from the mesh, once; otherwise only what EP needs.

@@ -55,7 +55,7 @@ def test_deepspeed_config_from_the_recipe():
 
 
 def test_launch_dry_runs(tmp_path, capsys):
-    two = ["--set", "parallel.backend=deepspeed", "--set", "parallel.world_size=2"]
+    two = ["--set", "parallel.backend=deepspeed", "--set", "parallel.world_size=2", "--set", "parallel.zero_stage=1"]
     assert main(["launch", TINY, "--out", str(tmp_path / "a"), "--dry-run", *two]) == 0
     line = capsys.readouterr().out.strip()
     assert line.startswith("DS_ACCELERATOR=cpu ") and "deepspeed --num_gpus 2 " in line  # this machine has no GPU
@@ -66,8 +66,11 @@ def test_launch_dry_runs(tmp_path, capsys):
     # a new stage on the cluster: every rank is told where the stage starts; a requeued job resumes its own run
     stage = ["--init-from", "old/checkpoints/step_0000004", "--reset-optimizer"]
     assert main(["launch", TINY, "--out", str(tmp_path / "a"), "--dry-run", *two, *stage]) == 0
-    assert "--start-or-resume --set parallel.backend=deepspeed --set parallel.world_size=2 --init-from " \
-           "old/checkpoints/step_0000004 --reset-optimizer" in capsys.readouterr().out
+    assert "--start-or-resume --set parallel.backend=deepspeed --set parallel.world_size=2 --set parallel.zero_stage=1 " \
+           "--init-from old/checkpoints/step_0000004 --reset-optimizer" in capsys.readouterr().out
+    # DeepSpeed without ZeRO: refused before any rank starts (every rank saves its share of ZeRO's partitions)
+    assert main(["launch", TINY, "--out", str(tmp_path / "a"), "--dry-run", *two[:4]]) == 2
+    assert "parallel.zero_stage 0 with parallel.backend deepspeed" in capsys.readouterr().err
     assert main(["launch", TINY, "--out", str(tmp_path / "a"), "--dry-run", *two, "--keep-optimizer"]) == 2
     assert "--keep-optimizer / --reset-optimizer go with --init-from" in capsys.readouterr().err
     with pytest.raises(SystemExit):
