@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
+from forgery import rechain
 
 from kmodel.checkpoint import read_state, read_weights, save_checkpoint
 from kmodel.config import config_from_dict
@@ -16,7 +16,6 @@ from kmodel.ledger import (
     Ledger,
     checkpoint_hashes,
     read_records,
-    record_hash,
 )
 from kmodel.provenance.replay import (
     ReplayError,
@@ -34,17 +33,6 @@ def by_name(checks):
 
 def failures(checks):
     return [c for c in checks if c.status == FAIL]
-
-
-def rechain(run_dir: Path, records: list[dict]) -> None:
-    """Write `records` back as a forger would: every index, link and hash made consistent again."""
-    previous = "0" * 64
-    for index, record in enumerate(records):
-        record["index"], record["prev_hash"] = index, previous
-        record["hash"] = record_hash(record)
-        previous = record["hash"]
-    lines = [json.dumps(r, sort_keys=True, separators=(",", ":")) for r in records]
-    (run_dir / LEDGER_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
 
 
 def test_clean_run_verifies(trained_run):

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from forgery import rechain
 
 from kmodel.checkpoint import CheckpointError, read_state, save_checkpoint
 from kmodel.config import ConfigError
 from kmodel.model import build_model
-from kmodel.ledger import LedgerError, read_records, record_hash
+from kmodel.ledger import LedgerError, read_records
 from kmodel.provenance.replay import ReplayError, format_result, replay, replayable_segments
 from kmodel.provenance.verify import FAIL, PASS, verify_run
 from kmodel.rundir import LEDGER_FILE, step_dir_name
@@ -150,16 +151,6 @@ def test_a_stage_refuses_a_broken_or_silent_previous_ledger(tiny, stage_one, tmp
     manifest.write_text(manifest.read_text(encoding="utf-8").replace('"step": 4', '"step":  4'), encoding="utf-8")
     with pytest.raises(LedgerError, match="does not record this checkpoint"):
         train(tiny(*STAGE_2), tmp_path / "from_silent", progress=False, init_from=checkpoint(silent, 4))
-
-
-def rechain(run_dir: Path, records: list[dict]) -> None:
-    """Write `records` back as a forger would: every index, link and hash made consistent again."""
-    previous = "0" * 64
-    for index, record in enumerate(records):
-        record["index"], record["prev_hash"] = index, previous
-        record["hash"] = record_hash(record)
-        previous = record["hash"]
-    (run_dir / LEDGER_FILE).write_text("".join(json.dumps(r) + "\n" for r in records), encoding="utf-8")
 
 
 @pytest.mark.slow
